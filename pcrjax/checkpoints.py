@@ -1,0 +1,54 @@
+"""Orbax checkpoints of a run: the latest (to resume) and the best on validation AUROC (to use).
+
+A checkpoint's step is the number of finished epochs. Items are saved separately (params, opt_state)
+so that stage 2 can restore a teacher's `params` alone, read-only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+SELECTION_METRIC = 'val_auroc'
+
+
+def _selection_metric(metrics: dict) -> float:
+  return metrics[SELECTION_METRIC]
+
+
+def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=1),
+      checkpoint_managers.BestN(get_metric_fn=_selection_metric, n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=_selection_metric, best_mode='max', preservation_policy=policy, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               item_names=('params', 'opt_state'), options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state, metrics: dict[str, float]) -> None:
+  manager.save(epoch, metrics=metrics, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state)))
+
+
+def restore_state(manager: ocp.CheckpointManager, epoch: int, state):
+  """`state` with params and optimiser state from checkpoint `epoch` (same shardings as `state`)."""
+  restored = manager.restore(epoch, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(state.params)),
+      opt_state=ocp.args.StandardRestore(_abstract(state.opt_state))))
+  return state.replace(params=restored.params, opt_state=restored.opt_state)
+
+
+def restore_params(manager: ocp.CheckpointManager, epoch: int, like):
+  """Only the `params` item of checkpoint `epoch`, shaped and placed like `like`."""
+  return manager.restore(epoch, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(like)))).params
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,108 @@
+"""Defaults shared by the experiment configs, and the checks every config passes before a run.
+
+The experiment files in experiments/ start from `base_config` and set what makes them what they are
+(stage, time points, lambda), so that a reader sees in one place how the stages differ.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+STAGES = ('baseline', 'teacher', 'student', 'protocol')
+REPRESENTATIONS = ('mip', 'volume')
+CLASS_WEIGHTINGS = ('balanced', 'none')
+VISIT_NAMES = ('T0', 'T1', 'T2', 'T3')
+T2 = 2
+# The time points of each stage in the paper's comparison.
+STAGE_TIME_POINTS = {'baseline': (0, 1), 'teacher': (0, 1, 2), 'student': (0, 1)}
+
+
+def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
+  """Everything but the stage. `smoke`: a tiny cohort and a few epochs, minutes on 2 CPU cores."""
+  config = ml_collections.ConfigDict()
+  config.stage = 'baseline'
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'ispy2/synthetic_smoke' if smoke else 'ispy2/synthetic'
+  data.data_dir = ''  # '' = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data.num_folds = 2 if smoke else 5
+  data.fold = 0
+  data.fold_seed = 0
+  data.val_fraction = 0.2  # Inner validation split of the training fold, for model selection.
+  data.representation = 'mip'  # 'mip': 2D MIPs per visit; 'volume': 3D tumour-centred crop.
+  data.crop_size = (8, 16, 16) if smoke else (16, 32, 32)  # D, H, W voxels, for 'volume'.
+  data.time_points = STAGE_TIME_POINTS['baseline']
+  data.augment = True
+  data.max_shift = 2 if smoke else 4  # Voxels of random in-plane translation.
+  data.intensity_jitter = 0.1  # Std of the log of a random global intensity scale.
+  data.read_threads = 2
+
+  config.model = model = ml_collections.ConfigDict()
+  model.encoder_features = (8, 16) if smoke else (16, 32, 32)
+  model.lstm_features = 16 if smoke else 32
+  model.kernel_size = 3
+  model.dropout_rate = 0.3
+
+  config.batch_size = 8 if smoke else 16
+  config.eval_batch_size = 16 if smoke else 32
+  config.num_epochs = 2 if smoke else 40
+  config.warmup_epochs = 1 if smoke else 3
+  config.learning_rate = 1e-3
+  config.weight_decay = 1e-4
+  config.grad_clip_norm = 1.0
+  config.class_weighting = 'balanced'  # Positive-class weight n_neg / n_pos in the BCE.
+
+  config.teacher_workdir = ''  # Stage 2 (student) only: the workdir of this fold's teacher.
+  config.feature_loss_weight = 1.0  # lambda of the student's T2-feature regression.
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Stops with a message naming the field for any impossible value."""
+
+  def check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+      raise ValueError(f'config.{field}={config_value(config, field)!r}: {message}')
+
+  data = config.data
+  check(config.stage in STAGES, 'stage', f'must be one of {STAGES}')
+  check(data.representation in REPRESENTATIONS, 'data.representation',
+        f'must be one of {REPRESENTATIONS}')
+  check(data.num_folds >= 2, 'data.num_folds', 'k-fold cross-validation needs at least 2 folds')
+  check(0 <= data.fold < data.num_folds, 'data.fold', f'must be in [0, {data.num_folds})')
+  check(0 < data.val_fraction < 0.5, 'data.val_fraction', 'must be in (0, 0.5)')
+  tps = tuple(data.time_points)
+  check(len(tps) > 0 and tps == tuple(sorted(set(tps))) and all(0 <= t < len(VISIT_NAMES) for t in tps),
+        'data.time_points', 'must be increasing visit indices in 0..3 (T0..T3)')
+  check(len(data.crop_size) == 3 and all(int(s) > 0 for s in data.crop_size), 'data.crop_size',
+        'must be three positive voxel counts (D, H, W)')
+  check(len(config.model.encoder_features) >= 1 and all(f > 0 for f in config.model.encoder_features),
+        'model.encoder_features', 'must be positive channel counts')
+  check(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)')
+  check(config.num_epochs >= 1, 'num_epochs', 'must be >= 1')
+  check(0 <= config.warmup_epochs < config.num_epochs, 'warmup_epochs', 'must be in [0, num_epochs)')
+  check(config.learning_rate > 0, 'learning_rate', 'must be > 0')
+  check(config.class_weighting in CLASS_WEIGHTINGS, 'class_weighting',
+        f'must be one of {CLASS_WEIGHTINGS}')
+  check(config.feature_loss_weight >= 0, 'feature_loss_weight', 'must be >= 0')
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    check(config[field] > 0 and config[field] % devices == 0, field,
+          f'must be a positive multiple of the {devices} devices the batch is sharded over')
+  if config.stage == 'teacher':
+    check(T2 in tps, 'data.time_points', 'the teacher (stage 1) must see T2')
+  if config.stage in ('baseline', 'student'):
+    check(max(tps) < T2, 'data.time_points', f'{config.stage} is an early prediction: T0/T1 only')
+  if config.stage == 'student':
+    check(bool(config.teacher_workdir), 'teacher_workdir',
+          'stage 2 needs the workdir of a finished stage-1 run: first run'
+          ' `python -m pcrjax.main --config=experiments/stage1.py --workdir=TEACHER_DIR`, then pass'
+          ' --config.teacher_workdir=TEACHER_DIR')
+
+
+def config_value(config: ml_collections.ConfigDict, dotted: str):
+  for key in dotted.split('.'):
+    config = config[key]
+  return config

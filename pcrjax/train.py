@@ -1,0 +1,309 @@
+"""Training and evaluation of one stage on one fold (Flax-examples style).
+
+`train_and_evaluate(config, workdir)` trains the baseline, the teacher (stage 1) or the student
+(stage 2), selects the epoch with the best validation AUROC, and writes that model's predictions for
+the validation and test patients. Re-running it on the same workdir resumes from the latest epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+from absl import logging
+from clu import metrics
+from flax.training import train_state
+
+from pcrjax import checkpoints, configs, evaluation, folds, input_pipeline, models, sharding, stats
+from tfds_ispy2.ispy2 import phantom
+
+TrainState = train_state.TrainState
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  bce: metrics.Average.from_output('bce')
+  feature_loss: metrics.Average.from_output('feature_loss')
+
+
+@flax.struct.dataclass
+class Teacher:
+  """A frozen stage-1 model: its params are an input of the student's step, never trained."""
+
+  model: models.PCRNet = flax.struct.field(pytree_node=False)
+  params: Any
+  time_points: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> models.PCRNet:
+  m = config.model
+  return models.PCRNet(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
+                       kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim)
+
+
+def init_params(model: models.PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
+  """input_shape: [T, *spatial, C] of one patient."""
+  images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  visit_mask = jnp.ones((1, input_shape[0]), bool)
+  return model.init({'params': rng}, images, visit_mask, train=False)['params']
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up, then cosine decay to zero at the last step."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=config.warmup_epochs * steps_per_epoch,
+      decay_steps=config.num_epochs * steps_per_epoch)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.PCRNet,
+                       input_shape: tuple[int, ...], steps_per_epoch: int) -> TrainState:
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(create_learning_rate_fn(config, steps_per_epoch), weight_decay=config.weight_decay))
+  return TrainState.create(apply_fn=model.apply, params=init_params(model, rng, input_shape), tx=tx)
+
+
+def positive_weight(config: ml_collections.ConfigDict, labels: np.ndarray) -> float:
+  """The BCE weight of pCR cases: n_neg / n_pos of the training patients ('balanced'), or 1."""
+  if config.class_weighting == 'none':
+    return 1.0
+  num_pos = int(labels.sum())
+  if num_pos == 0 or num_pos == len(labels):
+    raise ValueError('The training split holds only one class: the cohort is too small for these folds.')
+  return (len(labels) - num_pos) / num_pos
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, pos_weight: float | jax.Array) -> jax.Array:
+  weights = jnp.where(labels > 0, pos_weight, 1.0)
+  return weights * optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array,
+               teacher: Teacher | None, *, pos_weight: float, feature_loss_weight: float,
+               student_visits: tuple[int, ...], t2_visit: int | None):
+  """One AdamW step on weighted BCE (+ lambda * the teacher-feature MSE for the student).
+
+  `batch['images']` holds the union of the visits the student and the teacher see; the student is
+  fed `student_visits`, the teacher `teacher.time_points`. The teacher's latent is a constant here
+  (stop_gradient): its params are not part of `state`, so no update can reach them.
+  """
+  rng = jax.random.fold_in(dropout_rng, state.step)
+  images, visit_mask = batch['images'], batch['visit_mask']
+  student = list(student_visits)
+
+  def loss_fn(params):
+    outputs = state.apply_fn({'params': params}, images[:, student], visit_mask[:, student],
+                             train=True, rngs={'dropout': rng})
+    bce = weighted_bce(outputs['logit'], batch['label'], pos_weight).mean()
+    feature_loss = jnp.zeros(())
+    if teacher is not None:
+      visits = list(teacher.time_points)
+      target = teacher.model.apply({'params': teacher.params}, images[:, visits], visit_mask[:, visits],
+                                   train=False)['latent']
+      target = jax.lax.stop_gradient(target)
+      has_t2 = visit_mask[:, t2_visit].astype(jnp.float32)
+      per_patient = jnp.mean((outputs['feature_pred'] - target) ** 2, axis=-1)
+      feature_loss = jnp.sum(per_patient * has_t2) / jnp.maximum(has_t2.sum(), 1.0)
+    loss = bce + feature_loss_weight * feature_loss
+    return loss, (bce, feature_loss)
+
+  (loss, (bce, feature_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  return state, TrainMetrics.single_from_model_output(loss=loss, bce=bce, feature_loss=feature_loss)
+
+
+def eval_step(apply_fn, params, batch: dict[str, jax.Array], *, visits: tuple[int, ...]) -> jax.Array:
+  """pCR probabilities of a batch."""
+  visits = list(visits)
+  outputs = apply_fn({'params': params}, batch['images'][:, visits], batch['visit_mask'][:, visits],
+                     train=False)
+  return jax.nn.sigmoid(outputs['logit'])
+
+
+def predict(eval_fn, params, batches, put) -> tuple[np.ndarray, np.ndarray]:
+  """(source rows, probabilities) of every valid example in `batches`."""
+  rows, probs = [], []
+  for batch in batches:
+    p = np.asarray(eval_fn(params, put(batch)))
+    rows.append(batch['row'][batch['valid']])
+    probs.append(p[batch['valid']])
+  return np.concatenate(rows), np.concatenate(probs)
+
+
+# --- Stage 2: the teacher. -----------------------------------------------------------------------
+
+# Config fields that must agree between a student and its teacher: the same patients in the same
+# folds (otherwise the teacher has seen the student's test patients), and the same input representation.
+TEACHER_MUST_MATCH = ('data.dataset', 'data.num_folds', 'data.fold', 'data.fold_seed',
+                      'data.val_fraction', 'data.representation', 'data.crop_size')
+
+
+def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]) -> Teacher:
+  """The best params of the finished stage-1 run in `config.teacher_workdir`, read-only."""
+  teacher_dir = os.path.abspath(config.teacher_workdir)
+  how = (f'train it first: python -m pcrjax.main --config=experiments/stage1.py --workdir={teacher_dir}'
+         f' --config.data.fold={config.data.fold}')
+  config_path = os.path.join(teacher_dir, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'No teacher run in {teacher_dir} (no config.json): {how}')
+  with open(config_path) as f:
+    teacher_config = ml_collections.ConfigDict(json.load(f))
+  if teacher_config.stage != 'teacher':
+    raise ValueError(f'{config_path} is a {teacher_config.stage!r} run, not a stage-1 teacher: {how}')
+  for field in TEACHER_MUST_MATCH:
+    ours, theirs = configs.config_value(config, field), configs.config_value(teacher_config, field)
+    if field == 'data.crop_size' and config.data.representation == 'mip':
+      continue
+    if tuple(np.atleast_1d(ours)) != tuple(np.atleast_1d(theirs)):
+      raise ValueError(f'The teacher in {teacher_dir} has {field}={theirs!r} but this student has'
+                       f' {ours!r}: train a teacher for this fold and representation ({how}).')
+  if not os.path.exists(os.path.join(teacher_dir, 'predictions_test.csv')):
+    raise FileNotFoundError(f'The teacher run in {teacher_dir} has not finished: resume it with the'
+                            f' same command ({how}).')
+  model = create_model(teacher_config)
+  time_points = tuple(teacher_config.data.time_points)
+  like = jax.eval_shape(functools.partial(init_params, model),
+                        jax.random.key(0), (len(time_points),) + visit_shape)
+  manager = checkpoints.create_manager(teacher_dir, read_only=True)
+  try:
+    params = checkpoints.restore_params(manager, manager.best_step(), like)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'The checkpoint in {teacher_dir} does not match the architecture its config.json'
+                     f' describes (config.model = {teacher_config.model.to_dict()}): {e}') from e
+  return Teacher(model=model, params=params, time_points=time_points)
+
+
+# --- The loop. ------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains one stage on one fold; returns the summary also written to metrics.jsonl's last line."""
+  configs.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh()
+  put = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh))
+  replicated = sharding.replicated(mesh)
+
+  source = input_pipeline.load_source(config.data)
+  cohort = input_pipeline.read_cohort(source)
+  split = folds.split_fold(
+      cohort.patient_id, folds.strata(cohort.pcr, cohort.subtype), num_folds=config.data.num_folds,
+      fold=config.data.fold, seed=config.data.fold_seed, val_fraction=config.data.val_fraction)
+  logging.info('%s, fold %d/%d: %d train, %d val, %d test patients.', config.stage, config.data.fold,
+               config.data.num_folds, len(split.train), len(split.val), len(split.test))
+
+  student_tps = tuple(config.data.time_points)
+  visit_shape = input_pipeline.represent(  # [*spatial, C] of one visit.
+      source[int(split.train[0])], time_points=student_tps[:1], representation=config.data.representation,
+      crop_size=tuple(config.data.crop_size))['images'].shape[1:]
+  teacher = load_teacher(config, visit_shape) if config.stage == 'student' else None
+  # The student's batches also carry the visits its teacher sees (T2), for the regression target.
+  loaded_tps = tuple(sorted(set(student_tps) | set(teacher.time_points if teacher else ())))
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.time_points = loaded_tps
+  if teacher is not None:
+    teacher = jax.device_put(
+        teacher.replace(time_points=tuple(loaded_tps.index(t) for t in teacher.time_points)), replicated)
+  model = create_model(config, feature_dim=teacher.model.lstm_features if teacher else 0)
+  student_visits = tuple(loaded_tps.index(t) for t in student_tps)
+
+  steps_per_epoch = len(split.train) // config.batch_size
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, config.data.fold))
+  state = create_train_state(init_rng, config, model, (len(student_tps),) + visit_shape,
+                             steps_per_epoch)
+  state = jax.device_put(state, replicated)
+  manager = checkpoints.create_manager(workdir)
+  start_epoch = manager.latest_step() or 0
+  if start_epoch:
+    logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
+    state = checkpoints.restore_state(manager, start_epoch, state)
+    state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
+
+  pos_weight = positive_weight(config, cohort.pcr[split.train])
+  step_fn = jax.jit(
+      functools.partial(train_step, pos_weight=pos_weight,
+                        feature_loss_weight=config.feature_loss_weight,
+                        student_visits=student_visits,
+                        t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None),
+      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, state.apply_fn, visits=student_visits),
+                    in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+
+  def eval_batches(rows):
+    return input_pipeline.eval_dataset(source, cohort, rows, data, batch_size=config.eval_batch_size)
+
+  log = _MetricsLog(workdir, start_epoch)
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    started = time.time()
+    train_metrics = None
+    for batch in input_pipeline.train_dataset(source, cohort, split.train, data,
+                                              batch_size=config.batch_size, seed=config.seed,
+                                              epoch=epoch):
+      state, step_metrics = step_fn(state, put(batch), dropout_rng, teacher)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    rows, probs = predict(eval_fn, state.params, eval_batches(split.val), put)
+    labels = cohort.pcr[rows]
+    summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
+    summary.update(val_auroc=float(stats.auroc(labels, probs)),
+                   val_bce=float(np.mean(optax.sigmoid_binary_cross_entropy(
+                       np.log(probs + 1e-7) - np.log1p(-probs + 1e-7), labels))),
+                   learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
+                   epoch_seconds=time.time() - started)
+    checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
+    log.write(epoch, int(state.step), summary)
+    logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
+                 ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
+  manager.wait_until_finished()
+  log.close()
+
+  best_epoch = manager.best_step()
+  params = checkpoints.restore_params(manager, best_epoch, state.params)
+  for split_name, split_rows in (('val', split.val), ('test', split.test)):  # test last: the marker.
+    rows, probs = predict(eval_fn, params, eval_batches(split_rows), put)
+    evaluation.write_predictions(
+        os.path.join(workdir, f'predictions_{split_name}.csv'),
+        [{'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),
+          'subtype': phantom.SUBTYPES[cohort.subtype[r]], 'fold': config.data.fold}
+         for r, p in zip(rows, probs)])
+  return {'best_epoch': best_epoch, 'workdir': workdir}
+
+
+class _MetricsLog:
+  """metrics.jsonl (one line per epoch) and TensorBoard events; a resumed run drops stale lines."""
+
+  def __init__(self, workdir: str, start_epoch: int):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    kept = []
+    if os.path.exists(self._path):
+      with open(self._path) as f:
+        kept = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
+    with open(self._path, 'w') as f:
+      f.writelines(kept)
+    self._writer = tensorboardX.SummaryWriter(workdir)
+
+  def write(self, epoch: int, step: int, summary: dict[str, float]) -> None:
+    with open(self._path, 'a') as f:
+      f.write(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
+    for key, value in summary.items():
+      self._writer.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    self._writer.close()
