@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 
 def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ('data',))
+  # Auto axes: the compiler propagates shardings inside the step from the inputs' shardings.
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

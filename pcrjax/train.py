@@ -5,7 +5,6 @@
 the validation and test patients. Re-running it on the same workdir resumes from the latest epoch.
 """
 
-from __future__ import annotations
 
 import functools
 import json
@@ -32,6 +31,7 @@ TrainState = train_state.TrainState
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
+  # No `from __future__ import annotations` in this module: clu reads these annotations as objects.
   loss: metrics.Average.from_output('loss')
   bce: metrics.Average.from_output('bce')
   feature_loss: metrics.Average.from_output('feature_loss')
@@ -174,8 +174,8 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
                             f' same command ({how}).')
   model = create_model(teacher_config)
   time_points = tuple(teacher_config.data.time_points)
-  like = jax.eval_shape(functools.partial(init_params, model),
-                        jax.random.key(0), (len(time_points),) + visit_shape)
+  like = jax.eval_shape(functools.partial(init_params, model, input_shape=(len(time_points),) + visit_shape),
+                        jax.random.key(0))
   manager = checkpoints.create_manager(teacher_dir, read_only=True)
   try:
     params = checkpoints.restore_params(manager, manager.best_step(), like)
