@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 
 import numpy as np
@@ -84,7 +85,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     spec = self.builder_config.phantom
     workers = max(1, min(os.cpu_count() or 1, 8))
     # Patients are pure functions of (seed, index): render them in parallel processes, in order.
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # 'spawn': the caller may already run JAX's threads, which a fork would copy half-way.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
       for example in pool.map(_render, [(spec, i) for i in range(spec.num_patients)], chunksize=4):
         yield example['patient_id'], example
 

@@ -1,0 +1,36 @@
+"""Orbax round trip: latest and best kept, state and params-only restore, read-only access."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from pcrjax import checkpoints
+
+
+def _state(seed):
+  params = {'w': jax.random.normal(jax.random.key(seed), (3, 4)), 'b': jnp.arange(4.0) + seed}
+  return train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
+
+
+def test_round_trip_keeps_latest_and_best(tmp_path):
+  manager = checkpoints.create_manager(str(tmp_path))
+  states = {epoch: _state(epoch) for epoch in (1, 2, 3, 4)}
+  aurocs = {1: 0.6, 2: 0.9, 3: 0.7, 4: 0.65}
+  for epoch, state in states.items():
+    state = state.replace(opt_state=state.tx.update(state.params, state.opt_state, state.params)[1])
+    states[epoch] = state
+    checkpoints.save(manager, epoch, state, {'val_auroc': aurocs[epoch]})
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [2, 4]
+  assert manager.best_step() == 2 and manager.latest_step() == 4
+
+  restored = checkpoints.restore_state(manager, 4, _state(0))
+  for got, want in zip(jax.tree.leaves((restored.params, restored.opt_state)),
+                       jax.tree.leaves((states[4].params, states[4].opt_state))):
+    np.testing.assert_array_equal(got, want)
+
+  reader = checkpoints.create_manager(str(tmp_path), read_only=True)
+  params = checkpoints.restore_params(reader, reader.best_step(), _state(0).params)
+  jax.tree.map(np.testing.assert_array_equal, params, states[2].params)

@@ -1,0 +1,96 @@
+"""The read-time pipeline on a real build: representations, augmentation, determinism, sharding."""
+
+import jax
+import numpy as np
+import pytest
+
+from pcrjax import input_pipeline, sharding
+
+
+@pytest.fixture(scope='module')
+def source_and_cohort(data_dir):
+  from experiments import baseline
+  config = baseline.get_config('smoke')
+  config.data.data_dir = data_dir
+  source = input_pipeline.load_source(config.data)
+  return source, input_pipeline.read_cohort(source), config.data
+
+
+def test_mip_representation(source_and_cohort):
+  source, _, data = source_and_cohort
+  record = source[0]
+  out = input_pipeline.represent(record, time_points=(0, 1, 2), representation='mip', crop_size=None)
+  d, h, w = record['images'].shape[2:]
+  assert out['images'].shape == (3, h, w, 3) and out['images'].dtype == np.float32
+  np.testing.assert_array_equal(out['visit_mask'], record['visit_mask'][:3])
+  # Channel 0 is the pre-contrast MIP, normalised by the T0 pre-contrast 99th percentile.
+  pre = np.asarray(record['images'][0, 0], np.float32)
+  np.testing.assert_allclose(out['images'][0, ..., 0], pre.max(0) / np.percentile(pre, 99), rtol=1e-5)
+  # Channels 1 and 2 are subtraction MIPs: early - pre, late - pre.
+  early = np.asarray(record['images'][0, 1], np.float32)
+  np.testing.assert_allclose(out['images'][0, ..., 1], (early - pre).max(0) / np.percentile(pre, 99),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_volume_crop_is_centred_on_each_visits_tumour(source_and_cohort):
+  source, _, _ = source_and_cohort
+  record = source[1]
+  crop = (4, 12, 12)
+  out = input_pipeline.represent(record, time_points=(0, 1), representation='volume', crop_size=crop)
+  assert out['images'].shape == (2,) + crop + (3,)
+  mask = np.asarray(record['tumor_mask'][0])
+  centre = np.argwhere(mask).mean(0)
+  manual = input_pipeline.crop_around(
+      input_pipeline.to_channels(input_pipeline.normalise(
+          np.asarray(record['images'], np.float32), np.asarray(record['visit_mask'])))[0], centre, crop)
+  np.testing.assert_allclose(out['images'][0], manual)
+
+
+def test_crop_around_pads_at_the_border():
+  volume = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6, 1)
+  crop = input_pipeline.crop_around(volume, np.array([0.0, 0.0, 0.0]), (2, 4, 4))
+  assert crop.shape == (2, 4, 4, 1)
+  np.testing.assert_array_equal(crop[1, 2:, 2:, 0], volume[0, :2, :2, 0])
+  assert crop[0].sum() == 0
+
+
+def test_augmentation_treats_all_visits_alike():
+  rng = np.random.default_rng(0)
+  visit = rng.random((8, 8, 3)).astype(np.float32)
+  element = {'images': np.stack([visit, visit]), 'visit_mask': np.array([True, True])}
+  for seed in range(5):
+    out = input_pipeline.augment(element, np.random.default_rng(seed), max_shift=2, intensity_jitter=0.1)
+    np.testing.assert_array_equal(out['images'][0], out['images'][1])
+    assert not np.array_equal(out['images'][0], visit)
+
+
+def test_batches_are_deterministic_per_epoch_and_cover_the_split(source_and_cohort):
+  source, cohort, data = source_and_cohort
+  rows = np.arange(0, 24)
+
+  def epoch_rows(epoch, seed=0):
+    return [b['row'] for b in input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8,
+                                                           seed=seed, epoch=epoch)]
+
+  first = epoch_rows(1)
+  assert len(first) == 3 and sorted(np.concatenate(first)) == list(rows)
+  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(epoch_rows(1)))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(epoch_rows(2)))
+  batches = list(input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8, seed=0, epoch=1))
+  again = list(input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8, seed=0, epoch=1))
+  np.testing.assert_array_equal(batches[0]['images'], again[0]['images'])
+  np.testing.assert_array_equal(batches[0]['label'], cohort.pcr[batches[0]['row']])
+
+
+def test_eval_batches_pad_and_are_sharded_over_the_mesh(source_and_cohort):
+  source, cohort, data = source_and_cohort
+  rows = np.arange(5, 16)  # 11 patients -> one full batch of 8 and one padded one.
+  batches = list(input_pipeline.eval_dataset(source, cohort, rows, data, batch_size=8))
+  assert [b['valid'].sum() for b in batches] == [8, 3]
+  np.testing.assert_array_equal(np.concatenate([b['row'][b['valid']] for b in batches]), rows)
+  mesh = sharding.make_mesh()
+  assert jax.device_count() == 2
+  placed = sharding.put_batch(batches[0], sharding.batch_sharding(mesh))
+  assert placed['images'].sharding == sharding.batch_sharding(mesh)
+  assert len(placed['images'].addressable_shards) == 2
+  assert placed['images'].addressable_shards[0].data.shape[0] == 4
