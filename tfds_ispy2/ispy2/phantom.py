@@ -8,7 +8,10 @@ generation order (parallel / resumed TFDS builds give identical examples).
 What it is: a caricature that a breast-MRI physicist should recognise, not noise with a label.
 
 * **Anatomy** (physical millimetres; axes ``(z, y, x)`` = (slice: inferior->superior,
-  row: anterior->posterior, column: right->left), voxel centres symmetric about 0).
+  row: anterior->posterior, column), voxel centres symmetric about 0).  Geometry is drawn in
+  mm (the spacing sets resolution, not anatomical scale), but textures are drawn on the voxel
+  grid and breast, tumour position (and, in slabs too thin to hold it, tumour size) are fitted
+  to the field of view: a patient is reproducible for the same spec geometry and seed.
   One breast: the anterior half of an ellipsoid resting on a slightly curved chest wall
   (``y_cw(x) = y0 + k (x - x_c)^2``), a 1-2 mm skin shell, a pectoralis muscle band (7-14 mm)
   behind the chest wall, a dim thorax (ribs/lung) behind it and air (no protons) everywhere
@@ -18,11 +21,12 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
   density (BI-RADS a-d, 4-70 % FGT) vary from patient to patient.
 * **Tumour**: star-shaped, ``r(u) = s * A * exp(f(u))`` in a randomly rotated, anisotropic
   (axis ratios ~ exp N(0, 0.15)) frame, where ``f`` is a zero-mean sum of 8 low-frequency
-  random cosines on the unit sphere (spherical harmonic degree <~ 4, lobulation amplitude
-  0.08-0.25) plus, in 30 %, a weak high-frequency 'spiculation' term.  Sphere-equivalent
-  diameter at T0 10-40 mm (longest diameters up to ~45 mm; I-SPY2 enrols tumours >= 2.5 cm
-  clinically), larger in triple negatives.  Enhancement is heterogeneous: Ktrans rises from
-  core to rim (0.6 + 0.8 r^2), has a tumour-attached texture (random Fourier features,
+  random cosines on the unit sphere (frequency 1.5-3.5, i.e. spherical-harmonic degree
+  <~ 4; lobulation amplitude 0.12-0.30 in log radius) plus, in 30 %, a weak high-frequency
+  'spiculation' term.  Sphere-equivalent diameter at T0 10-40 mm, median 24 mm (longest
+  diameter median ~ 33 mm, up to ~ 50 mm; I-SPY2 enrols tumours >= 2.5 cm clinically),
+  slightly larger in triple negatives.  Enhancement is heterogeneous: Ktrans rises from core to
+  rim (0.6 + 0.8 r^2), has a tumour-attached texture (random Fourier features,
   6-14 mm wavelength), and larger tumours (more often TNBC) have a necrotic core
   (Ktrans x 0.04, ve 0.6, T1 1.8 s).  The tumour shrinks concentrically by visit.
 * **Contrast kinetics**: extended Tofts model ``C = vp Cp + Ktrans * (Cp conv exp(-kep t))``,
@@ -32,9 +36,9 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
   plasma = blood / (1 - Hct), Hct = 0.45, and a per-patient bolus arrival delay of 2-10 s.
   The convolution is tabulated once per visit on 160 log-spaced kep values (trapezoid rule,
   0.5 s steps, only at the two post-contrast sample times) and interpolated per voxel in
-  log kep, so it is exact to < 0.1 % and fully vectorised.
-  ``R1 = 1/T10 + r1 C`` with r1 = 4.5 /mM/s (Gd-DTPA class, ~1.5-3 T; Rohrer et al., Invest
-  Radiol 2005), and the spoiled gradient-echo signal
+  log kep: within 0.15 % of a brute-force convolution, and fully vectorised.
+  ``R1 = 1/T10 + r1 C`` with r1 = 4.5 /mM/s (typical gadolinium agent in plasma at 1.5-3 T,
+  Rohrer et al., Invest Radiol 2005;40:715), and the spoiled gradient-echo signal
   ``S = M0 sin(a) (1 - E1) / (1 - cos(a) E1)``, ``E1 = exp(-TR R1)`` with the QIBA DCE DRO
   acquisition TR = 5 ms, flip angle 30 deg (QIBA DCE-MRI profile / Barboriak DRO).
   Pre-contrast T1: fat 0.38 s and FGT 1.2 s (Rakow-Penner et al., JMRI 2006;23:87: 3 T fat
@@ -46,12 +50,14 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
   0.003 / 0.006 / 0.011 / 0.018 /min for minimal / mild / moderate / marked BPE
   (35/35/20/10 %), ve 0.3, vp 0.003, voxel log-normal spread 0.35, reduced by chemotherapy
   at later visits -> early PE mostly 10-50 %, progressive (SER < 1); muscle Ktrans 0.015-0.03,
-  ve 0.12 (PE ~ 40 %, plateau); tumour mean Ktrans 0.10-0.40 /min (median 0.16-0.24 by
-  subtype), ve 0.25-0.55, vp 0.02-0.08 -> early PE 100-300 %, washout (SER > 1.1) in most
-  rims, persistent/plateau in low-Ktrans regions.
+  ve 0.12 (PE ~ 40 %, plateau); tumour mean Ktrans 0.10-0.40 /min (median 0.15 for HR+/HER2-,
+  0.21-0.22 otherwise), ve 0.25-0.60 (0.35-0.75 for HR+/HER2-: lower kep), vp 0.02-0.08 ->
+  early PE ~ 150-300 %; with the Parker AIF and a 450-s late phase most tumours wash out
+  (tumour-mean SER ~ 1.0-1.9, median ~ 1.45; rims wash out, cores and luminal tumours tend
+  to plateau).
 * **Fat suppression**: I-SPY2 DCE is acquired fat suppressed, and its background threshold
   (S0 >= 0.6 x 95th percentile) only works if fat is darker than FGT and tumour.  Fat keeps a
-  residual 15-30 % of its SPGR signal (imperfect spectral saturation); fat does not enhance,
+  residual 10-22 % of its SPGR signal (imperfect spectral saturation); fat does not enhance,
   so PE in fat is ~ 0 regardless.  (The QIBA DRO itself has no fat.)
 * **Acquisition**: sample times pre = 0 s (before injection), early 120-180 s, late 400-500 s
   (UCSF convention: phases nearest 150 s and 450 s), drawn per visit and returned as
@@ -67,15 +73,15 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
   HR-/HER2+ 10 %, HR-/HER2- 35 %; pCR rates 18 / 35 / 65 / 40 % (overall ~ 33 %; I-SPY2
   ~ 32 %).  A latent response ``r`` in [0, 1] is Beta(5, 2) for pCR and Beta(2, 4) otherwise
   (overlapping).  Log tumour-volume ratios vs T0:
-  T1 (3 weeks): ``0.02 - 0.30 r + N(0, 0.14)`` (mean change ~ -10 %, small and noisy);
+  T1 (3 weeks): ``0.02 - 0.30 r + N(0, 0.15)`` (mean change ~ -10 %, small and noisy);
   T2 (12 weeks): ``0.45 - 3.6 r + N(0, 0.55)``; T3 (pre-surgery): pCR -> no tumour (empty
   mask), non-pCR -> T2 value ``- 0.8 r - 0.1 + N(0, 0.3)`` and at least 150 mm^3 of
   enhancing residual disease (non-pCR tumours are never below 150 mm^3; a pCR tumour below
   100 mm^3 at T2 has already vanished).  Mean tumour Ktrans falls as
   ``exp(-lambda r + noise)``, lambda = 0.25 / 1.0 / 1.3 at T1/T2/T3, floor 0.07 /min.
-  Baseline Ktrans correlates weakly with response (log K0 += 0.2 (r - 0.5)): more vascular
+  Baseline Ktrans correlates weakly with response (log K0 += 0.15 (r - 0.5)): more vascular
   tumours respond slightly better.  Tuned so that the AUROC of the T1 volume change is
-  ~ 0.7 and of the T2 change ~ 0.87 (see the test file / module ``__main__``).
+  ~ 0.7 and of the T2 change ~ 0.87 (``python -m tfds_ispy2.ispy2.phantom`` prints them).
 * **Missing visits**: T1 5 %, T2 8 %, T3 10 % (independent); T0 always present.  A missing
   visit has all-zero images, mask and phase times.
 * **Arms**: metadata only (no effect on response); HER2-targeted arms only for HER2+.
@@ -156,13 +162,14 @@ DENSITY_RANGE = np.array([[0.04, 0.10], [0.10, 0.25], [0.25, 0.50], [0.50, 0.70]
 
 # Tumour baseline by subtype: median Ktrans (/min), median sphere-equivalent diameter (mm),
 # probability of a necrotic core when the tumour is > 20 mm.
-TUMOUR_KTRANS_MEDIAN = np.array([0.18, 0.21, 0.22, 0.21])
+TUMOUR_KTRANS_MEDIAN = np.array([0.15, 0.21, 0.22, 0.21])
+TUMOUR_VE_RANGE = np.array([[0.35, 0.75], [0.25, 0.60], [0.25, 0.60], [0.25, 0.60]])
 TUMOUR_DIAMETER_MEDIAN = np.array([24.0, 24.0, 24.0, 26.0])
 NECROSIS_PROB = np.array([0.15, 0.25, 0.30, 0.55])
 
 # Response model (log volume ratio vs T0 = a + b r + N(0, sd)).
 RESPONSE_BETA = dict(pcr=(5.0, 2.0), non_pcr=(2.0, 4.0))
-LOGVOL_T1 = (0.02, -0.30, 0.14)
+LOGVOL_T1 = (0.02, -0.30, 0.15)
 LOGVOL_T2 = (0.45, -3.6, 0.55)
 LOGVOL_T3 = (-0.10, -0.8, 0.30)  # added to the T2 value, non-pCR only
 LOGK_LAMBDA = np.array([0.0, 0.25, 1.0, 1.3])
@@ -464,10 +471,10 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
     necrosis = float(rng.uniform(0.25, 0.5))
 
   # --- kinetics and response
-  logk0 = (math.log(TUMOUR_KTRANS_MEDIAN[subtype]) + 0.2 * (r - 0.5)
+  logk0 = (math.log(TUMOUR_KTRANS_MEDIAN[subtype]) + 0.15 * (r - 0.5)
            + 0.3 * rng.standard_normal())
   k0 = float(np.clip(math.exp(logk0), 0.10, 0.40))
-  ve = float(rng.uniform(0.25, 0.55))
+  ve = float(rng.uniform(*TUMOUR_VE_RANGE[subtype]))
   vp = float(rng.uniform(0.02, 0.08))
   traj_rng = np.random.default_rng(ss_scalar.spawn(1)[0])  # keep trajectory draws separate
   log_ratio = _log_volume_ratios(traj_rng, pcr, r)
@@ -535,7 +542,6 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
       scale_d *= 0.9
       if scale_d < 0.1:
         raise ValueError(f'cannot fit a tumour into spec {spec}')
-  d_eq *= scale_d
   v0 = float(np.prod(base) * unit_vol)
 
   volumes = _volumes(log_ratio, v0, pcr)
@@ -774,6 +780,46 @@ def render_patient(spec: PhantomSpec, index: int) -> dict[str, object]:
 
 
 def render_patient_maps(spec: PhantomSpec, index: int):
-  """``(example, maps, truth)``; maps hold per-visit ``labels`` (:data:`LABELS`), ``ktrans_per_min``,
-  ``ve``, ``vp``, ``t10_s`` and ``bias`` arrays ``[4, D, H, W]`` in the visit's (shifted) frame."""
+  """``(example, maps, truth)`` for validating biomarkers and writers.
+
+  ``maps`` holds per-visit ``labels`` (:data:`LABELS`), ``ktrans_per_min``, ``ve``, ``vp``,
+  ``t10_s`` and ``bias`` arrays ``[4, D, H, W]`` in each visit's (shifted) frame.
+  """
   return _render(spec, index, with_maps=True)
+
+
+# ----------------------------------------------------------------------------- report
+def _auroc(score: np.ndarray, label: np.ndarray) -> float:
+  """Mann-Whitney AUROC (ties count 1/2)."""
+  from scipy.stats import rankdata
+  ranks = rankdata(score)
+  pos = label.astype(bool)
+  n1, n0 = int(pos.sum()), int((~pos).sum())
+  return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _report(num: int = 200, spec: PhantomSpec | None = None) -> None:
+  """Cohort summary: pCR rate and AUROC of mask-volume change at T1/T2, render time."""
+  import time
+  spec = spec or PhantomSpec()
+  vox = float(np.prod(spec.spacing_mm))
+  rows = []
+  t0 = time.perf_counter()
+  for i in range(num):
+    ex = render_patient(spec, i)
+    rows.append((ex['pcr'], ex['visit_mask'], ex['tumor_mask'].reshape(4, -1).sum(1) * vox))
+  dt = (time.perf_counter() - t0) / num
+  y = np.array([r[0] for r in rows])
+  vm = np.array([r[1] for r in rows])
+  vol = np.array([r[2] for r in rows], float)
+  print(f'{num} patients, spec {spec}: render {1000 * dt:.0f} ms/patient, pCR rate {y.mean():.3f}')
+  for v in (1, 2):
+    ok = vm[:, v]
+    change = vol[ok, v] / vol[ok, 0] - 1
+    print(f'  T{v}: n={ok.sum()}, mean volume change pCR {change[y[ok] == 1].mean():+.2f} / '
+          f'non-pCR {change[y[ok] == 0].mean():+.2f}, AUROC(-change) {_auroc(-change, y[ok]):.3f}')
+
+
+if __name__ == '__main__':
+  import sys
+  _report(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
