@@ -32,7 +32,8 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   data.fold_seed = 0
   data.val_fraction = 0.2  # Inner validation split of the training fold, for model selection.
   data.representation = 'mip'  # 'mip': 2D MIPs per visit; 'volume': 3D tumour-centred crop.
-  data.crop_size = (8, 16, 16) if smoke else (16, 32, 32)  # D, H, W voxels, for 'volume'.
+  # Tumour-centred crop, D x H x W voxels; 'mip' projects through all slices of the H x W crop.
+  data.crop_size = (8, 16, 16) if smoke else (16, 32, 32)
   data.time_points = STAGE_TIME_POINTS['baseline']
   data.augment = True
   data.max_shift = 2 if smoke else 4  # Voxels of random in-plane translation.
@@ -47,8 +48,8 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
   config.batch_size = 8 if smoke else 16
   config.eval_batch_size = 16 if smoke else 32
-  config.num_epochs = 2 if smoke else 40
-  config.warmup_epochs = 1 if smoke else 3
+  config.num_epochs = 2 if smoke else 60
+  config.warmup_epochs = 1 if smoke else 5
   config.learning_rate = 1e-3
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0

@@ -1,14 +1,14 @@
 """From the TFDS `ispy2` records to sharded batches: folds, representation, normalisation, augmentation.
 
 Data flows one way: `load_source` (builds the dataset on first use) -> `read_cohort` (labels and strata
-of every patient, for the folds) -> `train_dataset` / `eval_dataset` (grain) -> batches of numpy arrays,
-which train.py places on the mesh.
+of every patient, for the folds) -> `load_examples` (decode + represent, once per run) ->
+`train_dataset` / `eval_dataset` (grain: shuffle, augment, batch) -> batches of numpy arrays, which
+train.py places on the mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import grain
 import ml_collections
@@ -86,7 +86,7 @@ def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 
 def crop_around(volume: np.ndarray, centre: np.ndarray, size) -> np.ndarray:
   """A [*size, C] crop of a [D, H, W, C] volume centred on `centre`, zero-padded at the borders."""
-  starts = [int(round(c - s / 2)) for c, s in zip(centre, size)]
+  starts = [int(round(c - (s - 1) / 2)) for c, s in zip(centre, size)]
   pad = [(max(0, -st), max(0, st + s - n)) for st, s, n in zip(starts, size, volume.shape)]
   padded = np.pad(volume, pad + [(0, 0)])
   index = tuple(slice(st + p[0], st + p[0] + s) for st, s, p in zip(starts, size, pad))
@@ -96,22 +96,25 @@ def crop_around(volume: np.ndarray, centre: np.ndarray, size) -> np.ndarray:
 def represent(record: dict, *, time_points, representation: str, crop_size) -> dict[str, np.ndarray]:
   """One patient record -> {'images': [T, *spatial, 3] float32, 'visit_mask': [T] bool}.
 
-  `mip`: maximum intensity projections through the slices (axial MIPs, as radiologists read
-  subtraction MIPs). `volume`: a crop of `crop_size` centred on each visit's tumour, which aligns the
-  visits on the tumour (missing mask: the T0 tumour, then the volume centre).
+  Each visit is cropped around its own tumour (a missing mask: the T0 tumour, then the volume centre),
+  which aligns the visits on the tumour. `volume`: the [D, H, W] = `crop_size` crop. `mip`: maximum
+  intensity projections through all slices of the in-plane crop `crop_size[1:]` (axial MIPs, as
+  radiologists read subtraction MIPs).
   """
   time_points = list(time_points)
   images = np.asarray(record['images'], np.float32)
   visit_mask = np.asarray(record['visit_mask'], bool)
   channels = to_channels(normalise(images, visit_mask))[time_points]  # [T, D, H, W, 3]
+  masks = np.asarray(record['tumor_mask'])
+  centre_t0 = tumour_centre(masks[0], (np.array(masks.shape[1:]) - 1) / 2)
+  size = tuple(crop_size)
   if representation == 'mip':
-    inputs = channels.max(axis=1)
-  else:
-    masks = np.asarray(record['tumor_mask'])
-    centre_t0 = tumour_centre(masks[0], (np.array(masks.shape[1:]) - 1) / 2)
-    inputs = np.stack([crop_around(visit, tumour_centre(masks[t], centre_t0), crop_size)
-                       for visit, t in zip(channels, time_points)])
-  return {'images': inputs.astype(np.float32), 'visit_mask': visit_mask[time_points]}
+    size = (channels.shape[1],) + size[1:]
+  crops = np.stack([crop_around(visit, tumour_centre(masks[t], centre_t0), size)
+                    for visit, t in zip(channels, time_points)])
+  if representation == 'mip':
+    crops = crops.max(axis=1)
+  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points]}
 
 
 def augment(element: dict, rng: np.random.Generator, *, max_shift: int, intensity_jitter: float) -> dict:
@@ -152,9 +155,19 @@ class _Represent(grain.transforms.Map):
                         crop_size=tuple(data.crop_size))
 
   def map(self, row: int) -> dict:
-    element = represent(self._source[row], **self._kwargs)
+    element = represent(self._source[int(row)], **self._kwargs)
     element.update(label=np.int32(self._cohort.pcr[row]), row=np.int32(row), valid=np.bool_(True))
     return element
+
+
+def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict) -> list[dict]:
+  """Decodes and represents `rows` once per run (in `data.read_threads` threads).
+
+  The model inputs are small next to the stored volumes, and decoding dominates an epoch on a CPU:
+  epochs then only shuffle, augment and batch these arrays.
+  """
+  ds = grain.MapDataset.source(np.asarray(rows)).map(_Represent(source, cohort, data))
+  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads)))
 
 
 class _Augment(grain.transforms.RandomMap):
@@ -166,31 +179,20 @@ class _Augment(grain.transforms.RandomMap):
     return augment(element, rng, max_shift=self._max_shift, intensity_jitter=self._jitter)
 
 
-def train_dataset(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict, *,
-                  batch_size: int, seed: int, epoch: int) -> grain.IterDataset:
+def train_dataset(examples: list[dict], data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  epoch: int) -> grain.MapDataset:
   """One epoch of shuffled, augmented, full batches; deterministic from (seed, epoch)."""
-  if len(rows) < batch_size:
-    raise ValueError(f'The training split has {len(rows)} patients, fewer than batch_size={batch_size}.')
+  if len(examples) < batch_size:
+    raise ValueError(f'The training split has {len(examples)} patients, fewer than'
+                     f' batch_size={batch_size}.')
   epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-  ds = grain.MapDataset.source(np.asarray(rows)).shuffle(seed=epoch_seed)
-  ds = ds.map(_Represent(source, cohort, data))
+  ds = grain.MapDataset.source(examples).shuffle(seed=epoch_seed)
   if data.augment:
     ds = ds.random_map(_Augment(data), seed=epoch_seed)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2))
+  return ds.batch(batch_size, drop_remainder=True)
 
 
-def eval_dataset(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict, *,
-                 batch_size: int) -> grain.IterDataset:
-  """Every row once, in order; the last batch is padded with `valid=False` copies of the first row."""
-  num_padded = math.ceil(len(rows) / batch_size) * batch_size
-  padded_rows = np.concatenate([rows, np.full(num_padded - len(rows), rows[0])])
-  represent_row = _Represent(source, cohort, data)
-
-  def load(position: int) -> dict:
-    element = represent_row.map(int(padded_rows[position]))
-    element['valid'] = np.bool_(position < len(rows))
-    return element
-
-  ds = grain.MapDataset.range(num_padded).map(load).batch(batch_size)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2))
+def eval_dataset(examples: list[dict], *, batch_size: int) -> grain.MapDataset:
+  """Every example once, in order; the last batch is padded with `valid=False` copies of the first."""
+  padding = [{**examples[0], 'valid': np.bool_(False)}] * (-len(examples) % batch_size)
+  return grain.MapDataset.source(examples + padding).batch(batch_size)

@@ -247,19 +247,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_fn = jax.jit(functools.partial(eval_step, state.apply_fn, visits=student_visits),
                     in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
 
-  def eval_batches(rows):
-    return input_pipeline.eval_dataset(source, cohort, rows, data, batch_size=config.eval_batch_size)
+  examples = {name: input_pipeline.load_examples(source, cohort, rows, data)
+              for name, rows in (('train', split.train), ('val', split.val), ('test', split.test))}
+
+  def eval_batches(name):
+    return input_pipeline.eval_dataset(examples[name], batch_size=config.eval_batch_size)
 
   log = _MetricsLog(workdir, start_epoch)
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.time()
     train_metrics = None
-    for batch in input_pipeline.train_dataset(source, cohort, split.train, data,
-                                              batch_size=config.batch_size, seed=config.seed,
-                                              epoch=epoch):
+    for batch in input_pipeline.train_dataset(examples['train'], data, batch_size=config.batch_size,
+                                              seed=config.seed, epoch=epoch):
       state, step_metrics = step_fn(state, put(batch), dropout_rng, teacher)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    rows, probs = predict(eval_fn, state.params, eval_batches(split.val), put)
+    rows, probs = predict(eval_fn, state.params, eval_batches('val'), put)
     labels = cohort.pcr[rows]
     summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
     summary.update(val_auroc=float(stats.auroc(labels, probs)),
@@ -276,8 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   best_epoch = manager.best_step()
   params = checkpoints.restore_params(manager, best_epoch, state.params)
-  for split_name, split_rows in (('val', split.val), ('test', split.test)):  # test last: the marker.
-    rows, probs = predict(eval_fn, params, eval_batches(split_rows), put)
+  for split_name in ('val', 'test'):  # Test last: its file marks a finished run.
+    rows, probs = predict(eval_fn, params, eval_batches(split_name), put)
     evaluation.write_predictions(
         os.path.join(workdir, f'predictions_{split_name}.csv'),
         [{'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),

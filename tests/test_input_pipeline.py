@@ -16,20 +16,25 @@ def source_and_cohort(data_dir):
   return source, input_pipeline.read_cohort(source), config.data
 
 
-def test_mip_representation(source_and_cohort):
-  source, _, data = source_and_cohort
+def test_mip_representation_is_a_tumour_centred_projection(source_and_cohort):
+  source, _, _ = source_and_cohort
   record = source[0]
-  out = input_pipeline.represent(record, time_points=(0, 1, 2), representation='mip', crop_size=None)
-  d, h, w = record['images'].shape[2:]
-  assert out['images'].shape == (3, h, w, 3) and out['images'].dtype == np.float32
+  out = input_pipeline.represent(record, time_points=(0, 1, 2), representation='mip',
+                                 crop_size=(4, 12, 12))
+  assert out['images'].shape == (3, 12, 12, 3) and out['images'].dtype == np.float32
   np.testing.assert_array_equal(out['visit_mask'], record['visit_mask'][:3])
-  # Channel 0 is the pre-contrast MIP, normalised by the T0 pre-contrast 99th percentile.
-  pre = np.asarray(record['images'][0, 0], np.float32)
-  np.testing.assert_allclose(out['images'][0, ..., 0], pre.max(0) / np.percentile(pre, 99), rtol=1e-5)
+  images = np.asarray(record['images'], np.float32)
+  pre, early = images[0, 0], images[0, 1]
+  scale = np.percentile(pre, 99)
+  # The projection runs through every slice; in-plane it is centred on the T0 tumour.
+  h, w = np.round(np.argwhere(np.asarray(record['tumor_mask'][0])).mean(0)[1:] - 5.5).astype(int)
+  np.testing.assert_allclose(out['images'][0, ..., 0], pre.max(0)[h:h + 12, w:w + 12] / scale, rtol=1e-5)
   # Channels 1 and 2 are subtraction MIPs: early - pre, late - pre.
-  early = np.asarray(record['images'][0, 1], np.float32)
-  np.testing.assert_allclose(out['images'][0, ..., 1], (early - pre).max(0) / np.percentile(pre, 99),
+  np.testing.assert_allclose(out['images'][0, ..., 1], (early - pre).max(0)[h:h + 12, w:w + 12] / scale,
                              rtol=1e-5, atol=1e-6)
+  # The tumour enhances: the subtraction MIP is brightest near the centre of the crop.
+  peak = np.unravel_index(out['images'][0, ..., 1].argmax(), (12, 12))
+  assert all(2 <= p <= 9 for p in peak)
 
 
 def test_volume_crop_is_centred_on_each_visits_tumour(source_and_cohort):
@@ -38,20 +43,20 @@ def test_volume_crop_is_centred_on_each_visits_tumour(source_and_cohort):
   crop = (4, 12, 12)
   out = input_pipeline.represent(record, time_points=(0, 1), representation='volume', crop_size=crop)
   assert out['images'].shape == (2,) + crop + (3,)
-  mask = np.asarray(record['tumor_mask'][0])
-  centre = np.argwhere(mask).mean(0)
-  manual = input_pipeline.crop_around(
-      input_pipeline.to_channels(input_pipeline.normalise(
-          np.asarray(record['images'], np.float32), np.asarray(record['visit_mask'])))[0], centre, crop)
-  np.testing.assert_allclose(out['images'][0], manual)
+  channels = input_pipeline.to_channels(input_pipeline.normalise(
+      np.asarray(record['images'], np.float32), np.asarray(record['visit_mask'])))
+  for t in (0, 1):
+    mask = np.asarray(record['tumor_mask'][t if record['tumor_mask'][t].any() else 0])
+    manual = input_pipeline.crop_around(channels[t], np.argwhere(mask).mean(0), crop)
+    np.testing.assert_allclose(out['images'][t], manual)
 
 
 def test_crop_around_pads_at_the_border():
   volume = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6, 1)
-  crop = input_pipeline.crop_around(volume, np.array([0.0, 0.0, 0.0]), (2, 4, 4))
-  assert crop.shape == (2, 4, 4, 1)
-  np.testing.assert_array_equal(crop[1, 2:, 2:, 0], volume[0, :2, :2, 0])
-  assert crop[0].sum() == 0
+  crop = input_pipeline.crop_around(volume, np.array([0.0, 0.0, 0.0]), (3, 5, 5))
+  assert crop.shape == (3, 5, 5, 1)
+  np.testing.assert_array_equal(crop[1:, 2:, 2:, 0], volume[:2, :3, :3, 0])
+  assert crop[0].sum() == 0 and crop[:, :2].sum() == 0 and crop[:, :, :2].sum() == 0
 
 
 def test_augmentation_treats_all_visits_alike():
@@ -67,25 +72,28 @@ def test_augmentation_treats_all_visits_alike():
 def test_batches_are_deterministic_per_epoch_and_cover_the_split(source_and_cohort):
   source, cohort, data = source_and_cohort
   rows = np.arange(0, 24)
+  examples = input_pipeline.load_examples(source, cohort, rows, data)
+  np.testing.assert_array_equal([e['row'] for e in examples], rows)
 
-  def epoch_rows(epoch, seed=0):
-    return [b['row'] for b in input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8,
-                                                           seed=seed, epoch=epoch)]
+  def epoch_batches(epoch, seed=0):
+    return list(input_pipeline.train_dataset(examples, data, batch_size=8, seed=seed, epoch=epoch))
 
-  first = epoch_rows(1)
-  assert len(first) == 3 and sorted(np.concatenate(first)) == list(rows)
-  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(epoch_rows(1)))
-  assert not np.array_equal(np.concatenate(first), np.concatenate(epoch_rows(2)))
-  batches = list(input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8, seed=0, epoch=1))
-  again = list(input_pipeline.train_dataset(source, cohort, rows, data, batch_size=8, seed=0, epoch=1))
-  np.testing.assert_array_equal(batches[0]['images'], again[0]['images'])
-  np.testing.assert_array_equal(batches[0]['label'], cohort.pcr[batches[0]['row']])
+  first = epoch_batches(1)
+  order = np.concatenate([b['row'] for b in first])
+  assert len(first) == 3 and sorted(order) == list(rows)
+  again = epoch_batches(1)
+  np.testing.assert_array_equal(order, np.concatenate([b['row'] for b in again]))
+  np.testing.assert_array_equal(first[0]['images'], again[0]['images'])
+  assert not np.array_equal(order, np.concatenate([b['row'] for b in epoch_batches(2)]))
+  assert not np.array_equal(order, np.concatenate([b['row'] for b in epoch_batches(1, seed=1)]))
+  np.testing.assert_array_equal(first[0]['label'], cohort.pcr[first[0]['row']])
 
 
 def test_eval_batches_pad_and_are_sharded_over_the_mesh(source_and_cohort):
   source, cohort, data = source_and_cohort
   rows = np.arange(5, 16)  # 11 patients -> one full batch of 8 and one padded one.
-  batches = list(input_pipeline.eval_dataset(source, cohort, rows, data, batch_size=8))
+  examples = input_pipeline.load_examples(source, cohort, rows, data)
+  batches = list(input_pipeline.eval_dataset(examples, batch_size=8))
   assert [b['valid'].sum() for b in batches] == [8, 3]
   np.testing.assert_array_equal(np.concatenate([b['row'][b['valid']] for b in batches]), rows)
   mesh = sharding.make_mesh()

@@ -43,10 +43,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       Ispy2Config(
           name='synthetic',
           description=(
-              'Embedded phantom: 256 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a 48x128x128 mm'
+              'Embedded phantom: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a 48x128x128 mm'
               ' unilateral field of view), four visits, three DCE phases.'
           ),
-          phantom=phantom.PhantomSpec(num_patients=256, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0)),
+          phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0)),
       ),
       Ispy2Config(
           name='synthetic_smoke',
