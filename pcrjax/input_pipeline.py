@@ -39,6 +39,7 @@ class Cohort:
   subtype: np.ndarray  # int
   arm: np.ndarray  # str
   visit_mask: np.ndarray  # bool [N, 4]
+  subtype_names: tuple[str, ...]  # The ClassLabel names of `subtype`.
 
   def __len__(self) -> int:
     return len(self.patient_id)
@@ -52,6 +53,7 @@ def read_cohort(source) -> Cohort:
       subtype=np.array([r['subtype'] for r in rows], np.int64),
       arm=np.array([_text(r['arm']) for r in rows]),
       visit_mask=np.stack([np.asarray(r['visit_mask'], bool) for r in rows]),
+      subtype_names=tuple(source.dataset_info.features['subtype'].names),
   )
 
 

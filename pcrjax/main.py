@@ -4,6 +4,8 @@ A config with `stage = 'protocol'` runs the paper's whole comparison (pcrjax.pro
 stage trains one model on one fold (pcrjax.train).
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,9 +17,16 @@ config_flags.DEFINE_config_file('config', None, 'An experiments/*.py config file
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_library_info(record) -> bool:
+  """Keeps Orbax's and TFDS's per-file INFO lines out of the run log (their warnings stay)."""
+  return record.levelno >= std_logging.WARNING or not any(
+      f'/{library}/' in record.pathname for library in ('orbax', 'tensorflow_datasets'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   config = FLAGS.config
   try:
     configs.validate(config)

@@ -22,9 +22,9 @@ import tensorboardX
 from absl import logging
 from clu import metrics
 from flax.training import train_state
+from sklearn import metrics as sk_metrics
 
 from pcrjax import checkpoints, configs, evaluation, folds, input_pipeline, models, sharding, stats
-from tfds_ispy2.ispy2 import phantom
 
 TrainState = train_state.TrainState
 
@@ -164,8 +164,6 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
     raise ValueError(f'{config_path} is a {teacher_config.stage!r} run, not a stage-1 teacher: {how}')
   for field in TEACHER_MUST_MATCH:
     ours, theirs = configs.config_value(config, field), configs.config_value(teacher_config, field)
-    if field == 'data.crop_size' and config.data.representation == 'mip':
-      continue
     if tuple(np.atleast_1d(ours)) != tuple(np.atleast_1d(theirs)):
       raise ValueError(f'The teacher in {teacher_dir} has {field}={theirs!r} but this student has'
                        f' {ours!r}: train a teacher for this fold and representation ({how}).')
@@ -189,7 +187,7 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains one stage on one fold; returns the summary also written to metrics.jsonl's last line."""
+  """Trains one stage on one fold, then predicts its validation and test patients with the best epoch."""
   configs.validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -265,8 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     labels = cohort.pcr[rows]
     summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
     summary.update(val_auroc=float(stats.auroc(labels, probs)),
-                   val_bce=float(np.mean(optax.sigmoid_binary_cross_entropy(
-                       np.log(probs + 1e-7) - np.log1p(-probs + 1e-7), labels))),
+                   val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                    learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
                    epoch_seconds=time.time() - started)
     checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
@@ -283,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation.write_predictions(
         os.path.join(workdir, f'predictions_{split_name}.csv'),
         [{'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),
-          'subtype': phantom.SUBTYPES[cohort.subtype[r]], 'fold': config.data.fold}
+          'subtype': cohort.subtype_names[cohort.subtype[r]], 'fold': config.data.fold}
          for r, p in zip(rows, probs)])
   return {'best_epoch': best_epoch, 'workdir': workdir}
 
