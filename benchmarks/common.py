@@ -50,7 +50,7 @@ def max_rss_bytes() -> int:
 
 def format_line(r: dict) -> str:
   mem = f"{r['peak_bytes'] / 2**20:8.0f} MiB ({r['peak_kind']})" if r['peak_bytes'] else 'n/a'
-  return (f"{r['framework']:<5} {r['device']:<24} {r['case']:<12} batch={r['batch']:<4}"
+  return (f"{r['framework']:<7} {r['device']:<24} {r['case']:<12} batch={r['batch']:<4}"
           f" compile_s={r['compile_s']:7.2f}  ms/step={r['ms_per_step']:9.2f}"
           f"  ex/s={r['examples_per_s']:8.1f}  peak={mem}  params={r['params']}")
 

@@ -2,21 +2,27 @@
 
 Configs change the bytes on disk only: `synthetic` (the default) renders the embedded phantom of
 `phantom.py`; `synthetic_smoke` is the same phantom on a coarse grid and a small cohort, for smoke runs
-and tests. Everything a training run may choose at read time (folds, 2D MIP or 3D crop, normalisation,
-augmentation) belongs to the input pipeline, not here.
+and tests; `tcia` reads a manual download of the I-SPY2 collection from TCIA (`tcia.py`). Everything a
+training run may choose at read time (folds, 2D MIP or 3D crop, normalisation, augmentation) belongs to
+the input pipeline, not here.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import itertools
+import json
 import multiprocessing
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
+from absl import logging
 
-from tfds_ispy2.ispy2 import phantom
+from tfds_ispy2.ispy2 import phantom, tcia, tcia_cache
 
 NUM_VISITS = len(phantom.VISITS)
 NUM_PHASES = len(phantom.PHASES)
@@ -25,20 +31,21 @@ PCR_NAMES = ('non_pcr', 'pcr')
 
 @dataclasses.dataclass(kw_only=True)
 class Ispy2Config(tfds.core.BuilderConfig):
-  """A builder config: the phantom's cohort and grid (synthetic)."""
+  """A builder config: the phantom's cohort and grid, or (`tcia`) the output grid of real data."""
 
-  phantom: phantom.PhantomSpec = dataclasses.field(default_factory=phantom.PhantomSpec)
+  phantom: phantom.PhantomSpec | None = None
+  tcia: tcia.TciaSpec | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
-    return tuple(self.phantom.shape)
+    return tuple(self.phantom.shape if self.phantom else self.tcia.crop_shape)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for the `ispy2` dataset."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Synthetic phantom configs.'}
+  RELEASE_NOTES = {'1.0.0': 'Synthetic phantom configs and the TCIA reader.'}
   BUILDER_CONFIGS = [
       Ispy2Config(
           name='synthetic',
@@ -53,8 +60,39 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           description='The phantom on a coarse 8x32x32 grid of 6x4x4 mm, 48 patients: smoke runs and tests.',
           phantom=phantom.PhantomSpec(num_patients=48, shape=(8, 32, 32), spacing_mm=(6.0, 4.0, 4.0)),
       ),
+      Ispy2Config(
+          name='tcia',
+          description=(
+              'I-SPY2 from TCIA (manual download): per visit the pre, early (closest to 150 s) and late'
+              ' (closest to 450 s) phases of the DCE series, resampled to 2x1x1 mm and cropped to'
+              ' 32x96x96 voxels around the tumour (the Analysis Mask, else PE >= 70 %).'
+          ),
+          tcia=tcia.TciaSpec(),
+      ),
   ]
   DEFAULT_CONFIG_NAME = 'synthetic'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+For the `tcia` config only (the synthetic configs need nothing).
+1. From The Cancer Imaging Archive, collection "I-SPY 2 Breast Dynamic Contrast Enhanced MRI Trial
+   (ISPY2)", https://doi.org/10.7937/TCIA.D8Z0-9T85, download with the NBIA Data Retriever, for the
+   patients you want and visits T0-T3, at least the series
+     "ISPY2: VOLSER: uni-lateral cropped: original DCE"  (or "... bi-lateral: original DCE")
+     "ISPY2: VOLSER: uni-lateral cropped: Analysis Mask" (DICOM SEG; optional, PE >= 70 % otherwise)
+   in the downloader's "Descriptive Directory Name" layout:
+     <manual_dir>/ISPY2/<PatientID>/<study folder>/<series folder>/*.dcm
+2. From the same collection page, download the clinical spreadsheet
+   ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx (columns Patient_ID, Arm, HR, HER2, pCR, ...) and, where
+   TCIA ids differ from I-SPY2 research ids (ACRIN-6698 patients),
+   Full-Collection-Ancillary-Patient-Information-file.xlsx, and put both anywhere under <manual_dir>.
+3. Build: the default <manual_dir> is <data_dir>/downloads/manual (override with --manual_dir).
+Patients without a pCR label, and patients or visits that cannot be read, are skipped and listed
+with their reason in build_report.json beside the dataset.
+"""
+
+  def __init__(self, *, skips_are_fatal: bool = False, **kwargs):
+    """skips_are_fatal: (`tcia`) stop the build at the first patient that would be skipped."""
+    super().__init__(**kwargs)
+    self._skips_are_fatal = skips_are_fatal
 
   def _info(self) -> tfds.core.DatasetInfo:
     d, h, w = self.builder_config.shape
@@ -78,19 +116,84 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # The phantom needs no download.
-    return {'train': self._generate_examples()}
+    if self.builder_config.phantom is not None:  # The phantom needs no download.
+      return {'train': self._generate_examples()}
+    return {'train': self._generate_examples(dl_manager.manual_dir, dl_manager.download_dir)}
 
-  def _generate_examples(self):
-    spec = self.builder_config.phantom
-    workers = max(1, min(os.cpu_count() or 1, 8))
+  def _generate_examples(self, manual_dir=None, download_dir=None):
+    if self.builder_config.phantom is not None:
+      return self._generate_synthetic(self.builder_config.phantom)
+    return self._generate_tcia(manual_dir, download_dir)
+
+  def _generate_synthetic(self, spec: phantom.PhantomSpec):
     # Patients are pure functions of (seed, index): render them in parallel processes, in order.
-    # 'spawn': the caller may already run JAX's threads, which a fork would copy half-way.
-    context = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      for example in pool.map(_render, [(spec, i) for i in range(spec.num_patients)], chunksize=4):
+    with _process_pool() as pool:
+      for example in pool.map(phantom.render_patient, itertools.repeat(spec), range(spec.num_patients),
+                              chunksize=4):
         yield example['patient_id'], example
 
+  def _generate_tcia(self, manual_dir, download_dir):
+    """Discovers the download, then processes patients in parallel (one patient per worker at a time).
 
-def _render(spec_and_index: tuple[phantom.PhantomSpec, int]) -> dict:
-  return phantom.render_patient(*spec_and_index)
+    Each patient's result is cached under `download_dir`, keyed by the spec, the clinical record
+    and the patient's files (paths, sizes, times): a build interrupted half-way and restarted only
+    processes the patients it had not finished, and finishes with the same records.
+    """
+    spec = self.builder_config.tcia
+    patients, issues = tcia.discover(manual_dir)
+    clinical = tcia.read_clinical(manual_dir)
+    cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
+    os.makedirs(cache_dir, exist_ok=True)
+    report = _BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
+    jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
+    with _process_pool() as pool, tqdm.tqdm(total=len(jobs), desc='ispy2/tcia', unit='patient') as bar:
+      for pid, outcome in zip(sorted(patients), pool.map(tcia_cache.process_patient_cached, jobs)):
+        bar.update()
+        kind, payload, patient_issues = outcome
+        report.issues += [i._asdict() for i in patient_issues]
+        if kind == 'skip':
+          reason, detail = payload
+          if self._skips_are_fatal:
+            raise RuntimeError(f'Patient {pid} would be skipped ({reason}: {detail}) and'
+                               ' skips_are_fatal=True.')
+          logging.warning('ispy2/tcia: skipped patient %s: %s (%s)', pid, reason, detail)
+          report.skipped.append({'patient_id': pid, 'reason': reason, 'detail': detail})
+          continue
+        example, meta = payload
+        report.written.append({'patient_id': pid, **meta})
+        yield pid, example
+    report.write(os.path.join(self.data_dir, 'build_report.json'), spec)
+
+
+@dataclasses.dataclass
+class _BuildReport:
+  """build_report.json: what was found, written and skipped, and why (ids and reasons only, no PHI)."""
+
+  found: int
+  issues: list[dict]
+  written: list[dict] = dataclasses.field(default_factory=list)
+  skipped: list[dict] = dataclasses.field(default_factory=list)
+
+  def write(self, path: str, spec: tcia.TciaSpec) -> None:
+    summary = {
+        'spec': dataclasses.asdict(spec),
+        'patients_found': self.found,
+        'patients_written': len(self.written),
+        'patients_skipped': len(self.skipped),
+        'skips_by_reason': dict(collections.Counter(s['reason'] for s in self.skipped)),
+        'issues_by_reason': dict(collections.Counter(i['reason'] for i in self.issues)),
+        'skipped': self.skipped,
+        'issues': self.issues,
+        'written': self.written,
+    }
+    with open(path, 'w') as f:
+      json.dump(summary, f, indent=1)
+    logging.info('ispy2/tcia: %d patients found, %d written, %d skipped %s; report: %s', self.found,
+                 len(self.written), len(self.skipped), summary['skips_by_reason'], path)
+
+
+def _process_pool() -> concurrent.futures.ProcessPoolExecutor:
+  # 'spawn': the caller may already run JAX's threads, which a fork would copy half-way. The workers
+  # run functions of importable modules (not of this one, which `tfds build` imports by file path).
+  workers = max(1, min(os.cpu_count() or 1, 8))
+  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))

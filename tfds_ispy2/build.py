@@ -1,0 +1,20 @@
+"""`tfds build` for this dataset, without TensorFlow or Apache Beam installed.
+
+    python -m tfds_ispy2.build tfds_ispy2/ispy2 --config=tcia --manual_dir=DIR \\
+        --data_dir=DIR --file_format=array_record
+
+takes exactly the arguments of `tfds build` and runs TFDS's own build command. The `tfds` script of
+tensorflow-datasets 4.9.10 imports TensorFlow and apache_beam at start-up, even for ArrayRecord
+builds; its `build` command itself needs neither.
+"""
+
+import simple_parsing
+from tensorflow_datasets.scripts.cli import build
+
+
+def main() -> None:
+  simple_parsing.parse(build.Args).execute()
+
+
+if __name__ == '__main__':
+  main()
