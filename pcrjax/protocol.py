@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[evaluation.Row]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  started = time.time()
+  started, version = time.time(), code_version()
   for fold in range(config.data.num_folds):
     for stage in STAGES:  # The teacher before the student that learns from it.
       stage_dir = stage_workdir(workdir, fold, stage)
@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[evaluation.Row]
                                       num_replicates=config.bootstrap_replicates)
   write_table(os.path.join(workdir, 'table.csv'), table)
   plot_roc(os.path.join(workdir, 'roc.png'), predictions, table)
-  report = render_report(config, table, wall_seconds)
+  report = render_report(config, table, wall_seconds, version)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(report)
   print(report)
@@ -118,7 +118,7 @@ def code_version() -> str:
 
 
 def render_report(config: ml_collections.ConfigDict, table: list[evaluation.Row],
-                  wall_seconds: float) -> str:
+                  wall_seconds: float, version: str) -> str:
   n, n_pcr = table[0].num_patients, table[0].num_pcr
   lines = [
       '# pCR prediction: single-stage vs two-stage dual-task',
@@ -126,7 +126,7 @@ def render_report(config: ml_collections.ConfigDict, table: list[evaluation.Row]
       f'Data: `{config.data.dataset}` ({"synthetic phantom" if "synthetic" in config.data.dataset else "TCIA"}),'
       f' {n} patients, {n_pcr} pCR ({100 * n_pcr / n:.1f} %); {config.data.num_folds}-fold'
       f' cross-validation stratified by pCR x subtype (fold seed {config.data.fold_seed}),'
-      f' representation `{config.data.representation}`; code {code_version()}; wall time'
+      f' representation `{config.data.representation}`; code {version}; wall time'
       f' {wall_seconds / 60:.1f} min.',
       '',
       '| Model | Time points | AUROC | 95 % CI | DeLong p vs baseline |',

@@ -1,0 +1,713 @@
+"""Tests of the TCIA I-SPY2 DICOM reader (tfds_ispy2/ispy2/tcia.py) on small synthetic DICOM trees.
+
+The trees are written here with pydicom (MR slices) and highdicom (Analysis Mask SEG), with known
+cubes at known physical positions, so that geometry errors show up as misplaced or resized cubes.
+"""
+
+import json
+import os
+import pickle
+import random
+from typing import NamedTuple
+
+import highdicom as hd
+import numpy as np
+import openpyxl
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from tfds_ispy2.ispy2 import phantom
+from tfds_ispy2.ispy2 import tcia
+
+PHI = {'PatientName': 'Doe^Jane', 'PatientBirthDate': '19610203', 'StudyDate': '19990517',
+       'SeriesDate': '19990517', 'InstitutionName': 'Sunnybrook Secret Hospital',
+       'AccessionNumber': 'ACC98765', 'ReferringPhysicianName': 'House^Gregory',
+       'PatientAge': '038Y', 'PatientSex': 'F'}
+PHI_STRINGS = ('Doe', 'Jane', '19610203', '19990517', '05-17-1999', 'Sunnybrook', 'ACC98765',
+               'House', '038Y')
+UNI_DCE = 'ISPY2: VOLSER: uni-lateral cropped: original DCE'
+BI_DCE = 'ISPY2: VOLSER: bi-lateral: original DCE'
+UNI_MASK = 'ISPY2: VOLSER: uni-lateral cropped: Analysis Mask'
+BI_MASK = 'ISPY2: VOLSER: bi-lateral: Analysis Mask'
+SPEC = tcia.TciaSpec(crop_shape=(16, 40, 40))
+CUBE_MM = 20.0
+
+
+# ----------------------------------------------------------------------------- DICOM writers
+def _dataset(pid, study, series, *, modality='MR', sop=MRImageStorage, study_desc='',
+             series_desc='', timepoint=None):
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.file_meta.MediaStorageSOPClassUID = sop
+  ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+  ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds.SOPClassUID, ds.SOPInstanceUID = sop, ds.file_meta.MediaStorageSOPInstanceUID
+  ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = pid, study, series
+  ds.FrameOfReferenceUID = '1.2.3.4'
+  ds.Modality, ds.StudyDescription, ds.SeriesDescription = modality, study_desc, series_desc
+  ds.StudyTime, ds.StudyID, ds.SeriesNumber, ds.Manufacturer = '100000', '1', 3, 'x'
+  if timepoint is not None:
+    ds.ClinicalTrialTimePointID = timepoint
+  for keyword, value in PHI.items():
+    setattr(ds, keyword, value)
+  return ds
+
+
+def _save(ds, path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  ds.save_as(path, enforce_file_format=True)
+
+
+def _rotation(axis, degrees):
+  axis = np.asarray(axis, float) / np.linalg.norm(axis)
+  a = np.radians(degrees)
+  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+class Geometry(NamedTuple):
+  """A slice stack centred on ``centre``: rows x cols pixels, n slices; spacing (row, col, slice)
+  in mm."""
+
+  centre: tuple = (10.0, -20.0, 30.0)
+  row_dir: tuple = (1.0, 0.0, 0.0)
+  col_dir: tuple = (0.0, 1.0, 0.0)
+  spacing: tuple = (1.0, 1.0, 2.5)
+  shape: tuple = (48, 48, 20)
+
+  @property
+  def normal(self):
+    return np.cross(self.row_dir, self.col_dir)
+
+  def position(self, k):
+    rows, cols, n = self.shape
+    rs, cs, ss = self.spacing
+    return (np.asarray(self.centre) + (k - (n - 1) / 2) * ss * self.normal
+            - (cols - 1) / 2 * cs * np.asarray(self.row_dir)
+            - (rows - 1) / 2 * rs * np.asarray(self.col_dir))
+
+  def points(self, k):
+    """Physical (x, y, z) of every pixel of slice k: [rows, cols, 3]."""
+    rows, cols, _ = self.shape
+    r = np.arange(rows)[:, None, None] * self.spacing[0] * np.asarray(self.col_dir)
+    c = np.arange(cols)[None, :, None] * self.spacing[1] * np.asarray(self.row_dir)
+    return self.position(k) + r + c
+
+
+def _cube(points, centre, size=CUBE_MM):
+  return np.all(np.abs(points - np.asarray(centre)) <= size / 2, axis=-1)
+
+
+def _tm(seconds):
+  h, rest = divmod(36000.0 + seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{int(h):02d}{int(m):02d}{s:09.6f}'
+
+
+def write_dce(folder, geom, values, times_s, *, pid='ISPY2-100001', study=None, series=None,
+              study_desc='ISPY2MRIT0', series_desc=UNI_DCE, tpi=True, trigger=True, acq=True,
+              drop=(), slope=1.0, intercept=0.0, seed=0, timepoint=None):
+  """One DCE series (all phases) in shuffled files; values(phase, points) -> physical values."""
+  study, series = study or generate_uid(), series or generate_uid()
+  rng = random.Random(seed)
+  jobs = [(p, k) for p in range(len(times_s)) for k in range(geom.shape[2]) if (p, k) not in drop]
+  rng.shuffle(jobs)  # file order and InstanceNumber say nothing about geometry
+  sources = []
+  for number, (p, k) in enumerate(jobs):
+    ds = _dataset(pid, study, series, study_desc=study_desc, series_desc=series_desc,
+                  timepoint=timepoint)
+    ds.InstanceNumber = len(jobs) - number
+    ds.ImagePositionPatient = [round(float(x), 4) for x in geom.position(k)]
+    ds.ImageOrientationPatient = [round(float(x), 6) for x in geom.row_dir + geom.col_dir]
+    ds.PixelSpacing = list(geom.spacing[:2])
+    ds.SliceThickness = geom.spacing[2]
+    ds.Rows, ds.Columns = geom.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if slope != 1.0 or intercept != 0.0:
+      ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    stored = np.round((values(p, geom.points(k)) - intercept) / slope)
+    ds.PixelData = np.clip(stored, 0, 65535).astype(np.uint16).tobytes()
+    if tpi:
+      ds.TemporalPositionIdentifier = p + 1
+    if trigger:
+      ds.TriggerTime = times_s[p] * 1000.0
+    if acq:
+      ds.AcquisitionTime = _tm(times_s[p])
+    path = os.path.join(folder, f'{rng.randrange(10**6):06d}-{number}.dcm')
+    _save(ds, path)
+    if p == 0:
+      sources.append(ds)
+  return sources
+
+
+def write_seg(path, sources, geom, ftv, *, series_desc=UNI_MASK, labels=('PE threshold',
+                                                                           'background threshold')):
+  """An inverse Analysis Mask on its own slice stack: segments mark what is NOT tumour."""
+  n = geom.shape[2]
+  points = np.stack([geom.points(k) for k in range(n)])
+  excluded = ~ftv(points)
+  first = excluded & (points[..., 0] < geom.centre[0])
+  segments = np.stack([first, excluded & ~first], -1)[..., :len(labels)]
+  if len(labels) == 1:
+    segments = excluded[..., None]
+  descriptions = [hd.seg.SegmentDescription(
+      segment_number=i + 1, segment_label=label,
+      segmented_property_category=hd.sr.CodedConcept('91723000', 'SCT', 'Anatomical Structure'),
+      segmented_property_type=hd.sr.CodedConcept('85756007', 'SCT', 'Tissue'),
+      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL) for i, label in enumerate(labels)]
+  seg = hd.seg.Segmentation(
+      source_images=sources, pixel_array=segments.astype(np.uint8),
+      segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+      series_instance_uid=generate_uid(), series_number=50, sop_instance_uid=generate_uid(),
+      instance_number=1, manufacturer='x', manufacturer_model_name='y', software_versions='1',
+      device_serial_number='1', omit_empty_frames=False,
+      plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                                [float(x) for x in geom.position(k)])
+                       for k in range(n)],
+      plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                    list(geom.row_dir + geom.col_dir)),
+      pixel_measures=hd.PixelMeasuresSequence(list(geom.spacing[:2]), geom.spacing[2],
+                                              spacing_between_slices=geom.spacing[2]))
+  seg.SeriesDescription = series_desc
+  _save(seg, path)
+
+
+def _header_only(path, pid, study, series, **kwargs):
+  _save(_dataset(pid, study, series, **kwargs), path)
+
+
+def _write_xlsx(path, header, rows):
+  wb = openpyxl.Workbook()
+  wb.active.append(header)
+  for row in rows:
+    wb.active.append(row)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  wb.save(path)
+
+
+def _strings(obj):
+  """Every text that an object carries (for PHI searches)."""
+  if isinstance(obj, np.ndarray):
+    return [] if obj.dtype.kind != 'U' else [str(obj)]
+  if isinstance(obj, dict):
+    return [s for k, v in obj.items() for s in _strings(k) + _strings(v)]
+  if isinstance(obj, (list, tuple)):
+    return [s for v in obj for s in _strings(v)]
+  return [repr(obj)]
+
+
+# ----------------------------------------------------------------------------- phases
+def _headers(tpis, triggers, acqs):
+  return [tcia.SliceHeader(path=f's{i}', position=(0.0, 0.0, float(i % 3)),
+                           orientation=(1.0, 0, 0, 0, 1.0, 0), pixel_spacing=(1.0, 1.0),
+                           shape=(4, 4), temporal_position=p, trigger_time_ms=t,
+                           acquisition_time_s=a)
+          for i, (p, t, a) in enumerate(zip(tpis, triggers, acqs))]
+
+
+@pytest.mark.parametrize('drop, source', [
+    ((), 'TemporalPositionIdentifier'),
+    (('tpi',), 'TriggerTime'),
+    (('tpi', 'trigger'), 'AcquisitionTime'),
+])
+def test_split_phases_fallbacks(drop, source):
+  phase = [2, 0, 1, 2, 1, 0, 0, 2, 1]  # shuffled, three slices per phase
+  tpis = [None if ('tpi' in drop and i == 4) else p + 1 for i, p in enumerate(phase)]  # one gap
+  triggers = [None if 'trigger' in drop else p * 90000.0 for p in phase]
+  acqs = [36000.0 + 90 * p for p in phase]
+  phases, used = tcia.split_phases(_headers(tpis, triggers, acqs))
+  assert used == source
+  assert [sorted(int(s.path[1:]) for s in ph) for ph in phases] == [
+      [i for i, p in enumerate(phase) if p == q] for q in range(3)]
+  np.testing.assert_allclose(tcia.phase_times(phases), [0.0, 90.0, 180.0])
+
+
+def test_phase_times_relative_and_across_midnight():
+  phases = [_headers([1], [None], [86390.0]), _headers([2], [None], [40.0])]
+  np.testing.assert_allclose(tcia.phase_times(phases), [0.0, 50.0])
+  phases = [_headers([1], [12000.0], [0.0]), _headers([2], [162000.0], [0.0])]
+  np.testing.assert_allclose(tcia.phase_times(phases), [0.0, 150.0])  # relative to the pre phase
+  with pytest.raises(tcia.VisitError, match='no_phase_times'):
+    tcia.phase_times([_headers([1], [None], [None])])
+
+
+@pytest.mark.parametrize('times, expected', [
+    ([0, 90, 180, 270, 360], (0, 2, 4)),  # 5 phases
+    ([0, 100, 200, 300, 400, 500], (0, 1, 4)),  # 6 phases: ties 100/200 and 400/500 -> earlier
+    ([0, 75, 150, 225, 300, 375, 450], (0, 2, 6)),  # 7 phases, exact hits
+    ([0, 130, 260, 390, 520, 650, 780, 910], (0, 1, 3)),  # 8 phases
+    ([0, 60, 120, 180, 240, 300, 360, 420, 480], (0, 2, 7)),  # 9 phases: ties -> earlier
+    ([0, 10, 20, 30, 40], (0, 4, 4)),  # one phase closest to both targets
+    ([0, 300, 1000], (0, 1, 1)),
+])
+def test_choose_phases(times, expected):
+  assert tcia.choose_phases(times) == expected
+
+
+def test_choose_phases_never_picks_the_pre_phase():
+  assert tcia.choose_phases([0.0, 600.0, 900.0], early_s=0.0) == (0, 1, 1)
+
+
+# ----------------------------------------------------------------------------- visits and series
+@pytest.mark.parametrize('description, timepoint, folders, expected', [
+    ('ISPY2MRIT0', '', (), (0, 'description')),
+    ('ISPY2_MRI_T1', '', (), (1, 'description')),
+    ('ISPY2 MRI T2', 'T0', (), (2, 'description')),
+    ('mri t3', '', (), (3, 'description')),
+    ('ISPY2_MRI_T1_repeat', '', (), (1, 'description')),
+    ('MRI T12', '', (), (None, '')),
+    ('', 'T2', ('x-ISPY2MRIT0-1',), (2, 'timepoint')),
+    ('BREAST MRI', '3', (), (3, 'timepoint')),
+    ('', 'T7', ('01-01-2010-6698ISPY2MRIT3-12345',), (3, 'folder')),
+    ('', '', ('ISPY2', 'ISPY2-100001', '01-01-2010-ISPY2MRIT1-99'), (1, 'folder')),
+    ('', '', ('a-ISPY2MRIT1-9', 'b-ISPY2MRIT2-9'), (None, '')),  # contradicting folders
+    ('Breast', '', ('ISPY2-100001',), (None, '')),
+])
+def test_study_visit(description, timepoint, folders, expected):
+  assert tcia.study_visit(description, timepoint, folders) == expected
+
+
+@pytest.mark.parametrize('description, expected', [
+    (UNI_DCE, 'uni-lateral'), (BI_DCE, 'bi-lateral'),
+    ('ACRIN-6698: VOLSER: Uni-Lateral cropped: original DCE', 'uni-lateral'),
+    ('bilateral original DCE', 'bi-lateral'), ('original DCE', ''),
+])
+def test_laterality(description, expected):
+  assert tcia.laterality(description) == expected
+
+
+@pytest.fixture
+def header_tree(tmp_path):
+  """Header-only files exercising grouping, visit precedence and series choice."""
+  root = tmp_path / 'manual'
+  pid = 'ISPY2-100001'
+  top = root / 'ISPY2' / pid
+  uid = {name: generate_uid() for name in 'ABCDEF'}
+  series = {name: generate_uid() for name in ('a_uni', 'a_bi', 'a_seg_uni', 'a_seg_bi', 'a_ser',
+                                             'b_bi', 'b_seg_uni', 'c', 'd', 'e', 'f_ser')}
+
+  def put(study, folder, name, count, desc, modality='MR', sop=MRImageStorage, **kw):
+    for i in range(count):
+      _header_only(str(top / folder / name / f'1-{i:02d}.dcm'), pid, uid[study], series[name],
+                   modality=modality, sop=sop, series_desc=desc, **kw)
+
+  seg_sop = tcia.SEG_SOP_CLASS
+  a = dict(study_desc='ISPY2MRIT0')
+  put('A', '05-17-1999-ISPY2MRIT0-1', 'a_uni', 3, UNI_DCE, **a)
+  put('A', '05-17-1999-ISPY2MRIT0-1', 'a_bi', 5, BI_DCE, **a)
+  put('A', '05-17-1999-ISPY2MRIT0-1', 'a_seg_bi', 1, BI_MASK, 'SEG', seg_sop, **a)
+  put('A', '05-17-1999-ISPY2MRIT0-1', 'a_seg_uni', 1, UNI_MASK, 'SEG', seg_sop, **a)
+  put('A', '05-17-1999-ISPY2MRIT0-1', 'a_ser', 4, 'ISPY2: VOLSER: uni-lateral cropped: SER', **a)
+  # A slice of study A's uni-lateral DCE in an unrelated folder: grouped by UIDs, not folders.
+  _header_only(str(top / 'misplaced' / 'x.dcm'), pid, uid['A'], series['a_uni'],
+               series_desc=UNI_DCE, study_desc='ISPY2MRIT0')
+  put('B', 'study-b', 'b_bi', 2, BI_DCE, timepoint='T1')
+  put('B', 'study-b', 'b_seg_uni', 1, UNI_MASK, 'SEG', seg_sop, timepoint='T1')
+  put('C', '05-17-1999-6698ISPY2MRIT2-333', 'c', 2,
+      'ACRIN-6698: VOLSER: uni-lateral cropped: original DCE')
+  put('D', 'study-d', 'd', 4, UNI_DCE, study_desc='ISPY2 MRI T2')
+  put('E', 'study-e', 'e', 2, UNI_DCE, study_desc='BREAST BILATERAL')
+  put('F', 'study-f', 'f_ser', 2, 'ISPY2: VOLSER: uni-lateral cropped: SER',
+      study_desc='ISPY2_MRI_T3')
+  other = root / 'ISPY2' / 'ACRIN-6698-200002' / 's' / 'x'
+  _header_only(str(other / '1.dcm'), 'ACRIN-6698-200002', generate_uid(), generate_uid(),
+               study_desc='MRI T0', series_desc=UNI_DCE)
+  # Not DICOM (ignored silently) and corrupt DICOM (reported).
+  (root / 'LICENSE').write_text('CC BY 4.0')
+  (root / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
+  _write_xlsx(str(root / tcia.CLINICAL_FILE), ['Patient_ID'], [[100001]])
+  good = (top / '05-17-1999-ISPY2MRIT0-1' / 'a_uni' / '1-00.dcm').read_bytes()
+  (top / '05-17-1999-ISPY2MRIT0-1' / 'a_uni' / 'broken.dcm').write_bytes(good[:200])
+  return root, series
+
+
+def test_discover_groups_by_headers_and_chooses_series(header_tree):
+  root, series = header_tree
+  patients, issues = tcia.discover(root)
+  assert sorted(patients) == ['ACRIN-6698-200002', 'ISPY2-100001']
+  t0, t1, t2, t3 = patients['ISPY2-100001'].visits
+  # T0: uni-lateral preferred over bi-lateral (which has more slices); the misplaced slice joins.
+  assert len(t0.dce) == 4 and t0.laterality == 'uni-lateral'
+  assert all('a_uni' in p or 'misplaced' in p for p in t0.dce)
+  assert 'a_seg_uni' in t0.seg and t0.notes == ()
+  # T1 from ClinicalTrialTimePointID: only a bi-lateral DCE; the mask of the other wording is used.
+  assert len(t1.dce) == 2 and t1.laterality == 'bi-lateral' and 'b_seg_uni' in t1.seg
+  assert 'visit from timepoint' in t1.notes
+  assert any('laterality differs' in n for n in t1.notes)
+  # T2 claimed by the folder name (C, 2 slices) and the description (D, 4 slices): D wins.
+  assert len(t2.dce) == 4 and all(f'{os.sep}d{os.sep}' in p for p in t2.dce)
+  assert t2.seg is None and 'no analysis mask' in t2.notes
+  assert t3 is None  # T3 has only a SER series
+  reasons = sorted((i.reason, i.visit) for i in issues)
+  assert reasons == [('corrupt_file', None), ('duplicate_visit', 2), ('no_dce_series', 3),
+                     ('unknown_visit', None)]
+  corrupt = next(i for i in issues if i.reason == 'corrupt_file')
+  assert corrupt.detail.startswith(os.path.join('ISPY2', 'ISPY2-100001', '<date>-ISPY2MRIT0-1'))
+  assert 'broken.dcm' in corrupt.detail
+  assert not [s for s in _strings(issues) for phi in PHI_STRINGS if phi in s]
+  acrin = patients['ACRIN-6698-200002'].visits
+  assert acrin[0] is not None and acrin[1:] == (None, None, None)
+  # Parallel header reading through any map function gives the same result.
+  assert tcia.discover(root, map_fn=lambda f, xs: [f(x) for x in xs]) == (patients, issues)
+  pickle.dumps((patients, tcia.scan_file, tcia.process_patient))
+  skip = pickle.loads(pickle.dumps(tcia.Skip('no_t0', 'why')))
+  assert (skip.reason, skip.detail) == ('no_t0', 'why')
+
+
+def test_discover_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist.*ISPY2-Imaging-Cohort-1'):
+    tcia.discover(tmp_path / 'nope')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='is empty'):
+    tcia.discover(tmp_path / 'empty')
+  (tmp_path / 'junk' / 'sub').mkdir(parents=True)
+  (tmp_path / 'junk' / 'notes.txt').write_text('hello')
+  (tmp_path / 'junk' / 'sub' / 'a.txt').write_text('hello')
+  (tmp_path / 'junk' / 'sub' / 'img.png').write_bytes(b'\x89PNG')
+  with pytest.raises(ValueError, match=r'no DICOM.*3 files \(\.txt 2, \.png 1\).*PatientID'):
+    tcia.discover(tmp_path / 'junk')
+
+
+# ----------------------------------------------------------------------------- geometry
+def _measure(image, grid, threshold):
+  mask = tcia.resample(image, grid) > threshold
+  return tcia.centroid_mm(mask, grid), mask.sum() * np.prod(grid.spacing)
+
+
+@pytest.mark.parametrize('name, row_dir, col_dir', [
+    ('axial', (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    ('flipped rows, negative normal', (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    ('flipped columns', (1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
+    ('oblique 20 deg', tuple(_rotation((1, 1, 0.3), 20) @ (1, 0, 0)),
+     tuple(_rotation((1, 1, 0.3), 20) @ (0, 1, 0))),
+    ('sagittal', (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+])
+def test_geometry_recovers_a_cube(tmp_path, name, row_dir, col_dir):
+  geom = Geometry(row_dir=row_dir, col_dir=col_dir, spacing=(0.9, 1.1, 2.0), shape=(50, 44, 24))
+  centre = np.asarray(geom.centre) + (4.0, -6.0, 3.0)
+  write_dce(str(tmp_path), geom, lambda p, pts: np.where(_cube(pts, centre), 1000.0, 100.0),
+            [0.0], tpi=False, slope=2.0, intercept=-10.0)
+  headers = [tcia.read_slice_header(str(p)) for p in tmp_path.iterdir()]
+  stack, spacing = tcia.sort_slices(headers)
+  assert spacing == pytest.approx(2.0, abs=1e-3)
+  image = tcia.load_volume(stack, spacing)
+  assert np.asarray(image.GetDirection()).reshape(3, 3)[:, 2] @ geom.normal == pytest.approx(1)
+  grid = tcia.target_grid(image, (2.0, 1.0, 1.0))
+  assert grid.spacing == (1.0, 1.0, 2.0)
+  values = tcia.resample(image, grid)
+  assert values.max() == pytest.approx(1000.0, abs=1.0)  # RescaleSlope/Intercept applied
+  found, volume = _measure(image, grid, 550.0)
+  np.testing.assert_array_less(np.abs(found - centre), grid.spacing)  # within one target voxel
+  assert volume == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  # The crop around it holds the cube in its middle.
+  window = tcia.crop(values > 550.0, grid, found, (16, 40, 40))
+  inner = np.argwhere(window).mean(0)
+  np.testing.assert_allclose(inner, (7.5, 19.5, 19.5), atol=1.0)
+
+
+def _stack(n, step=2.0, skip=()):
+  return [tcia.SliceHeader(path=f'{k}', position=(0.0, 0.0, -step * k), orientation=(1.0, 0, 0,
+                           0, 1.0, 0), pixel_spacing=(1.0, 1.0), shape=(4, 4))
+          for k in range(n) if k not in skip]
+
+
+def test_missing_slices_and_phases_are_detected():
+  stack, spacing = tcia.sort_slices(_stack(6)[::-1])
+  assert [s.path for s in stack] == ['5', '4', '3', '2', '1', '0'] and spacing == 2.0
+  with pytest.raises(tcia.VisitError, match='missing_slices.*gap of 4.00 mm'):
+    tcia.sort_slices(_stack(6, skip=(3,)))
+  with pytest.raises(tcia.VisitError, match='missing_slices.*phase 1 has 5 slices'):
+    tcia.check_phases([_stack(6), _stack(6, skip=(5,)), _stack(6)])  # an end slice: no gap
+  with pytest.raises(tcia.VisitError, match='missing_slices.*phase 2 slice positions differ'):
+    tcia.check_phases([_stack(6), _stack(6), _stack(7, skip=(0,))])
+  with pytest.raises(tcia.VisitError, match='missing_phases'):
+    tcia.check_phases([_stack(6), _stack(6)])
+  with pytest.raises(tcia.VisitError, match='duplicate_slices'):
+    tcia.sort_slices(_stack(4) + _stack(1))
+  tilted = _stack(4)[:3] + [_stack(4)[3]._replace(orientation=(0.0, 1, 0, 1, 0, 0))]
+  with pytest.raises(tcia.VisitError, match='inconsistent_geometry'):
+    tcia.sort_slices(tilted)
+
+
+def test_seg_with_more_slices_is_resampled_by_geometry(tmp_path):
+  geom = Geometry()  # 20 slices of 2.5 mm
+  sources = write_dce(str(tmp_path / 'dce'), geom, lambda p, pts: np.full(pts.shape[:2], 100.0),
+                      [0.0])
+  # The SEG slab extends 10 slices below and 2 above the DCE: centre-cropping would misplace it.
+  seg_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 4 * 2.5 * geom.normal),
+                           shape=(48, 48, 32))
+  ftv_centre = np.asarray(geom.centre) + (-8.0, 5.0, -12.0)
+  write_seg(str(tmp_path / 'seg.dcm'), sources, seg_geom, lambda pts: _cube(pts, ftv_centre))
+  stack, spacing = tcia.sort_slices([tcia.read_slice_header(str(p))
+                                     for p in (tmp_path / 'dce').iterdir()])
+  grid = tcia.target_grid(tcia.load_volume(stack, spacing), (2.0, 1.0, 1.0))
+  labels = tcia.seg_labels(str(tmp_path / 'seg.dcm'), grid)
+  assert set(np.unique(labels)) == {1, 2}  # the whole DCE lies inside the SEG's extent
+  ftv = labels == 1
+  np.testing.assert_array_less(np.abs(tcia.centroid_mm(ftv, grid) - ftv_centre), grid.spacing)
+  assert ftv.sum() * np.prod(grid.spacing) == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  # Outside the SEG's extent nothing is tumour, even where no segment excludes it.
+  wide = grid._replace(origin=tuple(np.asarray(grid.origin) - (60.0, 0, 0)),
+                       size=(grid.size[0] + 60,) + grid.size[1:])
+  assert not tcia.seg_labels(str(tmp_path / 'seg.dcm'), wide)[:, :, :10].any()
+
+
+def test_pe70_mask_background_and_largest_component():
+  pre = np.full((10, 20, 20), 100.0)
+  pre[:, :, :5] = 5.0  # air, below 0.6 x the 95th percentile
+  early = pre * 1.1
+  early[:, :, :5] = 10.0  # PE 100 % in air: excluded by the background threshold
+  early[2:5, 8:12, 8:12] = 200.0  # 48 voxels of PE 100 %
+  early[5, 12, 12] = 200.0  # touches them only at a corner (26-connected)
+  early[7:9, 15:17, 15:17] = 200.0  # a smaller component
+  early[1, 1, 10] = 169.0  # PE 69 %
+  expected = np.zeros(pre.shape, bool)
+  expected[2:5, 8:12, 8:12] = expected[5, 12, 12] = True
+  mask = tcia.pe70_mask(pre, early, 0.6 * np.percentile(pre, 95))
+  np.testing.assert_array_equal(mask, expected)
+  assert not tcia.pe70_mask(pre, pre, 60.0).any()
+
+
+# ----------------------------------------------------------------------------- clinical sheet
+def test_read_clinical(tmp_path):
+  header = ['Patient_ID', 'Arm', 'HR', 'HER2', 'MP', 'pCR', 'Age', 'race']
+  _write_xlsx(str(tmp_path / 'docs' / tcia.CLINICAL_FILE), header, [
+      [100899, 'Paclitaxel', 1, 0, 'High', 1, 51, 'white'],
+      ['100900', 'Paclitaxel + Neratinib', 'Positive', 'Positive', None, '0.0', 44, 'asian'],
+      ['ISPY2-100901', 'T-DM1 + Pertuzumab', 'Negative', 1.0, None, 'Yes', 60, None],
+      [100902.0, 'Paclitaxel', 0, 0, None, None, 38, None],  # empty pCR
+      [100903, 'Paclitaxel', 0, 0, None, 1, 38, None],
+      ['ISPY2-100903', 'Paclitaxel', 0, 0, None, 0, 38, None],  # conflicting duplicate
+      [100904, 'Paclitaxel', 1, 1, None, 'No', 70, None],
+      [100904, 'Paclitaxel', 1, 1, None, 'No', 70, None],  # identical duplicate: fine
+      [100905, 'Paclitaxel', None, 1, None, 1, 70, None],  # no HR
+      [None, None, None, None, None, None, None, None],
+  ])
+  _write_xlsx(str(tmp_path / tcia.ANCILLARY_FILE), ['TCIA PATIENT ID', 'I-SPY 2 Research ID'],
+              [['ACRIN-6698-555555', 100899], ['ISPY2-100900', '100900'],
+               ['ACRIN-6698-666666', 999999]])
+  records = tcia.read_clinical(tmp_path)
+  sub = phantom.SUBTYPES.index
+  r = records['ISPY2-100899']
+  assert (r.pcr, r.subtype, r.arm, r.duplicate) == (1, sub('HR+/HER2-'), 'Paclitaxel', False)
+  assert records['100899'] == r and records['ACRIN-6698-555555'] == r  # ancillary mapping
+  assert 'ACRIN-6698-666666' not in records  # maps to an id absent from the sheet
+  assert (records['ISPY2-100900'].pcr, records['ISPY2-100900'].subtype) == (0, sub('HR+/HER2+'))
+  assert (records['100901'].pcr, records['100901'].subtype) == (1, sub('HR-/HER2+'))
+  assert records['ISPY2-100902'].pcr is None and records['ISPY2-100902'].subtype == sub(
+      'HR-/HER2-')
+  assert records['ISPY2-100903'].duplicate and records['ISPY2-100903'].rows == (6, 7)
+  assert not records['ISPY2-100904'].duplicate and records['ISPY2-100904'].pcr == 0
+  assert records['ISPY2-100905'].subtype is None
+  assert not [s for s in _strings(records) if '51' in s or 'white' in s or 'asian' in s]
+  for record, reason in ((None, 'not_in_clinical_sheet'), (records['ISPY2-100903'],
+                                                           'duplicate_clinical_id'),
+                         (records['ISPY2-100902'], 'no_pcr_label'),
+                         (records['ISPY2-100905'], 'no_subtype')):
+    with pytest.raises(tcia.Skip) as info:
+      tcia.process_patient(tcia.PatientFiles('X', (None,) * 4), record, SPEC)
+    assert info.value.reason == reason
+  with pytest.raises(tcia.Skip, match='no_t0'):
+    tcia.process_patient(tcia.PatientFiles('X', (None,) * 4), r, SPEC)
+
+
+def test_read_clinical_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'):
+    tcia.read_clinical(tmp_path)
+  _write_xlsx(str(tmp_path / 'my clinical data.xlsx'), ['ID', 'Arm'], [[1, 'a']])
+  with pytest.raises(ValueError, match='no sheet with the columns'):
+    tcia.read_clinical(tmp_path)
+
+
+# ----------------------------------------------------------------------------- one patient
+T0_TUMOUR = np.asarray(Geometry().centre) + (4.0, -6.0, 3.0)
+T2_TUMOUR = T0_TUMOUR + (5.0, 3.0, -6.0)
+
+
+def _enhancing(centre, size):
+  """Tissue: pre 100, +10 % after contrast; the cube enhances by 140 % (early) and 120 % (late).
+  A posterior slab of 'air' (pre 5, noise-like +140 %), larger than the cube, must be excluded by
+  the background threshold of the PE >= 70 % fallback."""
+  def values(p, pts):
+    cube = _cube(pts, centre, size)
+    gain = (0.0, 0.6, 1.4, 1.3, 1.2)[p] if p < 5 else 1.1
+    tissue = np.where(cube, 100.0 * (1 + gain), 100.0 * (1 + 0.1 * (p > 0)))
+    return np.where(pts[..., 1] > -5.0, 12.0 if p else 5.0, tissue)
+  return values
+
+
+@pytest.fixture(scope='module')
+def patient_tree(tmp_path_factory):
+  """Four visits of one patient: T0 with SEG, T1 with a missing slice, T2 without SEG (PE 70 %),
+  T3 with an empty FTV (pCR); plus a clinical sheet."""
+  root = tmp_path_factory.mktemp('tcia')
+  pid = 'ISPY2-100001'
+  top = root / 'ISPY2' / pid
+  geom = Geometry()
+  seg_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 2 * 2.5 * geom.normal),
+                           shape=(48, 48, 26))
+  times = [0.0, 70.0, 160.0, 300.0, 470.0]
+  study = generate_uid()
+  sources = write_dce(str(top / '05-17-1999-ISPY2MRIT0-1' / '3.000-uni DCE'), geom,
+                      _enhancing(T0_TUMOUR, CUBE_MM), times, study=study)
+  write_seg(str(top / '05-17-1999-ISPY2MRIT0-1' / '5.000-mask' / '1.dcm'), sources, seg_geom,
+            lambda pts: _cube(pts, T0_TUMOUR))
+  write_dce(str(top / '05-17-1999-ISPY2MRIT1-2' / '3.000-uni DCE'), geom,
+            _enhancing(T0_TUMOUR, CUBE_MM), [0.0, 80.0, 150.0, 400.0, 500.0, 600.0],
+            study_desc='ISPY2_MRI_T1', tpi=False, drop={(3, 10)})
+  write_dce(str(top / '05-17-1999-ISPY2MRIT2-3' / '3.000-uni DCE'), geom,
+            _enhancing(T2_TUMOUR, 18.0), [0.0, 60.0, 140.0, 280.0, 430.0, 560.0, 700.0],
+            study_desc='', timepoint='T2', tpi=False, trigger=False)
+  study = generate_uid()
+  sources = write_dce(str(top / '05-17-1999-ISPY2MRIT3-4' / '3.000-uni DCE'), geom,
+                      _enhancing(T2_TUMOUR, 0.0), times, study=study, study_desc='ISPY2MRIT3')
+  write_seg(str(top / '05-17-1999-ISPY2MRIT3-4' / '5.000-mask' / '1.dcm'), sources, seg_geom,
+            lambda pts: np.zeros(pts.shape[:-1], bool), labels=('excluded',))
+  _write_xlsx(str(root / tcia.CLINICAL_FILE), ['Patient_ID', 'Arm', 'HR', 'HER2', 'pCR', 'Age'],
+              [[100001, 'Paclitaxel + Pembrolizumab', 0, 0, 1, 47]])
+  return root
+
+
+def test_process_patient(patient_tree):
+  patients, issues = tcia.discover(patient_tree)
+  assert issues == []
+  clinical = tcia.read_clinical(patient_tree)
+  patient = patients['ISPY2-100001']
+  example, issues, meta = tcia.process_patient(patient, clinical['ISPY2-100001'], SPEC)
+  d, h, w = SPEC.crop_shape
+  assert set(example) == {'patient_id', 'images', 'visit_mask', 'tumor_mask', 'pcr', 'subtype',
+                          'arm', 'spacing_mm', 'phase_times_s'}
+  assert example['images'].dtype == np.float16 and example['images'].shape == (4, 3, d, h, w)
+  assert example['tumor_mask'].dtype == np.uint8 and example['tumor_mask'].shape == (4, d, h, w)
+  assert example['visit_mask'].dtype == np.bool_ and example['spacing_mm'].dtype == np.float32
+  assert example['phase_times_s'].dtype == np.float32
+  assert (example['patient_id'], example['pcr'], example['subtype'], example['arm']) == (
+      'ISPY2-100001', 1, 3, 'Paclitaxel + Pembrolizumab')
+  np.testing.assert_array_equal(example['visit_mask'], [True, False, True, True])
+  assert [(i.visit, i.reason) for i in issues] == [(1, 'missing_slices')]
+  assert meta['mask_source'] == ['seg', None, 'pe70', 'seg']
+  assert meta['phase_source'] == ['TemporalPositionIdentifier', None, 'AcquisitionTime',
+                                  'TemporalPositionIdentifier']
+  assert meta['phase_indices'] == [[0, 2, 4], None, [0, 2, 4], [0, 2, 4]]
+  assert meta['num_phases'] == [5, None, 7, 5]
+  np.testing.assert_allclose(example['phase_times_s'],
+                             [[0, 160, 470], [0, 0, 0], [0, 140, 430], [0, 160, 470]], atol=1e-3)
+  voxel = np.prod(SPEC.target_spacing_mm)
+  centre_index = (np.asarray(SPEC.crop_shape) - 1) / 2
+  for v, size in ((0, CUBE_MM), (2, 18.0)):
+    mask = example['tumor_mask'][v].astype(bool)
+    assert mask.sum() * voxel == pytest.approx(size ** 3, rel=0.10)
+    np.testing.assert_allclose(np.argwhere(mask).mean(0), centre_index, atol=1.0)
+    pre, early, late = example['images'][v].astype(np.float32)[:, mask].mean(1)
+    assert pre == pytest.approx(100, rel=0.05) and early > 2.0 * pre and late > 1.9 * pre
+  np.testing.assert_allclose(meta['crop_centre_mm'][0], T0_TUMOUR, atol=1.0)
+  np.testing.assert_allclose(meta['crop_centre_mm'][2], T2_TUMOUR, atol=1.0)
+  # T3: pCR, empty FTV -> no mask, cropped around the T0 tumour.
+  assert not example['tumor_mask'][3].any() and meta['ftv_mm3'][3] == 0
+  assert meta['crop_centre_mm'][3] == meta['crop_centre_mm'][0]
+  assert not example['images'][1].any() and not example['tumor_mask'][1].any()
+  # No PHI anywhere (names, dates also from the dated folder names, institution, accession).
+  texts = _strings(example) + _strings(meta) + _strings(issues)
+  assert not [(phi, s) for s in texts for phi in PHI_STRINGS if phi in s]
+  pickle.loads(pickle.dumps((example, issues, meta)))
+  json.dumps([meta, [i._asdict() for i in issues]])  # the build report is JSON
+
+
+def test_process_patient_fallbacks(patient_tree, tmp_path):
+  patients, _ = tcia.discover(patient_tree)
+  clinical = tcia.read_clinical(patient_tree)['ISPY2-100001']
+  t0 = patients['ISPY2-100001'].visits[0]
+  bad_seg = tmp_path / 'bad_seg.dcm'
+  bad_seg.write_bytes(b'\0' * 128 + b'DICM' + b'\1' * 64)
+  truncated = tmp_path / 'series'
+  truncated.mkdir()
+  pre = next(p for p in sorted(t0.dce) if tcia.read_slice_header(p).temporal_position == 1)
+  for i, path in enumerate(sorted(t0.dce)):
+    data = open(path, 'rb').read()
+    (truncated / f'{i}.dcm').write_bytes(data[:-100] if path == pre else data)
+  broken = tcia.VisitFiles(dce=tuple(str(p) for p in sorted(truncated.iterdir())))
+  patient = tcia.PatientFiles('ISPY2-100001', (tcia.VisitFiles(dce=t0.dce, seg=str(bad_seg)),
+                                               broken, None, None))
+  example, issues, meta = tcia.process_patient(patient, clinical, SPEC)
+  assert meta['mask_source'][0] == 'pe70'  # unreadable SEG -> PE >= 70 % fallback
+  mask = example['tumor_mask'][0].astype(bool)
+  assert mask.sum() * np.prod(SPEC.target_spacing_mm) == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  # Truncated pixel data in a chosen phase: that visit is missing; at T0 the patient is skipped.
+  assert [(i.visit, i.reason) for i in issues] == [(0, 'seg_unreadable'), (1, 'corrupt_file')]
+  assert 'pixel data unreadable' in issues[1].detail
+  np.testing.assert_array_equal(example['visit_mask'], [True, False, False, False])
+  with pytest.raises(tcia.Skip) as info:
+    tcia.process_patient(tcia.PatientFiles('ISPY2-100001', (broken, t0, None, None)), clinical,
+                         SPEC)
+  assert info.value.reason == 'no_t0'
+
+
+# ----------------------------------------------------------------------------- fixture trees
+@pytest.fixture(scope='module')
+def fixture_tree(tmp_path_factory):
+  """The default TCIA-like tree of tcia_fixtures.py (phantom patients) and its ground truth."""
+  fixtures = pytest.importorskip('tfds_ispy2.ispy2.tcia_fixtures')
+  root = tmp_path_factory.mktemp('fixture_tree')
+  return root, fixtures.write_tcia_tree(root), fixtures
+
+
+def _date_variants(texts):
+  """'20101130' -> also '11-30-2010' (NBIA folder names): dates must not leak in either form."""
+  out = list(texts)
+  for t in texts:
+    if len(t) == 8 and t.isdigit():
+      out.append(f'{t[4:6]}-{t[6:]}-{t[:4]}')
+  return out
+
+
+def test_fixture_tree_end_to_end(fixture_tree):
+  root, truths, fixtures = fixture_tree
+  patients, issues = tcia.discover(root)
+  clinical = tcia.read_clinical(root)
+  assert sorted(patients) == sorted(truths)
+  # Study-level reports; nothing else (the junk .dcm text file is not DICOM: ignored silently).
+  expected = {(pid, reason) for pid, t in truths.items() for reason, _ in t.study_reports}
+  expected |= {(pid, 'no_dce_series') for pid, t in truths.items()
+               if 'no_dce_series' in t.visit_reasons}
+  assert {(i.patient_id, i.reason) for i in issues} == expected
+  spec = tcia.TciaSpec()
+  voxel = float(np.prod(spec.target_spacing_mm))
+  spacing_xyz = np.asarray(spec.target_spacing_mm[::-1])
+  texts = _strings(issues)
+  for pid, truth in truths.items():
+    if truth.expected_skip:
+      with pytest.raises(tcia.Skip) as info:
+        tcia.process_patient(patients[pid], clinical.get(pid), spec)
+      assert info.value.reason == truth.expected_skip, pid
+      texts += [info.value.detail]
+      continue
+    example, patient_issues, meta = tcia.process_patient(patients[pid], clinical.get(pid), spec)
+    texts += _strings(example) + _strings(meta) + _strings(patient_issues)
+    assert (example['pcr'], example['subtype'], example['arm']) == (
+        truth.pcr, truth.subtype, truth.arm), pid
+    np.testing.assert_array_equal(example['visit_mask'], truth.visit_mask, err_msg=pid)
+    np.testing.assert_allclose(example['phase_times_s'], truth.phase_times_s, atol=1e-3)
+    assert [m or [-1, -1, -1] for m in meta['phase_indices']] == truth.phase_indices.tolist(), pid
+    assert tuple(meta['mask_source']) == tuple(truth.mask_source), pid
+    # Missing visits are reported with the contract's reasons (unreadable pixels: corrupt_file).
+    reported = {(i.visit, i.reason) for i in patient_issues if i.reason != 'seg_unreadable'}
+    assert reported == {(v, {'unreadable_dicom': 'corrupt_file'}.get(r, r))
+                        for v, r in enumerate(truth.visit_reasons)
+                        if r not in (None, 'no_study', 'no_dce_series')}, pid
+    for v in np.flatnonzero(truth.visit_mask):
+      np.testing.assert_array_less(np.abs(np.asarray(meta['crop_centre_mm'][v])
+                                          - truth.crop_center_mm[v]), spacing_xyz,
+                                   err_msg=f'{pid} T{v}')
+      mask = example['tumor_mask'][v].astype(bool)
+      if truth.tumor_volume_mm3[v] == 0:
+        assert not mask.any(), f'{pid} T{v}'
+      elif truth.mask_source[v] == 'seg' and truth.tumor_volume_mm3[v] >= 1000:
+        # Fixture slices are 4.5 mm: +-1 target slice of 2 mm at a small tumour's ends is ~15 %.
+        assert mask.sum() * voxel == pytest.approx(truth.tumor_volume_mm3[v], rel=0.20), (
+            f'{pid} T{v}')
+        np.testing.assert_allclose(np.argwhere(mask).mean(0),
+                                   (np.asarray(spec.crop_shape) - 1) / 2, atol=1.0)
+  phi = _date_variants([p for t in truths.values() for p in t.phi] + list(fixtures.PHI_STRINGS))
+  assert not [(p, s) for s in texts for p in phi if p in s]

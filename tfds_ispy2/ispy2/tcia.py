@@ -1,0 +1,910 @@
+"""Reader of a TCIA download of I-SPY2 DCE-MRI into the examples of the `ispy2/tcia` config.
+
+Pure functions (no TFDS, no JAX) so that the builder can run them in worker processes or Beam:
+
+* :func:`discover` groups every DICOM file under ``manual_dir`` by its headers into patients and
+  visits (T0..T3) and picks the DCE series and the Analysis Mask SEG of each visit;
+* :func:`read_clinical` reads labels from the clinical sheet (and the ancillary id mapping);
+* :func:`process_patient` turns one patient into the example of ``phantom.render_patient``:
+  pre/early/late phases and the functional-tumour-volume (FTV) mask per visit, resampled onto an
+  axis-aligned LPS grid and cropped around each visit's tumour.
+
+The conventions (visit tokens, series choice, phase choice, geometry, inverse analysis mask,
+PE >= 70 % fallback, clinical columns) are those of the shared `ispy2/tcia` contract. Privacy: no
+DICOM header value except the TCIA PatientID (de-identified by TCIA) reaches an example, an
+:class:`Issue`, a :class:`Skip` or the metadata; file names in messages have dates masked.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import fnmatch
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import highdicom
+import numpy as np
+import openpyxl
+import pydicom
+import pydicom.config
+import pydicom.filereader
+import pydicom.pixels
+import SimpleITK as sitk
+from scipy import ndimage
+
+from tfds_ispy2.ispy2 import phantom
+
+__all__ = [
+    'TciaSpec', 'Skip', 'VisitError', 'Issue', 'VisitFiles', 'PatientFiles', 'ClinicalRecord',
+    'FileHeader', 'SliceHeader', 'Grid', 'discover', 'scan_file', 'study_visit', 'laterality',
+    'read_clinical', 'process_patient', 'read_slice_header', 'split_phases', 'phase_times',
+    'choose_phases', 'sort_slices', 'check_phases', 'load_volume', 'target_grid', 'resample',
+    'seg_labels', 'pe70_mask', 'centroid_mm', 'crop', 'CLINICAL_FILE', 'ANCILLARY_FILE',
+]
+
+NUM_VISITS = len(phantom.VISITS)
+SEG_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4'
+CLINICAL_FILE = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
+ANCILLARY_FILE = 'Full-Collection-Ancillary-Patient-Information-file.xlsx'
+_CLINICAL_GLOB = '*clinical*data*.xlsx'
+_ANCILLARY_GLOB = '*ancillary*.xlsx'
+LAYOUT = ('<manual_dir>/<collection, e.g. ISPY2>/<PatientID>/<study folder>/<series folder>/*.dcm'
+          f' (the NBIA/TCIA downloader layout) and the clinical sheet {CLINICAL_FILE}')
+
+# `MRI T0`, `ISPY2_MRI_T1`, `ISPY2MRIT2`, `...6698ISPY2MRIT3...`; the contract's `\b` after the
+# digit is relaxed to "no letter or digit" so that `ISPY2_MRI_T0_x` also matches.
+_VISIT_RE = re.compile(r'MRI[\s_-]*T([0-3])(?![0-9a-z])', re.IGNORECASE)
+_TIMEPOINT_RE = re.compile(r'T?([0-3])', re.IGNORECASE)
+# NBIA folder names start with the (TCIA-shifted) study date, MM-DD-YYYY; DICOM dates are YYYYMMDD.
+_DATE_RE = re.compile(r'(?<!\d)(\d{2}-\d{2}-\d{4}|(?:19|20)\d{6})(?!\d)')
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class TciaSpec:
+  """Output grid and phase choice of the `tcia` config."""
+
+  target_spacing_mm: tuple[float, float, float] = (2.0, 1.0, 1.0)  # D, H, W
+  crop_shape: tuple[int, int, int] = (32, 96, 96)  # D, H, W voxels
+  early_s: float = 150.0
+  late_s: float = 450.0
+
+
+class _CodedError(Exception):
+  """An error with a short ``reason`` code and a PHI-free ``detail`` message."""
+
+  def __init__(self, reason: str, detail: str = ''):
+    super().__init__(reason, detail)  # args round-trip through pickle (worker processes)
+    self.reason = reason
+    self.detail = detail
+
+  def __str__(self) -> str:
+    return f'{self.reason}: {self.detail}'
+
+
+class Skip(_CodedError):
+  """The patient cannot be written (no clinical record, no pCR label, T0 unusable, ...)."""
+
+
+class VisitError(_CodedError):
+  """One visit cannot be used: it becomes a missing visit (or, at T0, skips the patient)."""
+
+
+class Issue(NamedTuple):
+  """Something noticed while reading: kept for the build report."""
+
+  patient_id: str
+  visit: int | None
+  reason: str
+  detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VisitFiles:
+  """The files chosen for one visit: DCE slices (all phases), optional Analysis Mask SEG."""
+
+  dce: tuple[str, ...]
+  seg: str | None = None
+  laterality: str = ''  # 'uni-lateral', 'bi-lateral' or '' (DCE series description)
+  notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientFiles:
+  """One patient's usable visits (index 0..3 = T0..T3; None = missing) as found by discover."""
+
+  patient_id: str
+  visits: tuple[VisitFiles | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClinicalRecord:
+  """Labels of one sheet row; ``duplicate`` when the id has rows with conflicting values."""
+
+  pcr: int | None
+  subtype: int | None  # index in phantom.SUBTYPES; None when HR or HER2 is missing
+  arm: str
+  duplicate: bool = False
+  rows: tuple[int, ...] = ()  # sheet row numbers, for messages
+
+
+# ============================================================================= discovery
+class FileHeader(NamedTuple):
+  """The header attributes discover groups by (read once per file)."""
+
+  patient_id: str
+  study_uid: str
+  series_uid: str
+  modality: str
+  sop_class: str
+  study_description: str
+  series_description: str
+  timepoint: str
+
+
+@dataclasses.dataclass
+class _Series:
+  modality: str
+  sop_class: str
+  description: str
+  files: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Study:
+  description: str = ''
+  timepoint: str = ''
+  series: dict[str, _Series] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """pydicom warns (and logs) invalid header values verbatim, e.g. dates: keep them out of logs."""
+  with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+    warnings.simplefilter('ignore')
+    yield
+
+
+def _masked(text: str) -> str:
+  return _DATE_RE.sub('<date>', text)
+
+
+def _relpath(path: str, root: str) -> str:
+  return _masked(os.path.relpath(path, root))
+
+
+def _name(path: str) -> str:
+  """`<series folder>/<file>`: enough to find a slice, without the dated study folder."""
+  return _masked(os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
+
+
+def _text(value) -> str:
+  return '' if value is None else str(value).strip()
+
+
+def _read_until(path: str, last_tag: int) -> pydicom.Dataset:
+  """The header up to ``last_tag``: what follows (private CSA headers, SEG frame sequences,
+  pixels) is never parsed, which makes reading a large download several times faster."""
+  with open(path, 'rb') as f:
+    return pydicom.filereader.read_partial(f, stop_when=lambda tag, vr, length: tag > last_tag)
+
+
+def scan_file(path: str) -> FileHeader | str | None:
+  """Header summary of one file; None if it is not DICOM (no DICM preamble); else an error name.
+
+  Top-level and picklable so that a builder can map it over a process pool (see `discover`).
+  """
+  try:
+    with open(path, 'rb') as f:
+      if f.read(132)[128:] != b'DICM':
+        return None
+    with _quiet():
+      ds = _read_until(path, 0x0020000E)  # SeriesInstanceUID: the last attribute needed
+      header = FileHeader(*(_text(ds.get(k)) for k in (
+          'PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'SOPClassUID',
+          'StudyDescription', 'SeriesDescription', 'ClinicalTrialTimePointID')))
+  except Exception as e:  # noqa: BLE001 -- any parse failure is a corrupt file, reported by name
+    return type(e).__name__
+  if not (header.patient_id and header.study_uid and header.series_uid):
+    return 'incomplete header (no PatientID, StudyInstanceUID or SeriesInstanceUID)'
+  return header
+
+
+def study_visit(description: str, timepoint: str = '',
+                folders: Iterable[str] = ()) -> tuple[int | None, str]:
+  """Visit 0..3 of a study and where it came from: description, timepoint id, or folder name."""
+  if m := _VISIT_RE.search(description or ''):
+    return int(m.group(1)), 'description'
+  if m := _TIMEPOINT_RE.fullmatch((timepoint or '').strip()):
+    return int(m.group(1)), 'timepoint'
+  found = {int(m.group(1)) for name in folders if (m := _VISIT_RE.search(name))}
+  if len(found) == 1:
+    return found.pop(), 'folder'
+  return None, ''
+
+
+def _words(description: str) -> str:
+  return ' '.join(re.split(r'[^a-z0-9]+', description.lower()))
+
+
+def laterality(description: str) -> str:
+  """'uni-lateral' / 'bi-lateral' / '' from a series description (any spelling of the hyphen)."""
+  letters = re.sub(r'[^a-z]', '', description.lower())
+  if 'unilateral' in letters:
+    return 'uni-lateral'
+  if 'bilateral' in letters:
+    return 'bi-lateral'
+  return ''
+
+
+_LATERALITY_RANK = {'uni-lateral': 0, 'bi-lateral': 1, '': 2}
+
+
+def _is_dce(s: _Series) -> bool:
+  return s.modality == 'MR' and 'original dce' in _words(s.description)
+
+
+def _is_mask(s: _Series) -> bool:
+  return (s.modality == 'SEG' or s.sop_class == SEG_SOP_CLASS) and 'analysis mask' in _words(
+      s.description)
+
+
+def _visit_files(study: _Study, visit_source: str) -> VisitFiles:
+  """DCE series (uni-lateral first, then most slices) and the SEG matching its laterality."""
+  notes = [] if visit_source == 'description' else [f'visit from {visit_source}']
+  series = [study.series[uid] for uid in sorted(study.series)]
+  dce = sorted((s for s in series if _is_dce(s)),
+               key=lambda s: (_LATERALITY_RANK[laterality(s.description)], -len(s.files)))
+  if not dce:
+    return VisitFiles(dce=(), notes=tuple(notes))
+  side = laterality(dce[0].description)
+  same_side = sum(laterality(s.description) == side for s in dce)
+  if same_side > 1:
+    notes.append(f'{same_side} {side or "DCE"} series; chose the one with most slices')
+  if side != 'uni-lateral':
+    notes.append(f'DCE series is {side or "of unknown laterality"}')
+  masks = sorted((s for s in series if _is_mask(s)),
+                 key=lambda s: laterality(s.description) != side)
+  seg = None
+  if not masks:
+    notes.append('no analysis mask')
+  else:
+    seg = sorted(masks[0].files)[0]
+    if laterality(masks[0].description) != side:
+      notes.append('analysis mask laterality differs from the DCE series')
+    if len(masks[0].files) > 1:
+      notes.append(f'analysis mask series has {len(masks[0].files)} files; using the first')
+  return VisitFiles(dce=tuple(sorted(dce[0].files)), seg=seg, laterality=side, notes=tuple(notes))
+
+
+def _study_folders(study: _Study, root: str) -> tuple[str, set[str]]:
+  """The study folder (above its series folders; relative, dates masked) for messages, and every
+  folder name above its files (for visit tokens)."""
+  dirs = {os.path.dirname(os.path.relpath(s.files[0], root)) for s in study.series.values()}
+  names = {part for d in dirs for part in d.split(os.sep) if part}
+  return _masked(os.path.commonpath([os.path.dirname(d) for d in sorted(dirs)])), names
+
+
+def _patient_files(pid: str, studies: dict[str, _Study],
+                   root: str) -> tuple[PatientFiles, list[Issue]]:
+  """Visit of each study, duplicates resolved (most DCE slices wins), files chosen per visit."""
+  issues = []
+  by_visit = collections.defaultdict(list)
+  for uid in sorted(studies):
+    folder, names = _study_folders(studies[uid], root)
+    visit, source = study_visit(studies[uid].description, studies[uid].timepoint, names)
+    if visit is None:
+      issues.append(Issue(pid, None, 'unknown_visit', f'study folder {folder}: no visit token in '
+                          'StudyDescription, ClinicalTrialTimePointID or folder name'))
+      continue
+    by_visit[visit].append(_visit_files(studies[uid], source))
+  visits: list[VisitFiles | None] = [None] * NUM_VISITS
+  for v in sorted(by_visit):
+    candidates = sorted(by_visit[v], key=lambda c: -len(c.dce))  # stable: ties keep UID order
+    best = candidates[0]
+    if len(candidates) > 1:
+      issues.append(Issue(pid, v, 'duplicate_visit', f'{len(candidates)} studies claim T{v}; kept'
+                          f' the one with {len(best.dce)} DCE slices'))
+    if not best.dce:
+      issues.append(Issue(pid, v, 'no_dce_series',
+                          f'T{v} study has no MR series described as "original DCE"'))
+      continue
+    visits[v] = best
+  return PatientFiles(patient_id=pid, visits=tuple(visits)), issues
+
+
+def _walk(root: str) -> list[str]:
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames))
+  return paths
+
+
+def _found(paths: Sequence[str]) -> str:
+  counts = collections.Counter(os.path.splitext(p)[1].lower() or '<none>' for p in paths)
+  return f'{len(paths)} files (' + ', '.join(f'{e} {n}' for e, n in counts.most_common(8)) + ')'
+
+
+def discover(manual_dir: str | os.PathLike,
+             map_fn: Callable = map) -> tuple[dict[str, PatientFiles], list[Issue]]:
+  """Patients of a TCIA download, grouped by header UIDs (never by folder names alone).
+
+  ``map_fn(scan_file, paths)`` reads the headers; pass e.g. ``functools.partial(pool.map,
+  chunksize=256)`` to read them in parallel. Returns ``{PatientID: PatientFiles}`` and the issues
+  found on the way (corrupt files, unknown or duplicate visits, visits without a DCE series).
+  """
+  root = os.fspath(manual_dir)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'manual_dir {root!r} does not exist; expected {LAYOUT}.')
+  paths = _walk(root)
+  if not paths:
+    raise FileNotFoundError(f'manual_dir {root!r} is empty; expected {LAYOUT}.')
+  studies = collections.defaultdict(dict)  # PatientID -> StudyInstanceUID -> _Study
+  issues = []
+  num_dicom = 0
+  for path, header in zip(paths, map_fn(scan_file, paths)):
+    if header is None:
+      continue
+    num_dicom += 1
+    if isinstance(header, str):
+      issues.append(Issue('', None, 'corrupt_file', f'{_relpath(path, root)}: {header}'))
+      continue
+    study = studies[header.patient_id].setdefault(header.study_uid, _Study())
+    study.description = study.description or header.study_description
+    study.timepoint = study.timepoint or header.timepoint
+    series = study.series.setdefault(header.series_uid, _Series(
+        header.modality, header.sop_class, header.series_description))
+    series.files.append(path)
+  if not num_dicom:
+    raise ValueError(f'no DICOM file (DICM preamble) under {root!r}: found {_found(paths)};'
+                     f' expected {LAYOUT}.')
+  patients = {}
+  for pid in sorted(studies):
+    patients[pid], more = _patient_files(pid, studies[pid], root)
+    issues.extend(more)
+  return patients, issues
+
+
+# ============================================================================= clinical sheet
+def _find_xlsx(root: str, pattern: str) -> list[str]:
+  found = []
+  for dirpath, _, filenames in os.walk(root):
+    found.extend(os.path.join(dirpath, f) for f in filenames
+                 if fnmatch.fnmatch(f.lower(), pattern) and not f.startswith(('~$', '.')))
+  return sorted(found)
+
+
+def _header_key(value) -> str:
+  return re.sub(r'[^a-z0-9]', '', _text(value).lower())
+
+
+def _read_table(path: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
+  """Rows (1-based row number, {column: value}) of the first sheet with all ``columns`` in one of
+  its first 10 rows (names compared case- and punctuation-insensitively).
+
+  Only the requested columns are kept, so that nothing else (age, race, ...) leaves this function.
+  """
+  wanted = {c: _header_key(c) for c in columns}
+  wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+  try:
+    for ws in wb.worksheets:
+      rows = ws.iter_rows(values_only=True)
+      for number, row in enumerate(rows, start=1):
+        keys = [_header_key(v) for v in row]
+        if all(k in keys for k in wanted.values()):
+          index = {c: keys.index(k) for c, k in wanted.items()}
+          return [(n, {c: (r[i] if i < len(r) else None) for c, i in index.items()})
+                  for n, r in enumerate(rows, start=number + 1)]
+        if number >= 10:
+          break
+  finally:
+    wb.close()
+  raise ValueError(f'{os.path.basename(path)}: no sheet with the columns {list(columns)} in its'
+                   ' first 10 rows')
+
+
+def _binary(value) -> int | None:
+  """1 / 0 from 1, 1.0, '1', 'Yes', 'Positive', ...; None when empty or unreadable."""
+  if isinstance(value, (int, float)) and value in (0, 1):
+    return int(value)
+  word = _text(value).lower()
+  if word in ('1', '1.0', 'yes', 'y', 'positive', 'pos', 'true'):
+    return 1
+  if word in ('0', '0.0', 'no', 'n', 'negative', 'neg', 'false'):
+    return 0
+  return None
+
+
+def _subtype(hr: int | None, her2: int | None) -> int | None:
+  if hr is None or her2 is None:
+    return None
+  name = f'HR{"+" if hr else "-"}/HER2{"+" if her2 else "-"}'
+  return phantom.SUBTYPES.index(name)
+
+
+def _research_id(value) -> str:
+  """'100899' from 100899, 100899.0, '100899', ' 100899.0 '; '' if not numeric."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  text = _text(value)
+  m = re.fullmatch(r'(\d+)(?:\.0*)?', text)
+  return m.group(1) if m else ''
+
+
+def _id_candidates(value) -> tuple[str, ...]:
+  """TCIA PatientIDs a sheet id may stand for: numeric id <-> `ISPY2-<id>`."""
+  if numeric := _research_id(value):
+    return numeric, f'ISPY2-{numeric}'
+  text = _text(value)
+  if m := re.fullmatch(r'ISPY2-(\d+)', text, re.IGNORECASE):
+    return text, m.group(1)
+  return (text,) if text else ()
+
+
+def _merge(old: ClinicalRecord | None, new: ClinicalRecord) -> ClinicalRecord:
+  if old is None:
+    return new
+  conflict = (old.pcr, old.subtype, old.arm) != (new.pcr, new.subtype, new.arm)
+  return dataclasses.replace(old, duplicate=old.duplicate or new.duplicate or conflict,
+                             rows=tuple(sorted(set(old.rows + new.rows))))
+
+
+def read_clinical(manual_dir: str | os.PathLike) -> dict[str, ClinicalRecord]:
+  """Labels keyed by every PatientID a row may stand for (full id, numeric id, ancillary id)."""
+  root = os.fspath(manual_dir)
+  sheets = _find_xlsx(root, _CLINICAL_GLOB)
+  if len(sheets) > 1:
+    sheets = [s for s in sheets if os.path.basename(s) == CLINICAL_FILE] or sheets
+  if not sheets:
+    raise FileNotFoundError(f'no clinical sheet under {root!r}: expected {CLINICAL_FILE} (any'
+                            f' file matching {_CLINICAL_GLOB}, case-insensitive) with columns'
+                            ' Patient_ID, Arm, HR, HER2, pCR.')
+  if len(sheets) > 1:
+    raise ValueError('several clinical sheets: ' + ', '.join(_relpath(s, root) for s in sheets))
+  records: dict[str, ClinicalRecord] = {}
+  for row, r in _read_table(sheets[0], ('Patient_ID', 'Arm', 'HR', 'HER2', 'pCR')):
+    record = ClinicalRecord(pcr=_binary(r['pCR']), subtype=_subtype(_binary(r['HR']),
+                            _binary(r['HER2'])), arm=_text(r['Arm']), rows=(row,))
+    for key in _id_candidates(r['Patient_ID']):
+      records[key] = _merge(records.get(key), record)
+  for path in _find_xlsx(root, _ANCILLARY_GLOB):
+    for _, r in _read_table(path, ('TCIA PATIENT ID', 'I-SPY 2 Research ID')):
+      tcia_id, research = _text(r['TCIA PATIENT ID']), _research_id(r['I-SPY 2 Research ID'])
+      if tcia_id and research in records:
+        records[tcia_id] = _merge(records.get(tcia_id), records[research])
+  return records
+
+
+# ============================================================================= slices and phases
+class SliceHeader(NamedTuple):
+  """Geometry and timing of one single-frame DCE slice."""
+
+  path: str
+  position: tuple[float, float, float]  # ImagePositionPatient
+  orientation: tuple[float, ...]  # ImageOrientationPatient (row direction, column direction)
+  pixel_spacing: tuple[float, float]  # (between rows, between columns)
+  shape: tuple[int, int]  # (Rows, Columns)
+  temporal_position: int | None = None
+  trigger_time_ms: float | None = None
+  acquisition_time_s: float | None = None
+
+
+def _number(ds, keyword: str) -> float | None:
+  try:
+    return float(ds.get(keyword))
+  except (TypeError, ValueError):
+    return None
+
+
+def _seconds(tm) -> float | None:
+  """DICOM TM (HHMMSS.ffffff, or HH:MM:SS) as seconds after midnight."""
+  text = _text(tm).replace(':', '')
+  if not re.fullmatch(r'\d{2,6}(\.\d*)?', text):
+    return None
+  whole, _, frac = text.partition('.')
+  whole = whole.ljust(6, '0')
+  return int(whole[:2]) * 3600 + int(whole[2:4]) * 60 + float(f'{whole[4:6]}.{frac or 0}')
+
+
+def read_slice_header(path: str) -> SliceHeader:
+  """Header of one DCE slice (no pixels); VisitError if unreadable or without geometry."""
+  try:
+    with _quiet():
+      ds = _read_until(path, 0x00280030)  # PixelSpacing: the last attribute needed
+      ipp, iop, spacing = (ds.get(k) for k in (
+          'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing'))
+      if ipp is None or iop is None or spacing is None or len(ipp) != 3 or len(iop) != 6:
+        raise VisitError('missing_geometry', f'{_name(path)}: no ImagePositionPatient,'
+                         ' ImageOrientationPatient or PixelSpacing')
+      tpi = _number(ds, 'TemporalPositionIdentifier')
+      return SliceHeader(
+          path=path, position=tuple(map(float, ipp)), orientation=tuple(map(float, iop)),
+          pixel_spacing=(float(spacing[0]), float(spacing[1])),
+          shape=(int(ds.Rows), int(ds.Columns)),
+          temporal_position=None if tpi is None else int(tpi),
+          trigger_time_ms=_number(ds, 'TriggerTime'),
+          acquisition_time_s=_seconds(ds.get('AcquisitionTime')))
+  except VisitError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a broken header makes the visit unusable
+    raise VisitError('corrupt_file', f'{_name(path)}: header unreadable ({type(e).__name__})')
+
+
+def split_phases(slices: Sequence[SliceHeader]) -> tuple[list[list[SliceHeader]], str]:
+  """Slices per temporal phase, in acquisition order, and the attribute that split them.
+
+  TemporalPositionIdentifier when every slice has it, else distinct TriggerTime values, else
+  distinct AcquisitionTime values (else one phase).
+  """
+  for field, name in (('temporal_position', 'TemporalPositionIdentifier'),
+                      ('trigger_time_ms', 'TriggerTime'),
+                      ('acquisition_time_s', 'AcquisitionTime')):
+    if slices and all(getattr(s, field) is not None for s in slices):
+      groups = collections.defaultdict(list)
+      for s in slices:
+        groups[round(getattr(s, field), 3)].append(s)
+      return [groups[k] for k in sorted(groups)], name
+  return [list(slices)], 'none'
+
+
+def phase_times(phases: Sequence[Sequence[SliceHeader]]) -> np.ndarray:
+  """Seconds after the first (pre-contrast) phase: TriggerTime, else AcquisitionTime."""
+  for field, scale in (('trigger_time_ms', 1e-3), ('acquisition_time_s', 1.0)):
+    if all(getattr(s, field) is not None for p in phases for s in p):
+      starts = np.array([min(getattr(s, field) for s in p) for p in phases], np.float64) * scale
+      times = starts - starts[0]
+      if field == 'acquisition_time_s':
+        times[times < 0] += 86400.0  # acquisition across midnight
+      return times
+  raise VisitError('no_phase_times', 'DCE slices have neither TriggerTime nor AcquisitionTime')
+
+
+def choose_phases(times: Sequence[float], early_s: float = 150.0,
+                  late_s: float = 450.0) -> tuple[int, int, int]:
+  """(pre, early, late): the first phase, and the post-contrast phases closest to early_s and
+  late_s (ties: the earlier). Early and late may coincide when one phase is closest to both."""
+  post = range(1, len(times))
+
+  def closest(target):
+    return min(post, key=lambda i: (abs(times[i] - target), times[i]))
+
+  return 0, closest(early_s), closest(late_s)
+
+
+def _axes(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Orthonormal row direction, column direction and slice normal from an IOP."""
+  row = np.asarray(orientation[:3], np.float64)
+  row /= np.linalg.norm(row)
+  col = np.asarray(orientation[3:], np.float64)
+  col -= row * (row @ col)
+  col /= np.linalg.norm(col)
+  return row, col, np.cross(row, col)
+
+
+def sort_slices(slices: Sequence[SliceHeader]) -> tuple[list[SliceHeader], float]:
+  """One phase's slices sorted along the normal (never by file order or InstanceNumber), and the
+  slice spacing (median step); a step > 1.5 x the median is a missing slice."""
+  first = slices[0]
+  if any(s.shape != first.shape or not np.allclose(s.orientation, first.orientation, atol=1e-3)
+         or not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-3) for s in slices):
+    raise VisitError('inconsistent_geometry',
+                     'slices of a phase differ in orientation, pixel spacing or matrix size')
+  if len(slices) < 2:
+    raise VisitError('missing_slices', 'a phase has a single slice')
+  normal = _axes(first.orientation)[2]
+  depth = np.array([np.dot(s.position, normal) for s in slices])
+  order = np.argsort(depth, kind='stable')
+  steps = np.diff(depth[order])
+  if steps.min() < 1e-3:
+    raise VisitError('duplicate_slices', f'{int(np.sum(steps < 1e-3))} slice positions occur twice'
+                     ' within a phase')
+  spacing = float(np.median(steps))
+  if steps.max() > 1.5 * spacing:
+    raise VisitError('missing_slices', f'gap of {steps.max():.2f} mm between slices spaced'
+                     f' {spacing:.2f} mm')
+  return [slices[i] for i in order], spacing
+
+
+def check_phases(phases: Sequence[Sequence[SliceHeader]]) -> tuple[list[list[SliceHeader]], float]:
+  """Sorted slices per phase; every phase must hold the same slice positions, >= 3 phases."""
+  if len(phases) < 3:
+    raise VisitError('missing_phases', f'{len(phases)} temporal phase(s); at least 3 needed')
+  counts = [len(p) for p in phases]
+  if min(counts) != max(counts):
+    short = counts.index(min(counts))
+    raise VisitError('missing_slices', f'phase {short} has {min(counts)} slices, others up to'
+                     f' {max(counts)}')
+  stacks = [sort_slices(p) for p in phases]
+  reference = np.array([s.position for s in stacks[0][0]])
+  for i, (stack, _) in enumerate(stacks[1:], start=1):
+    if not np.allclose(np.array([s.position for s in stack]), reference, atol=0.01):
+      raise VisitError('missing_slices', f'phase {i} slice positions differ from phase 0')
+  return [stack for stack, _ in stacks], stacks[0][1]
+
+
+def _read_pixels(header: SliceHeader) -> np.ndarray:
+  """Rescaled pixels of one slice (float32); VisitError when truncated or unreadable."""
+  try:
+    with _quiet():
+      ds = pydicom.dcmread(header.path)
+      pixels = pydicom.pixels.apply_rescale(ds.pixel_array, ds)
+  except Exception as e:  # noqa: BLE001 -- truncated or damaged pixel data
+    raise VisitError('corrupt_file',
+                     f'{_name(header.path)}: pixel data unreadable ({type(e).__name__})')
+  if pixels.shape != header.shape:
+    raise VisitError('corrupt_file', f'{_name(header.path)}: pixel matrix {pixels.shape} !='
+                     f' Rows x Columns {header.shape}')
+  return pixels.astype(np.float32)
+
+
+def load_volume(stack: Sequence[SliceHeader], slice_spacing: float) -> sitk.Image:
+  """One phase as a SimpleITK image in LPS: origin = first sorted IPP, direction (row, col, n)."""
+  row, col, normal = _axes(stack[0].orientation)
+  image = sitk.GetImageFromArray(np.stack([_read_pixels(s) for s in stack]))
+  image.SetOrigin(stack[0].position)
+  image.SetSpacing((stack[0].pixel_spacing[1], stack[0].pixel_spacing[0], slice_spacing))
+  image.SetDirection(np.column_stack([row, col, normal]).ravel().tolist())
+  return image
+
+
+# ============================================================================= grids
+class Grid(NamedTuple):
+  """An axis-aligned (identity direction) LPS grid, in SimpleITK's x, y, z order."""
+
+  origin: tuple[float, float, float]
+  spacing: tuple[float, float, float]
+  size: tuple[int, int, int]
+
+  def to_physical(self, index_zyx: np.ndarray) -> np.ndarray:
+    """Physical x, y, z of a numpy [z, y, x] index (fractional allowed)."""
+    return np.asarray(self.origin) + np.asarray(index_zyx, np.float64)[::-1] * self.spacing
+
+  def to_index(self, point_xyz: np.ndarray) -> np.ndarray:
+    """Fractional numpy [z, y, x] index of a physical point."""
+    return ((np.asarray(point_xyz, np.float64) - self.origin) / self.spacing)[::-1]
+
+
+def target_grid(image: sitk.Image, spacing_dhw: Sequence[float]) -> Grid:
+  """The axis-aligned grid covering an image's voxel centres at spacing (D, H, W)."""
+  size = np.array(image.GetSize())
+  corners = np.array([image.TransformContinuousIndexToPhysicalPoint(
+      (size - 1) * np.array(c, np.float64)) for c in np.ndindex(2, 2, 2)])
+  low, high = corners.min(0), corners.max(0)
+  spacing = np.asarray(spacing_dhw, np.float64)[::-1]
+  count = np.ceil((high - low) / spacing - 1e-6).astype(int) + 1
+  return Grid(tuple(low.tolist()), tuple(spacing.tolist()), tuple(count.tolist()))
+
+
+def resample(image: sitk.Image, grid: Grid, interpolator=sitk.sitkLinear,
+             pixel_type=sitk.sitkFloat32) -> np.ndarray:
+  """``image`` on ``grid`` as a numpy [z, y, x] array; zeros outside the image."""
+  out = sitk.Resample(image, [int(n) for n in grid.size], sitk.Transform(), interpolator,
+                      grid.origin, grid.spacing, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), 0, pixel_type)
+  return sitk.GetArrayFromImage(out)
+
+
+# ============================================================================= tumour mask
+def seg_labels(path: str, grid: Grid) -> np.ndarray:
+  """The Analysis Mask on ``grid`` by geometry: 0 outside its extent, 1 FTV, 2 excluded.
+
+  The mask is inverse: its segments are exclusion reasons, so a voxel of its extent covered by
+  none of them is tumour. Resampled by IPP/IOP (it may hold more slices than the DCE series).
+  """
+  with _quiet():
+    volume = highdicom.seg.segread(path).get_volume(combine_segments=False)
+  excluded = np.asarray(volume.array).reshape(volume.array.shape[:3] + (-1,)).max(-1) >= 0.5
+  code = sitk.GetImageFromArray(1 + excluded.astype(np.uint8))  # [slice, row, column]
+  affine = volume.affine  # columns: steps along slice, row, column; then the position
+  steps = affine[:3, :3][:, ::-1]  # x = column, y = row, z = slice
+  spacing = np.linalg.norm(steps, axis=0)
+  code.SetSpacing(spacing.tolist())
+  code.SetDirection((steps / spacing).ravel().tolist())
+  code.SetOrigin(affine[:3, 3].tolist())
+  return resample(code, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+  labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))  # 26-connected
+  if count == 0:
+    return mask
+  return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+
+
+def pe70_mask(pre: np.ndarray, early: np.ndarray, background: float) -> np.ndarray:
+  """Largest 26-connected component of PE >= 70 % among voxels with S_pre >= background."""
+  valid = (pre >= background) & (pre > 0)
+  pe = 100.0 * (early - pre) / np.where(valid, pre, 1.0)
+  return _largest_component(valid & (pe >= 70.0))
+
+
+def centroid_mm(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
+  """Physical (x, y, z) centroid of a mask on ``grid``; None when it is empty."""
+  if not mask.any():
+    return None
+  return grid.to_physical(np.argwhere(mask).mean(0))
+
+
+def crop(array: np.ndarray, grid: Grid, centre_xyz: np.ndarray,
+         shape: Sequence[int]) -> np.ndarray:
+  """The [D, H, W] window of ``shape`` voxels of ``grid`` nearest to centred on ``centre_xyz``
+  (within half a voxel), zero-padded outside ``array`` (its last three axes)."""
+  start = np.round(grid.to_index(centre_xyz) - (np.asarray(shape) - 1) / 2.0).astype(int)
+  out = np.zeros(array.shape[:-3] + tuple(shape), array.dtype)
+  src, dst = [], []
+  for s, n, size in zip(start, shape, array.shape[-3:]):
+    lo, hi = max(s, 0), min(s + n, size)
+    if hi <= lo:
+      return out
+    src.append(slice(lo, hi))
+    dst.append(slice(lo - s, hi - s))
+  out[(..., *dst)] = array[(..., *src)]
+  return out
+
+
+# ============================================================================= one patient
+@dataclasses.dataclass
+class _Visit:
+  """One visit on its own full target grid, before cropping."""
+
+  grid: Grid
+  images: np.ndarray  # float32 [3, z, y, x]
+  mask: np.ndarray  # bool [z, y, x]
+  mask_source: str
+  phases: tuple[int, int, int]
+  times: np.ndarray  # [3]
+  num_phases: int
+  phase_source: str
+  issues: list[tuple[str, str]]
+
+
+def _tumour_mask(seg: str | None, grid: Grid, images: np.ndarray,
+                 background: float) -> tuple[np.ndarray, str, list[tuple[str, str]]]:
+  """FTV from the SEG when readable and overlapping the image, else the PE >= 70 % fallback."""
+  issues = []
+  if seg is not None:
+    try:
+      labels = seg_labels(seg, grid)
+    except Exception as e:  # noqa: BLE001 -- any unreadable mask falls back to PE >= 70 %
+      issues.append(('seg_unreadable', f'{_name(seg)}: {type(e).__name__}; using PE >= 70 %'))
+    else:
+      if labels.any():
+        return labels == 1, 'seg', issues
+      issues.append(('seg_outside_image', f'{_name(seg)} does not overlap the DCE series; using'
+                     ' PE >= 70 %'))
+  return pe70_mask(images[0], images[1], background), 'pe70', issues
+
+
+def _load_visit(files: VisitFiles, spec: TciaSpec) -> _Visit:
+  """Headers -> phases -> pre/early/late volumes -> target grid -> FTV mask (VisitError if bad)."""
+  phases, phase_source = split_phases([read_slice_header(p) for p in files.dce])
+  stacks, slice_spacing = check_phases(phases)
+  times = phase_times(stacks)
+  chosen = choose_phases(times, spec.early_s, spec.late_s)
+  grid = background = None
+  volumes = {}
+  for i in sorted(set(chosen)):
+    volume = load_volume(stacks[i], slice_spacing)
+    if grid is None:  # the pre phase defines the grid and the background threshold
+      grid = target_grid(volume, spec.target_spacing_mm)
+      background = 0.6 * float(np.percentile(sitk.GetArrayViewFromImage(volume), 95))
+    volumes[i] = resample(volume, grid)
+    del volume
+  images = np.stack([volumes[i] for i in chosen])
+  mask, source, issues = _tumour_mask(files.seg, grid, images, background)
+  return _Visit(grid=grid, images=images, mask=mask, mask_source=source, phases=chosen,
+                times=times[list(chosen)], num_phases=len(stacks), phase_source=phase_source,
+                issues=issues)
+
+
+def _check_labels(pid: str, clinical: ClinicalRecord | None) -> ClinicalRecord:
+  rows = '' if clinical is None else ', '.join(map(str, clinical.rows))
+  if clinical is None:
+    raise Skip('not_in_clinical_sheet', f'{pid} has no row in the clinical sheet')
+  if clinical.duplicate:
+    raise Skip('duplicate_clinical_id', f'{pid}: conflicting clinical rows {rows}')
+  if clinical.pcr is None:
+    raise Skip('no_pcr_label', f'{pid}: empty or unreadable pCR (row {rows})')
+  if clinical.subtype is None:
+    raise Skip('no_subtype', f'{pid}: empty or unreadable HR or HER2 (row {rows})')
+  return clinical
+
+
+def _visit_or_issue(pid: str, v: int, files: VisitFiles | None, spec: TciaSpec,
+                    issues: list[Issue]) -> _Visit | None:
+  """The visit, or None with an issue recorded; at T0 a failure skips the patient instead."""
+  if files is None:
+    if v == 0:
+      raise Skip('no_t0', f'{pid}: no T0 study with a DCE series')
+    return None  # discover reported why (no study, unknown visit, no DCE series)
+  try:
+    visit = _load_visit(files, spec)
+  except Exception as e:  # noqa: BLE001 -- a failing visit is missing, not a failed build
+    if not isinstance(e, VisitError):
+      e = VisitError('visit_error', f'{type(e).__name__}: {_masked(str(e))[:160]}')
+    if v == 0:
+      raise Skip('no_t0', f'{pid}: T0 {e.reason}: {e.detail}') from None
+    issues.append(Issue(pid, v, e.reason, e.detail))
+    return None
+  issues.extend(Issue(pid, v, reason, detail) for reason, detail in visit.issues)
+  return visit
+
+
+def _crop_centre(pid: str, v: int, visit: _Visit, t0_centre: np.ndarray | None,
+                 issues: list[Issue]) -> np.ndarray:
+  """The visit's FTV centroid; if empty, the T0 centroid (T0 itself: the image centre)."""
+  centre = centroid_mm(visit.mask, visit.grid)
+  if centre is not None:
+    return centre
+  if v > 0:
+    return t0_centre
+  issues.append(Issue(pid, 0, 'empty_t0_mask', 'no tumour voxel at T0; crop centred on the image'))
+  return visit.grid.to_physical((np.asarray(visit.grid.size[::-1]) - 1) / 2.0)
+
+
+_META_KEYS = ('mask_source', 'phase_indices', 'phase_times_s', 'num_phases', 'phase_source',
+              'laterality', 'ftv_mm3', 'crop_centre_mm', 'notes')
+
+
+def _visit_meta(visit: _Visit, files: VisitFiles, centre: np.ndarray) -> dict:
+  """Build-report facts of one visit (JSON-ready; codes and numbers only, no header text)."""
+  return {
+      'mask_source': visit.mask_source,
+      'phase_indices': [int(i) for i in visit.phases],
+      'phase_times_s': [round(float(t), 3) for t in visit.times],
+      'num_phases': visit.num_phases,
+      'phase_source': visit.phase_source,
+      'laterality': files.laterality,
+      'ftv_mm3': round(float(visit.mask.sum() * np.prod(visit.grid.spacing)), 1),
+      'crop_centre_mm': [round(float(c), 2) for c in centre],
+      'notes': list(files.notes),
+  }
+
+
+def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
+                    spec: TciaSpec = TciaSpec()) -> tuple[dict, list[Issue], dict]:
+  """(example, issues, metadata) of one patient; raises Skip when it cannot be written.
+
+  One visit at a time (bounded memory). A visit that fails becomes a missing visit (issue); a
+  failing T0 skips the patient (`no_t0`). Each visit is cropped around its own FTV centroid.
+  ``metadata`` maps each key of `_visit_meta` to a list over T0..T3 (None: visit missing).
+  """
+  pid = patient.patient_id
+  labels = _check_labels(pid, clinical)
+  shape = tuple(spec.crop_shape)
+  images = np.zeros((NUM_VISITS, 3) + shape, np.float16)
+  masks = np.zeros((NUM_VISITS,) + shape, np.uint8)
+  visit_mask = np.zeros(NUM_VISITS, bool)
+  times = np.zeros((NUM_VISITS, 3), np.float32)
+  metas: list[dict | None] = [None] * NUM_VISITS
+  issues: list[Issue] = []
+  t0_centre = None
+  for v, files in enumerate(patient.visits):
+    visit = _visit_or_issue(pid, v, files, spec, issues)
+    if visit is None:
+      continue
+    centre = _crop_centre(pid, v, visit, t0_centre, issues)
+    t0_centre = centre if v == 0 else t0_centre
+    pixels = crop(visit.images, visit.grid, centre, shape)
+    images[v] = np.clip(pixels, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+    masks[v] = crop(visit.mask, visit.grid, centre, shape)
+    visit_mask[v] = True
+    times[v] = visit.times
+    metas[v] = _visit_meta(visit, files, centre)
+  example = {
+      'patient_id': pid,
+      'images': images,
+      'visit_mask': visit_mask,
+      'tumor_mask': masks,
+      'pcr': int(labels.pcr),
+      'subtype': int(labels.subtype),
+      'arm': labels.arm,
+      'spacing_mm': np.asarray(spec.target_spacing_mm, np.float32),
+      'phase_times_s': times,
+  }
+  return example, issues, {k: [m[k] if m else None for m in metas] for k in _META_KEYS}
