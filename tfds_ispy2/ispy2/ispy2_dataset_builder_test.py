@@ -43,3 +43,127 @@ def test_registered_configs():
   assert builder_cls is ispy2_dataset_builder.Builder
   names = [c.name for c in builder_cls.BUILDER_CONFIGS]
   assert names[0] == 'synthetic' == builder_cls.DEFAULT_CONFIG_NAME and 'synthetic_smoke' in names
+
+
+# --- The `tcia` config, on a TCIA-like DICOM tree written with pydicom (tcia_fixtures). -------------
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tfds_ispy2.ispy2 import tcia, tcia_cache, tcia_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tcia_tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp('manual')
+  return root, tcia_fixtures.write_tcia_tree(root)
+
+
+def _build_tcia(manual_dir, data_dir, **kwargs):
+  builder = tfds.builder('ispy2/tcia', data_dir=str(data_dir), file_format='array_record', **kwargs)
+  builder.download_and_prepare(
+      file_format='array_record', download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def _records(builder):
+  source = builder.as_data_source(split='train')
+  return {r['patient_id'].decode(): r for r in (source[i] for i in range(len(source)))}
+
+
+@pytest.fixture(scope='module')
+def tcia_build(tcia_tree, tmp_path_factory):
+  root, truth = tcia_tree
+  builder = _build_tcia(root, tmp_path_factory.mktemp('tfds'))
+  return builder, _records(builder), truth
+
+
+def test_tcia_records_match_the_ground_truth(tcia_build):
+  builder, records, truth = tcia_build
+  expected = {pid for pid, t in truth.items() if t.expected_skip is None}
+  assert set(records) == expected
+  spec = builder.builder_config.tcia
+  voxel_mm3 = float(np.prod(spec.target_spacing_mm))
+  for pid in expected:
+    record, t = records[pid], truth[pid]
+    assert record['images'].shape == (4, 3) + tuple(spec.crop_shape)
+    assert (record['pcr'], record['subtype'], record['arm'].decode()) == (t.pcr, t.subtype, t.arm)
+    np.testing.assert_array_equal(record['visit_mask'], t.visit_mask, err_msg=pid)
+    np.testing.assert_allclose(record['phase_times_s'], t.phase_times_s, atol=0.01, err_msg=pid)
+    np.testing.assert_allclose(record['spacing_mm'], spec.target_spacing_mm)
+    for v in np.flatnonzero(t.visit_mask):
+      mask = record['tumor_mask'][v]
+      # The Analysis Mask, resampled to 2x1x1 mm, keeps the FTV's volume (20 %; small tumours suffer
+      # the partial volume of 5 mm slices) and sits at the crop's centre. (PE >= 70 %: other tests.)
+      if t.mask_source[v] == 'seg' and t.tumor_volume_mm3[v] >= 1000:
+        assert mask.sum() * voxel_mm3 == pytest.approx(t.tumor_volume_mm3[v], rel=0.2), (pid, v)
+        centre = np.argwhere(mask).mean(0)
+        assert np.all(np.abs(centre - (np.array(spec.crop_shape) - 1) / 2) <= 1.5), (pid, v, centre)
+        # The tumour enhances: early > 1.7 x pre on average inside the mask (PE >= 70 %).
+        pre, early = (record['images'][v, p].astype(np.float32)[mask > 0].mean() for p in (0, 1))
+        assert early > 1.7 * pre, (pid, v)
+    assert not record['images'][~record['visit_mask']].any()
+
+
+def test_tcia_build_report_counts_every_skip_and_holds_no_phi(tcia_build):
+  builder, records, truth = tcia_build
+  report_path = pathlib.Path(builder.data_dir) / 'build_report.json'
+  report = json.loads(report_path.read_text())
+  skips = [t.expected_skip for t in truth.values() if t.expected_skip]
+  assert report['patients_written'] == len(records)
+  assert report['skips_by_reason'] == {r: skips.count(r) for r in set(skips)}
+  assert {s['patient_id'] for s in report['skipped']} == {
+      pid for pid, t in truth.items() if t.expected_skip}
+  missing = {(pid, v) for pid, t in truth.items() if t.expected_skip is None
+             for v in range(4) if not t.visit_mask[v] and t.visit_reasons[v] not in (None, 'no_study')}
+  reported = {(i['patient_id'], i['visit']) for i in report['issues'] if i['visit'] is not None}
+  assert missing <= reported
+  phi = {s for t in truth.values() for s in t.phi}
+  texts = [report_path.read_text()] + [
+      (pathlib.Path(builder.data_dir) / name).read_text() for name in ('dataset_info.json', 'features.json')]
+  texts += [r['arm'].decode() + r['patient_id'].decode() for r in records.values()]
+  for text in texts:
+    assert not [s for s in phi if s in text]
+
+
+def test_tcia_skips_can_be_fatal(tcia_tree, tmp_path):
+  root, _ = tcia_tree
+  with pytest.raises(RuntimeError, match='would be skipped .*skips_are_fatal'):
+    _build_tcia(root, tmp_path, skips_are_fatal=True)
+
+
+def test_interrupted_tcia_build_resumes_with_the_same_records(tcia_tree, tcia_build, tmp_path):
+  root, _ = tcia_tree
+  _, first_records, _ = tcia_build
+  # An interrupted build: half of the patients were processed (and cached) before it stopped.
+  patients, _ = tcia.discover(root)
+  clinical = tcia.read_clinical(root)
+  cache_dir = tmp_path / 'downloads' / 'ispy2_tcia_cache'
+  cache_dir.mkdir(parents=True)
+  done = sorted(patients)[: len(patients) // 2]
+  for pid in done:
+    tcia_cache.process_patient_cached((patients[pid], clinical.get(pid), tcia.TciaSpec(), str(cache_dir)))
+  before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+  assert len(before) == len(done)
+
+  records = _records(_build_tcia(root, tmp_path))
+  after = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+  assert len(after) == len(patients) and all(after[name] == t for name, t in before.items())
+  assert records.keys() == first_records.keys()
+  for pid, record in records.items():
+    for key in ('images', 'tumor_mask', 'visit_mask', 'phase_times_s'):
+      np.testing.assert_array_equal(record[key], first_records[pid][key], err_msg=f'{pid} {key}')
+
+
+def test_tcia_manual_dir_errors_say_what_was_expected(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(AssertionError, match='ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'):
+    _build_tcia(empty, tmp_path / 'a')
+  wrong = tmp_path / 'wrong'
+  wrong.mkdir()
+  (wrong / 'notes.txt').write_text('not a DICOM file')
+  with pytest.raises((FileNotFoundError, ValueError), match='DICOM'):
+    _build_tcia(wrong, tmp_path / 'b')
