@@ -27,6 +27,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'ispy2/synthetic_smoke' if smoke else 'ispy2/synthetic'
   data.data_dir = ''  # '' = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data.manual_dir = ''  # 'ispy2/tcia' only: the TCIA download ('' = <data_dir>/downloads/manual).
   data.num_folds = 2 if smoke else 5
   data.fold = 0
   data.fold_seed = 0

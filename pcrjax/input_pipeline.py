@@ -26,7 +26,8 @@ def load_source(data: ml_collections.ConfigDict):
   builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format='array_record')
   if not builder.is_prepared():
     logging.info('Building %s into %s (first use; later runs reuse it).', data.dataset, builder.data_dir)
-    builder.download_and_prepare(file_format='array_record')
+    builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
+        manual_dir=data.manual_dir or None))
   return builder.as_data_source(split='train')
 
 

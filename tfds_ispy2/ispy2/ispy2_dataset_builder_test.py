@@ -167,3 +167,17 @@ def test_tcia_manual_dir_errors_say_what_was_expected(tmp_path):
   (wrong / 'notes.txt').write_text('not a DICOM file')
   with pytest.raises((FileNotFoundError, ValueError), match='DICOM'):
     _build_tcia(wrong, tmp_path / 'b')
+
+
+def test_tcia_records_feed_the_training_pipeline(tcia_build):
+  """Every experiment runs on real data by changing data.dataset: the records have the same form."""
+  from pcrjax import input_pipeline  # The consumer of these records.
+  _, records, _ = tcia_build
+  record = next(r for r in records.values() if r['visit_mask'][:2].all())
+  for representation, shape in (('mip', (2, 24, 24, 3)), ('volume', (2, 8, 24, 24, 3))):
+    out = input_pipeline.represent(record, time_points=(0, 1), representation=representation,
+                                   crop_size=(8, 24, 24))
+    assert out['images'].shape == shape and np.isfinite(out['images']).all()
+    # The tumour enhances at the centre of the tumour-centred crop (early - pre channel).
+    subtraction = out['images'][0, ..., 1]
+    assert subtraction[tuple(s // 2 for s in shape[1:-1])] > np.median(subtraction)
