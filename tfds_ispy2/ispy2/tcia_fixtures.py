@@ -1,0 +1,1439 @@
+"""TCIA-like I-SPY2 DICOM download trees rendered from the phantom, for tests of `ispy2/tcia`.
+
+The `tcia` config of the `ispy2` TFDS dataset reads a user's I-SPY2 download from TCIA
+(`tcia.py`; this module and the reader follow the same shared contract).  Nobody can ship
+real patients in a test suite, so this module writes a *fake download* of the same shape:
+``<root>/ISPY2/<PatientID>/<study folder>/<series folder>/1-NNN.dcm`` plus the clinical xlsx
+sheets, for the reader's unit tests and for the TFDS ``dummy_data/``.  Every pixel comes from the
+phantom's own physics (`phantom.py`): :func:`phantom.render_patient_maps` gives per-visit tissue
+labels, Ktrans / ve / vp / T10 and coil-bias maps; this module evaluates
+:func:`phantom.tofts_concentration` + :func:`phantom.spgr_signal` at *every* phase time of a
+5-9-phase DCE series (so all phases are physically consistent, and the phases nearest 0 / 150 /
+450 s are the phantom's pre / early / late physics), applies the phantom's PSF, bias field and
+gain, and adds Rician noise with the phantom's sigma.  Fat is the phantom's fat-suppressed
+residual signal (voxels labelled fat are pure fat: partial volume is dropped).
+
+Geometry is written *truthfully*: the phantom volume of a visit is placed in DICOM LPS patient
+space by a per-patient orientation (axial, oblique or flipped) and a per-visit table position,
+and ImagePositionPatient / ImageOrientationPatient / PixelSpacing say exactly where every voxel
+is.  A reader that respects DICOM geometry recovers the phantom; the ground truth returned by
+:func:`write_tcia_tree` (tumour centroid in mm LPS, volume in mm^3, phase choice, visit mask,
+skip reason, mask source) is physical, not voxel-based.  A visit with a different voxel grid is
+resampled from the phantom maps (scipy ``map_coordinates``, in physical coordinates, labels
+nearest-neighbour) before the physics runs, so its tumour is the same physical object.
+
+Each visit's Analysis Mask is a BINARY DICOM SEG in the I-SPY *inverse* convention:
+a voxel belongs to the functional tumour volume (FTV) iff it lies in the SEG's extent and in no
+segment.  Segments are exclusion reasons (``PE threshold``, ``SER/min neighbour``,
+``background threshold``, ``manual VOI``; they may overlap) or one segment ``excluded``.  Here
+the FTV is exactly the phantom's tumour mask (necrotic core included, as in the synthetic
+config).  Every SEG covers *more* slices than its DCE series, asymmetrically (1 plane below, 3
+above, all excluded), so a reader that centre-crops instead of resampling by geometry is off by
+one slice.  The SEG is a pydicom Dataset of the Segmentation IOD in the layout highdicom writes
+(shared plane orientation / pixel measures, per-frame plane position, segment identification,
+frame content and derivation image; dimension index = (segment, plane); empty frames omitted,
+so frames are not planes x segments; frames bit-packed by ``pydicom.pixels.pack_bits``);
+highdicom's own reader gets the same FTV back (tested).  highdicom's ``Segmentation``
+constructor is not used (~0.1 s per SEG, with the extra planes beyond the source series).
+
+Every DICOM file is written by ``pydicom.dcmwrite(..., enforce_file_format=True)`` (explicit VR
+little endian, file meta included): one dataset per MR series holds the shared elements and the
+per-slice ones are set on it before each write; faulty files are cut after pydicom wrote them.
+
+Headers carry PHI-like values (PatientName ``Doe^Jane``, birth date, study/series/content dates,
+InstitutionName, AccessionNumber, ReferringPhysicianName, OperatorsName, PatientAge, ...) and the
+clinical sheet carries Age / Race / Ethnicity / Menopausal status; :data:`PHI_STRINGS` and each
+patient's ``truth.phi`` list them so tests can assert that none reaches the reader's output.
+Output is a pure function of ``(cases, seed, spec)``: UIDs are ``generate_uid`` of the pydicom
+root with entropy from the seed, and noise comes from ``SeedSequence([seed, crc32(id), ...])``, so
+the DICOM files are byte-for-byte deterministic; the xlsx sheets are plain ``openpyxl`` saves,
+deterministic in content (openpyxl stamps the save time into the file).  A patient's files depend
+only on its own case, the seed and the spec, not on the other cases.
+
+Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
+
+* ``standard``: axial, 7 phases, 4 visits, SER + PE2 derived series, an identical duplicate
+  sheet row -> read all 4 visits, ignore SER/PE2, keep the patient (identical rows agree).
+* ``oblique``: IOP rotated 17 deg about (1, 1, 0)/sqrt 2, 6 phases, RescaleSlope 2, pCR (empty
+  T3 mask) -> resample by geometry; T3 crop falls back to the T0 centroid.
+* ``flipped``: a right breast whose rows run right-to-left (IOP row = -x) so the normal is -z;
+  files written in reverse order; 8 phases -> sort along the normal; nothing mirrored.
+* ``spacing``: T1 on a 3x2x2 mm grid, T2 on 4x2.4x2.0 mm (anisotropic in plane), T3 on
+  4.5x2.5x2.5 mm, T0 on the phantom grid -> resample each visit by its own geometry.
+* ``bilateral``: only ``bi-lateral: original DCE`` series (twice the columns: the mirrored
+  contralateral breast, without tumour, next to the imaged one) and ``bi-lateral: Analysis
+  Mask``; pCR (empty T3 mask); no T2 study -> use the bi-lateral series and mask.
+* ``uni_and_bi``: T0 has both a bi-lateral and a uni-lateral DCE and both masks (bi written
+  first, lower series numbers); 9 phases; one-segment ``excluded`` SEGs -> prefer uni-lateral
+  and the matching uni-lateral mask (both masks give the same FTV by geometry, so only the
+  chosen DCE, not the mask choice, is visible in the output).
+* ``acrin``: TCIA id ``ACRIN-6698-...``, ``ACRIN-6698:`` series prefix, ``...6698ISPY2MRIT0``
+  study descriptions, 5 phases, RescaleIntercept -50; sheet uses the research id, the ancillary
+  xlsx maps it -> map the id through the ancillary sheet.
+* ``ties``: phases at exactly 0, 100, ..., 600 s; the sheet holds the full TCIA id
+  ``ISPY2-...``; labels as '1.0' strings -> early = 100 s (index 1), late = 400 s (index 4).
+* ``no_tpi``: no TemporalPositionIdentifier / NumberOfTemporalPositions; labels as
+  Positive/Negative/Yes/No text -> phases from TriggerTime.
+* ``cttp_visit``: StudyDescription ``MR BREAST BILATERAL W WO CONTRAST`` (no token) and folders
+  without a token; ClinicalTrialTimePointID ``T0``, ``1``, ``T2``, ``3`` -> visits from CTTP.
+* ``folder_visit``: no usable StudyDescription (absent at T0, ``BREAST MRI`` later), no CTTP;
+  study folders ``...-ISPY2MRIT<v>-...`` -> visits from the folder names.
+* ``truncated_file``: one pre-contrast slice of T2 cut in half (header intact, pixels short) ->
+  T2 missing (``unreadable_dicom``: a reason the contract does not name), T0/T1 fine.
+* ``junk_file``: a non-DICOM ``1-999.dcm`` text file inside the T0 DCE folder -> ignore it
+  silently, patient fine.
+* ``missing_slice``: in T1 the first post-contrast phase that is not a chosen one lacks its
+  middle slice -> T1 ``missing_slices`` (every phase is checked, not just the chosen three).
+* ``two_phases``: T2 DCE has only 2 phases -> T2 ``missing_phases``.
+* ``missing_visit``: no T2 study at all -> T2 missing (``no_study``), T0/T1/T3 fine.
+* ``no_dce``: the T1 study holds only a SER series -> T1 ``no_dce_series``.
+* ``corrupt_seg``: T0 SEG truncated inside its pixel data (header intact); T1 has no SEG at
+  all -> mask_source ``pe70`` at T0 and T1.
+* ``extra_studies``: a second T1 study with 5 phases (fewer DCE slices than the 7-phase one)
+  and a study with no visit token anywhere -> keep the 7-phase T1 (``duplicate_visit``),
+  report ``unknown_visit`` and ignore it.
+* ``not_in_sheet``: no row in the clinical sheet -> skip ``not_in_clinical_sheet``.
+* ``empty_pcr``: the row's pCR cell is empty -> skip ``no_pcr_label``.
+* ``dup_conflict``: two sheet rows with the same id and different pCR -> skip
+  ``duplicate_clinical_id``.
+
+The tree also holds non-DICOM files a reader must ignore: ``LICENSE``, ``ISPY2/.DS_Store``,
+the two xlsx sheets; the clinical sheet has rows for 3 patients that are not downloaded.
+
+Size: the default tree is 22 patients, 56 studies, ~3200 files, ~18 MB, written in ~12 s on
+one CPU (most of it pydicom encoding ~3200 files, ~2 ms each).
+:data:`DUMMY_CASES` is a 5-patient, ~420-file tree for the TFDS ``dummy_data/``
+(``python -m tfds_ispy2.ispy2.tcia_fixtures OUT --dummy``).
+
+Public API: :class:`Case`, :data:`DEFAULT_CASES`, :data:`DUMMY_CASES`, :data:`FIXTURE_SPEC`,
+:class:`PatientTruth` (per-patient expectations), :func:`write_tcia_tree`,
+:func:`write_clinical_sheet`, :func:`write_ancillary_sheet`, :func:`render_dce_series`,
+:func:`choose_phases`, :data:`PHI_STRINGS`, :data:`CLINICAL_SHEET_NAME`,
+:data:`ANCILLARY_SHEET_NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pack_bits
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from scipy import ndimage
+
+from tfds_ispy2.ispy2 import phantom
+
+__all__ = [
+    'Case', 'DEFAULT_CASES', 'FIXTURE_SPEC', 'PatientTruth', 'write_tcia_tree',
+    'write_clinical_sheet', 'write_ancillary_sheet', 'render_dce_series', 'choose_phases',
+    'PHI_STRINGS', 'CLINICAL_SHEET_NAME', 'ANCILLARY_SHEET_NAME', 'CLINICAL_COLUMNS',
+    'SEG_SOP_CLASS_UID', 'FAULTS', 'DUMMY_CASES',
+]
+
+CLINICAL_SHEET_NAME = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
+ANCILLARY_SHEET_NAME = 'Full-Collection-Ancillary-Patient-Information-file.xlsx'
+CLINICAL_COLUMNS = ('Patient_ID', 'Arm', 'HR', 'HER2', 'MP', 'pCR', 'Age', 'Race', 'Ethnicity',
+                    'Menopausal_Status')
+ANCILLARY_COLUMNS = ('TCIA PATIENT ID', 'I-SPY 2 Research ID')
+SEG_SOP_CLASS_UID = '1.2.840.10008.5.1.4.1.1.66.4'
+
+# The phantom grid of the fixtures: small, so the default tree writes in a few seconds.
+FIXTURE_SPEC = phantom.PhantomSpec(num_patients=64, shape=(8, 40, 40),
+                                   spacing_mm=(5.0, 3.0, 3.0), seed=0)
+
+# PHI-like values written into headers / the sheet; none may reach the reader's output.
+PATIENT_NAME = 'Doe^Jane'
+INSTITUTION = 'Springfield General Hospital'
+REFERRING = 'Hibbert^Julius'
+OPERATOR = 'Flanders^Maude'
+PHI_STRINGS = (PATIENT_NAME, 'Doe', INSTITUTION, REFERRING, OPERATOR, '742 Evergreen Terrace')
+
+FAULTS = ('truncated_file', 'junk_file', 'missing_slice', 'two_phases', 'no_dce', 'corrupt_seg',
+          'no_seg', 'duplicate_visit', 'unknown_study')
+
+_UID_PREFIX = pydicom.uid.PYDICOM_ROOT_UID  # '1.2.826.0.1.3680043.8.498.'
+_IMPL_VERSION = 'PCRJAX_TCIA_FX'
+_SEG_EXTRA_BELOW, _SEG_EXTRA_ABOVE = 1, 3
+_STUDY_STYLES = ('ISPY2MRIT{v}', 'ISPY2_MRI_T{v}', 'ISPY2 MRI T{v}', 'MRI T{v}')
+_NO_TOKEN_DESCRIPTION = 'MR BREAST BILATERAL W WO CONTRAST'
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One fake TCIA patient: which phantom patient, how it was acquired, and what is broken.
+
+  Attributes:
+    name: short key of the case (see the module docstring).
+    tcia_id: DICOM PatientID, e.g. ``ISPY2-100101`` or ``ACRIN-6698-102345``.
+    research_id: numeric I-SPY 2 research id used by the clinical sheet.
+    phantom_index: patient index in the phantom cohort (:data:`FIXTURE_SPEC`).
+    num_phases: DCE phases (5-9) of every visit (faults may change one visit).
+    visits: visits with a study on disk (a phantom-missing visit is dropped too).
+    orientation: ``axial`` (IOP [1,0,0,0,1,0]), ``oblique`` (17 deg about (1,1,0)) or
+      ``flipped`` (rows right-to-left, negative normal, files in reverse order).
+    visit_spacing: ``((visit, (dz, dy, dx)), ...)``: visits on a grid other than the phantom's
+      (same physical field of view, resampled from the phantom maps).
+    laterality: ``uni`` (uni-lateral cropped DCE + mask), ``bi`` (bi-lateral only) or
+      ``both`` (bi-lateral and uni-lateral DCE and masks at the visits in ``both_visits``).
+    both_visits: visits with both series when ``laterality == 'both'``.
+    phase_schedule: ``regular`` (first post 60-100 s, then every 55-180 s up to >= 470 s) or
+      ``ties`` (exactly 0, 100, 200, ... s).
+    temporal_position: write TemporalPositionIdentifier / NumberOfTemporalPositions.
+    visit_source: where the visit is written: ``description`` (StudyDescription + CTTP +
+      folder), ``cttp`` (ClinicalTrialTimePointID only) or ``folder`` (folder name only).
+    rescale: ``(slope, intercept)`` written as RescaleSlope / RescaleIntercept, or None.
+    seg_style: ``reasons`` (one segment per exclusion reason) or ``excluded`` (one segment).
+    derived: ``((kind, visit), ...)`` extra derived series (``SER``, ``PE2``) to be ignored.
+    sheet: how the patient appears in the clinical sheet: ``numeric``, ``tcia_id``, ``absent``,
+      ``empty_pcr``, ``duplicate_conflict`` or ``duplicate_same``.
+    label_style: encoding of HR / HER2 / pCR cells: ``int`` (1/0), ``float`` (1.0),
+      ``str_float`` ('1.0'), ``text`` (Positive/Negative, Yes/No).
+    faults: ``((fault, visit), ...)`` with fault in :data:`FAULTS`.
+    study_style: index into the StudyDescription spellings (``ISPY2MRIT0``, ``ISPY2_MRI_T0``, ...).
+  """
+  name: str
+  tcia_id: str
+  research_id: int
+  phantom_index: int
+  num_phases: int = 7
+  visits: tuple[int, ...] = (0, 1, 2, 3)
+  orientation: str = 'axial'
+  visit_spacing: tuple[tuple[int, tuple[float, float, float]], ...] = ()
+  laterality: str = 'uni'
+  both_visits: tuple[int, ...] = (0,)
+  phase_schedule: str = 'regular'
+  temporal_position: bool = True
+  visit_source: str = 'description'
+  rescale: tuple[float, float] | None = None
+  seg_style: str = 'reasons'
+  derived: tuple[tuple[str, int], ...] = ()
+  sheet: str = 'numeric'
+  label_style: str = 'int'
+  faults: tuple[tuple[str, int], ...] = ()
+  study_style: int = 0
+
+  def __post_init__(self):
+    if not 2 <= self.num_phases <= 12:
+      raise ValueError(f'{self.name}: num_phases {self.num_phases}')
+    if self.orientation not in ('axial', 'oblique', 'flipped'):
+      raise ValueError(f'{self.name}: orientation {self.orientation!r}')
+    if self.laterality not in ('uni', 'bi', 'both'):
+      raise ValueError(f'{self.name}: laterality {self.laterality!r}')
+    if self.visit_source not in ('description', 'cttp', 'folder'):
+      raise ValueError(f'{self.name}: visit_source {self.visit_source!r}')
+    if self.sheet not in ('numeric', 'tcia_id', 'absent', 'empty_pcr', 'duplicate_conflict',
+                          'duplicate_same'):
+      raise ValueError(f'{self.name}: sheet {self.sheet!r}')
+    if self.label_style not in ('int', 'float', 'str_float', 'text'):
+      raise ValueError(f'{self.name}: label_style {self.label_style!r}')
+    if self.seg_style not in ('reasons', 'excluded'):
+      raise ValueError(f'{self.name}: seg_style {self.seg_style!r}')
+    for fault, v in self.faults:
+      if fault not in FAULTS or v not in self.visits:
+        raise ValueError(f'{self.name}: fault {(fault, v)}')
+    if 0 not in self.visits:
+      raise ValueError(f'{self.name}: T0 must be written')
+
+  def has(self, fault: str, visit: int) -> bool:
+    return (fault, visit) in self.faults
+
+  @property
+  def prefix(self) -> str:
+    return 'ACRIN-6698' if self.tcia_id.startswith('ACRIN') else 'ISPY2'
+
+
+DEFAULT_CASES: tuple[Case, ...] = (
+    Case('standard', 'ISPY2-100101', 100101, 4, derived=(('SER', 0), ('PE2', 1)),
+         sheet='duplicate_same'),
+    Case('oblique', 'ISPY2-100117', 100117, 3, num_phases=6, orientation='oblique',
+         rescale=(2.0, 0.0), study_style=1),
+    Case('flipped', 'ISPY2-100134', 100134, 13, num_phases=8, visits=(0, 1),
+         orientation='flipped', study_style=2, label_style='float'),
+    Case('spacing', 'ISPY2-100152', 100152, 1, visit_spacing=(
+        (1, (3.0, 2.0, 2.0)), (2, (4.0, 2.4, 2.0)), (3, (4.5, 2.5, 2.5))), study_style=3),
+    Case('bilateral', 'ISPY2-100178', 100178, 0, visits=(0, 1, 3), laterality='bi'),
+    Case('uni_and_bi', 'ISPY2-100183', 100183, 8, num_phases=9, visits=(0, 1),
+         laterality='both', seg_style='excluded', rescale=(1.0, 0.0)),
+    Case('acrin', 'ACRIN-6698-102345', 876543, 36, num_phases=5, visits=(0, 1, 2),
+         rescale=(1.0, -50.0)),
+    Case('ties', 'ISPY2-100209', 100209, 40, visits=(0, 1), phase_schedule='ties',
+         sheet='tcia_id', label_style='str_float', study_style=1),
+    Case('no_tpi', 'ISPY2-100215', 100215, 11, num_phases=6, visits=(0, 1),
+         temporal_position=False, label_style='text'),
+    Case('cttp_visit', 'ISPY2-100236', 100236, 14, visit_source='cttp'),
+    Case('folder_visit', 'ISPY2-100240', 100240, 12, visit_source='folder'),
+    Case('truncated_file', 'ISPY2-100257', 100257, 16, visits=(0, 1, 2),
+         faults=(('truncated_file', 2),)),
+    Case('junk_file', 'ISPY2-100263', 100263, 45, visits=(0, 1), faults=(('junk_file', 0),),
+         study_style=2),
+    Case('missing_slice', 'ISPY2-100278', 100278, 20, visits=(0, 1),
+         faults=(('missing_slice', 1),)),
+    Case('two_phases', 'ISPY2-100281', 100281, 21, visits=(0, 2), faults=(('two_phases', 2),)),
+    Case('missing_visit', 'ISPY2-100299', 100299, 46, visits=(0, 1, 3)),
+    Case('no_dce', 'ISPY2-100302', 100302, 23, visits=(0, 1), faults=(('no_dce', 1),)),
+    Case('corrupt_seg', 'ISPY2-100316', 100316, 24, visits=(0, 1),
+         faults=(('corrupt_seg', 0), ('no_seg', 1))),
+    Case('extra_studies', 'ISPY2-100327', 100327, 25, visits=(0, 1),
+         faults=(('duplicate_visit', 1), ('unknown_study', 0))),
+    Case('not_in_sheet', 'ISPY2-100331', 100331, 26, visits=(0,), sheet='absent'),
+    Case('empty_pcr', 'ISPY2-100345', 100345, 29, visits=(0,), sheet='empty_pcr'),
+    Case('dup_conflict', 'ISPY2-100358', 100358, 33, visits=(0,), sheet='duplicate_conflict'),
+)
+
+_BY_NAME = {c.name: c for c in DEFAULT_CASES}
+# A small tree for the TFDS `dummy_data/` (about 420 files, 2.5 MB): 4 patients are written as
+# examples (one uni-lateral axial with a SER, one oblique pCR whose T3 mask is empty, one
+# ACRIN 5-phase, one bilateral) and 1 is skipped (not in the clinical sheet).
+DUMMY_CASES: tuple[Case, ...] = (
+    dataclasses.replace(_BY_NAME['standard'], visits=(0, 1), derived=(('SER', 0),),
+                        sheet='numeric'),
+    dataclasses.replace(_BY_NAME['oblique'], visits=(0, 3)),
+    dataclasses.replace(_BY_NAME['acrin'], visits=(0, 1)),
+    dataclasses.replace(_BY_NAME['bilateral'], visits=(0,)),
+    _BY_NAME['not_in_sheet'],
+)
+
+# ----------------------------------------------------------------------------- ground truth
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatientTruth:
+  """What a correct reader must produce for one written patient (physical units, LPS mm).
+
+  Per-visit sequences have length 4 (T0..T3).  ``visit_mask``, ``phase_*``, ``mask_source``
+  are the expectations *after* the reader's rules (a visit with a fault is missing).
+  Centroids / volumes are of the FTV (= phantom tumour mask) on the chosen DCE series' grid;
+  NaN centroid and 0 volume where the tumour is gone (pCR) or the visit is missing.
+  """
+  case: Case
+  tcia_id: str
+  research_id: str
+  phantom_spec: phantom.PhantomSpec
+  phantom_index: int
+  pcr: int | None               # label in the sheet (None: empty cell / not in the sheet)
+  subtype: int
+  arm: str
+  expected_skip: str | None     # not_in_clinical_sheet / no_pcr_label / duplicate_clinical_id
+  visit_mask: np.ndarray        # bool [4]
+  visit_reasons: tuple          # per visit: None (present) or why it is missing
+  phase_indices: np.ndarray     # int [4, 3] chosen (pre, early, late) indices, -1 if missing
+  phase_times_s: np.ndarray     # float32 [4, 3], zeros for a missing visit
+  all_phase_times_s: tuple      # per visit: float array of every phase of the chosen series
+  tumor_centroid_mm: np.ndarray  # float [4, 3] LPS, NaN if no tumour / missing
+  tumor_volume_mm3: np.ndarray  # float [4] FTV voxel count x voxel volume
+  crop_center_mm: np.ndarray    # float [4, 3] centroid, or the T0 centroid if the FTV is empty
+  phantom_volume_mm3: np.ndarray  # float [4] analytic phantom volume (PatientTruth of phantom)
+  phantom_to_lps: tuple         # per visit: 4x4 affine, phantom voxel (k, j, i, 1) -> LPS mm
+  mask_source: tuple            # per visit: 'seg', 'pe70' or None (missing)
+  dce_geometry: tuple           # per visit: dict(origin, direction, spacing, size) or None
+  dce_series_description: tuple  # per visit: SeriesDescription of the DCE to choose, or None
+  dce_dirs: tuple               # per visit: chosen DCE series folder (relative to root)
+  seg_paths: tuple              # per visit: SEG file of the chosen mask (relative), or None
+  study_reports: tuple          # (reason, visit label or None) study-level reports expected
+  faults_applied: tuple         # (fault, visit) actually written
+  phi: tuple                    # PHI-like strings written for this patient
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _crc(text: str) -> int:
+  return zlib.crc32(text.encode('utf-8'))
+
+
+def _rng(seed: int, *keys) -> np.random.Generator:
+  words = [int(seed)] + [_crc(k) if isinstance(k, str) else int(k) for k in keys]
+  return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def _uid(seed: int, *keys) -> str:
+  return generate_uid(_UID_PREFIX, ['|'.join(['pcrjax-tcia', str(seed)] + [str(k) for k in keys])])
+
+
+def _ds(x: float) -> str:
+  """DICOM DS string (<= 16 characters, no exponent, no '-0')."""
+  x = float(x)
+  if x == 0.0 or abs(x) < 5e-9:
+    return '0'
+  for p in (10, 9, 8, 7, 6):
+    s = format(x, f'.{p}g')
+    if 'e' not in s and len(s) <= 16:
+      return s
+  return f'{x:.6f}'.rstrip('0').rstrip('.')
+
+
+def _tm(seconds: float) -> str:
+  us = int(round(seconds * 1e6))
+  h, rem = divmod(us, 3600 * 10**6)
+  m, rem = divmod(rem, 60 * 10**6)
+  s, us = divmod(rem, 10**6)
+  return f'{h:02d}{m:02d}{s:02d}.{us:06d}'
+
+
+def _da(d: datetime.date) -> str:
+  return d.strftime('%Y%m%d')
+
+
+def choose_phases(times_s) -> tuple[int, int, int]:
+  """(pre, early, late) phase indices: 0, post-contrast closest to 150 s / 450 s (ties: earlier)."""
+  t = np.asarray(times_s, np.float64)
+  post = t[1:]
+  early = 1 + int(np.argmin(np.abs(post - 150.0)))  # argmin keeps the first (earlier) of ties
+  late = 1 + int(np.argmin(np.abs(post - 450.0)))
+  return 0, early, late
+
+
+def _phase_times(rng: np.random.Generator, n: int, schedule: str) -> np.ndarray:
+  """Phase times (s after injection), rounded to the millisecond; the first is 0 (pre)."""
+  if schedule == 'ties':
+    return np.arange(n, dtype=np.float64) * 100.0
+  t1 = rng.uniform(60.0, 100.0)
+  if n == 2:
+    t = np.array([0.0, t1])
+  else:
+    lo = max(55.0, (470.0 - t1) / (n - 2))
+    hi = min(max(lo + 5.0, (620.0 - t1) / (n - 2)), 185.0)
+    dt = rng.uniform(lo, hi)
+    t = np.concatenate([[0.0], t1 + dt * np.arange(n - 1)])
+  return np.round(t * 1000.0) / 1000.0
+
+
+def _rotation(axis, degrees: float) -> np.ndarray:
+  a = np.asarray(axis, float)
+  a /= np.linalg.norm(a)
+  th = math.radians(degrees)
+  k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+  return np.eye(3) + math.sin(th) * k + (1 - math.cos(th)) * (k @ k)
+
+
+def _axes(orientation: str) -> np.ndarray:
+  """Columns: LPS directions of the phantom's +x (column), +y (row) and +z (slice) axes."""
+  if orientation == 'axial':
+    return np.eye(3)
+  if orientation == 'oblique':
+    return _rotation((1.0, 1.0, 0.0), 17.0)
+  if orientation == 'flipped':  # rows right-to-left; the slice stack still runs I -> S
+    return np.diag([-1.0, 1.0, 1.0])
+  raise ValueError(orientation)
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+  """A voxel grid of arrays [k, j, i] = (slice, row, column) placed in LPS space."""
+  shape: tuple[int, int, int]          # D, H, W
+  spacing: tuple[float, float, float]  # dz (slice), dy (row), dx (column)
+  center: np.ndarray                   # LPS of the grid centre
+  axes: np.ndarray                     # [3, 3] columns: LPS of +i, +j, +k
+
+  @property
+  def u_row(self):
+    return self.axes[:, 0]
+
+  @property
+  def u_col(self):
+    return self.axes[:, 1]
+
+  @property
+  def u_slc(self):
+    return self.axes[:, 2]
+
+  @property
+  def normal(self):
+    return np.cross(self.u_row, self.u_col)
+
+  @property
+  def origin(self) -> np.ndarray:
+    d, h, w = self.shape
+    dz, dy, dx = self.spacing
+    return (self.center - (w - 1) / 2 * dx * self.u_row - (h - 1) / 2 * dy * self.u_col
+            - (d - 1) / 2 * dz * self.u_slc)
+
+  def ipp(self, k: float) -> np.ndarray:
+    return self.origin + k * self.spacing[0] * self.u_slc
+
+  @property
+  def iop(self) -> list[float]:
+    return list(self.u_row) + list(self.u_col)
+
+  def lps(self, kji: np.ndarray) -> np.ndarray:
+    """LPS (mm) of voxel indices [..., 3] in (k, j, i) order."""
+    kji = np.asarray(kji, float)
+    dz, dy, dx = self.spacing
+    return (self.origin + kji[..., 2:3] * dx * self.u_row + kji[..., 1:2] * dy * self.u_col
+            + kji[..., 0:1] * dz * self.u_slc)
+
+  def sorted_ks(self) -> list[int]:
+    """Slice indices in the order of increasing dot(IPP, normal) (the reader's order)."""
+    ks = list(range(self.shape[0]))
+    return ks if float(self.u_slc @ self.normal) > 0 else ks[::-1]
+
+  def sitk_geometry(self) -> dict:
+    """What SimpleITK reports for the phase volume sorted along the normal."""
+    ks = self.sorted_ks()
+    d, h, w = self.shape
+    dz, dy, dx = self.spacing
+    direction = np.stack([self.u_row, self.u_col, self.normal], axis=1)
+    return dict(origin=tuple(float(x) for x in self.ipp(ks[0])),
+                direction=tuple(float(x) for x in direction.ravel()),
+                spacing=(float(dx), float(dy), float(dz)), size=(w, h, d))
+
+  def canvas(self) -> _Grid:
+    """Bilateral field of view: the same grid extended by W columns towards -i."""
+    d, h, w = self.shape
+    return _Grid((d, h, 2 * w), self.spacing, self.center - w * self.spacing[2] / 2 * self.u_row,
+                 self.axes)
+
+
+def _phantom_grid_coords(grid: _Grid):
+  """Phantom-frame (z, y, x) mm of a grid's voxel centres (the grid is centred on the phantom)."""
+  d, h, w = grid.shape
+  dz, dy, dx = grid.spacing
+  return ((np.arange(d) - (d - 1) / 2) * dz, (np.arange(h) - (h - 1) / 2) * dy,
+          (np.arange(w) - (w - 1) / 2) * dx)
+
+
+# ----------------------------------------------------------------------------- physics
+_MAP_KEYS = ('labels', 'ktrans_per_min', 've', 'vp', 't10_s', 'bias')
+_M0_BY_LABEL = np.zeros(8)
+for _name, _code in phantom.LABELS.items():
+  if _name not in ('air', 'fat'):
+    _M0_BY_LABEL[_code] = phantom.M0_REL[_name]
+
+
+def _visit_maps(maps: dict, v: int) -> dict:
+  return {k: np.asarray(maps[k][v]) for k in _MAP_KEYS}
+
+
+def _resample_maps(vm: dict, spec: phantom.PhantomSpec, shape, spacing) -> dict:
+  """The phantom maps of one visit on another grid with the same centre and axes."""
+  grid = _Grid(tuple(shape), tuple(spacing), np.zeros(3), np.eye(3))
+  z, y, x = _phantom_grid_coords(grid)
+  d0, h0, w0 = spec.shape
+  dz0, dy0, dx0 = spec.spacing_mm
+  kz = z / dz0 + (d0 - 1) / 2
+  jy = y / dy0 + (h0 - 1) / 2
+  ix = x / dx0 + (w0 - 1) / 2
+  coords = np.stack(np.meshgrid(kz, jy, ix, indexing='ij'))
+  out = {}
+  for key, arr in vm.items():
+    order = 0 if key == 'labels' else 1
+    out[key] = ndimage.map_coordinates(arr.astype(np.float32) if order else arr, coords,
+                                       order=order, mode='nearest')
+    out[key] = out[key].astype(arr.dtype)
+  return out
+
+
+def _mirror_maps(vm: dict) -> dict:
+  """Contralateral breast for a bilateral FOV: the mirror image with the tumour made fat."""
+  out = {k: np.flip(a, axis=-1).copy() for k, a in vm.items()}
+  tum = np.isin(out['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+  out['labels'][tum] = phantom.LABELS['fat']
+  out['ktrans_per_min'][tum] = 0.0
+  return out
+
+
+def _signals(vm: dict, truth, times_s: np.ndarray, rng: np.random.Generator | None):
+  """Noise-free and noisy signal [n_phases, D, H, W] (float32) of one visit's maps."""
+  lab = vm['labels'].astype(np.int64)
+  m0 = _M0_BY_LABEL[lab]
+  fat = lab == phantom.LABELS['fat']
+  t10 = np.where(vm['t10_s'] > 0, vm['t10_s'], 1.0).astype(np.float64)
+  fat_pre = float(phantom.spgr_signal(phantom.M0_REL['fat'] * truth.fat_residual,
+                                      phantom.T10_S['fat'] * truth.t10_scale))
+  times = np.asarray(times_s, np.float64)
+  conc = phantom.tofts_concentration(times[1:], vm['ktrans_per_min'], vm['ve'], vm['vp'],
+                                     delay_s=truth.bolus_delay_s) if len(times) > 1 else []
+  scale = vm['bias'].astype(np.float32) * np.float32(truth.gain)
+  clean = np.empty((len(times),) + lab.shape, np.float32)
+  for p in range(len(times)):
+    c = 0.0 if p == 0 else conc[p - 1]
+    s = np.where(fat, fat_pre, phantom.spgr_signal(m0, t10, c))
+    s = ndimage.gaussian_filter(s.astype(np.float32), phantom._PSF_SIGMA_VOX, mode='constant')
+    clean[p] = s * scale
+  if rng is None:
+    return clean, clean
+  sigma = np.float32(truth.noise_sigma)
+  n1 = rng.standard_normal(clean.shape, dtype=np.float32)
+  n2 = rng.standard_normal(clean.shape, dtype=np.float32)
+  noisy = np.sqrt((clean + sigma * n1) ** 2 + (sigma * n2) ** 2)
+  return clean, noisy
+
+
+def render_dce_series(spec: phantom.PhantomSpec, index: int, visit: int, times_s, *,
+                      seed: int = 0, noise: bool = True) -> np.ndarray:
+  """Phantom patient ``index``, ``visit``: DCE signal [len(times_s), D, H, W] on the spec grid.
+
+  The same physics as :func:`phantom.render_patient` at any phase times (tissue labels instead of
+  the phantom's fat/FGT partial volume; independent noise).
+  """
+  _, maps, truth = phantom.render_patient_maps(spec, index)
+  if not truth.visit_mask[visit]:
+    raise ValueError(f'visit {visit} of phantom patient {index} is missing')
+  rng = _rng(seed, 'render', index, visit) if noise else None
+  clean, noisy = _signals(_visit_maps(maps, visit), truth, times_s, rng)
+  return noisy if noise else clean
+
+
+# ----------------------------------------------------------------------------- DICOM files
+def _file_meta(sop_class: str, sop_instance: str | None = None) -> FileMetaDataset:
+  """File meta information (pydicom adds the group length and version when it writes)."""
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = sop_class
+  if sop_instance is not None:
+    meta.MediaStorageSOPInstanceUID = sop_instance
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+  meta.ImplementationVersionName = _IMPL_VERSION
+  return meta
+
+
+# ----------------------------------------------------------------------------- patient context
+@dataclasses.dataclass
+class _Study:
+  visit: int                 # visit written (the truth; -1 for the unknown study)
+  label: str                 # key for UIDs
+  description: str | None    # StudyDescription (None: absent)
+  cttp: str | None           # ClinicalTrialTimePointID (None: absent)
+  folder: str                # study folder name
+  date: datetime.date
+  time_s: float              # study start (s after midnight)
+  accession: str
+  uid: str
+  for_uid: str
+
+
+def _patient_header(ds: Dataset, case: Case, phi: dict, study: _Study):
+  ds.SpecificCharacterSet = 'ISO_IR 100'
+  ds.StudyDate = _da(study.date)
+  ds.SeriesDate = _da(study.date)
+  ds.AcquisitionDate = _da(study.date)
+  ds.ContentDate = _da(study.date)
+  ds.StudyTime = _tm(study.time_s)
+  ds.SeriesTime = _tm(study.time_s + 60.0)
+  ds.AccessionNumber = study.accession
+  ds.Manufacturer = phi['manufacturer']
+  ds.InstitutionName = INSTITUTION
+  ds.InstitutionAddress = '742 Evergreen Terrace, Springfield'
+  ds.ReferringPhysicianName = REFERRING
+  ds.StationName = 'MRC3T01'
+  if study.description is not None:
+    ds.StudyDescription = study.description
+  ds.OperatorsName = OPERATOR
+  ds.ManufacturerModelName = phi['model']
+  ds.PatientName = PATIENT_NAME
+  ds.PatientID = case.tcia_id
+  ds.PatientBirthDate = phi['birth_date']
+  ds.PatientSex = 'F'
+  ds.PatientAge = phi['age_str']
+  ds.PatientWeight = phi['weight']
+  ds.ClinicalTrialSponsorName = 'QuantumLeap Healthcare Collaborative'
+  ds.ClinicalTrialProtocolID = 'ISPY2' if case.prefix == 'ISPY2' else 'ACRIN-6698'
+  ds.ClinicalTrialSiteID = phi['site']
+  ds.ClinicalTrialSubjectID = str(case.research_id)
+  if study.cttp is not None:
+    ds.ClinicalTrialTimePointID = study.cttp
+  ds.StudyInstanceUID = study.uid
+  ds.StudyID = study.accession[-6:]
+  ds.FrameOfReferenceUID = study.for_uid
+  ds.PositionReferenceIndicator = ''
+
+
+def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_uid: str,
+                 series_number: int, description: str, n_phases: int | None, derived: bool,
+                 rescale) -> Dataset:
+  """The elements shared by the slices of one series (per-slice ones: :func:`_set_slice`)."""
+  ds = Dataset()
+  ds.file_meta = _file_meta(MRImageStorage)
+  ds.ImageType = (['DERIVED', 'SECONDARY', 'OTHER'] if derived
+                  else ['ORIGINAL', 'PRIMARY', 'OTHER'])
+  ds.SOPClassUID = MRImageStorage
+  _patient_header(ds, case, phi, study)
+  ds.Modality = 'MR'
+  ds.SeriesDescription = description
+  ds.BodyPartExamined = 'BREAST'
+  ds.ScanningSequence = 'GR'
+  ds.SequenceVariant = ['SS', 'SP']
+  ds.ScanOptions = 'FAST_GEMS' if phi['manufacturer'].startswith('GE') else 'FS'
+  ds.MRAcquisitionType = '3D'
+  ds.SliceThickness = _ds(grid.spacing[0])
+  ds.RepetitionTime = _ds(phantom.TR_S * 1000)
+  ds.EchoTime = '2.1'
+  ds.EchoTrainLength = 1
+  ds.MagneticFieldStrength = phi['field']
+  ds.SpacingBetweenSlices = _ds(grid.spacing[0])
+  ds.FlipAngle = _ds(phantom.FLIP_DEG)
+  ds.PatientPosition = 'FFP'
+  ds.ContrastBolusAgent = 'GADAVIST'
+  ds.SeriesInstanceUID = series_uid
+  ds.SeriesNumber = series_number
+  ds.AcquisitionNumber = 1
+  ds.ImageOrientationPatient = [_ds(x) for x in grid.iop]
+  ds.ImageLaterality = ('B' if 'bi-lateral' in description
+                        else 'R' if case.orientation == 'flipped' else 'L')
+  if n_phases is not None:
+    ds.NumberOfTemporalPositions = n_phases
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = 'MONOCHROME2'
+  ds.Rows = grid.shape[1]
+  ds.Columns = grid.shape[2]
+  ds.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
+  ds.BitsAllocated = 16
+  ds.BitsStored = 16
+  ds.HighBit = 15
+  ds.PixelRepresentation = 0
+  ds.WindowCenter = '1200'
+  ds.WindowWidth = '2400'
+  if rescale is not None:
+    ds.RescaleIntercept = _ds(rescale[1])
+    ds.RescaleSlope = _ds(rescale[0])
+    ds.RescaleType = 'US'
+  return ds
+
+
+def _set_slice(ds: Dataset, *, sop_uid: str, acq_s: float, trigger_ms: float | None,
+               instance: int, ipp: np.ndarray, slice_location: float, phase: int | None,
+               pixels: bytes) -> None:
+  """The per-slice elements of an MR slice (set in place on the series' dataset)."""
+  ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+  ds.SOPInstanceUID = sop_uid
+  ds.AcquisitionTime = _tm(acq_s)
+  ds.ContentTime = _tm(acq_s)
+  if trigger_ms is not None:
+    ds.TriggerTime = _ds(trigger_ms)
+  ds.InstanceNumber = instance
+  ds.ImagePositionPatient = [_ds(x) for x in ipp]
+  if phase is not None:
+    ds.TemporalPositionIdentifier = phase
+  ds.SliceLocation = _ds(slice_location)
+  ds.PixelData = pixels
+  ds['PixelData'].VR = 'OW'
+
+
+def _to_stored(values: np.ndarray, rescale) -> np.ndarray:
+  slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+  return np.clip(np.round((values - intercept) / slope), 0, 65535).astype('<u2')
+
+
+@dataclasses.dataclass
+class _WrittenSeries:
+  dir: Path
+  series_uid: str
+  files: list            # per phase: list of (k, path)
+  pre_uids: dict         # slice k -> SOPInstanceUID of the pre-contrast slice
+
+
+def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, grid: _Grid,
+                     volumes: np.ndarray, times_s: np.ndarray | None, *, seed: int,
+                     series_key: str, series_number: int, description: str,
+                     temporal_position: bool, rescale, skip=(), reverse=False) -> _WrittenSeries:
+  """Single-frame MR slices of ``volumes`` [n_phases, D, H, W] (float, rescaled units)."""
+  series_dir.mkdir(parents=True, exist_ok=True)
+  derived = times_s is None
+  n_phases = volumes.shape[0]
+  series_uid = _uid(seed, case.tcia_id, study.label, series_key)
+  temporal = temporal_position and not derived
+  ds = _mr_template(case, phi, study, grid, series_uid=series_uid, series_number=series_number,
+                    description=description, n_phases=n_phases if temporal else None,
+                    derived=derived, rescale=rescale)
+  stored = _to_stored(volumes, rescale)
+  ks = grid.sorted_ks()
+  if reverse:
+    ks = ks[::-1]
+  normal = grid.normal
+  result = _WrittenSeries(series_dir, series_uid, [], {})
+  instance = 0
+  for p in range(n_phases):
+    t = 0.0 if derived else float(times_s[p])
+    acq = study.time_s + 300.0 + t
+    phase_files = []
+    for k in ks:
+      if (p, k) in skip:
+        continue
+      instance += 1
+      ipp = grid.ipp(k)
+      sop_uid = _uid(seed, case.tcia_id, study.label, series_key, p, k)
+      _set_slice(ds, sop_uid=sop_uid, acq_s=acq,
+                 trigger_ms=None if derived else round(t * 1000.0), instance=instance,
+                 ipp=ipp, slice_location=float(ipp @ normal),
+                 phase=p + 1 if temporal else None, pixels=stored[p, k].tobytes())
+      path = series_dir / f'1-{instance:03d}.dcm'
+      pydicom.dcmwrite(path, ds, enforce_file_format=True)
+      phase_files.append((k, path))
+      if p == 0:
+        result.pre_uids[k] = sop_uid
+    result.files.append(phase_files)
+  return result
+
+
+# ----------------------------------------------------------------------------- SEG
+_SEG_REASONS = ('PE threshold', 'SER/min neighbour', 'background threshold', 'manual VOI')
+
+
+def _exclusion_segments(tumour: np.ndarray, pre: np.ndarray, early: np.ndarray,
+                        center_kji: np.ndarray, style: str) -> tuple[list[str], np.ndarray]:
+  """Segments [D, H, W, S] whose union is exactly the complement of the tumour (the FTV)."""
+  d, h, w = tumour.shape
+  if tumour.any():
+    idx = np.argwhere(tumour)
+    lo, hi = idx.min(0), idx.max(0) + 1
+  else:
+    c = np.round(center_kji).astype(int)
+    lo, hi = c - 1, c + 2
+  margin = np.array([1, 3, 3])
+  lo = np.clip(lo - margin, 0, [d, h, w])
+  hi = np.clip(hi + margin, 0, [d, h, w])
+  voi = np.zeros_like(tumour)
+  voi[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+  other = voi & ~tumour
+  if style == 'excluded':
+    return ['excluded'], (~tumour)[..., None]
+  pe = 100.0 * (early - pre) / np.maximum(pre, 1e-3)
+  background = pre < 0.6 * np.percentile(pre, 95)
+  segs = np.stack([other & (pe < 70.0), other & (pe >= 70.0), other & background, ~voi], -1)
+  return list(_SEG_REASONS), segs
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegFrame:
+  """One SEG frame: a segment on a plane."""
+  segment: int              # 1-based segment number
+  plane: int                # 1-based index of the plane (ascending along the normal)
+  ipp: tuple[str, str, str]  # ImagePositionPatient (DS strings)
+  source_uid: str | None    # the pre-contrast DCE slice at this plane (None outside the DCE)
+
+
+_CODE_TISSUE = ('85756007', 'SCT', 'Tissue')
+_CODE_CONNECTIVE = ('21793004', 'SCT', 'Connective tissue')
+_CODE_AI = ('123110', 'DCM', 'Artificial Intelligence')
+_CODE_SOURCE = ('121322', 'DCM', 'Source image for image processing operation')
+_CODE_SEGMENTATION = ('113076', 'DCM', 'Segmentation')
+
+
+def _code(value) -> Dataset:
+  item = Dataset()
+  item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value
+  return item
+
+
+def _seg_planes(grid: _Grid, segs: np.ndarray, labels: list[str], source_uids: dict):
+  """Frames and their bits: every non-empty (segment, plane); planes beyond the DCE excluded."""
+  d = grid.shape[0]
+  ks = list(range(-_SEG_EXTRA_BELOW, d + _SEG_EXTRA_ABOVE))
+  if float(grid.u_slc @ grid.normal) < 0:
+    ks = ks[::-1]  # ascending along the normal
+  manual = labels.index('manual VOI') if 'manual VOI' in labels else 0
+  frames, bits = [], []
+  for s in range(len(labels)):
+    for plane, k in enumerate(ks, start=1):
+      if 0 <= k < d:
+        frame = segs[k, ..., s]
+      else:
+        frame = np.full(segs.shape[1:3], s == manual)
+      if not frame.any():
+        continue  # empty frames are omitted (as highdicom does by default)
+      frames.append(_SegFrame(s + 1, plane, tuple(_ds(x) for x in grid.ipp(k)),
+                              source_uids.get(k)))
+      bits.append(frame)
+  return frames, np.stack(bits)
+
+
+def _seg_dataset(case: Case, phi: dict, study: _Study, grid: _Grid, labels: list[str],
+                 frames: Sequence[_SegFrame], bits: np.ndarray, *, series_uid: str,
+                 sop_uid: str, dim_uid: str, series_number: int, description: str,
+                 source_series_uid: str, source_uids: dict) -> Dataset:
+  """The SEG instance: ``frames`` with their ``bits`` [frames, H, W] (bool), file meta included."""
+  ds = Dataset()
+  ds.file_meta = _file_meta(SEG_SOP_CLASS_UID, sop_uid)
+  _patient_header(ds, case, phi, study)
+  del ds.AcquisitionDate  # not in the Segmentation IOD
+  for key in ('InstitutionName', 'InstitutionAddress', 'StationName', 'OperatorsName'):
+    delattr(ds, key)
+  ds.ImageType = ['DERIVED', 'PRIMARY']
+  ds.InstanceCreationDate = _da(study.date)
+  ds.InstanceCreationTime = _tm(study.time_s + 3600.0)
+  ds.SOPClassUID = SEG_SOP_CLASS_UID
+  ds.SOPInstanceUID = sop_uid
+  ds.ContentDate = _da(study.date)
+  ds.ContentTime = _tm(study.time_s + 3600.0)
+  ds.SeriesTime = _tm(study.time_s + 3600.0)
+  ds.Modality = 'SEG'
+  ds.Manufacturer = 'UCSF'
+  ds.SeriesDescription = description
+  ds.ManufacturerModelName = 'VOLSER'
+  ref_series = Dataset()
+  ref_series.SeriesInstanceUID = source_series_uid
+  ref_series.ReferencedInstanceSequence = []
+  for k in sorted(source_uids):
+    item = Dataset()
+    item.ReferencedSOPClassUID = MRImageStorage
+    item.ReferencedSOPInstanceUID = source_uids[k]
+    ref_series.ReferencedInstanceSequence.append(item)
+  ds.ReferencedSeriesSequence = [ref_series]
+  ds.DeviceSerialNumber = '0'
+  ds.SoftwareVersions = '2.1'
+  ds.SeriesInstanceUID = series_uid
+  ds.SeriesNumber = series_number
+  ds.InstanceNumber = 1
+  org = Dataset()
+  org.DimensionOrganizationUID = dim_uid
+  ds.DimensionOrganizationSequence = [org]
+  index_seg, index_pos = Dataset(), Dataset()
+  index_seg.DimensionOrganizationUID = dim_uid
+  index_seg.DimensionIndexPointer = 0x0062000B          # ReferencedSegmentNumber
+  index_seg.FunctionalGroupPointer = 0x0062000A         # SegmentIdentificationSequence
+  index_seg.DimensionDescriptionLabel = 'Referenced Segment Number'
+  index_pos.DimensionOrganizationUID = dim_uid
+  index_pos.DimensionIndexPointer = 0x00200032          # ImagePositionPatient
+  index_pos.FunctionalGroupPointer = 0x00209113         # PlanePositionSequence
+  index_pos.DimensionDescriptionLabel = 'Image Position Patient'
+  ds.DimensionIndexSequence = [index_seg, index_pos]
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = 'MONOCHROME2'
+  ds.NumberOfFrames = len(frames)
+  ds.Rows = grid.shape[1]
+  ds.Columns = grid.shape[2]
+  ds.BitsAllocated = 1
+  ds.BitsStored = 1
+  ds.HighBit = 0
+  ds.PixelRepresentation = 0
+  ds.LossyImageCompression = '00'
+  ds.SegmentationType = 'BINARY'
+  ds.SegmentSequence = []
+  for n, label in enumerate(labels):
+    item = Dataset()
+    item.SegmentedPropertyCategoryCodeSequence = [_code(_CODE_TISSUE)]
+    item.SegmentNumber = n + 1
+    item.SegmentLabel = label
+    if label != 'manual VOI':
+      alg = Dataset()
+      alg.AlgorithmFamilyCodeSequence = [_code(_CODE_AI)]
+      alg.AlgorithmVersion = '2.1'
+      alg.AlgorithmName = 'VOLSER'
+      item.SegmentationAlgorithmIdentificationSequence = [alg]
+      item.SegmentAlgorithmType = 'AUTOMATIC'
+      item.SegmentAlgorithmName = 'VOLSER'
+    else:
+      item.SegmentAlgorithmType = 'MANUAL'
+    item.SegmentedPropertyTypeCodeSequence = [_code(_CODE_CONNECTIVE)]
+    ds.SegmentSequence.append(item)
+  ds.SegmentsOverlap = 'YES' if len(labels) > 1 else 'NO'
+  ds.ContentLabel = 'ANALYSIS_MASK'
+  ds.ContentDescription = 'VOLSER,BACKGROUND=475,SER PE THRESHOLD=70'
+  ds.ContentCreatorName = 'VOLSER^UCSF'
+  shared = Dataset()
+  orientation = Dataset()
+  orientation.ImageOrientationPatient = [_ds(x) for x in grid.iop]
+  shared.PlaneOrientationSequence = [orientation]
+  measures = Dataset()
+  measures.SliceThickness = _ds(grid.spacing[0])
+  measures.SpacingBetweenSlices = _ds(grid.spacing[0])
+  measures.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
+  shared.PixelMeasuresSequence = [measures]
+  ds.SharedFunctionalGroupsSequence = [shared]
+  ds.PerFrameFunctionalGroupsSequence = _per_frame_groups(frames)
+  ds.PixelData = pack_bits(bits.astype(np.uint8).ravel(), pad=True)
+  ds['PixelData'].VR = 'OB'
+  return ds
+
+
+def _per_frame_groups(frames: Sequence[_SegFrame]) -> list[Dataset]:
+  """Per-frame functional groups: derivation image, frame content, plane position, segment."""
+  out = []
+  for f in frames:
+    item = Dataset()
+    if f.source_uid is not None:
+      source = Dataset()
+      source.ReferencedSOPClassUID = MRImageStorage
+      source.ReferencedSOPInstanceUID = f.source_uid
+      source.PurposeOfReferenceCodeSequence = [_code(_CODE_SOURCE)]
+      derivation = Dataset()
+      derivation.SourceImageSequence = [source]
+      derivation.DerivationCodeSequence = [_code(_CODE_SEGMENTATION)]
+      item.DerivationImageSequence = [derivation]
+    content = Dataset()
+    content.DimensionIndexValues = [f.segment, f.plane]
+    item.FrameContentSequence = [content]
+    position = Dataset()
+    position.ImagePositionPatient = list(f.ipp)
+    item.PlanePositionSequence = [position]
+    ident = Dataset()
+    ident.ReferencedSegmentNumber = f.segment
+    item.SegmentIdentificationSequence = [ident]
+    out.append(item)
+  return out
+
+
+def _write_seg(path: Path, series: _WrittenSeries, grid: _Grid, segs: np.ndarray,
+               labels: list[str], *, seed: int, case: Case, phi: dict, study: _Study,
+               series_key: str, series_number: int, description: str) -> None:
+  frames, bits = _seg_planes(grid, segs, labels, series.pre_uids)
+  ds = _seg_dataset(
+      case, phi, study, grid, labels, frames, bits,
+      series_uid=_uid(seed, case.tcia_id, study.label, series_key),
+      sop_uid=_uid(seed, case.tcia_id, study.label, series_key, 'sop'),
+      dim_uid=_uid(seed, case.tcia_id, study.label, series_key, 'dim'),
+      series_number=series_number, description=description,
+      source_series_uid=series.series_uid, source_uids=series.pre_uids)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def _truncate_in_pixels(path: Path) -> None:
+  """Cut a written DICOM file in the middle of its pixel data (the header stays readable)."""
+  pixels = pydicom.dcmread(path).get_item('PixelData')  # raw element: offset and length
+  with path.open('r+b') as f:
+    f.truncate(pixels.value_tell + pixels.length // 2)
+
+
+# ----------------------------------------------------------------------------- clinical sheets
+def write_clinical_sheet(path: str | Path, rows: Sequence[dict],
+                         columns: Sequence[str] = CLINICAL_COLUMNS) -> Path:
+  """Write ``rows`` (dicts keyed by column name; missing keys = empty cells) as an xlsx sheet.
+
+  Header in row 1 (``columns``), one patient per row, cell values as given (int, float, str or
+  None for an empty cell).  The cells are deterministic; the file's bytes are not (openpyxl
+  stamps the save time into the zip entries and ``docProps/core.xml``).
+  """
+  import openpyxl
+  wb = openpyxl.Workbook()
+  ws = wb.active
+  ws.title = 'Sheet1'
+  ws.append(list(columns))
+  for row in rows:
+    ws.append([row.get(c) for c in columns])
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  wb.save(path)
+  return path
+
+
+def write_ancillary_sheet(path: str | Path, pairs: Sequence[tuple[str, int]]) -> Path:
+  """``Full-Collection-Ancillary-Patient-Information-file.xlsx``: TCIA id -> research id."""
+  rows = [{ANCILLARY_COLUMNS[0]: tcia, ANCILLARY_COLUMNS[1]: rid} for tcia, rid in pairs]
+  return write_clinical_sheet(path, rows, ANCILLARY_COLUMNS)
+
+
+_RACES = ('White', 'Black or African American', 'Asian', 'American Indian or Alaska Native',
+          'Native Hawaiian or Other Pacific Islander')
+_ETHNICITY = ('Not Hispanic or Latino', 'Hispanic or Latino')
+
+
+def _label(value: int | None, kind: str, style: str):
+  if value is None:
+    return None
+  if style == 'int':
+    return int(value)
+  if style == 'float':
+    return float(value)
+  if style == 'str_float':
+    return f'{float(value):.1f}'
+  if kind == 'pcr':
+    return 'Yes' if value else 'No'
+  return 'Positive' if value else 'Negative'
+
+
+def _sheet_rows(case: Case, truth, rng: np.random.Generator) -> tuple[list[dict], dict]:
+  hr = int(truth.subtype in (0, 1))
+  her2 = int(truth.subtype in (1, 2))
+  age = int(rng.integers(28, 76))
+  row = {
+      'Patient_ID': case.tcia_id if case.sheet == 'tcia_id' else case.research_id,
+      'Arm': truth.arm,
+      'HR': _label(hr, 'hr', case.label_style),
+      'HER2': _label(her2, 'her2', case.label_style),
+      'MP': int(rng.integers(1, 3)),
+      'pCR': _label(truth.pcr, 'pcr', case.label_style),
+      'Age': age,
+      'Race': _RACES[int(rng.integers(len(_RACES)))],
+      'Ethnicity': _ETHNICITY[int(rng.integers(2))],
+      'Menopausal_Status': 'Post' if age > 52 else 'Pre',
+  }
+  phi = {'age': age, 'race': row['Race']}
+  if case.sheet == 'absent':
+    return [], phi
+  if case.sheet == 'empty_pcr':
+    row['pCR'] = None
+    return [row], phi
+  if case.sheet == 'duplicate_same':
+    return [row, dict(row)], phi
+  if case.sheet == 'duplicate_conflict':
+    other = dict(row)
+    other['pCR'] = _label(1 - truth.pcr, 'pcr', case.label_style)
+    return [row, other], phi
+  return [row], phi
+
+
+# ----------------------------------------------------------------------------- one patient
+def _study_for(case: Case, v: int, label: str, seed: int, rng, base_date: datetime.date,
+               visit_days: float, n_study: int, token: bool = True) -> _Study:
+  date = base_date + datetime.timedelta(days=int(visit_days) + n_study * 2)
+  token_text = _STUDY_STYLES[case.study_style % len(_STUDY_STYLES)].format(v=v)
+  if case.prefix == 'ACRIN-6698':
+    token_text = f'ACRIN-6698ISPY2MRIT{v}'
+  if not token:  # a study nobody can place
+    description, cttp, folder_desc = _NO_TOKEN_DESCRIPTION, None, _NO_TOKEN_DESCRIPTION
+  elif case.visit_source == 'description':
+    description, cttp, folder_desc = token_text, f'T{v}', token_text
+  elif case.visit_source == 'cttp':
+    description = _NO_TOKEN_DESCRIPTION
+    cttp = (f'T{v}', str(v))[v % 2]
+    folder_desc = description
+  else:  # folder only
+    description = None if v == 0 else 'BREAST MRI'
+    cttp = None
+    folder_desc = f'ISPY2MRIT{v}'
+  folder = f'{date:%m-%d-%Y}-{folder_desc}-{int(rng.integers(10000, 99999))}'
+  return _Study(visit=v, label=label, description=description, cttp=cttp, folder=folder,
+                date=date, time_s=float(rng.uniform(7.5, 17.0)) * 3600.0,
+                accession=f'ACC{int(rng.integers(10**7, 10**8))}',
+                uid=_uid(seed, case.tcia_id, label, 'study'),
+                for_uid=_uid(seed, case.tcia_id, label, 'for'))
+
+
+def _visit_grid(case: Case, spec: phantom.PhantomSpec, v: int, center: np.ndarray,
+                axes: np.ndarray) -> _Grid:
+  spacing = dict(case.visit_spacing).get(v)
+  if spacing is None:
+    return _Grid(tuple(spec.shape), tuple(float(s) for s in spec.spacing_mm), center, axes)
+  fov = np.asarray(spec.shape) * np.asarray(spec.spacing_mm)
+  shape = tuple(int(max(2, round(f / s))) for f, s in zip(fov, spacing))
+  return _Grid(shape, tuple(float(s) for s in spacing), center, axes)
+
+
+def _series_desc(case: Case, lat: str, what: str) -> str:
+  lat_text = 'uni-lateral cropped' if lat == 'uni' else 'bi-lateral'
+  return f'{case.prefix}: VOLSER: {lat_text}: {what}'
+
+
+def _series_folder(number: int, description: str, rng) -> str:
+  return f'{number}.000000-{description.replace(":", "")}-{int(rng.integers(10000, 99999))}'
+
+
+def _ser_map(clean: np.ndarray, times: np.ndarray) -> np.ndarray:
+  """A derived SER map (x1000, uint16 range) from the noise-free phases."""
+  _, e, l = choose_phases(times)
+  s0, s1, s2 = clean[0], clean[e], clean[l]
+  pe = (s1 - s0) / np.maximum(s0, 1e-3)
+  ser = np.where(pe > 0.7, (s1 - s0) / np.maximum(s2 - s0, 1e-3), 0.0)
+  return np.clip(ser * 1000.0, 0, 3000)[None]
+
+
+def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec, seed: int):
+  _, maps, truth = phantom.render_patient_maps(spec, case.phantom_index)
+  rng = _rng(seed, case.tcia_id, 'meta')
+  axes = _axes(case.orientation)
+  side = -1.0 if case.orientation == 'flipped' else 1.0  # flipped: a right breast
+  center_pat = np.array([side * rng.uniform(60, 80), rng.uniform(-60, -30),
+                         rng.uniform(-40, 40)])
+  base_date = datetime.date(2010, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 2500)))
+  birth = base_date - datetime.timedelta(days=int(rng.integers(30 * 365, 70 * 365)))
+  age_years = (base_date - birth).days // 365
+  phi = dict(birth_date=_da(birth), age_str=f'{age_years:03d}Y',
+             weight=_ds(round(float(rng.uniform(50, 110)), 1)),
+             manufacturer=('GE MEDICAL SYSTEMS', 'SIEMENS', 'Philips Medical Systems')[
+                 int(rng.integers(3))],
+             model='DISCOVERY MR750', field=('1.5', '3')[int(rng.integers(2))],
+             site=f'SITE{int(rng.integers(1, 30)):02d}')
+  patient_dir = coll / case.tcia_id
+
+  visits_written = [v for v in case.visits if truth.visit_mask[v]]
+  visit_mask = np.zeros(4, bool)
+  reasons = ['no_study'] * 4
+  phase_idx = np.full((4, 3), -1, np.int64)
+  phase_times = np.zeros((4, 3), np.float32)
+  all_times = [None] * 4
+  centroid = np.full((4, 3), np.nan)
+  volume = np.zeros(4)
+  mask_source = [None] * 4
+  geometry = [None] * 4
+  affines = [None] * 4
+  dce_desc = [None] * 4
+  dce_dirs = [None] * 4
+  seg_paths = [None] * 4
+  reports = []
+  applied = []
+  phi_strings = [PATIENT_NAME, INSTITUTION, REFERRING, OPERATOR, phi['birth_date']]
+
+  def rel(p: Path) -> str:
+    return str(p.relative_to(root))
+
+  extra_studies = []  # (kind, visit)
+  for v in visits_written:
+    if case.has('duplicate_visit', v):
+      extra_studies.append(('duplicate_visit', v))
+    if case.has('unknown_study', v):
+      extra_studies.append(('unknown_study', v))
+
+  n_study = 0
+  for v, kind in [(v, 'main') for v in visits_written] + [(v, k) for k, v in extra_studies]:
+    label = f'T{v}' if kind == 'main' else f'T{v}-{kind}'
+    study = _study_for(case, v, label, seed, rng, base_date, truth.visit_days[v], n_study,
+                       token=kind != 'unknown_study')
+    n_study += 1
+    phi_strings += [study.accession, _da(study.date), f'{study.date:%m-%d-%Y}']
+    study_dir = patient_dir / study.folder
+    center_v = center_pat + rng.uniform(-5.0, 5.0, 3)
+    grid = _visit_grid(case, spec, v, center_v, axes)
+    vm = _visit_maps(maps, v)
+    if grid.shape != tuple(spec.shape) or grid.spacing != tuple(spec.spacing_mm):
+      vm = _resample_maps(vm, spec, grid.shape, grid.spacing)
+    bilateral = case.laterality == 'bi' or (case.laterality == 'both' and v in case.both_visits
+                                            and kind == 'main')
+    if bilateral:
+      canvas = grid.canvas()
+      mirror = _mirror_maps(vm)
+      cmaps = {k: np.concatenate([mirror[k], vm[k]], axis=-1) for k in vm}
+    n_phases = case.num_phases
+    if kind == 'duplicate_visit':
+      n_phases = max(3, case.num_phases - 2)
+    if kind == 'main' and case.has('two_phases', v):
+      n_phases = 2
+    times = _phase_times(_rng(seed, case.tcia_id, label, 'times'), n_phases, case.phase_schedule)
+    noise_rng = _rng(seed, case.tcia_id, label, 'noise')
+    if bilateral:
+      clean_c, noisy_c = _signals(cmaps, truth, times, noise_rng)
+      w = grid.shape[2]
+      clean, noisy = clean_c[..., -w:], noisy_c[..., -w:]
+    else:
+      clean, noisy = _signals(vm, truth, times, noise_rng)
+    tumour = np.isin(vm['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+
+    no_dce = kind == 'main' and case.has('no_dce', v)
+    write_bi = bilateral and not no_dce
+    write_uni = case.laterality != 'bi' and not no_dce
+    series = {}
+    number = 800
+    if write_bi:  # the bilateral series first (lower series numbers)
+      desc = _series_desc(case, 'bi', 'original DCE')
+      sdir = study_dir / _series_folder(number + 1, desc, rng)
+      series['bi'] = (canvas, _write_mr_series(
+          sdir, case, phi, study, canvas, noisy_c, times, seed=seed, series_key='dce-bi',
+          series_number=number + 1, description=desc, temporal_position=case.temporal_position,
+          rescale=case.rescale, reverse=case.orientation == 'flipped'),
+          desc, clean_c)
+    if write_uni:
+      desc = _series_desc(case, 'uni', 'original DCE')
+      sdir = study_dir / _series_folder(number + 3, desc, rng)
+      skip = set()
+      if kind == 'main' and case.has('missing_slice', v):
+        chosen = set(choose_phases(times))
+        p_skip = next(p for p in range(1, n_phases) if p not in chosen)
+        skip = {(p_skip, grid.shape[0] // 2)}
+        applied.append(('missing_slice', v))
+      series['uni'] = (grid, _write_mr_series(
+          sdir, case, phi, study, grid, noisy, times, seed=seed, series_key='dce-uni',
+          series_number=number + 3, description=desc, temporal_position=case.temporal_position,
+          rescale=case.rescale, skip=skip, reverse=case.orientation == 'flipped'), desc, clean)
+    derived_kinds = [k for k, dv in case.derived if dv == v and kind == 'main']
+    if no_dce and 'SER' not in derived_kinds:
+      derived_kinds.append('SER')
+    for dk in derived_kinds:
+      lat = 'bi' if case.laterality == 'bi' else 'uni'
+      desc = _series_desc(case, lat, dk)
+      g = canvas if lat == 'bi' else grid
+      c = clean_c if lat == 'bi' else clean
+      if dk == 'SER':
+        vol = _ser_map(c, times)
+      else:  # PE2: percentage enhancement of the second post-contrast phase
+        vol = np.clip(100.0 * (c[2] - c[0]) / np.maximum(c[0], 1e-3), 0, 1000)[None]
+      n_der = number + (7 if dk == 'SER' else 8)
+      _write_mr_series(study_dir / _series_folder(n_der, desc, rng), case, phi, study, g,
+                       vol, None, seed=seed, series_key=f'derived-{dk}', series_number=n_der,
+                       description=desc, temporal_position=False, rescale=None)
+    if no_dce:
+      applied.append(('no_dce', v))
+
+    # Analysis masks: one per written DCE laterality, bilateral first.
+    corrupt = kind == 'main' and case.has('corrupt_seg', v)
+    no_seg = kind != 'main' or case.has('no_seg', v)
+    written_segs = {}
+    if not no_seg:
+      for lat in ('bi', 'uni'):
+        if lat not in series:
+          continue
+        g, ws, _, c = series[lat]
+        if lat == 'bi':
+          tum = np.concatenate([np.zeros_like(tumour), tumour], axis=-1)
+        else:
+          tum = tumour
+        center_kji = _center_kji(truth, v, spec, g, lat == 'bi')
+        e = choose_phases(times)[1] if len(times) >= 3 else len(times) - 1
+        labels, segs = _exclusion_segments(tum, c[0], c[e], center_kji, case.seg_style)
+        desc = _series_desc(case, lat, 'Analysis Mask')
+        n_seg = number + (40 if lat == 'bi' else 41)
+        path = study_dir / _series_folder(n_seg, desc, rng) / '1-1.dcm'
+        _write_seg(path, ws, g, segs, labels, seed=seed, case=case, phi=phi, study=study,
+                   series_key=f'seg-{lat}', series_number=n_seg, description=desc)
+        written_segs[lat] = path
+      if corrupt:
+        for path in written_segs.values():
+          _truncate_in_pixels(path)
+        applied.append(('corrupt_seg', v))
+    elif kind == 'main' and case.has('no_seg', v):
+      applied.append(('no_seg', v))
+
+    # Faults on files of the chosen series.
+    chosen_lat = 'uni' if 'uni' in series else ('bi' if 'bi' in series else None)
+    if kind == 'main' and chosen_lat is not None:
+      _, ws, _, _ = series[chosen_lat]
+      if case.has('truncated_file', v):
+        k, path = ws.files[0][len(ws.files[0]) // 2]
+        _truncate_in_pixels(path)
+        applied.append(('truncated_file', v))
+      if case.has('junk_file', v):
+        (ws.dir / '1-999.dcm').write_bytes(
+            b'NBIA Data Retriever manifest fragment - not a DICOM file\r\n' * 8)
+        applied.append(('junk_file', v))
+      if case.has('two_phases', v):
+        applied.append(('two_phases', v))
+
+    if kind == 'duplicate_visit':
+      reports.append(('duplicate_visit', f'T{v}'))
+      applied.append(('duplicate_visit', v))
+      continue
+    if kind == 'unknown_study':
+      reports.append(('unknown_visit', None))
+      applied.append(('unknown_study', v))
+      continue
+
+    # Truth of the main study of visit v.
+    if chosen_lat is None:
+      reasons[v] = 'no_dce_series'
+      continue
+    g, ws, desc, _ = series[chosen_lat]
+    affines[v] = _phantom_affine(spec, grid)
+    dce_dirs[v] = rel(ws.dir)
+    dce_desc[v] = desc
+    geometry[v] = g.sitk_geometry()
+    if case.has('truncated_file', v):
+      reasons[v] = 'unreadable_dicom'
+    elif case.has('missing_slice', v):
+      reasons[v] = 'missing_slices'
+    elif n_phases < 3:
+      reasons[v] = 'missing_phases'
+    else:
+      reasons[v] = None
+      visit_mask[v] = True
+      idx = choose_phases(times)
+      phase_idx[v] = idx
+      phase_times[v] = times[list(idx)]
+      all_times[v] = times.astype(np.float32)
+      seg_ok = chosen_lat in written_segs and not corrupt
+      mask_source[v] = 'seg' if seg_ok else 'pe70'
+      seg_paths[v] = rel(written_segs[chosen_lat]) if seg_ok else None
+    tum = tumour if chosen_lat == 'uni' else np.concatenate([np.zeros_like(tumour), tumour], -1)
+    if visit_mask[v] and tum.any():
+      centroid[v] = g.lps(np.argwhere(tum)).mean(0)
+      volume[v] = tum.sum() * float(np.prod(g.spacing))
+
+  crop = centroid.copy()
+  for v in range(4):
+    if visit_mask[v] and np.isnan(crop[v]).any():
+      crop[v] = centroid[0]
+
+  sheet_rows, sheet_phi = _sheet_rows(case, truth, _rng(seed, case.tcia_id, 'sheet'))
+  pcr = None if case.sheet in ('absent', 'empty_pcr') else int(truth.pcr)
+  skip = {'absent': 'not_in_clinical_sheet', 'empty_pcr': 'no_pcr_label',
+          'duplicate_conflict': 'duplicate_clinical_id'}.get(case.sheet)
+  phi_strings += [sheet_phi['race']]
+  result = PatientTruth(
+      case=case, tcia_id=case.tcia_id, research_id=str(case.research_id), phantom_spec=spec,
+      phantom_index=case.phantom_index, pcr=pcr, subtype=int(truth.subtype), arm=truth.arm,
+      expected_skip=skip, visit_mask=visit_mask, visit_reasons=tuple(reasons),
+      phase_indices=phase_idx, phase_times_s=phase_times, all_phase_times_s=tuple(all_times),
+      tumor_centroid_mm=centroid, tumor_volume_mm3=volume, crop_center_mm=crop,
+      phantom_volume_mm3=np.asarray(truth.tumor_volume_mm3, float),
+      phantom_to_lps=tuple(affines),
+      mask_source=tuple(mask_source), dce_geometry=tuple(geometry),
+      dce_series_description=tuple(dce_desc), dce_dirs=tuple(dce_dirs),
+      seg_paths=tuple(seg_paths), study_reports=tuple(reports),
+      faults_applied=tuple(applied), phi=tuple(dict.fromkeys(phi_strings)))
+  return result, sheet_rows
+
+
+def _phantom_affine(spec: phantom.PhantomSpec, grid: _Grid) -> np.ndarray:
+  """4x4: voxel (k, j, i) of the phantom's own arrays -> LPS mm of this visit's placement."""
+  ref = _Grid(tuple(spec.shape), tuple(float(x) for x in spec.spacing_mm), grid.center, grid.axes)
+  dz, dy, dx = ref.spacing
+  out = np.eye(4)
+  out[:3, 0] = dz * ref.u_slc
+  out[:3, 1] = dy * ref.u_col
+  out[:3, 2] = dx * ref.u_row
+  out[:3, 3] = ref.origin
+  return out
+
+
+def _center_kji(truth, v: int, spec: phantom.PhantomSpec, grid: _Grid,
+                bilateral: bool) -> np.ndarray:
+  """Voxel index (k, j, i) on ``grid`` of the phantom's tumour centre at visit v."""
+  c = np.asarray(truth.tumor_center_mm, float) + np.asarray(truth.shift_mm[v], float)
+  d, h, w = grid.shape
+  dz, dy, dx = grid.spacing
+  w_uni = w // 2 if bilateral else w
+  k = c[0] / dz + (d - 1) / 2
+  j = c[1] / dy + (h - 1) / 2
+  i = c[2] / dx + (w_uni - 1) / 2 + (w - w_uni)
+  return np.array([k, j, i])
+
+
+# ----------------------------------------------------------------------------- the tree
+def write_tcia_tree(root: str | Path, cases: Sequence[Case] = DEFAULT_CASES, *, seed: int = 0,
+                    spec: phantom.PhantomSpec = FIXTURE_SPEC,
+                    collection: str = 'ISPY2') -> dict[str, PatientTruth]:
+  """Write a TCIA-like I-SPY2 download of ``cases`` under ``root``; returns truth by PatientID.
+
+  Layout: ``root/<collection>/<PatientID>/<study>/<series>/1-NNN.dcm``, the clinical and the
+  ancillary xlsx in ``root``, plus non-DICOM clutter (``LICENSE``, ``.DS_Store``).  The DICOM
+  bytes and the sheets' cells are a pure function of ``(cases, seed, spec)``.
+  """
+  root = Path(root)
+  ids = [c.tcia_id for c in cases]
+  if len(set(ids)) != len(ids):
+    raise ValueError('duplicate tcia ids in cases')
+  coll = root / collection
+  coll.mkdir(parents=True, exist_ok=True)
+  truths: dict[str, PatientTruth] = {}
+  rows: list[dict] = []
+  for case in cases:
+    truth, case_rows = _write_patient(coll, root, case, spec, seed)
+    truths[case.tcia_id] = truth
+    rows.extend(case_rows)
+  # Patients in the sheet that were not downloaded.
+  extra = _rng(seed, 'extra-rows')
+  for n in range(3):
+    rid = 199001 + n
+    rows.append({'Patient_ID': rid, 'Arm': phantom.ARMS_HER2_NEGATIVE[0], 'HR': 1, 'HER2': 0,
+                 'MP': 1, 'pCR': int(extra.integers(2)), 'Age': int(extra.integers(30, 70)),
+                 'Race': _RACES[0], 'Ethnicity': _ETHNICITY[0], 'Menopausal_Status': 'Pre'})
+  write_clinical_sheet(root / CLINICAL_SHEET_NAME, rows)
+  pairs = [(c.tcia_id, c.research_id) for c in cases] + [
+      (f'ISPY2-{199001 + n}', 199001 + n) for n in range(3)]
+  write_ancillary_sheet(root / ANCILLARY_SHEET_NAME, pairs)
+  (root / 'LICENSE').write_text(
+      'Creative Commons Attribution 4.0 International (CC BY 4.0) - fixture, not real data.\n')
+  (coll / '.DS_Store').write_bytes(b'\x00\x00\x00\x01Bud1' + bytes(range(64)))
+  return truths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m tfds_ispy2.ispy2.tcia_fixtures OUT [--dummy] [--seed N]``: write a tree."""
+  import argparse
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('out')
+  parser.add_argument('--dummy', action='store_true', help='the small DUMMY_CASES tree')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  truths = write_tcia_tree(args.out, DUMMY_CASES if args.dummy else DEFAULT_CASES,
+                           seed=args.seed)
+  for tcia_id, t in truths.items():
+    print(f'{tcia_id:20s} {t.case.name:15s} visits {t.visit_mask.astype(int)} '
+          f'skip {t.expected_skip}')
+
+
+if __name__ == '__main__':
+  main()
