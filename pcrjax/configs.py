@@ -12,6 +12,7 @@ import ml_collections
 STAGES = ('baseline', 'teacher', 'student', 'protocol')
 REPRESENTATIONS = ('mip', 'volume')
 CLASS_WEIGHTINGS = ('balanced', 'none')
+CALIBRATIONS = ('none', 'platt', 'temperature')
 VISIT_NAMES = ('T0', 'T1', 'T2', 'T3')
 T2 = 2
 # The time points of each stage in the paper's comparison.
@@ -93,6 +94,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('batch_size', 'eval_batch_size'):
     check(config[field] > 0 and config[field] % devices == 0, field,
           f'must be a positive multiple of the {devices} devices the batch is sharded over')
+  if config.stage == 'protocol':
+    check(config.num_repeats >= 1, 'num_repeats', 'must be >= 1')
+    check(config.calibration in CALIBRATIONS, 'calibration', f'must be one of {CALIBRATIONS}')
+    check(config.bootstrap_replicates >= 100, 'bootstrap_replicates', 'must be >= 100')
   if config.stage == 'teacher':
     check(T2 in tps, 'data.time_points', 'the teacher (stage 1) must see T2')
   if config.stage in ('baseline', 'student'):

@@ -280,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation.write_predictions(
         os.path.join(workdir, f'predictions_{split_name}.csv'),
         [{'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),
-          'subtype': cohort.subtype_names[cohort.subtype[r]], 'fold': config.data.fold}
+          'subtype': cohort.subtype_names[cohort.subtype[r]], 'fold': config.data.fold,
+          'arm': cohort.arm[r]}
          for r, p in zip(rows, probs)])
   return {'best_epoch': best_epoch, 'workdir': workdir}
 

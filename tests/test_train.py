@@ -2,8 +2,11 @@
 
 import csv
 import hashlib
+import html
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import baseline, paper_table, stage1, stage2
-from pcrjax import checkpoints, evaluation, input_pipeline, protocol, train
+from pcrjax import checkpoints, compare, evaluation, input_pipeline, protocol, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,25 +102,66 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, monkeypa
   assert len((tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()) == 2
 
 
-def test_protocol_smoke_writes_the_table_and_resumes(data_dir, tmp_path):
+def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
   config = _config(paper_table, data_dir, bootstrap_replicates=200)
-  workdir = str(tmp_path / 'table')
-  table = protocol.run(config, workdir)
-  assert [row.name for row in table] == ['baseline', 'teacher', 'student']
-  assert [row.time_points for row in table] == ['T0+T1', 'T0+T1+T2', 'T0+T1']
-  student = table[2]
-  assert 0 <= student.p_vs_reference <= 1 and student.ci_low <= student.auroc <= student.ci_high
-  assert table[0].num_patients == 48  # Every patient predicted once, out of fold.
-  for fold in range(config.data.num_folds):
-    teacher_config = (pathlib.Path(workdir) / f'fold_{fold}' / 'teacher' / 'config.json').read_text()
-    assert f'"fold": {fold}' in teacher_config
-  with open(os.path.join(workdir, 'table.csv')) as f:
-    assert len(list(csv.DictReader(f))) == 3
-  report = (pathlib.Path(workdir) / 'report.md').read_text()
-  assert 'synthetic' in report and 'DeLong' in report
-  assert (pathlib.Path(workdir) / 'roc.png').stat().st_size > 10_000
+  assert config.num_repeats == 2
+  workdir = tmp_path / 'table'
+  table = protocol.run(config, str(workdir))
+  assert [(row.name, row.time_points) for row in table] == [
+      ('baseline', 'T0+T1'), ('student', 'T0+T1'), ('ftv', 'T0+T1'), ('teacher', 'T0+T1+T2')]
+  for row in table:
+    assert row.num_patients == 48 and len(row.auroc_repeats) == 2  # Every patient, once per repeat.
+    assert row.ci_low <= row.auroc <= row.ci_high and 0 <= row.brier <= 1
+  assert table[0].p_vs_baseline is None and table[3].p_vs_baseline is None
+  assert 0 <= table[1].p_vs_baseline <= 1
+  # Each repeat draws its own folds; each fold's teacher saw that fold's training patients only.
+  for repeat in range(2):
+    for fold in range(config.data.num_folds):
+      teacher = json.loads((workdir / f'repeat_{repeat}' / f'fold_{fold}' / 'teacher' / 'config.json').read_text())
+      assert (teacher['data']['fold'], teacher['data']['fold_seed']) == (fold, repeat)
+  test_ids = [{p['patient_id'] for p in evaluation.read_predictions(
+      str(workdir / f'repeat_{r}' / 'fold_0' / 'baseline' / 'predictions_test.csv'))} for r in range(2)]
+  assert test_ids[0] != test_ids[1]
+
+  with open(workdir / 'pairwise.csv') as f:
+    pairs = list(csv.DictReader(f))
+  assert {(p['a'], p['b']) for p in pairs} == {('baseline', 'student'), ('baseline', 'ftv'),
+                                               ('student', 'ftv')}
+  assert all(float(p['p_holm']) >= float(p['p']) for p in pairs)
+  with open(workdir / 'operating_points.csv') as f:
+    assert len(list(csv.DictReader(f))) == 8
+  with open(workdir / 'subgroups.csv') as f:
+    groups = list(csv.DictReader(f))
+  assert {g['kind'] for g in groups} == {'subtype', 'arm'}
+  assert any(g['auroc'] == '' for g in groups)  # 48 patients: some subgroups are "too few".
+  report = (workdir / 'report.md').read_text()
+  assert 'synthetic' in report and '2 repeat(s)' in report and 'too few' in report
+  page = html.unescape((workdir / 'report.html').read_text())
+  assert page.count('data:image/png;base64,') == 4 and '"num_repeats": 2' in page
+  for figure in ('roc.png', 'calibration.png', 'forest.png', 'learning_curves.png'):
+    assert (workdir / figure).stat().st_size > 10_000, figure
+
   # A second run finds every stage finished and rebuilds the same table without training.
-  assert protocol.run(config, workdir) == table
+  assert protocol.run(config, str(workdir)) == table
+  # The report command rebuilds it from the predictions files alone.
+  before = (workdir / 'table.csv').read_text()
+  (workdir / 'table.csv').unlink()
+  subprocess.run([sys.executable, '-m', 'pcrjax.report', f'--workdir={workdir}'], cwd=REPO, check=True,
+                 capture_output=True, timeout=300)
+  assert (workdir / 'table.csv').read_text() == before
+
+  # Comparing two runs: a run against itself differs by nothing; against a copy whose student
+  # predictions were replaced by a much better ranking, the student row shows it.
+  same = compare.compare(str(workdir), str(workdir))
+  assert all(r['difference'] == 0 and r['p'] == 1 for r in same)
+  better = tmp_path / 'better'
+  shutil.copytree(workdir, better)
+  for path in better.glob('repeat_*/fold_*/student/predictions_test.csv'):
+    rows = evaluation.read_predictions(str(path))
+    evaluation.write_predictions(str(path), [{**r, 'prob': 0.2 + 0.6 * r['label']} for r in rows])
+  rows = {r['model']: r for r in compare.compare(str(workdir), str(better))}
+  assert rows['student']['auroc_b'] == 1.0 and rows['student']['p'] < 0.05
+  assert rows['baseline']['difference'] == 0
 
 
 @pytest.mark.parametrize('override, message', [

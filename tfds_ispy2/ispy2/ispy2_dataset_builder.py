@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import json
 import multiprocessing
@@ -140,14 +141,21 @@ with their reason in build_report.json beside the dataset.
     processes the patients it had not finished, and finishes with the same records.
     """
     spec = self.builder_config.tcia
-    patients, issues = tcia.discover(manual_dir)
-    clinical = tcia.read_clinical(manual_dir)
-    cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
-    os.makedirs(cache_dir, exist_ok=True)
-    report = _BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
-    jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
-    with _process_pool() as pool, tqdm.tqdm(total=len(jobs), desc='ispy2/tcia', unit='patient') as bar:
-      for pid, outcome in zip(sorted(patients), pool.map(tcia_cache.process_patient_cached, jobs)):
+    with _process_pool() as pool:
+      patients, issues = tcia.discover(manual_dir, map_fn=functools.partial(pool.map, chunksize=256))
+      clinical = tcia.read_clinical(manual_dir)
+      cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
+      os.makedirs(cache_dir, exist_ok=True)
+      report = _BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
+      jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
+      yield from self._process(pool, jobs, report)
+    report.write(os.path.join(self.data_dir, 'build_report.json'), spec)
+
+  def _process(self, pool, jobs, report: '_BuildReport'):
+    """Yields the examples of `jobs` in order; records skips and issues in `report`."""
+    with tqdm.tqdm(total=len(jobs), desc='ispy2/tcia', unit='patient') as bar:
+      for (patient, *_), outcome in zip(jobs, pool.map(tcia_cache.process_patient_cached, jobs)):
+        pid = patient.patient_id
         bar.update()
         kind, payload, patient_issues = outcome
         report.issues += [i._asdict() for i in patient_issues]
@@ -162,7 +170,6 @@ with their reason in build_report.json beside the dataset.
         example, meta = payload
         report.written.append({'patient_id': pid, **meta})
         yield pid, example
-    report.write(os.path.join(self.data_dir, 'build_report.json'), spec)
 
 
 @dataclasses.dataclass
