@@ -16,12 +16,6 @@ from absl import app, flags
 
 from pcrjax import evaluation, stats
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('a', None, 'The first protocol workdir.')
-flags.DEFINE_string('b', None, 'The second protocol workdir.')
-flags.DEFINE_string('output', '', 'Also write the comparison (markdown) here.')
-
-
 def _load(run_dir: str) -> dict[str, evaluation.Predictions]:
   with open(os.path.join(run_dir, 'config.json')) as f:
     config = json.load(f)
@@ -55,13 +49,18 @@ def render(rows: list[dict], run_a: str, run_b: str) -> str:
 
 def main(argv):
   del argv
-  text = render(compare(FLAGS.a, FLAGS.b), FLAGS.a, FLAGS.b)
+  args = flags.FLAGS
+  text = render(compare(args.a, args.b), args.a, args.b)
   print(text)
-  if FLAGS.output:
-    with open(FLAGS.output, 'w') as f:
+  if args.output:
+    with open(args.output, 'w') as f:
       f.write(text)
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, like pcrjax.report: importing this module defines no flags.
+  flags.DEFINE_string('a', None, 'The first protocol workdir.')
+  flags.DEFINE_string('b', None, 'The second protocol workdir.')
+  flags.DEFINE_string('output', '', 'Also write the comparison (markdown) here.')
   flags.mark_flags_as_required(['a', 'b'])
   app.run(main)
