@@ -18,9 +18,6 @@ from absl import logging
 
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
 
-CHANNELS = ('pre', 'early - pre', 'late - pre')
-
-
 def load_source(data: ml_collections.ConfigDict):
   """The `train` split of `data.dataset` as a random-access source, built on first use."""
   builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format='array_record')
@@ -47,15 +44,17 @@ class Cohort:
 
 
 def read_cohort(source) -> Cohort:
-  rows = [source[i] for i in range(len(source))]
+  """One pass over the records, keeping only the small per-patient fields (not the images)."""
+  fields = []
+  for i in range(len(source)):
+    r = source[i]
+    fields.append((_text(r['patient_id']), r['pcr'], r['subtype'], _text(r['arm']),
+                   np.asarray(r['visit_mask'], bool)))
+  patient_id, pcr, subtype, arm, visit_mask = zip(*fields)
   return Cohort(
-      patient_id=np.array([_text(r['patient_id']) for r in rows]),
-      pcr=np.array([r['pcr'] for r in rows], np.int64),
-      subtype=np.array([r['subtype'] for r in rows], np.int64),
-      arm=np.array([_text(r['arm']) for r in rows]),
-      visit_mask=np.stack([np.asarray(r['visit_mask'], bool) for r in rows]),
-      subtype_names=tuple(source.dataset_info.features['subtype'].names),
-  )
+      patient_id=np.array(patient_id), pcr=np.array(pcr, np.int64),
+      subtype=np.array(subtype, np.int64), arm=np.array(arm), visit_mask=np.stack(visit_mask),
+      subtype_names=tuple(source.dataset_info.features['subtype'].names))
 
 
 def _text(value) -> str:
