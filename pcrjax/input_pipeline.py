@@ -18,14 +18,20 @@ from absl import logging
 
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
 
-def load_source(data: ml_collections.ConfigDict):
-  """The `train` split of `data.dataset` as a random-access source, built on first use."""
+def load_source(data: ml_collections.ConfigDict, *, with_images: bool = True):
+  """The `train` split of `data.dataset` as a random-access source, built on first use.
+
+  `with_images=False` leaves `images` and `tumor_mask` undecoded (bytes): reading every patient's
+  labels for the folds is then ~6x faster, as it skips decompressing the volumes.
+  """
   builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format='array_record')
   if not builder.is_prepared():
     logging.info('Building %s into %s (first use; later runs reuse it).', data.dataset, builder.data_dir)
     builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
         manual_dir=data.manual_dir or None))
-  return builder.as_data_source(split='train')
+  decoders = None if with_images else {
+      'images': tfds.decode.SkipDecoding(), 'tumor_mask': tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split='train', decoders=decoders)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[evaluation.Row]
 def fit_ftv_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:
   """The clinical baseline: FTV at T0 and its change at T1, a logistic model per training fold."""
   source = input_pipeline.load_source(config.data)
-  cohort = input_pipeline.read_cohort(source)
+  cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
   volumes = ftv_table(source, cohort, os.path.join(workdir, 'ftv.csv'))
   stratum = folds.strata(cohort.pcr, cohort.subtype)
   for fold in range(config.data.num_folds):

@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated = sharding.replicated(mesh)
 
   source = input_pipeline.load_source(config.data)
-  cohort = input_pipeline.read_cohort(source)
+  cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
   split = folds.split_fold(
       cohort.patient_id, folds.strata(cohort.pcr, cohort.subtype), num_folds=config.data.num_folds,
       fold=config.data.fold, seed=config.data.fold_seed, val_fraction=config.data.val_fraction)

@@ -102,3 +102,13 @@ def test_eval_batches_pad_and_are_sharded_over_the_mesh(source_and_cohort):
   assert placed['images'].sharding == sharding.batch_sharding(mesh)
   assert len(placed['images'].addressable_shards) == 2
   assert placed['images'].addressable_shards[0].data.shape[0] == 4
+
+
+def test_labels_only_source_gives_the_same_cohort(source_and_cohort):
+  _, cohort, data = source_and_cohort
+  labels_only = input_pipeline.load_source(data, with_images=False)
+  assert isinstance(labels_only[0]['images'], bytes)  # Left compressed: not decoded.
+  fast = input_pipeline.read_cohort(labels_only)
+  for field in ('patient_id', 'pcr', 'subtype', 'arm', 'visit_mask'):
+    np.testing.assert_array_equal(getattr(fast, field), getattr(cohort, field))
+  assert fast.subtype_names == cohort.subtype_names
