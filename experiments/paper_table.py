@@ -12,7 +12,7 @@ from pcrjax import configs
 def get_config(arg: str | None = None):
   config = configs.base_config(smoke=arg == 'smoke')
   config.stage = 'protocol'
-  config.data.time_points = (0, 1)  # Replaced per stage by configs.STAGE_TIME_POINTS.
+  config.data.time_points = (0, 1)  # Replaced per network by its time points in pcrjax.runs.
   config.feature_loss_weight = 1.0
   config.bootstrap_replicates = 2000
   # Repeated cross-validation: new folds and initialisation per repeat (x the training time).

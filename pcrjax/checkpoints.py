@@ -12,6 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from pcrjax import runs
+
 SELECTION_METRIC = 'val_auroc'
 
 
@@ -27,7 +29,7 @@ def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointMa
   options = ocp.CheckpointManagerOptions(
       best_fn=_selection_metric, best_mode='max', preservation_policy=policy, read_only=read_only,
       create=not read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), runs.CHECKPOINTS_DIR),
                                item_names=('params', 'opt_state'), options=options)
 
 

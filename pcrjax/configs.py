@@ -9,14 +9,14 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-STAGES = ('baseline', 'teacher', 'student', 'protocol')
+from pcrjax import runs
+from tfds_ispy2.ispy2 import schema
+
+STAGES = tuple(m.name for m in runs.networks_in_training_order()) + ('protocol',)
 REPRESENTATIONS = ('mip', 'volume')
 CLASS_WEIGHTINGS = ('balanced', 'none')
 CALIBRATIONS = ('none', 'platt', 'temperature')
-VISIT_NAMES = ('T0', 'T1', 'T2', 'T3')
-T2 = 2
-# The time points of each stage in the paper's comparison.
-STAGE_TIME_POINTS = {'baseline': (0, 1), 'teacher': (0, 1, 2), 'student': (0, 1)}
+T2 = schema.VISITS.index('T2')
 
 
 def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
@@ -36,7 +36,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   data.representation = 'mip'  # 'mip': 2D MIPs per visit; 'volume': 3D tumour-centred crop.
   # Tumour-centred crop, D x H x W voxels; 'mip' projects through all slices of the H x W crop.
   data.crop_size = (8, 16, 16) if smoke else (16, 32, 32)
-  data.time_points = STAGE_TIME_POINTS['baseline']
+  data.time_points = runs.model('baseline').time_points
   data.augment = True
   data.max_shift = 2 if smoke else 4  # Voxels of random in-plane translation.
   data.intensity_jitter = 0.1  # Std of the log of a random global intensity scale.
@@ -77,7 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0 <= data.fold < data.num_folds, 'data.fold', f'must be in [0, {data.num_folds})')
   check(0 < data.val_fraction < 0.5, 'data.val_fraction', 'must be in (0, 0.5)')
   tps = tuple(data.time_points)
-  check(len(tps) > 0 and tps == tuple(sorted(set(tps))) and all(0 <= t < len(VISIT_NAMES) for t in tps),
+  check(len(tps) > 0 and tps == tuple(sorted(set(tps))) and all(0 <= t < schema.NUM_VISITS for t in tps),
         'data.time_points', 'must be increasing visit indices in 0..3 (T0..T3)')
   check(len(data.crop_size) == 3 and all(int(s) > 0 for s in data.crop_size), 'data.crop_size',
         'must be three positive voxel counts (D, H, W)')

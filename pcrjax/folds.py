@@ -48,11 +48,26 @@ def split_fold(patient_ids, stratum: np.ndarray, *, num_folds: int, fold: int, s
   test = np.flatnonzero(folds == fold)
   rest = np.flatnonzero(folds != fold)
   rest = rest[np.argsort(np.asarray(patient_ids)[rest], kind='stable')]
-  inner_splits = max(2, round(1 / val_fraction))
-  _, val = _stratified_splits(inner_splits, seed + 1, rest, stratum[rest])[0]
-  is_val = np.zeros(len(rest), bool)
-  is_val[val] = True
+  is_val = stratified_holdout(stratum[rest], val_fraction, seed + 1)
   return FoldSplit(train=np.sort(rest[~is_val]), val=np.sort(rest[is_val]), test=np.sort(test))
+
+
+def stratified_holdout(stratum: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """A mask holding out round(fraction * n) rows, each stratum in proportion (largest remainder).
+
+  sklearn's StratifiedShuffleSplit does the same but refuses a stratum of one patient, which small
+  training folds have (a rare pCR subtype); here such a stratum is held out or not by its quota.
+  """
+  groups, members = np.unique(stratum, return_inverse=True)
+  quota = fraction * np.bincount(members, minlength=len(groups))
+  counts = np.floor(quota).astype(int)
+  extra = round(fraction * len(stratum)) - counts.sum()
+  counts[np.argsort(counts - quota, kind='stable')[:extra]] += 1
+  rng = np.random.default_rng(seed)
+  held = np.zeros(len(stratum), bool)
+  for group, count in enumerate(counts):
+    held[rng.permutation(np.flatnonzero(members == group))[:count]] = True
+  return held
 
 
 def _stratified_splits(n_splits: int, seed: int, rows: np.ndarray, stratum: np.ndarray) -> list:

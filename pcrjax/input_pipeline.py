@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from pcrjax import runs
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
 
 def load_source(data: ml_collections.ConfigDict, *, with_images: bool = True):
@@ -47,6 +48,12 @@ class Cohort:
 
   def __len__(self) -> int:
     return len(self.patient_id)
+
+  def prediction_rows(self, rows: np.ndarray, probs: np.ndarray, fold: int) -> list[dict]:
+    """The predictions of source rows `rows`, in the run contract's schema."""
+    return [runs.prediction_row(patient_id=self.patient_id[r], label=self.pcr[r], prob=p,
+                                subtype=self.subtype_names[self.subtype[r]], fold=fold, arm=self.arm[r])
+            for r, p in zip(rows, probs)]
 
 
 def read_cohort(source) -> Cohort:

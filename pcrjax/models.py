@@ -51,7 +51,8 @@ class ConvLSTM(nn.Module):
   """A ConvLSTM over the visit axis, built with nn.scan.
 
   The scan is unrolled over the (few) visits: a rolled loop makes the convolution gradients
-  25-100x slower on the CPU backend (jax-ml/jax#12868), see DESIGN.md.
+  25-100x slower on the CPU backend (jax-ml/jax#12868; measured here, 2D batch 8, 128x128x3, 16
+  features: 13.7 s per step rolled, 0.54 s unrolled).
   """
 
   features: int

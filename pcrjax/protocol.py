@@ -1,10 +1,11 @@
-"""The paper's protocol: repeats x folds x (baseline, teacher, student, FTV), pooled out of fold.
+"""The paper's protocol: every model of the run contract (pcrjax.runs.MODELS), on every fold of
+every repeat, pooled out of fold into the report.
 
 Each fold's teacher is trained on that fold's training patients only, and that fold's student
-learns from it; a teacher that had seen the test patients would leak their labels. The clinical
-FTV model (pcrjax.ftv) is fitted on the same training patients. Each repeat draws new folds and a
-new initialisation (seeds + repeat). Finished stages are skipped, so an interrupted protocol resumes
-where it stopped. The evidence (tables, figures, report) is built by pcrjax.report from the
+learns from it; a teacher that had seen the test patients would leak their labels. The reference
+models (the clinical FTV model) are fitted on the same training patients. Each repeat draws new
+folds and a new initialisation (seeds + repeat). Finished stages are skipped, so an interrupted
+protocol resumes where it stopped. The evidence is built by pcrjax.evidence.report from the
 predictions files alone.
 """
 
@@ -17,13 +18,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pcrjax import configs, evaluation, folds, ftv, input_pipeline, report, train
-
-NETWORK_STAGES = ('baseline', 'teacher', 'student')  # In training order: teacher before student.
-
-
-def stage_workdir(workdir: str, repeat: int, fold: int, model: str) -> str:
-  return os.path.join(workdir, f'repeat_{repeat}', f'fold_{fold}', model)
+from pcrjax import folds, ftv, input_pipeline, runs, train
+from pcrjax.evidence import report, tables
+from tfds_ispy2.ispy2 import schema
 
 
 def repeat_config(config: ml_collections.ConfigDict, repeat: int) -> ml_collections.ConfigDict:
@@ -36,59 +33,56 @@ def repeat_config(config: ml_collections.ConfigDict, repeat: int) -> ml_collecti
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fold: int,
                  workdir: str) -> ml_collections.ConfigDict:
-  """The protocol's config turned into one stage's config on one fold of one repeat."""
+  """The protocol's config turned into one network's config on one fold of one repeat."""
   cfg = repeat_config(config, repeat)
   for protocol_only in ('bootstrap_replicates', 'num_repeats', 'calibration'):
     del cfg[protocol_only]
+  spec = runs.model(stage)
   cfg.stage = stage
   cfg.data.fold = fold
-  cfg.data.time_points = configs.STAGE_TIME_POINTS[stage]
-  cfg.teacher_workdir = (stage_workdir(workdir, repeat, fold, 'teacher') if stage == 'student' else '')
+  cfg.data.time_points = spec.time_points
+  cfg.teacher_workdir = runs.stage_dir(workdir, repeat, fold, spec.teacher) if spec.teacher else ''
   return cfg
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[evaluation.Row]:
-  """Trains whatever is not finished yet, then builds the report; returns the main table."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
+  """Trains and fits whatever is not finished yet, then builds the report; returns the main table."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  version_path = os.path.join(workdir, 'code_version.txt')
-  if not os.path.exists(version_path):  # The code that started the run (a resumed run keeps it).
-    with open(version_path, 'w') as f:
-      f.write(report.code_version() + '\n')
+  runs.write_config(workdir, config)
+  runs.record_code_version(workdir)
   for repeat in range(config.num_repeats):
     for fold in range(config.data.num_folds):
-      for stage in NETWORK_STAGES:
-        stage_dir = stage_workdir(workdir, repeat, fold, stage)
-        if os.path.exists(os.path.join(stage_dir, 'predictions_test.csv')):
-          logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold, stage)
+      for spec in runs.networks_in_training_order():
+        directory = runs.stage_dir(workdir, repeat, fold, spec.name)
+        if runs.is_finished(directory):
+          logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold, spec.name)
           continue
         logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
-                     config.data.num_folds, stage)
-        train.train_and_evaluate(stage_config(config, stage, repeat, fold, workdir), stage_dir)
+                     config.data.num_folds, spec.name)
+        train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
     fit_ftv_models(repeat_config(config, repeat), workdir, repeat)
   return report.build(workdir)
 
 
 def fit_ftv_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:
-  """The clinical baseline: FTV at T0 and its change at T1, a logistic model per training fold."""
+  """The clinical reference: FTV at T0 and its change at T1, a logistic model per training fold."""
   source = input_pipeline.load_source(config.data)
   cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
-  volumes = ftv_table(source, cohort, os.path.join(workdir, 'ftv.csv'))
+  volumes = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE))
   stratum = folds.strata(cohort.pcr, cohort.subtype)
   for fold in range(config.data.num_folds):
+    directory = runs.stage_dir(workdir, repeat, fold, 'ftv')
+    if runs.is_finished(directory):
+      continue
     split = folds.split_fold(cohort.patient_id, stratum, num_folds=config.data.num_folds, fold=fold,
                              seed=config.data.fold_seed, val_fraction=config.data.val_fraction)
     train_rows = np.concatenate([split.train, split.val])  # No epochs to select: fit on both.
     model = ftv.FTVModel().fit(volumes[train_rows], cohort.pcr[train_rows])
-    out_dir = stage_workdir(workdir, repeat, fold, 'ftv')
-    os.makedirs(out_dir, exist_ok=True)
-    for name, rows in (('val', split.val), ('test', split.test)):
-      evaluation.write_predictions(os.path.join(out_dir, f'predictions_{name}.csv'), [
-          {'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),
-           'subtype': cohort.subtype_names[cohort.subtype[r]], 'fold': fold, 'arm': cohort.arm[r]}
-          for r, p in zip(rows, model.predict_proba(volumes[rows]))])
+    os.makedirs(directory, exist_ok=True)
+    for split_name in runs.SPLITS:
+      rows = getattr(split, split_name)
+      runs.write_predictions(runs.predictions_path(directory, split_name),
+                             cohort.prediction_rows(rows, model.predict_proba(volumes[rows]), fold))
 
 
 def ftv_table(source, cohort: input_pipeline.Cohort, path: str) -> np.ndarray:
@@ -99,7 +93,7 @@ def ftv_table(source, cohort: input_pipeline.Cohort, path: str) -> np.ndarray:
     tmp = path + '.tmp'
     with open(tmp, 'w', newline='') as f:
       writer = csv.writer(f)
-      writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in configs.VISIT_NAMES])
+      writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in schema.VISITS])
       writer.writerows(rows)
     os.replace(tmp, path)
   with open(path, newline='') as f:

@@ -24,7 +24,8 @@ from clu import metrics
 from flax.training import train_state
 from sklearn import metrics as sk_metrics
 
-from pcrjax import checkpoints, configs, evaluation, folds, input_pipeline, models, sharding, stats
+from pcrjax import checkpoints, configs, folds, input_pipeline, models, runs, sharding
+from pcrjax.evidence import statistics
 
 TrainState = train_state.TrainState
 
@@ -155,11 +156,10 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
   teacher_dir = os.path.abspath(config.teacher_workdir)
   how = (f'train it first: python -m pcrjax.main --config=experiments/stage1.py --workdir={teacher_dir}'
          f' --config.data.fold={config.data.fold}')
-  config_path = os.path.join(teacher_dir, 'config.json')
+  config_path = os.path.join(teacher_dir, runs.CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'No teacher run in {teacher_dir} (no config.json): {how}')
-  with open(config_path) as f:
-    teacher_config = ml_collections.ConfigDict(json.load(f))
+  teacher_config = runs.read_config(teacher_dir)
   if teacher_config.stage != 'teacher':
     raise ValueError(f'{config_path} is a {teacher_config.stage!r} run, not a stage-1 teacher: {how}')
   for field in TEACHER_MUST_MATCH:
@@ -167,7 +167,7 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
     if tuple(np.atleast_1d(ours)) != tuple(np.atleast_1d(theirs)):
       raise ValueError(f'The teacher in {teacher_dir} has {field}={theirs!r} but this student has'
                        f' {ours!r}: train a teacher for this fold and representation ({how}).')
-  if not os.path.exists(os.path.join(teacher_dir, 'predictions_test.csv')):
+  if not runs.is_finished(teacher_dir):
     raise FileNotFoundError(f'The teacher run in {teacher_dir} has not finished: resume it with the'
                             f' same command ({how}).')
   model = create_model(teacher_config)
@@ -190,9 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains one stage on one fold, then predicts its validation and test patients with the best epoch."""
   configs.validate(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  runs.write_config(workdir, config)
 
   mesh = sharding.make_mesh()
   put = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh))
@@ -262,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rows, probs = predict(eval_fn, state.params, eval_batches('val'), put)
     labels = cohort.pcr[rows]
     summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
-    summary.update(val_auroc=float(stats.auroc(labels, probs)),
+    summary.update(val_auroc=float(statistics.auroc(labels, probs)),
                    val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                    learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
                    epoch_seconds=time.time() - started)
@@ -274,15 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.close()
 
   best_epoch = manager.best_step()
+  runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
+                       value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
   params = checkpoints.restore_params(manager, best_epoch, state.params)
-  for split_name in ('val', 'test'):  # Test last: its file marks a finished run.
+  for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
     rows, probs = predict(eval_fn, params, eval_batches(split_name), put)
-    evaluation.write_predictions(
-        os.path.join(workdir, f'predictions_{split_name}.csv'),
-        [{'patient_id': cohort.patient_id[r], 'label': int(cohort.pcr[r]), 'prob': float(p),
-          'subtype': cohort.subtype_names[cohort.subtype[r]], 'fold': config.data.fold,
-          'arm': cohort.arm[r]}
-         for r, p in zip(rows, probs)])
+    runs.write_predictions(runs.predictions_path(workdir, split_name),
+                           cohort.prediction_rows(rows, probs, config.data.fold))
   return {'best_epoch': best_epoch, 'workdir': workdir}
 
 
@@ -290,7 +286,7 @@ class _MetricsLog:
   """metrics.jsonl (one line per epoch) and TensorBoard events; a resumed run drops stale lines."""
 
   def __init__(self, workdir: str, start_epoch: int):
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = os.path.join(workdir, runs.METRICS_FILE)
     kept = []
     if os.path.exists(self._path):
       with open(self._path) as f:
@@ -304,6 +300,10 @@ class _MetricsLog:
       f.write(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
     for key, value in summary.items():
       self._writer.add_scalar(key, value, step)
+
+  def value(self, epoch: int, key: str) -> float:
+    with open(self._path) as f:
+      return next(line[key] for line in map(json.loads, f) if line['epoch'] == epoch)
 
   def close(self) -> None:
     self._writer.close()

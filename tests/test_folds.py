@@ -53,3 +53,19 @@ def test_duplicate_ids_are_refused():
   ids[3] = ids[4]
   with pytest.raises(ValueError, match='Duplicate patient ids'):
     folds.assign_folds(ids, stratum, 2, seed=0)
+
+
+@pytest.mark.parametrize('val_fraction', [0.2, 0.3, 0.4])
+def test_validation_split_honours_val_fraction_and_strata(val_fraction):
+  ids, stratum, _ = _cohort(200)
+  split = folds.split_fold(ids, stratum, num_folds=5, fold=1, seed=0, val_fraction=val_fraction)
+  rest = np.concatenate([split.train, split.val])
+  assert len(split.val) == round(val_fraction * len(rest))
+  for s in np.unique(stratum[rest]):  # Each stratum within one patient of its share.
+    share = val_fraction * (stratum[rest] == s).sum()
+    assert abs((stratum[split.val] == s).sum() - share) < 1
+
+
+def test_holdout_keeps_singleton_strata():
+  held = folds.stratified_holdout(np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2]), 0.3, seed=0)
+  assert held.sum() == 3

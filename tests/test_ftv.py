@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from pcrjax import ftv, stats
+from pcrjax import ftv
+from pcrjax.evidence import statistics
 from tfds_ispy2.ispy2 import phantom as ph
 
 SPEC = ph.PhantomSpec(shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0), seed=0)
@@ -174,4 +175,4 @@ def test_ftv_model_is_deterministic_imputes_missing_t1_and_predicts_pcr():
   np.testing.assert_allclose(model.predict_proba(missing), model.predict_proba(imputed))
 
   # Held-out AUROC (observed 0.73; 0.68-0.74 over other draws; I-SPY2 reports 0.63-0.74).
-  assert stats.auroc(y_test, p) > 0.6
+  assert statistics.auroc(y_test, p) > 0.6

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tfds_ispy2.ispy2 import phantom as ph
+from tfds_ispy2.ispy2 import schema
 
 SPEC = ph.PhantomSpec(num_patients=64, shape=(12, 48, 48), spacing_mm=(3.0, 2.0, 2.0), seed=0)
 L = ph.LABELS
@@ -45,8 +46,8 @@ def test_keys_shapes_dtypes():
   assert ex['spacing_mm'].dtype == np.float32
   np.testing.assert_array_equal(ex['spacing_mm'], np.float32(SPEC.spacing_mm))
   assert ex['phase_times_s'].dtype == np.float32 and ex['phase_times_s'].shape == (4, 3)
-  assert ph.VISITS == ('T0', 'T1', 'T2', 'T3') and ph.PHASES == ('pre', 'early', 'late')
-  assert ph.SUBTYPES == ('HR+/HER2-', 'HR+/HER2+', 'HR-/HER2+', 'HR-/HER2-')
+  assert schema.VISITS == ('T0', 'T1', 'T2', 'T3') and schema.PHASES == ('pre', 'early', 'late')
+  assert schema.SUBTYPES == ('HR+/HER2-', 'HR+/HER2+', 'HR-/HER2+', 'HR-/HER2-')
 
 
 def test_phase_times():

@@ -1,4 +1,4 @@
-"""Tests of the TCIA-like DICOM tree writer (`tfds_ispy2/ispy2/tcia_fixtures.py`), not the reader.
+"""Tests of the TCIA-like DICOM tree writer (`fake_data/tcia_fixtures.py`), not the reader.
 
 Only pydicom / SimpleITK / openpyxl (and highdicom's SEG parser) look at the files here.
 """
@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 
+from fake_data import tcia_fixtures as fx
 from tfds_ispy2.ispy2 import phantom
-from tfds_ispy2.ispy2 import tcia_fixtures as fx
 
 CASES = {c.name: c for c in fx.DEFAULT_CASES}
 MR = '1.2.840.10008.5.1.4.1.1.4'

@@ -17,7 +17,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from tfds_ispy2.ispy2 import phantom
+from fake_data import tcia_fixtures
+from tfds_ispy2.ispy2 import schema
 from tfds_ispy2.ispy2 import tcia
 
 PHI = {'PatientName': 'Doe^Jane', 'PatientBirthDate': '19610203', 'StudyDate': '19990517',
@@ -489,7 +490,7 @@ def test_read_clinical(tmp_path):
               [['ACRIN-6698-555555', 100899], ['ISPY2-100900', '100900'],
                ['ACRIN-6698-666666', 999999]])
   records = tcia.read_clinical(tmp_path)
-  sub = phantom.SUBTYPES.index
+  sub = schema.SUBTYPES.index
   r = records['ISPY2-100899']
   assert (r.pcr, r.subtype, r.arm, r.duplicate) == (1, sub('HR+/HER2-'), 'Paclitaxel', False)
   assert records['100899'] == r and records['ACRIN-6698-555555'] == r  # ancillary mapping
@@ -647,10 +648,9 @@ def test_process_patient_fallbacks(patient_tree, tmp_path):
 # ----------------------------------------------------------------------------- fixture trees
 @pytest.fixture(scope='module')
 def fixture_tree(tmp_path_factory):
-  """The default TCIA-like tree of tcia_fixtures.py (phantom patients) and its ground truth."""
-  fixtures = pytest.importorskip('tfds_ispy2.ispy2.tcia_fixtures')
+  """The default TCIA-like tree of tcia_fixtures (phantom patients) and its ground truth."""
   root = tmp_path_factory.mktemp('fixture_tree')
-  return root, fixtures.write_tcia_tree(root), fixtures
+  return root, tcia_fixtures.write_tcia_tree(root)
 
 
 def _date_variants(texts):
@@ -663,7 +663,7 @@ def _date_variants(texts):
 
 
 def test_fixture_tree_end_to_end(fixture_tree):
-  root, truths, fixtures = fixture_tree
+  root, truths = fixture_tree
   patients, issues = tcia.discover(root)
   clinical = tcia.read_clinical(root)
   assert sorted(patients) == sorted(truths)
@@ -709,5 +709,6 @@ def test_fixture_tree_end_to_end(fixture_tree):
             f'{pid} T{v}')
         np.testing.assert_allclose(np.argwhere(mask).mean(0),
                                    (np.asarray(spec.crop_shape) - 1) / 2, atol=1.0)
-  phi = _date_variants([p for t in truths.values() for p in t.phi] + list(fixtures.PHI_STRINGS))
+  phi = _date_variants([p for t in truths.values() for p in t.phi]
+                      + list(tcia_fixtures.PHI_STRINGS))
   assert not [(p, s) for s in texts for p in phi if p in s]

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from experiments import baseline, paper_table, stage1, stage2
-from pcrjax import checkpoints, compare, evaluation, input_pipeline, protocol, train
+from pcrjax import checkpoints, input_pipeline, protocol, runs, train
+from pcrjax.evidence import compare, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
   assert _tree_digest(teacher_dir) == before_files
   lines = (pathlib.Path(student_dir) / 'metrics.jsonl').read_text().splitlines()
   assert len(lines) == 2 and '"train_feature_loss"' in lines[0]
-  predictions = evaluation.read_predictions(os.path.join(student_dir, 'predictions_test.csv'))
+  predictions = runs.read_predictions(os.path.join(student_dir, 'predictions_test.csv'))
   assert predictions and all(0 <= p['prob'] <= 1 for p in predictions)
   assert {p['fold'] for p in predictions} == {0}
 
@@ -119,7 +120,7 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
     for fold in range(config.data.num_folds):
       teacher = json.loads((workdir / f'repeat_{repeat}' / f'fold_{fold}' / 'teacher' / 'config.json').read_text())
       assert (teacher['data']['fold'], teacher['data']['fold_seed']) == (fold, repeat)
-  test_ids = [{p['patient_id'] for p in evaluation.read_predictions(
+  test_ids = [{p['patient_id'] for p in runs.read_predictions(
       str(workdir / f'repeat_{r}' / 'fold_0' / 'baseline' / 'predictions_test.csv'))} for r in range(2)]
   assert test_ids[0] != test_ids[1]
 
@@ -134,11 +135,14 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
     groups = list(csv.DictReader(f))
   assert {g['kind'] for g in groups} == {'subtype', 'arm'}
   assert any(g['auroc'] == '' for g in groups)  # 48 patients: some subgroups are "too few".
-  report = (workdir / 'report.md').read_text()
-  assert 'synthetic' in report and '2 repeat(s)' in report and 'too few' in report
+  text = (workdir / 'report.md').read_text()
+  assert 'Synthetic data' in text and '2 repeat(s)' in text and 'too few' in text
+  assert '**Bottom line:**' in text
+  selection = json.loads((workdir / 'repeat_1' / 'fold_0' / 'student' / runs.SELECTION_FILE).read_text())
+  assert selection['epoch'] in (1, 2) and 0 <= selection['value'] <= 1
   page = html.unescape((workdir / 'report.html').read_text())
-  assert page.count('data:image/png;base64,') == 4 and '"num_repeats": 2' in page
-  for figure in ('roc.png', 'calibration.png', 'forest.png', 'learning_curves.png'):
+  assert page.count('data:image/png;base64,') == len(report.FIGURES) and '"num_repeats": 2' in page
+  for figure in report.FIGURES:
     assert (workdir / figure).stat().st_size > 10_000, figure
 
   # A second run finds every stage finished and rebuilds the same table without training.
@@ -157,8 +161,8 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
   better = tmp_path / 'better'
   shutil.copytree(workdir, better)
   for path in better.glob('repeat_*/fold_*/student/predictions_test.csv'):
-    rows = evaluation.read_predictions(str(path))
-    evaluation.write_predictions(str(path), [{**r, 'prob': 0.2 + 0.6 * r['label']} for r in rows])
+    rows = runs.read_predictions(str(path))
+    runs.write_predictions(str(path), [{**r, 'prob': 0.2 + 0.6 * r['label']} for r in rows])
   rows = {r['model']: r for r in compare.compare(str(workdir), str(better))}
   assert rows['student']['auroc_b'] == 1.0 and rows['student']['p'] < 0.05
   assert rows['baseline']['difference'] == 0

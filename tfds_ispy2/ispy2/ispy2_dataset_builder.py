@@ -18,16 +18,16 @@ import json
 import multiprocessing
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
 
-from tfds_ispy2.ispy2 import phantom, tcia, tcia_cache
+from tfds_ispy2.ispy2 import phantom, schema, tcia, tcia_cache
 
-NUM_VISITS = len(phantom.VISITS)
-NUM_PHASES = len(phantom.PHASES)
-PCR_NAMES = ('non_pcr', 'pcr')
+
+def _by(sizes) -> str:
+  """'2x1x1' from (2.0, 1.0, 1.0): the `tcia` description quotes the schema's grid."""
+  return 'x'.join(f'{s:g}' for s in sizes)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -65,8 +65,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           name='tcia',
           description=(
               'I-SPY2 from TCIA (manual download): per visit the pre, early (closest to 150 s) and late'
-              ' (closest to 450 s) phases of the DCE series, resampled to 2x1x1 mm and cropped to'
-              ' 32x96x96 voxels around the tumour (the Analysis Mask, else PE >= 70 %).'
+              ' (closest to 450 s) phases of the DCE series, resampled to'
+              f' {_by(schema.DEFAULT_SPACING_MM)} mm and cropped to {_by(schema.DEFAULT_CROP_SHAPE)}'
+              ' voxels around the tumour (the Analysis Mask, else PE >= 70 %).'
           ),
           tcia=tcia.TciaSpec(),
       ),
@@ -96,23 +97,8 @@ with their reason in build_report.json beside the dataset.
     self._skips_are_fatal = skips_are_fatal
 
   def _info(self) -> tfds.core.DatasetInfo:
-    d, h, w = self.builder_config.shape
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'patient_id': tfds.features.Text(doc='De-identified patient id.'),
-            'images': tfds.features.Tensor(
-                shape=(NUM_VISITS, NUM_PHASES, d, h, w), dtype=np.float16, encoding='zlib',
-                doc='DCE-MRI [visit T0..T3, phase pre/early/late, D, H, W]; zeros for a missing visit.'),
-            'visit_mask': tfds.features.Tensor(shape=(NUM_VISITS,), dtype=np.bool_, doc='Visit acquired.'),
-            'tumor_mask': tfds.features.Tensor(
-                shape=(NUM_VISITS, d, h, w), dtype=np.uint8, encoding='zlib', doc='Tumour per visit.'),
-            'pcr': tfds.features.ClassLabel(names=PCR_NAMES),
-            'subtype': tfds.features.ClassLabel(names=phantom.SUBTYPES),
-            'arm': tfds.features.Text(doc='Treatment arm.'),
-            'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32, doc='Voxel size D, H, W.'),
-            'phase_times_s': tfds.features.Tensor(
-                shape=(NUM_VISITS, NUM_PHASES), dtype=np.float32, doc='Phase times after injection.'),
-        }),
+        features=schema.features(self.builder_config.shape),
         homepage='https://doi.org/10.7937/TCIA.D8Z0-9T85',
     )
 

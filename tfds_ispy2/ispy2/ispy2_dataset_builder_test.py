@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfds_ispy2.ispy2 import ispy2_dataset_builder, phantom
+from tfds_ispy2.ispy2 import ispy2_dataset_builder, phantom, schema
 
 TINY = ispy2_dataset_builder.Ispy2Config(
     name='synthetic_tiny', description='6 patients on a 6x24x24 grid, for this test.',
@@ -35,7 +35,7 @@ def test_build_writes_one_array_record_example_per_patient(tmp_path):
     assert (record['pcr'], record['subtype']) == (expected['pcr'], expected['subtype'])
     assert record['arm'].decode() == expected['arm']
   assert builder.info.features['pcr'].names == ['non_pcr', 'pcr']
-  assert builder.info.features['subtype'].names == list(phantom.SUBTYPES)
+  assert builder.info.features['subtype'].names == list(schema.SUBTYPES)
 
 
 def test_registered_configs():
@@ -52,7 +52,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tfds_ispy2.ispy2 import tcia, tcia_cache, tcia_fixtures  # noqa: E402
+from fake_data import tcia_fixtures  # noqa: E402
+from tfds_ispy2.ispy2 import tcia, tcia_cache  # noqa: E402
 
 
 @pytest.fixture(scope='module')

@@ -86,10 +86,10 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
   visit has all-zero images, mask and phase times.
 * **Arms**: metadata only (no effect on response); HER2-targeted arms only for HER2+.
 
-Public API: :data:`VISITS`, :data:`PHASES`, :data:`SUBTYPES`, :class:`PhantomSpec`,
-:class:`PatientTruth`, :func:`patient_id`, :func:`simulate_patient`, :func:`render_patient`
-(the TFDS example) and :func:`render_patient_maps` (the example plus tissue labels and
-parameter maps, for validating biomarkers).
+Public API: :class:`PhantomSpec`, :class:`PatientTruth`, :func:`patient_id`,
+:func:`simulate_patient`, :func:`render_patient` (the TFDS example, laid out as in
+``schema.py``: visits, phases and subtype ids) and :func:`render_patient_maps` (the example plus
+tissue labels and parameter maps, for validating biomarkers).
 """
 
 from __future__ import annotations
@@ -102,15 +102,13 @@ import types
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    'VISITS', 'PHASES', 'SUBTYPES', 'ARMS_HER2_NEGATIVE', 'ARMS_HER2_POSITIVE', 'LABELS',
-    'PhantomSpec', 'PatientTruth', 'patient_id', 'simulate_patient', 'render_patient',
-    'render_patient_maps', 'parker_aif_plasma', 'tofts_concentration', 'spgr_signal',
-]
+from tfds_ispy2.ispy2 import schema
 
-VISITS = ('T0', 'T1', 'T2', 'T3')
-PHASES = ('pre', 'early', 'late')
-SUBTYPES = ('HR+/HER2-', 'HR+/HER2+', 'HR-/HER2+', 'HR-/HER2-')  # index = ClassLabel id
+__all__ = [
+    'ARMS_HER2_NEGATIVE', 'ARMS_HER2_POSITIVE', 'LABELS', 'PhantomSpec', 'PatientTruth',
+    'patient_id', 'simulate_patient', 'render_patient', 'render_patient_maps', 'parker_aif_plasma',
+    'tofts_concentration', 'spgr_signal',
+]
 
 ARMS_HER2_NEGATIVE = (
     'Paclitaxel',
@@ -643,19 +641,20 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
   bpe_noise /= max(float(bpe_noise.std()), 1e-6)
   fgt_thr = None
 
-  images = np.zeros((4, 3) + shape, np.float16)
-  masks = np.zeros((4,) + shape, np.uint8)
+  per_visit = (schema.NUM_VISITS,) + shape
+  images = np.zeros((schema.NUM_VISITS, schema.NUM_PHASES) + shape, np.float16)
+  masks = np.zeros(per_visit, np.uint8)
   maps = {}
   if with_maps:
-    maps = dict(labels=np.zeros((4,) + shape, np.uint8),
-                ktrans_per_min=np.zeros((4,) + shape, np.float32),
-                ve=np.zeros((4,) + shape, np.float32), vp=np.zeros((4,) + shape, np.float32),
-                t10_s=np.zeros((4,) + shape, np.float32),
-                bias=np.zeros((4,) + shape, np.float32))
+    maps = dict(labels=np.zeros(per_visit, np.uint8),
+                ktrans_per_min=np.zeros(per_visit, np.float32),
+                ve=np.zeros(per_visit, np.float32), vp=np.zeros(per_visit, np.float32),
+                t10_s=np.zeros(per_visit, np.float32),
+                bias=np.zeros(per_visit, np.float32))
   ts = t.t10_scale
   fat_pre = float(spgr_signal(M0_REL['fat'] * t.fat_residual, T10_S['fat'] * ts))
 
-  for v in range(4):
+  for v in range(schema.NUM_VISITS):
     if not t.visit_mask[v]:
       continue
     sh = t.shift_mm[v]
@@ -734,7 +733,7 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
     times = t.phase_times_s[v].astype(np.float64)
     conc = tofts_concentration(times[1:], kt, ve, vp, delay_s=t.bolus_delay_s)
     bias = _bias_field(spec, t.bias_coeffs[v], t.bias_amplitude[v], t.visit_gain[v])
-    for p in range(3):
+    for p in range(schema.NUM_PHASES):
       c = 0.0 if p == 0 else conc[p - 1]
       s = (1.0 - fat_frac) * spgr_signal(m0, t10, c) + fat_frac * fat_pre
       s = ndimage.gaussian_filter(s.astype(np.float32), _PSF_SIGMA_VOX, mode='constant')
@@ -807,7 +806,8 @@ def _report(num: int = 200, spec: PhantomSpec | None = None) -> None:
   t0 = time.perf_counter()
   for i in range(num):
     ex = render_patient(spec, i)
-    rows.append((ex['pcr'], ex['visit_mask'], ex['tumor_mask'].reshape(4, -1).sum(1) * vox))
+    volumes = ex['tumor_mask'].reshape(schema.NUM_VISITS, -1).sum(1) * vox
+    rows.append((ex['pcr'], ex['visit_mask'], volumes))
   dt = (time.perf_counter() - t0) / num
   y = np.array([r[0] for r in rows])
   vm = np.array([r[1] for r in rows])

@@ -5,7 +5,7 @@ Pure functions (no TFDS, no JAX) so that the builder can run them in worker proc
 * :func:`discover` groups every DICOM file under ``manual_dir`` by its headers into patients and
   visits (T0..T3) and picks the DCE series and the Analysis Mask SEG of each visit;
 * :func:`read_clinical` reads labels from the clinical sheet (and the ancillary id mapping);
-* :func:`process_patient` turns one patient into the example of ``phantom.render_patient``:
+* :func:`process_patient` turns one patient into an example of ``schema.features``:
   pre/early/late phases and the functional-tumour-volume (FTV) mask per visit, resampled onto an
   axis-aligned LPS grid and cropped around each visit's tumour.
 
@@ -37,7 +37,7 @@ import pydicom.pixels
 import SimpleITK as sitk
 from scipy import ndimage
 
-from tfds_ispy2.ispy2 import phantom
+from tfds_ispy2.ispy2 import schema
 
 __all__ = [
     'TciaSpec', 'Skip', 'VisitError', 'Issue', 'VisitFiles', 'PatientFiles', 'ClinicalRecord',
@@ -47,7 +47,6 @@ __all__ = [
     'seg_labels', 'pe70_mask', 'centroid_mm', 'crop', 'CLINICAL_FILE', 'ANCILLARY_FILE',
 ]
 
-NUM_VISITS = len(phantom.VISITS)
 SEG_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4'
 CLINICAL_FILE = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
 ANCILLARY_FILE = 'Full-Collection-Ancillary-Patient-Information-file.xlsx'
@@ -69,8 +68,8 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 class TciaSpec:
   """Output grid and phase choice of the `tcia` config."""
 
-  target_spacing_mm: tuple[float, float, float] = (2.0, 1.0, 1.0)  # D, H, W
-  crop_shape: tuple[int, int, int] = (32, 96, 96)  # D, H, W voxels
+  target_spacing_mm: tuple[float, float, float] = schema.DEFAULT_SPACING_MM  # D, H, W
+  crop_shape: tuple[int, int, int] = schema.DEFAULT_CROP_SHAPE  # D, H, W voxels
   early_s: float = 150.0
   late_s: float = 450.0
 
@@ -127,7 +126,7 @@ class ClinicalRecord:
   """Labels of one sheet row; ``duplicate`` when the id has rows with conflicting values."""
 
   pcr: int | None
-  subtype: int | None  # index in phantom.SUBTYPES; None when HR or HER2 is missing
+  subtype: int | None  # index in schema.SUBTYPES; None when HR or HER2 is missing
   arm: str
   duplicate: bool = False
   rows: tuple[int, ...] = ()  # sheet row numbers, for messages
@@ -303,7 +302,7 @@ def _patient_files(pid: str, studies: dict[str, _Study],
                           'StudyDescription, ClinicalTrialTimePointID or folder name'))
       continue
     by_visit[visit].append(_visit_files(studies[uid], source))
-  visits: list[VisitFiles | None] = [None] * NUM_VISITS
+  visits: list[VisitFiles | None] = [None] * schema.NUM_VISITS
   for v in sorted(by_visit):
     candidates = sorted(by_visit[v], key=lambda c: -len(c.dce))  # stable: ties keep UID order
     best = candidates[0]
@@ -425,7 +424,7 @@ def _subtype(hr: int | None, her2: int | None) -> int | None:
   if hr is None or her2 is None:
     return None
   name = f'HR{"+" if hr else "-"}/HER2{"+" if her2 else "-"}'
-  return phantom.SUBTYPES.index(name)
+  return schema.SUBTYPES.index(name)
 
 
 def _research_id(value) -> str:
@@ -877,11 +876,11 @@ def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
   pid = patient.patient_id
   labels = _check_labels(pid, clinical)
   shape = tuple(spec.crop_shape)
-  images = np.zeros((NUM_VISITS, 3) + shape, np.float16)
-  masks = np.zeros((NUM_VISITS,) + shape, np.uint8)
-  visit_mask = np.zeros(NUM_VISITS, bool)
-  times = np.zeros((NUM_VISITS, 3), np.float32)
-  metas: list[dict | None] = [None] * NUM_VISITS
+  images = np.zeros((schema.NUM_VISITS, schema.NUM_PHASES) + shape, np.float16)
+  masks = np.zeros((schema.NUM_VISITS,) + shape, np.uint8)
+  visit_mask = np.zeros(schema.NUM_VISITS, bool)
+  times = np.zeros((schema.NUM_VISITS, schema.NUM_PHASES), np.float32)
+  metas: list[dict | None] = [None] * schema.NUM_VISITS
   issues: list[Issue] = []
   t0_centre = None
   for v, files in enumerate(patient.visits):

@@ -1,16 +1,17 @@
 """TCIA-like I-SPY2 DICOM download trees rendered from the phantom, for tests of `ispy2/tcia`.
 
 The `tcia` config of the `ispy2` TFDS dataset reads a user's I-SPY2 download from TCIA
-(`tcia.py`; this module and the reader follow the same shared contract).  Nobody can ship
-real patients in a test suite, so this module writes a *fake download* of the same shape:
-``<root>/ISPY2/<PatientID>/<study folder>/<series folder>/1-NNN.dcm`` plus the clinical xlsx
-sheets, for the reader's unit tests and for the TFDS ``dummy_data/``.  Every pixel comes from the
-phantom's own physics (`phantom.py`): :func:`phantom.render_patient_maps` gives per-visit tissue
-labels, Ktrans / ve / vp / T10 and coil-bias maps; this module evaluates
-:func:`phantom.tofts_concentration` + :func:`phantom.spgr_signal` at *every* phase time of a
-5-9-phase DCE series (so all phases are physically consistent, and the phases nearest 0 / 150 /
-450 s are the phantom's pre / early / late physics), applies the phantom's PSF, bias field and
-gain, and adds Rician noise with the phantom's sigma.  Fat is the phantom's fat-suppressed
+(`tfds_ispy2/ispy2/tcia.py`; this module and the reader follow the same shared contract).
+Nobody can ship real patients in a test suite, so this module writes a *fake download* of the
+same shape: ``<root>/ISPY2/<PatientID>/<study folder>/<series folder>/1-NNN.dcm`` plus the
+clinical xlsx sheets, for the reader's unit tests and for the TFDS ``dummy_data/``.  Every pixel
+comes from the phantom's own physics (`tfds_ispy2/ispy2/phantom.py`):
+:func:`phantom.render_patient_maps` gives per-visit tissue labels, Ktrans / ve / vp / T10 and
+coil-bias maps; this module evaluates :func:`phantom.tofts_concentration` +
+:func:`phantom.spgr_signal` at *every* phase time of a 5-9-phase DCE series (so all phases are
+physically consistent, and the phases nearest 0 / 150 / 450 s are the phantom's pre / early /
+late physics), applies the phantom's PSF, bias field and gain, and adds Rician noise with the
+phantom's sigma.  Fat is the phantom's fat-suppressed
 residual signal (voxels labelled fat are pure fat: partial volume is dropped).
 
 Geometry is written *truthfully*: the phantom volume of a visit is placed in DICOM LPS patient
@@ -103,7 +104,7 @@ the two xlsx sheets; the clinical sheet has rows for 3 patients that are not dow
 Size: the default tree is 22 patients, 56 studies, ~3200 files, ~18 MB, written in ~12 s on
 one CPU (most of it pydicom encoding ~3200 files, ~2 ms each).
 :data:`DUMMY_CASES` is a 5-patient, ~420-file tree for the TFDS ``dummy_data/``
-(``python -m tfds_ispy2.ispy2.tcia_fixtures OUT --dummy``).
+(``python -m fake_data.tcia_fixtures OUT --dummy``).
 
 Public API: :class:`Case`, :data:`DEFAULT_CASES`, :data:`DUMMY_CASES`, :data:`FIXTURE_SPEC`,
 :class:`PatientTruth` (per-patient expectations), :func:`write_tcia_tree`,
@@ -128,7 +129,7 @@ from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
-from tfds_ispy2.ispy2 import phantom
+from tfds_ispy2.ispy2 import phantom, schema
 
 __all__ = [
     'Case', 'DEFAULT_CASES', 'FIXTURE_SPEC', 'PatientTruth', 'write_tcia_tree',
@@ -1038,8 +1039,8 @@ def _label(value: int | None, kind: str, style: str):
 
 
 def _sheet_rows(case: Case, truth, rng: np.random.Generator) -> tuple[list[dict], dict]:
-  hr = int(truth.subtype in (0, 1))
-  her2 = int(truth.subtype in (1, 2))
+  subtype = schema.SUBTYPES[truth.subtype]
+  hr, her2 = int(subtype.startswith('HR+')), int(subtype.endswith('HER2+'))
   age = int(rng.integers(28, 76))
   row = {
       'Patient_ID': case.tcia_id if case.sheet == 'tcia_id' else case.research_id,
@@ -1142,19 +1143,20 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
   patient_dir = coll / case.tcia_id
 
   visits_written = [v for v in case.visits if truth.visit_mask[v]]
-  visit_mask = np.zeros(4, bool)
-  reasons = ['no_study'] * 4
-  phase_idx = np.full((4, 3), -1, np.int64)
-  phase_times = np.zeros((4, 3), np.float32)
-  all_times = [None] * 4
-  centroid = np.full((4, 3), np.nan)
-  volume = np.zeros(4)
-  mask_source = [None] * 4
-  geometry = [None] * 4
-  affines = [None] * 4
-  dce_desc = [None] * 4
-  dce_dirs = [None] * 4
-  seg_paths = [None] * 4
+  nv = schema.NUM_VISITS
+  visit_mask = np.zeros(nv, bool)
+  reasons = ['no_study'] * nv
+  phase_idx = np.full((nv, schema.NUM_PHASES), -1, np.int64)
+  phase_times = np.zeros((nv, schema.NUM_PHASES), np.float32)
+  all_times = [None] * nv
+  centroid = np.full((nv, 3), np.nan)
+  volume = np.zeros(nv)
+  mask_source = [None] * nv
+  geometry = [None] * nv
+  affines = [None] * nv
+  dce_desc = [None] * nv
+  dce_dirs = [None] * nv
+  seg_paths = [None] * nv
   reports = []
   applied = []
   phi_strings = [PATIENT_NAME, INSTITUTION, REFERRING, OPERATOR, phi['birth_date']]
@@ -1332,7 +1334,7 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       volume[v] = tum.sum() * float(np.prod(g.spacing))
 
   crop = centroid.copy()
-  for v in range(4):
+  for v in range(nv):
     if visit_mask[v] and np.isnan(crop[v]).any():
       crop[v] = centroid[0]
 
@@ -1421,7 +1423,7 @@ def write_tcia_tree(root: str | Path, cases: Sequence[Case] = DEFAULT_CASES, *, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """``python -m tfds_ispy2.ispy2.tcia_fixtures OUT [--dummy] [--seed N]``: write a tree."""
+  """``python -m fake_data.tcia_fixtures OUT [--dummy] [--seed N]``: write a tree."""
   import argparse
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('out')

@@ -1,0 +1,250 @@
+"""The evidence of a protocol run, built from its predictions files alone, top-down for a reviewer:
+the data source, the bottom line in one sentence, the main table, the ROC and calibration figures,
+decision curves, operating points, pairwise tests, subgroups, then the training curves.
+
+Writes table.csv, pairwise.csv, operating_points.csv, decision_curve.csv, subgroups.csv, the
+figures, predictions_oof_<model>.csv, report.md and a self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import os
+
+import markdown_it
+import numpy as np
+
+from pcrjax import runs
+from pcrjax.evidence import plots, tables
+
+# Figure files, in the order the report shows them, and their captions.
+FIGURES = {
+    'roc.png': 'ROC curves of the out-of-fold predictions, with 95 % bootstrap bands.',
+    'calibration.png': 'Calibration: observed pCR fraction per bin of prediction, and the'
+                       ' distribution of the predictions.',
+    'decision_curve.png': 'Decision curves: net benefit of acting on each model at each threshold'
+                          ' probability, against treating all or none.',
+    'forest.png': 'AUROC overall and by HR/HER2 subtype.',
+    'learning_curves.png': 'Training loss and validation AUROC per epoch; dots: the epochs selected'
+                           ' on the inner validation split.',
+}
+
+
+def build(run_dir: str) -> list[tables.Row]:
+  """Writes every evidence file of `run_dir` and returns the main table."""
+  run_dir = os.path.abspath(run_dir)
+  config = runs.read_config(run_dir)
+  predictions = tables.load_run(run_dir)
+  if not predictions:
+    raise FileNotFoundError(f'{run_dir}: no model has finished every repeat and fold yet.')
+  seed, replicates = config.seed, config.bootstrap_replicates
+  pairs = tables.pairwise_tests(predictions)
+  table = tables.main_table(predictions, seed=seed, num_replicates=replicates, pairs=pairs)
+  operating = tables.operating_point_table(predictions, seed=seed, num_replicates=replicates)
+  curves = tables.decision_curves(predictions)
+  groups = tables.subgroups(predictions, seed=seed, num_replicates=replicates)
+
+  for name, records in (('table', [tables.table_record(row) for row in table]), ('pairwise', pairs),
+                        ('operating_points', operating), ('decision_curve', curves),
+                        ('subgroups', groups)):
+    _write_csv(os.path.join(run_dir, f'{name}.csv'), records)
+  for name, pred in predictions.items():
+    runs.write_predictions(runs.oof_predictions_path(run_dir, name), tables.out_of_fold_rows(pred))
+  figure = lambda name: os.path.join(run_dir, name)  # noqa: E731
+  plots.roc_curves(figure('roc.png'), predictions, table, seed=seed)
+  plots.reliability(figure('calibration.png'), predictions)
+  plots.decision_curves(figure('decision_curve.png'), curves)
+  plots.forest(figure('forest.png'), groups, table)
+  plots.learning_curves(figure('learning_curves.png'), run_dir, num_repeats=config.num_repeats,
+                        num_folds=config.data.num_folds)
+
+  markdown = render(config, run_dir, table, pairs, operating, groups)
+  with open(os.path.join(run_dir, 'report.md'), 'w') as f:
+    f.write(markdown)
+  with open(os.path.join(run_dir, 'report.html'), 'w') as f:
+    f.write(to_html(markdown, run_dir, config))
+  print(markdown)
+  return table
+
+
+def _flat(record: dict) -> dict:
+  """CSV cells: an interval (low, high) becomes two columns."""
+  out = {}
+  for key, value in record.items():
+    if isinstance(value, tuple):
+      out[f'{key}_low'], out[f'{key}_high'] = value
+    else:
+      out[key] = value
+  return out
+
+
+def _write_csv(path: str, records: list[dict]) -> None:
+  records = [_flat(r) for r in records]
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+    writer.writeheader()
+    writer.writerows(records)
+
+
+def _num(value, digits: int = 3) -> str:
+  return '—' if value is None or np.isnan(value) else f'{value:.{digits}f}'
+
+
+def _ci(low, high, digits: int = 3) -> str:
+  return f'{_num(low, digits)}–{_num(high, digits)}'
+
+
+def _p(value) -> str:
+  return '' if value is None else f'{value:.2g}' if value < 0.001 else f'{value:.3f}'
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+def _label(name: str) -> str:
+  return runs.model(name).label
+
+
+def banner(config) -> str:
+  if 'synthetic' in config.data.dataset:
+    return ('> **Synthetic data.** Every number below comes from the embedded phantom'
+            f' (`{config.data.dataset}`), a simulation of I-SPY2-like DCE-MRI: it tests the'
+            ' software and the method\'s mechanics and says nothing about patients.')
+  return (f'> **Data: `{config.data.dataset}`**, the I-SPY2 collection (TCIA) as built by this'
+          ' project. A research result on retrospective trial data, not a clinical tool.')
+
+
+def bottom_line(pairs: list[dict], num_pairs: int) -> str:
+  """The paper's comparison in one sentence: the difference, its CI and p."""
+  reference, method = runs.PRIMARY
+  pair = tables.bottom_line(pairs)
+  if pair is None:
+    return (f'**Bottom line:** not available: the run holds no finished {_label(method)} and'
+            f' {_label(reference)} to compare.')
+  if pair['difference'] == 0:
+    return (f"**Bottom line:** the {_label(method)} and the {_label(reference)} have the same AUROC,"
+            f" {pair['auroc_a']:.3f}, on the same {pair['patients']} patients.")
+  return (f"**Bottom line:** on the same {pair['patients']} patients, the {_label(method)} has"
+          f" AUROC {pair['auroc_b']:.3f} vs {pair['auroc_a']:.3f} for the {_label(reference)}"
+          f" ({runs.model(method).visits}): a difference of {pair['difference']:+.3f} (95 % CI"
+          f" {pair['difference_ci_low']:+.3f} to {pair['difference_ci_high']:+.3f}, DeLong),"
+          f" p = {_p(pair['p'])} ({_p(pair['p_holm'])} after Holm's adjustment over the {num_pairs}"
+          ' pairwise tests).')
+
+
+def design(config, run_dir: str, first: tables.Row) -> str:
+  repeats = config.num_repeats
+  return (
+      f'{first.num_patients} patients, {first.num_pcr} pCR'
+      f' ({100 * first.num_pcr / first.num_patients:.1f} %). {config.data.num_folds}-fold'
+      ' cross-validation stratified by pCR × HR/HER2 subtype, every model trained or fitted on the'
+      ' training patients of each fold and selected on an inner validation split of them;'
+      f' {repeats} repeat(s) (fold seeds {config.data.fold_seed}..{config.data.fold_seed + repeats - 1},'
+      f' init seeds {config.seed}..{config.seed + repeats - 1}); representation'
+      f' `{config.data.representation}`; post-hoc calibration: {config.calibration}. Trained with code'
+      f' {runs.recorded_code_version(run_dir)}; report built with {runs.code_version()}; the exact'
+      ' config is `config.json` (and at the end of report.html).')
+
+
+def main_table(config, table: list[tables.Row]) -> str:
+  repeats = config.num_repeats
+  rows = []
+  for r in table:
+    if r.degenerate:
+      intercept = slope = f'not shown ({r.degenerate})'
+    else:
+      intercept = f'{_num(r.calibration_intercept, 2)} ({_ci(*r.calibration_intercept_ci, 2)})'
+      slope = f'{_num(r.calibration_slope, 2)} ({_ci(*r.calibration_slope_ci, 2)})'
+    rows.append([
+        _label(r.name), r.time_points, f'{_num(r.auroc)} ({_ci(r.ci_low, r.ci_high)})',
+        f'{np.mean(r.auroc_repeats):.3f} ± {np.std(r.auroc_repeats):.3f}'
+        f' ({min(r.auroc_repeats):.3f}–{max(r.auroc_repeats):.3f})',
+        _p(r.p_vs_baseline), _num(r.brier), intercept, slope])
+  text = _md_table(
+      ['Model', 'Time points', 'AUROC (95 % CI)', f'AUROC of each of {repeats} repeat(s): mean ± SD'
+       ' (range)', f'p vs {_label(runs.PRIMARY[0])} (Holm)', 'Brier', 'Cal. intercept (95 % CI)',
+       'Cal. slope (95 % CI)'], rows)
+  notes = [
+      f'AUROC and its CI (stratified bootstrap, {config.bootstrap_replicates} replicates, the pROC'
+      ' convention) are of each patient\'s out-of-fold prediction averaged over the repeats; the'
+      ' repeats column shows the spread of the pooled AUROC between repeats. Calibration intercept'
+      ' (ideal 0) and slope (ideal 1) with stratified-bootstrap CIs.']
+  untested = [_label(r.name) for r in table if not runs.model(r.name).compared]
+  if untested:
+    notes.append(f'Not tested against the others: {", ".join(untested)} (sees later visits: a'
+                 ' reference, not an early predictor).')
+  return text + '\n\n' + ' '.join(notes)
+
+
+def operating_points(operating: list[dict]) -> str:
+  text = _md_table(['Model', 'Rule', 'Threshold', 'Sensitivity', 'Specificity', 'PPV', 'NPV'], [
+      [_label(o['model']), tables.RULES[o['rule']], _num(o['threshold']),
+       *[f"{_num(o[k])} ({_ci(*o[k + '_ci'])})" for k in ('sensitivity', 'specificity', 'ppv', 'npv')]]
+      for o in operating])
+  return text + (
+      '\n\nThe thresholds are chosen on the same out-of-fold predictions they are evaluated on, so'
+      ' these figures are optimistic for new patients; the CIs (stratified bootstrap, the threshold'
+      ' re-derived in every replicate) include the uncertainty of choosing it. Decision curves:'
+      ' `decision_curve.csv`.')
+
+
+def pairwise(pairs: list[dict]) -> str:
+  text = _md_table(['A', 'B', 'AUROC A', 'AUROC B', 'B − A (95 % CI)', 'z', 'p', 'p (Holm)'], [
+      [_label(p['a']), _label(p['b']), _num(p['auroc_a']), _num(p['auroc_b']),
+       f"{p['difference']:+.3f} ({p['difference_ci_low']:+.3f} to {p['difference_ci_high']:+.3f})",
+       f"{p['z']:.2f}", _p(p['p']), _p(p['p_holm'])] for p in pairs])
+  return text + (f'\n\nPaired two-sided DeLong tests on the same patients between every pair of early'
+                 f' (T0+T1) models ({len(pairs)} tests); Holm\'s step-down adjustment controls the'
+                 ' family-wise error rate at 5 %.')
+
+
+def subgroups(groups: list[dict]) -> str:
+  text = _md_table(['Model', 'Group', 'Patients', 'pCR', 'AUROC (95 % CI)'], [
+      [_label(g['model']), g['group'], str(g['patients']), str(g['pcr']),
+       'too few' if g['auroc'] is None else f"{g['auroc']:.3f} ({_ci(g['ci_low'], g['ci_high'])})"]
+      for g in groups])
+  return text + (f'\n\n"too few": fewer than {tables.MIN_PER_CLASS} pCR or non-pCR patients in the'
+                 ' subgroup, where an AUROC would be noise.')
+
+
+def _figure(name: str) -> str:
+  return f'![{FIGURES[name]}]({name})\n\n*{FIGURES[name]}*'
+
+
+def render(config, run_dir, table, pairs, operating, groups) -> str:
+  """report.md: the sections in the order a reviewer reads them."""
+  sections = [
+      '# pCR prediction from early DCE-MRI: two-stage dual-task vs single-stage',
+      banner(config),
+      bottom_line(pairs, len(pairs)),
+      design(config, run_dir, table[0]),
+      '## Main table\n\n' + main_table(config, table),
+      '## Discrimination and calibration\n\n' + _figure('roc.png') + '\n\n' + _figure('calibration.png'),
+      '## Clinical usefulness\n\n' + _figure('decision_curve.png') + '\n\n### Operating points\n\n'
+      + operating_points(operating),
+      '## Pairwise comparisons\n\n' + pairwise(pairs),
+      '## Subgroups\n\n' + _figure('forest.png') + '\n\n' + subgroups(groups),
+      '## Training\n\n' + _figure('learning_curves.png'),
+  ]
+  return '\n\n'.join(sections) + '\n'
+
+
+def to_html(markdown: str, run_dir: str, config) -> str:
+  """One self-contained file (figures inline as data URIs, the config at the end): easy to send."""
+  for name in FIGURES:
+    with open(os.path.join(run_dir, name), 'rb') as f:
+      data = base64.b64encode(f.read()).decode()
+    markdown = markdown.replace(f']({name})', f'](data:image/png;base64,{data})')
+  body = markdown_it.MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown)
+  config_json = html.escape(config.to_json_best_effort(indent=2))
+  style = ('body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}'
+           'table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;'
+           'font-size:14px}th{background:#f4f4f4}img{max-width:100%}blockquote{background:#fff6e0;'
+           'border-left:4px solid #e0a000;margin:1em 0;padding:0.5em 1em}')
+  return (f'<!doctype html><html><head><meta charset="utf-8"><title>pcrjax report</title>'
+          f'<style>{style}</style></head><body>{body}<details><summary>config.json</summary><pre>'
+          f'{config_json}</pre></details></body></html>\n')

@@ -1,0 +1,198 @@
+"""The run contract, spelled once: the models a protocol compares, the workdir layout, the
+predictions schema, discovery of finished models, and the code version.
+
+Every module that writes or reads a workdir asks this one. Adding a row to the paper's table is one
+`Model` entry in `MODELS` plus the code that writes its predictions files; the evidence (tables,
+tests, figures, report, comparisons) finds it here. Imports no JAX: a finished workdir can be
+re-reported on any machine.
+
+A protocol workdir:
+
+    config.json  code_version.txt  ftv.csv
+    repeat_<r>/fold_<k>/<model>/   one stage's workdir: config.json, metrics.jsonl, checkpoints/,
+                                   selection.json (networks), predictions_val.csv,
+                                   predictions_test.csv (written last: the stage is finished)
+    predictions_oof_<model>.csv    each patient's repeat-averaged out-of-fold prediction
+    table.csv, report.md, ...      the evidence (pcrjax.evidence.report)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+
+import ml_collections
+
+from tfds_ispy2.ispy2 import schema
+
+NETWORK = 'network'  # Trained by pcrjax.train with `config.stage = name`.
+REFERENCE = 'reference'  # Fitted by the protocol inside each training fold (no epochs to select).
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One row of the protocol's table."""
+
+  name: str  # Directory name and key.
+  label: str  # The name every table and figure shows.
+  time_points: tuple[int, ...]  # Visit indices it sees (0 = T0).
+  kind: str  # NETWORK or REFERENCE.
+  compared: bool  # An early predictor: enters the pairwise DeLong tests.
+  colour: str
+  teacher: str = ''  # The network whose frozen latent it regresses: trained first, on the same fold.
+
+  @property
+  def visits(self) -> str:
+    return '+'.join(schema.VISITS[t] for t in self.time_points)
+
+
+# Table order. The paper's comparison is student vs baseline (PRIMARY); the teacher sees T2 and is
+# the reference the student learns from, not an early predictor.
+MODELS = (
+    Model('baseline', 'Baseline (single-stage)', (0, 1), NETWORK, True, '#1f77b4'),
+    Model('student', 'Student (two-stage dual-task)', (0, 1), NETWORK, True, '#d62728',
+          teacher='teacher'),
+    Model('ftv', 'FTV (I-SPY clinical model)', (0, 1), REFERENCE, True, '#2ca02c'),
+    Model('teacher', 'Teacher (sees T2)', (0, 1, 2), NETWORK, False, '#9467bd'),
+)
+PRIMARY = ('baseline', 'student')  # (reference, method) of the bottom line.
+
+
+def model(name: str) -> Model:
+  for m in MODELS:
+    if m.name == name:
+      return m
+  raise KeyError(f'No model {name!r} in the run contract (pcrjax.runs.MODELS): '
+                 f'{[m.name for m in MODELS]}')
+
+
+def networks_in_training_order() -> list[Model]:
+  """The trained models, each after the teacher it learns from."""
+  return sorted((m for m in MODELS if m.kind == NETWORK), key=lambda m: bool(m.teacher))
+
+
+# --- Layout. ---------------------------------------------------------------------------------------
+
+CONFIG_FILE = 'config.json'
+CODE_VERSION_FILE = 'code_version.txt'
+METRICS_FILE = 'metrics.jsonl'
+SELECTION_FILE = 'selection.json'  # The epoch chosen on validation, and its metric.
+CHECKPOINTS_DIR = 'checkpoints'
+FTV_TABLE_FILE = 'ftv.csv'
+SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
+
+
+def stage_dir(workdir: str, repeat: int, fold: int, model_name: str) -> str:
+  return os.path.join(workdir, f'repeat_{repeat}', f'fold_{fold}', model_name)
+
+
+def predictions_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f'predictions_{split}.csv')
+
+
+def oof_predictions_path(workdir: str, model_name: str) -> str:
+  return os.path.join(workdir, f'predictions_oof_{model_name}.csv')
+
+
+def is_finished(directory: str) -> bool:
+  return os.path.exists(predictions_path(directory, SPLITS[-1]))
+
+
+def finished_models(workdir: str, *, num_repeats: int, num_folds: int) -> list[Model]:
+  """The models whose every repeat and fold has finished, in table order."""
+  return [m for m in MODELS
+          if all(is_finished(stage_dir(workdir, r, k, m.name))
+                 for r in range(num_repeats) for k in range(num_folds))]
+
+
+def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {directory} is not a pcrjax run.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_selection(directory: str, *, epoch: int, metric: str, value: float) -> None:
+  with open(os.path.join(directory, SELECTION_FILE), 'w') as f:
+    json.dump({'epoch': int(epoch), 'metric': metric, 'value': float(value)}, f)
+
+
+def selected_epoch(directory: str) -> int | None:
+  path = os.path.join(directory, SELECTION_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)['epoch']
+
+
+# --- Predictions. ----------------------------------------------------------------------------------
+
+PREDICTION_FIELDS = ('patient_id', 'label', 'prob', 'subtype', 'fold', 'arm')
+OUT_OF_FOLD = -1  # The `fold` of a pooled out-of-fold row.
+
+
+def prediction_row(*, patient_id: str, label: int, prob: float, subtype: str, fold: int,
+                   arm: str) -> dict:
+  """One patient's prediction: de-identified id, label, probability and the report's strata."""
+  prob = float(prob)
+  if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
+    raise ValueError(f'Patient {patient_id}: probability {prob} is not a finite value in [0, 1].')
+  if int(label) not in (0, 1):
+    raise ValueError(f'Patient {patient_id}: label {label!r} is not 0 or 1.')
+  return {'patient_id': str(patient_id), 'label': int(label), 'prob': prob, 'subtype': str(subtype),
+          'fold': int(fold), 'arm': str(arm)}
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+  """Writes atomically: a file that exists is complete (the protocol resumes on that)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({**row, 'prob': f"{row['prob']:.6f}"})
+  os.replace(tmp, path)
+
+
+def read_predictions(path: str) -> list[dict]:
+  with open(path, newline='') as f:
+    return [prediction_row(**row) for row in csv.DictReader(f)]
+
+
+# --- Code version. ---------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+  """`git describe` of the code now running ('unknown' outside a git checkout)."""
+  try:
+    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def record_code_version(workdir: str) -> None:
+  """Keeps the code that started a run: a resumed run does not overwrite it."""
+  path = os.path.join(workdir, CODE_VERSION_FILE)
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(code_version() + '\n')
+
+
+def recorded_code_version(workdir: str) -> str:
+  path = os.path.join(workdir, CODE_VERSION_FILE)
+  if not os.path.exists(path):
+    return 'unknown'
+  with open(path) as f:
+    return f.read().strip()

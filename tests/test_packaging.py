@@ -1,0 +1,40 @@
+"""The wheel ships pcrjax and the TFDS dataset folder, never the test support (setup.py)."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DUMMY_DATA = 'tfds_ispy2/ispy2/dummy_data/'
+# Not copied: VCS, environments, outputs and build leftovers (a stale build/ leaks into a wheel).
+_TOP_LEVEL_SKIP = {'.git', '.venv', '.pytest_cache', 'build', 'dist', 'workdirs', 'data'}
+
+
+def _ignore(directory, names):
+  top = pathlib.Path(directory) == ROOT
+  return [n for n in names
+          if (top and n in _TOP_LEVEL_SKIP) or n == '__pycache__' or n.endswith('.egg-info')]
+
+
+def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
+  # A copy of the working tree, so that the build writes nothing into the repository.
+  src = tmp_path / 'src'
+  shutil.copytree(ROOT, src, ignore=_ignore)
+  out = tmp_path / 'wheels'
+  build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                          '--disable-pip-version-check', '-q', '-w', str(out), str(src)],
+                         capture_output=True, text=True)
+  assert build.returncode == 0, build.stderr  # setuptools < 70.1 needs the `wheel` package
+  (wheel,) = out.glob('*.whl')
+  names = zipfile.ZipFile(wheel).namelist()
+
+  assert {n.split('/')[0] for n in names if '.dist-info/' not in n} == {'pcrjax', 'tfds_ispy2'}
+  assert 'pcrjax/__init__.py' in names
+  for module in ('ispy2_dataset_builder', 'schema', 'phantom', 'tcia', 'tcia_cache'):
+    assert f'tfds_ispy2/ispy2/{module}.py' in names
+  dummy = {str(p.relative_to(ROOT)) for p in (ROOT / DUMMY_DATA).rglob('*') if p.is_file()}
+  assert dummy and {n for n in names if n.startswith(DUMMY_DATA)} == dummy
+  assert not [n for n in names if n.endswith('_test.py') or 'tcia_fixtures' in n
+              or n.startswith(('fake_data/', 'tests/'))]

@@ -1,0 +1,193 @@
+"""Evidence from predictions files: pooling over folds and repeats, recalibration, pairwise tests,
+subgroups, and the run contract's registry driving tables, figures and the report."""
+
+import csv
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from pcrjax import runs
+from pcrjax.evidence import calibration, report, tables
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _write_model(root, name, *, num_repeats=2, num_folds=2, n=80, seed=0, signal=1.5,
+                 overconfident=False):
+  """Fake predictions of one model in the protocol's layout; returns (labels, subtypes, arms)."""
+  rng = np.random.default_rng(seed)
+  labels = (rng.random(n) < 0.35).astype(int)
+  subtypes = np.array(['HR+/HER2-', 'HR-/HER2-', 'HR-/HER2+'])[rng.integers(0, 3, n)]
+  subtypes[:4] = 'HR+/HER2+'  # A subgroup too small for an AUROC.
+  arms = np.array(['A', 'B'])[rng.integers(0, 2, n)]
+  noise = np.random.default_rng(hash(name) % 2**32)
+  for repeat in range(num_repeats):
+    fold_of = rng.permutation(n) % num_folds
+    logits = signal * (labels - 0.35) + noise.normal(0, 1, n)
+    probs = 1 / (1 + np.exp(-(3 * logits if overconfident else logits)))
+    for fold in range(num_folds):
+      directory = pathlib.Path(runs.stage_dir(str(root), repeat, fold, name))
+      directory.mkdir(parents=True)
+      for split, rows in (('test', fold_of == fold), ('val', fold_of != fold)):
+        runs.write_predictions(runs.predictions_path(str(directory), split), [
+            runs.prediction_row(patient_id=f'P{i:03d}', label=labels[i], prob=probs[i],
+                                subtype=subtypes[i], fold=fold, arm=arms[i])
+            for i in np.flatnonzero(rows)])
+  return labels, subtypes, arms
+
+
+def _write_config(root, num_repeats=2, num_folds=2):
+  config = ml_collections.ConfigDict({
+      'seed': 0, 'num_repeats': num_repeats, 'calibration': 'none', 'bootstrap_replicates': 200,
+      'data': {'dataset': 'ispy2/synthetic_smoke', 'num_folds': num_folds, 'fold_seed': 0,
+               'representation': 'mip'}})
+  runs.write_config(str(root), config)
+
+
+def test_pooling_over_folds_and_repeats(tmp_path):
+  labels, _, _ = _write_model(tmp_path, 'baseline')
+  pred = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  assert list(pred.patient_id) == sorted(pred.patient_id) and len(pred.patient_id) == 80
+  np.testing.assert_array_equal(pred.label, labels[np.argsort([f'P{i:03d}' for i in range(80)])])
+  assert pred.prob.shape == (2, 80) and not np.allclose(pred.prob[0], pred.prob[1])
+  np.testing.assert_allclose(pred.mean_prob, pred.prob.mean(0))
+
+
+def test_recalibration_is_fitted_on_each_folds_validation_split(tmp_path):
+  _write_model(tmp_path, 'baseline', overconfident=True)
+  raw = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  fitted = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2,
+                                   calibrate='temperature')
+  fold_dir = runs.stage_dir(str(tmp_path), 0, 0, 'baseline')
+  val = runs.read_predictions(runs.predictions_path(fold_dir, 'val'))
+  test = runs.read_predictions(runs.predictions_path(fold_dir, 'test'))
+  calibrator = calibration.fit_temperature(np.array([p['label'] for p in val]),
+                                           np.array([p['prob'] for p in val]))
+  expected = calibrator(np.array([p['prob'] for p in test]))
+  got = fitted.prob[0][np.searchsorted(fitted.patient_id, [p['patient_id'] for p in test])]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # Over-confident predictions: recalibration brings the slope towards 1.
+  _, raw_slope = calibration.calibration_intercept_slope(raw.label, raw.prob[0])
+  _, new_slope = calibration.calibration_intercept_slope(fitted.label, fitted.prob[0])
+  assert abs(new_slope - 1) < abs(raw_slope - 1)
+
+
+def test_subgroups_say_too_few_instead_of_a_number(tmp_path):
+  _write_model(tmp_path, 'baseline')
+  pred = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  rows = tables.subgroups({'baseline': pred}, seed=0, num_replicates=200)
+  small = next(r for r in rows if r['group'] == 'HR+/HER2+')
+  assert small['patients'] == 4 and small['auroc'] is None
+  for row in rows:
+    if row['auroc'] is not None:
+      assert min(row['pcr'], row['patients'] - row['pcr']) >= tables.MIN_PER_CLASS
+      assert row['ci_low'] <= row['auroc'] <= row['ci_high']
+  assert {r['group'] for r in rows if r['kind'] == 'arm'} == {'A', 'B'}
+
+
+def test_pairwise_tests_pair_patients_and_adjust(tmp_path):
+  _write_model(tmp_path, 'baseline')
+  base = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  perfect = tables.Predictions(base.patient_id, base.label, base.subtype, base.arm,
+                               base.label[None].astype(float) * 0.8 + 0.1)
+  pairs = tables.pairwise_tests({'baseline': base, 'student': perfect, 'ftv': base,
+                                 'teacher': perfect})
+  by_pair = {(p['a'], p['b']): p for p in pairs}
+  assert set(by_pair) == {('baseline', 'student'), ('baseline', 'ftv'), ('student', 'ftv')}
+  first = by_pair[('baseline', 'student')]
+  assert first['auroc_b'] == 1.0 and first['difference'] > 0 and first['z'] > 0
+  assert first['difference_ci_low'] < first['difference'] < first['difference_ci_high']
+  assert tables.bottom_line(pairs) is first
+  assert by_pair[('baseline', 'ftv')]['p'] == 1.0
+  assert all(p['p_holm'] >= p['p'] for p in pairs)
+  shuffled = tables.Predictions(base.patient_id, 1 - base.label, base.subtype, base.arm, base.prob)
+  with pytest.raises(ValueError, match='disagree on the labels'):
+    tables.pairwise_tests({'baseline': base, 'student': shuffled})
+
+
+def test_predictions_rows_are_checked():
+  with pytest.raises(ValueError, match='P1: probability nan'):
+    runs.prediction_row(patient_id='P1', label=1, prob=float('nan'), subtype='x', fold=0, arm='')
+  with pytest.raises(ValueError, match='P2: label 2'):
+    runs.prediction_row(patient_id='P2', label=2, prob=0.5, subtype='x', fold=0, arm='')
+
+
+def test_discovery_lists_finished_models_in_table_order(tmp_path):
+  for name in ('teacher', 'baseline'):
+    _write_model(tmp_path, name)
+  _write_model(tmp_path, 'student', num_folds=1)  # Fold 1 of the student has not finished.
+  assert [m.name for m in runs.finished_models(str(tmp_path), num_repeats=2, num_folds=2)] == [
+      'baseline', 'teacher']
+  assert [m.name for m in runs.networks_in_training_order()] == ['baseline', 'teacher', 'student']
+
+
+def test_a_registered_model_reaches_every_part_of_the_report(tmp_path, monkeypatch):
+  """One registry entry plus its predictions files: the table, the tests, figures and report."""
+  oracle = runs.Model('dummy', 'Dummy reference (test only)', (0, 1), runs.REFERENCE, True,
+                      '#8c564b')
+  monkeypatch.setattr(runs, 'MODELS', runs.MODELS + (oracle,))
+  _write_config(tmp_path)
+  for name, signal in (('baseline', 1.0), ('student', 2.0), ('dummy', 6.0)):
+    _write_model(tmp_path, name, signal=signal)
+  table = report.build(str(tmp_path))
+  assert [row.name for row in table] == ['baseline', 'student', 'dummy']
+  assert table[2].auroc > table[1].auroc > table[0].auroc
+  assert table[2].p_vs_baseline is not None
+  with open(tmp_path / 'pairwise.csv') as f:
+    pairs = {(r['a'], r['b']) for r in csv.DictReader(f)}
+  assert pairs == {('baseline', 'student'), ('baseline', 'dummy'), ('student', 'dummy')}
+  for name in ('table', 'operating_points', 'decision_curve', 'subgroups'):
+    with open(tmp_path / f'{name}.csv') as f:
+      assert 'dummy' in {r.get('model', r.get('name')) for r in csv.DictReader(f)}, name
+  assert (tmp_path / 'predictions_oof_dummy.csv').exists()
+  text = (tmp_path / 'report.md').read_text()
+  assert text.count('Dummy reference (test only)') >= 5  # Table, operating points, pairs, subgroups.
+  assert text.index('**Synthetic data.**') < text.index('**Bottom line:**') < text.index(
+      '## Main table') < text.index('roc.png') < text.index('## Pairwise') < text.index('## Subgroups')
+  page = (tmp_path / 'report.html').read_text()
+  assert '<table>' in page and page.count('data:image/png;base64,') == len(report.FIGURES)
+  for figure in report.FIGURES:
+    assert (tmp_path / figure).stat().st_size > 10_000, figure
+
+
+def test_degenerate_calibration_is_flagged_not_printed(tmp_path):
+  _write_config(tmp_path)
+  _write_model(tmp_path, 'baseline')
+  _write_model(tmp_path, 'student', signal=2.0)
+  for path in tmp_path.glob('repeat_*/fold_*/student/predictions_*.csv'):  # Bunched predictions.
+    rows = runs.read_predictions(str(path))
+    runs.write_predictions(str(path), [{**r, 'prob': 0.4 + 0.02 * r['prob']} for r in rows])
+  table = {row.name: row for row in report.build(str(tmp_path))}
+  assert table['student'].degenerate and not table['baseline'].degenerate
+  line = next(l for l in (tmp_path / 'report.md').read_text().splitlines()
+              if l.startswith(f"| {runs.model('student').label} |"))
+  assert f'not shown ({table["student"].degenerate})' in line
+
+
+def _run_without_jax(module, *args):
+  """`python -m pcrjax.<module> ARGS` in a process where importing JAX (or TFDS) fails."""
+  script = ('import sys\n'
+            "for blocked in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'tensorflow_datasets'):\n"
+            '  sys.modules[blocked] = None  # Any import of it now fails.\n'
+            'from absl import app\n'
+            f'from pcrjax import {module}\n'
+            f'sys.argv = {[module, *args]!r}\n'
+            f'app.run({module}.main)\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_a_finished_run_is_re_reported_without_jax(tmp_path):
+  """The evidence imports no JAX: report and compare run where JAX cannot be imported."""
+  _write_config(tmp_path)
+  for name in ('baseline', 'student'):
+    _write_model(tmp_path, name)
+  _run_without_jax('report', f'--workdir={tmp_path}')
+  assert (tmp_path / 'report.html').exists() and (tmp_path / 'table.csv').exists()
+  assert '+0.000' in _run_without_jax('compare', f'--a={tmp_path}', f'--b={tmp_path}')
