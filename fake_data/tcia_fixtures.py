@@ -15,27 +15,40 @@ phantom's sigma.  Fat is the phantom's fat-suppressed
 residual signal (voxels labelled fat are pure fat: partial volume is dropped).
 
 Geometry is written *truthfully*: the phantom volume of a visit is placed in DICOM LPS patient
-space by a per-patient orientation (axial, oblique or flipped) and a per-visit table position,
-and ImagePositionPatient / ImageOrientationPatient / PixelSpacing say exactly where every voxel
-is.  A reader that respects DICOM geometry recovers the phantom; the ground truth returned by
-:func:`write_tcia_tree` (tumour centroid in mm LPS, volume in mm^3, phase choice, visit mask,
-skip reason, mask source) is physical, not voxel-based.  A visit with a different voxel grid is
-resampled from the phantom maps (scipy ``map_coordinates``, in physical coordinates, labels
-nearest-neighbour) before the physics runs, so its tumour is the same physical object.
+space by a per-patient orientation (axial, oblique, flipped or sagittal) and a per-visit table
+position, and ImagePositionPatient / ImageOrientationPatient / PixelSpacing say exactly where
+every voxel is.  A reader that respects DICOM geometry recovers the phantom; the ground truth
+returned by :func:`write_tcia_tree` (tumour and FTV centroids in mm LPS, volumes in mm^3, phase
+choice, visit mask, skip reason, mask source, crop centre) is physical, not voxel-based.  A visit
+with a different voxel grid is resampled from the phantom maps (scipy ``map_coordinates``, in
+physical coordinates, labels nearest-neighbour) before the physics runs, so its tumour is the
+same physical object.
 
-Each visit's Analysis Mask is a BINARY DICOM SEG in the I-SPY *inverse* convention:
-a voxel belongs to the functional tumour volume (FTV) iff it lies in the SEG's extent and in no
-segment.  Segments are exclusion reasons (``PE threshold``, ``SER/min neighbour``,
-``background threshold``, ``manual VOI``; they may overlap) or one segment ``excluded``.  Here
-the FTV is exactly the phantom's tumour mask (necrotic core included, as in the synthetic
-config).  Every SEG covers *more* slices than its DCE series, asymmetrically (1 plane below, 3
-above, all excluded), so a reader that centre-crops instead of resampling by geometry is off by
-one slice.  The SEG is a pydicom Dataset of the Segmentation IOD in the layout highdicom writes
-(shared plane orientation / pixel measures, per-frame plane position, segment identification,
-frame content and derivation image; dimension index = (segment, plane); empty frames omitted,
-so frames are not planes x segments; frames bit-packed by ``pydicom.pixels.pack_bits``);
-highdicom's own reader gets the same FTV back (tested).  highdicom's ``Segmentation``
-constructor is not used (~0.1 s per SEG, with the extra planes beyond the source series).
+Each visit's Analysis Mask is what UCSF's VOLSER makes of the images *as written*: inside a VOI
+drawn around the tumour (its box grown by 1 slice and 3 voxels in plane), :func:`volser_codes`
+flags per voxel the background threshold (16), PE < 70 % (1) and the SER / minimum-neighbour
+filter (2), and bit 32 outside the VOI; 0 is the functional tumour volume (FTV), which therefore
+follows the enhancement (the necrotic core and the PSF rim that fails the background threshold
+are out; ``truth.ftv_*``), not the phantom's tumour mask (``truth.tumor_*``).  The flags are
+written in one of two forms (``Case.mask``):
+
+* the collection's own, by default: SEG SOP class but not a valid SEG, 8-bit frames holding the
+  flags (one frame per plane, declared FRACTIONAL, no SegmentSequence), the private Mask Legend
+  (0117,10D3) (or none, ``bitflags_no_legend``), ``DerivationDescription``
+  ``VOLSER,BACKGROUND=<S0 threshold>,SER PE THRESHOLD=70``, plane orientation shared or per frame
+  (``bitflags_per_frame``); :func:`set_bitflag_mask` writes it for any geometry;
+* the standard one (``seg``): a BINARY SEG with one segment per exclusion bit (``PE threshold``,
+  ``SER/min neighbour``, ``background threshold``, ``manual VOI``; they overlap), or one segment
+  ``excluded`` and so no VOI (``seg_excluded``); in the layout highdicom writes (shared plane
+  orientation / pixel measures, per-frame plane position, segment identification, frame content
+  and derivation image; dimension index = (segment, plane); empty frames omitted, so frames are
+  not planes x segments; frames bit-packed by ``pydicom.pixels.pack_bits``); highdicom's own
+  reader gets the same FTV back (tested).  highdicom's ``Segmentation`` constructor is not used
+  (~0.1 s per SEG, with the extra planes beyond the source series).
+
+Every mask covers *more* slices than its DCE series, asymmetrically (1 plane below, 3 above,
+outside the VOI), so a reader that centre-crops instead of resampling by geometry is off by one
+slice.
 
 Every DICOM file is written by ``pydicom.dcmwrite(..., enforce_file_format=True)`` (explicit VR
 little endian, file meta included): one dataset per MR series holds the shared elements and the
@@ -55,17 +68,25 @@ Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
 
 * ``standard``: axial, 7 phases, 4 visits, SER + PE2 derived series, an identical duplicate
   sheet row -> read all 4 visits, ignore SER/PE2, keep the patient (identical rows agree).
-* ``oblique``: IOP rotated 17 deg about (1, 1, 0)/sqrt 2, 6 phases, RescaleSlope 2, pCR (empty
-  T3 mask) -> resample by geometry; T3 crop falls back to the T0 centroid.
+* ``oblique``: IOP rotated 17 deg about (1, 1, 0)/sqrt 2, 6 phases, RescaleSlope 2, pCR (T3
+  mask with an empty FTV), bit-flag masks with the orientation per frame -> resample by
+  geometry; the T3 crop centres on the T3 VOI.
 * ``flipped``: a right breast whose rows run right-to-left (IOP row = -x) so the normal is -z;
-  files written in reverse order; 8 phases -> sort along the normal; nothing mirrored.
+  files written in reverse order; 8 phases; bit-flag masks without a Mask Legend -> sort along
+  the normal; nothing mirrored; the documented bits.
+* ``sagittal``: IOP [0, 1, 0, 0, 0, -1], slices stacked along x -> resample by geometry.
 * ``spacing``: T1 on a 3x2x2 mm grid, T2 on 4x2.4x2.0 mm (anisotropic in plane), T3 on
-  4.5x2.5x2.5 mm, T0 on the phantom grid -> resample each visit by its own geometry.
+  4.5x2.5x2.5 mm, T0 on the phantom grid; standard BINARY SEGs -> resample each visit by its
+  own geometry; read the standard form.
+* ``node``: an enhancing lymph node (13 mm radius) 50 mm from the tumour, outside the VOI and
+  larger than the tumour; T1 without a mask -> crop on the FTV (T0, T2) and on PE >= 70 % inside
+  T0's VOI carried over (T1, ``pe70_in_voi``), never on the node, which PE >= 70 % over the field
+  of view would take.
 * ``bilateral``: only ``bi-lateral: original DCE`` series (twice the columns: the mirrored
   contralateral breast, without tumour, next to the imaged one) and ``bi-lateral: Analysis
   Mask``; pCR (empty T3 mask); no T2 study -> use the bi-lateral series and mask.
 * ``uni_and_bi``: T0 has both a bi-lateral and a uni-lateral DCE and both masks (bi written
-  first, lower series numbers); 9 phases; one-segment ``excluded`` SEGs -> prefer uni-lateral
+  first, lower series numbers); 9 phases; ``seg_excluded`` SEGs -> prefer uni-lateral
   and the matching uni-lateral mask (both masks give the same FTV by geometry, so only the
   chosen DCE, not the mask choice, is visible in the output).
 * ``acrin``: TCIA id ``ACRIN-6698-...``, ``ACRIN-6698:`` series prefix, ``...6698ISPY2MRIT0``
@@ -88,8 +109,8 @@ Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
 * ``two_phases``: T2 DCE has only 2 phases -> T2 ``missing_phases``.
 * ``missing_visit``: no T2 study at all -> T2 missing (``no_study``), T0/T1/T3 fine.
 * ``no_dce``: the T1 study holds only a SER series -> T1 ``no_dce_series``.
-* ``corrupt_seg``: T0 SEG truncated inside its pixel data (header intact); T1 has no SEG at
-  all -> mask_source ``pe70`` at T0 and T1.
+* ``corrupt_seg``: T0 mask truncated inside its pixel data (header intact); T1 has no mask at
+  all -> ``mask_unreadable`` at T0, mask_source ``pe70`` at T0 and T1 (no VOI to carry over).
 * ``extra_studies``: a second T1 study with 5 phases (fewer DCE slices than the 7-phase one)
   and a study with no visit token anywhere -> keep the 7-phase T1 (``duplicate_visit``),
   report ``unknown_visit`` and ignore it.
@@ -101,16 +122,16 @@ Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
 The tree also holds non-DICOM files a reader must ignore: ``LICENSE``, ``ISPY2/.DS_Store``,
 the two xlsx sheets; the clinical sheet has rows for 3 patients that are not downloaded.
 
-Size: the default tree is 22 patients, 56 studies, ~3200 files, ~18 MB, written in ~12 s on
-one CPU (most of it pydicom encoding ~3200 files, ~2 ms each).
-:data:`DUMMY_CASES` is a 5-patient, ~420-file tree for the TFDS ``dummy_data/``
+Size: the default tree is 24 patients, 62 studies, ~3500 files, ~21 MB, written in ~8 s on
+one CPU (most of it pydicom encoding ~3500 files, ~2 ms each).
+:data:`DUMMY_CASES` is a 6-patient, ~530-file tree for the TFDS ``dummy_data/``
 (``python -m fake_data.tcia_fixtures OUT --dummy``).
 
 Public API: :class:`Case`, :data:`DEFAULT_CASES`, :data:`DUMMY_CASES`, :data:`FIXTURE_SPEC`,
 :class:`PatientTruth` (per-patient expectations), :func:`write_tcia_tree`,
 :func:`write_clinical_sheet`, :func:`write_ancillary_sheet`, :func:`render_dce_series`,
-:func:`choose_phases`, :data:`PHI_STRINGS`, :data:`CLINICAL_SHEET_NAME`,
-:data:`ANCILLARY_SHEET_NAME`.
+:func:`choose_phases`, :func:`volser_codes`, :func:`set_bitflag_mask`, :data:`MASK_LEGEND`
+and the bits, :data:`PHI_STRINGS`, :data:`CLINICAL_SHEET_NAME`, :data:`ANCILLARY_SHEET_NAME`.
 """
 
 from __future__ import annotations
@@ -135,7 +156,8 @@ __all__ = [
     'Case', 'DEFAULT_CASES', 'FIXTURE_SPEC', 'PatientTruth', 'write_tcia_tree',
     'write_clinical_sheet', 'write_ancillary_sheet', 'render_dce_series', 'choose_phases',
     'PHI_STRINGS', 'CLINICAL_SHEET_NAME', 'ANCILLARY_SHEET_NAME', 'CLINICAL_COLUMNS',
-    'SEG_SOP_CLASS_UID', 'FAULTS', 'DUMMY_CASES',
+    'SEG_SOP_CLASS_UID', 'FAULTS', 'DUMMY_CASES', 'MASK_FORMS', 'MASK_LEGEND', 'MASK_LEGEND_TAG',
+    'PE_BIT', 'SER_BIT', 'BACKGROUND_BIT', 'VOI_BIT', 'volser_codes', 'set_bitflag_mask',
 ]
 
 CLINICAL_SHEET_NAME = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
@@ -159,9 +181,20 @@ PHI_STRINGS = (PATIENT_NAME, 'Doe', INSTITUTION, REFERRING, OPERATOR, '742 Everg
 FAULTS = ('truncated_file', 'junk_file', 'missing_slice', 'two_phases', 'no_dce', 'corrupt_seg',
           'no_seg', 'duplicate_visit', 'unknown_study')
 
+MASK_FORMS = ('bitflags', 'bitflags_per_frame', 'bitflags_no_legend', 'seg', 'seg_excluded')
+# The collection's Analysis Mask: per voxel an OR of exclusion bits (0 = FTV); the private Mask
+# Legend (0117,10D3) spells them out. The first three entries are those of a real ACRIN-6698 mask;
+# the wording of the fourth is not known (bit 32 is the documented manual-VOI bit).
+MASK_LEGEND_TAG = (0x0117, 0x10D3)
+MASK_LEGEND = ('00000001 ( 1) : PE threshold', '00000010 ( 2) : other SER filter',
+               '00010000 (16) : automatic background', '00100000 (32) : manual VOI')
+PE_BIT, SER_BIT, BACKGROUND_BIT, VOI_BIT = 1, 2, 16, 32
+_MASK_PRIVATE_CREATOR = 'UCSF VOLSER'
+
 _UID_PREFIX = pydicom.uid.PYDICOM_ROOT_UID  # '1.2.826.0.1.3680043.8.498.'
 _IMPL_VERSION = 'PCRJAX_TCIA_FX'
 _SEG_EXTRA_BELOW, _SEG_EXTRA_ABOVE = 1, 3
+_NODE_RADIUS_MM = 13.0
 _STUDY_STYLES = ('ISPY2MRIT{v}', 'ISPY2_MRI_T{v}', 'ISPY2 MRI T{v}', 'MRI T{v}')
 _NO_TOKEN_DESCRIPTION = 'MR BREAST BILATERAL W WO CONTRAST'
 
@@ -178,8 +211,9 @@ class Case:
     phantom_index: patient index in the phantom cohort (:data:`FIXTURE_SPEC`).
     num_phases: DCE phases (5-9) of every visit (faults may change one visit).
     visits: visits with a study on disk (a phantom-missing visit is dropped too).
-    orientation: ``axial`` (IOP [1,0,0,0,1,0]), ``oblique`` (17 deg about (1,1,0)) or
-      ``flipped`` (rows right-to-left, negative normal, files in reverse order).
+    orientation: ``axial`` (IOP [1,0,0,0,1,0]), ``oblique`` (17 deg about (1,1,0)),
+      ``flipped`` (rows right-to-left, negative normal, files in reverse order) or
+      ``sagittal`` (IOP [0,1,0,0,0,-1]: slices stacked right-to-left).
     visit_spacing: ``((visit, (dz, dy, dx)), ...)``: visits on a grid other than the phantom's
       (same physical field of view, resampled from the phantom maps).
     laterality: ``uni`` (uni-lateral cropped DCE + mask), ``bi`` (bi-lateral only) or
@@ -191,7 +225,13 @@ class Case:
     visit_source: where the visit is written: ``description`` (StudyDescription + CTTP +
       folder), ``cttp`` (ClinicalTrialTimePointID only) or ``folder`` (folder name only).
     rescale: ``(slope, intercept)`` written as RescaleSlope / RescaleIntercept, or None.
-    seg_style: ``reasons`` (one segment per exclusion reason) or ``excluded`` (one segment).
+    mask: form of the Analysis Masks (:data:`MASK_FORMS`): ``bitflags`` (the collection's
+      8-bit exclusion flags with a Mask Legend, shared plane orientation),
+      ``bitflags_per_frame`` (the same, orientation per frame), ``bitflags_no_legend`` (no
+      Mask Legend: the documented bits), ``seg`` (a BINARY SEG, one segment per exclusion
+      bit) or ``seg_excluded`` (a BINARY SEG with one segment ``excluded``: no VOI).
+    node_mm: centre (z, y, x mm, phantom frame) of an enhancing lymph node outside the VOI,
+      larger than the tumour, at every visit; None for no node.
     derived: ``((kind, visit), ...)`` extra derived series (``SER``, ``PE2``) to be ignored.
     sheet: how the patient appears in the clinical sheet: ``numeric``, ``tcia_id``, ``absent``,
       ``empty_pcr``, ``duplicate_conflict`` or ``duplicate_same``.
@@ -214,7 +254,8 @@ class Case:
   temporal_position: bool = True
   visit_source: str = 'description'
   rescale: tuple[float, float] | None = None
-  seg_style: str = 'reasons'
+  mask: str = 'bitflags'
+  node_mm: tuple[float, float, float] | None = None
   derived: tuple[tuple[str, int], ...] = ()
   sheet: str = 'numeric'
   label_style: str = 'int'
@@ -224,7 +265,7 @@ class Case:
   def __post_init__(self):
     if not 2 <= self.num_phases <= 12:
       raise ValueError(f'{self.name}: num_phases {self.num_phases}')
-    if self.orientation not in ('axial', 'oblique', 'flipped'):
+    if self.orientation not in ('axial', 'oblique', 'flipped', 'sagittal'):
       raise ValueError(f'{self.name}: orientation {self.orientation!r}')
     if self.laterality not in ('uni', 'bi', 'both'):
       raise ValueError(f'{self.name}: laterality {self.laterality!r}')
@@ -235,8 +276,10 @@ class Case:
       raise ValueError(f'{self.name}: sheet {self.sheet!r}')
     if self.label_style not in ('int', 'float', 'str_float', 'text'):
       raise ValueError(f'{self.name}: label_style {self.label_style!r}')
-    if self.seg_style not in ('reasons', 'excluded'):
-      raise ValueError(f'{self.name}: seg_style {self.seg_style!r}')
+    if self.mask not in MASK_FORMS:
+      raise ValueError(f'{self.name}: mask {self.mask!r}')
+    if self.node_mm is not None and self.laterality != 'uni':
+      raise ValueError(f'{self.name}: a node needs a uni-lateral series')
     for fault, v in self.faults:
       if fault not in FAULTS or v not in self.visits:
         raise ValueError(f'{self.name}: fault {(fault, v)}')
@@ -255,14 +298,18 @@ DEFAULT_CASES: tuple[Case, ...] = (
     Case('standard', 'ISPY2-100101', 100101, 4, derived=(('SER', 0), ('PE2', 1)),
          sheet='duplicate_same'),
     Case('oblique', 'ISPY2-100117', 100117, 3, num_phases=6, orientation='oblique',
-         rescale=(2.0, 0.0), study_style=1),
+         rescale=(2.0, 0.0), study_style=1, mask='bitflags_per_frame'),
     Case('flipped', 'ISPY2-100134', 100134, 13, num_phases=8, visits=(0, 1),
-         orientation='flipped', study_style=2, label_style='float'),
+         orientation='flipped', study_style=2, label_style='float', mask='bitflags_no_legend'),
+    Case('sagittal', 'ISPY2-100384', 100384, 5, visits=(0, 1), orientation='sagittal'),
     Case('spacing', 'ISPY2-100152', 100152, 1, visit_spacing=(
-        (1, (3.0, 2.0, 2.0)), (2, (4.0, 2.4, 2.0)), (3, (4.5, 2.5, 2.5))), study_style=3),
+        (1, (3.0, 2.0, 2.0)), (2, (4.0, 2.4, 2.0)), (3, (4.5, 2.5, 2.5))), study_style=3,
+         mask='seg'),
+    Case('node', 'ISPY2-100392', 100392, 42, visits=(0, 1, 2), node_mm=(0.0, 0.0, 30.0),
+         faults=(('no_seg', 1),)),
     Case('bilateral', 'ISPY2-100178', 100178, 0, visits=(0, 1, 3), laterality='bi'),
     Case('uni_and_bi', 'ISPY2-100183', 100183, 8, num_phases=9, visits=(0, 1),
-         laterality='both', seg_style='excluded', rescale=(1.0, 0.0)),
+         laterality='both', mask='seg_excluded', rescale=(1.0, 0.0)),
     Case('acrin', 'ACRIN-6698-102345', 876543, 36, num_phases=5, visits=(0, 1, 2),
          rescale=(1.0, -50.0)),
     Case('ties', 'ISPY2-100209', 100209, 40, visits=(0, 1), phase_schedule='ties',
@@ -290,15 +337,17 @@ DEFAULT_CASES: tuple[Case, ...] = (
 )
 
 _BY_NAME = {c.name: c for c in DEFAULT_CASES}
-# A small tree for the TFDS `dummy_data/` (about 420 files, 2.5 MB): 4 patients are written as
-# examples (one uni-lateral axial with a SER, one oblique pCR whose T3 mask is empty, one
-# ACRIN 5-phase, one bilateral) and 1 is skipped (not in the clinical sheet).
+# A small tree for the TFDS `dummy_data/` (about 530 files, 3 MB): 5 patients are written as
+# examples (one uni-lateral axial with a SER, one oblique pCR whose T3 mask has an empty FTV, one
+# ACRIN 5-phase, one bilateral with a standard BINARY SEG, and the node patient, whose T1 has no
+# mask) and 1 is skipped (not in the clinical sheet); the other masks are in the bit-flag form.
 DUMMY_CASES: tuple[Case, ...] = (
     dataclasses.replace(_BY_NAME['standard'], visits=(0, 1), derived=(('SER', 0),),
                         sheet='numeric'),
     dataclasses.replace(_BY_NAME['oblique'], visits=(0, 3)),
     dataclasses.replace(_BY_NAME['acrin'], visits=(0, 1)),
-    dataclasses.replace(_BY_NAME['bilateral'], visits=(0,)),
+    dataclasses.replace(_BY_NAME['bilateral'], visits=(0,), mask='seg'),
+    dataclasses.replace(_BY_NAME['node'], visits=(0, 1)),
     _BY_NAME['not_in_sheet'],
 )
 
@@ -309,8 +358,12 @@ class PatientTruth:
 
   Per-visit sequences have length 4 (T0..T3).  ``visit_mask``, ``phase_*``, ``mask_source``
   are the expectations *after* the reader's rules (a visit with a fault is missing).
-  Centroids / volumes are of the FTV (= phantom tumour mask) on the chosen DCE series' grid;
-  NaN centroid and 0 volume where the tumour is gone (pCR) or the visit is missing.
+  Centroids / volumes are on the chosen DCE series' grid: of the phantom's tumour (``tumor_*``)
+  and of the chosen Analysis Mask's FTV (``ftv_*``, its zero voxels: what VOLSER computed from
+  the written images inside the VOI); NaN centroid and 0 volume where there is none (pCR, no
+  mask) or the visit is missing.  ``crop_center_mm`` is where the reader must centre a visit:
+  the FTV centroid, else (empty FTV) the VOI's, when the visit has a mask; the tumour's without
+  one (PE >= 70 %); the T0 crop centre when neither exists.
   """
   case: Case
   tcia_id: str
@@ -326,16 +379,21 @@ class PatientTruth:
   phase_indices: np.ndarray     # int [4, 3] chosen (pre, early, late) indices, -1 if missing
   phase_times_s: np.ndarray     # float32 [4, 3], zeros for a missing visit
   all_phase_times_s: tuple      # per visit: float array of every phase of the chosen series
-  tumor_centroid_mm: np.ndarray  # float [4, 3] LPS, NaN if no tumour / missing
-  tumor_volume_mm3: np.ndarray  # float [4] FTV voxel count x voxel volume
-  crop_center_mm: np.ndarray    # float [4, 3] centroid, or the T0 centroid if the FTV is empty
+  tumor_centroid_mm: np.ndarray  # float [4, 3] LPS of the phantom tumour, NaN if none / missing
+  tumor_volume_mm3: np.ndarray  # float [4] phantom tumour voxel count x voxel volume
+  ftv_centroid_mm: np.ndarray   # float [4, 3] LPS of the mask's FTV, NaN if empty / no mask
+  ftv_volume_mm3: np.ndarray    # float [4] the mask's FTV voxel count x its voxel volume
+  voi_centroid_mm: np.ndarray   # float [4, 3] LPS of the mask's VOI on the DCE planes, or NaN
+  node_centroid_mm: np.ndarray  # float [4, 3] LPS of the enhancing node (Case.node_mm), or NaN
+  crop_center_mm: np.ndarray    # float [4, 3] where the reader must centre each visit
   phantom_volume_mm3: np.ndarray  # float [4] analytic phantom volume (PatientTruth of phantom)
   phantom_to_lps: tuple         # per visit: 4x4 affine, phantom voxel (k, j, i, 1) -> LPS mm
-  mask_source: tuple            # per visit: 'seg', 'pe70' or None (missing)
+  mask_source: tuple            # per visit: 'analysis_mask_bitflags', 'analysis_mask_seg',
+                                # 'pe70_in_voi', 'pe70' or None (missing)
   dce_geometry: tuple           # per visit: dict(origin, direction, spacing, size) or None
   dce_series_description: tuple  # per visit: SeriesDescription of the DCE to choose, or None
   dce_dirs: tuple               # per visit: chosen DCE series folder (relative to root)
-  seg_paths: tuple              # per visit: SEG file of the chosen mask (relative), or None
+  mask_paths: tuple             # per visit: the chosen Analysis Mask file (relative), or None
   study_reports: tuple          # (reason, visit label or None) study-level reports expected
   faults_applied: tuple         # (fault, visit) actually written
   phi: tuple                    # PHI-like strings written for this patient
@@ -419,6 +477,8 @@ def _axes(orientation: str) -> np.ndarray:
     return _rotation((1.0, 1.0, 0.0), 17.0)
   if orientation == 'flipped':  # rows right-to-left; the slice stack still runs I -> S
     return np.diag([-1.0, 1.0, 1.0])
+  if orientation == 'sagittal':  # rows anterior -> posterior, columns down, slices to the right
+    return np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
   raise ValueError(orientation)
 
 
@@ -771,14 +831,39 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
   return result
 
 
-# ----------------------------------------------------------------------------- SEG
-_SEG_REASONS = ('PE threshold', 'SER/min neighbour', 'background threshold', 'manual VOI')
+# ----------------------------------------------------------------------------- Analysis Mask
+_SEG_REASONS = ((PE_BIT, 'PE threshold'), (SER_BIT, 'SER/min neighbour'),
+                (BACKGROUND_BIT, 'background threshold'), (VOI_BIT, 'manual VOI'))
+_NEIGHBOURS = np.ones((3, 3, 3), np.uint8)
+_NEIGHBOURS[1, 1, 1] = 0  # the 26 neighbours, not the voxel itself
 
 
-def _exclusion_segments(tumour: np.ndarray, pre: np.ndarray, early: np.ndarray,
-                        center_kji: np.ndarray, style: str) -> tuple[list[str], np.ndarray]:
-  """Segments [D, H, W, S] whose union is exactly the complement of the tumour (the FTV)."""
-  d, h, w = tumour.shape
+def volser_codes(pre: np.ndarray, early: np.ndarray, late: np.ndarray,
+                 voi: np.ndarray) -> tuple[np.ndarray, float]:
+  """I-SPY's exclusion bits per voxel (uint8 [D, H, W], 0 = FTV) and the background threshold.
+
+  The UCSF VOLSER rules as the collection documents them, written here and not taken from
+  ``pcrjax.ftv`` (which the tests hold against this): S0 >= 0.6 x the 95th percentile of S0 in
+  the VOI, PE = 100 (S1 - S0) / S0 >= 70 %, SER >= 0 and >= 4 of the 26 neighbours passing the
+  first two.  The flags are hierarchical, which gives exactly the values seen in the collection
+  (0x00, 0x01, 0x02, 0x11 and the same | 0x20): below background is flagged background and PE,
+  else a failed PE is flagged PE, else SER; bit 32 marks every voxel outside the VOI.
+  """
+  pre, early, late = (np.asarray(a, np.float64) for a in (pre, early, late))
+  background = 0.6 * float(np.percentile(pre[voi], 95))
+  bright = pre >= background
+  enhancing = (pre > 0) & (early - pre >= 0.7 * pre)
+  passing = bright & enhancing
+  neighbours = ndimage.convolve(passing.astype(np.uint8), _NEIGHBOURS, mode='constant')
+  kept = passing & (neighbours >= 4) & ((early - pre) * (late - pre) >= 0)
+  codes = np.select([~bright, ~enhancing, ~kept], [BACKGROUND_BIT | PE_BIT, PE_BIT, SER_BIT], 0)
+  return (codes | np.where(voi, 0, VOI_BIT)).astype(np.uint8), background
+
+
+def _voi_box(tumour: np.ndarray, center_kji: np.ndarray) -> np.ndarray:
+  """The radiologist's VOI: the tumour's box grown by 1 slice and 3 voxels in plane (around the
+  expected tumour centre once the tumour is gone)."""
+  shape = np.array(tumour.shape)
   if tumour.any():
     idx = np.argwhere(tumour)
     lo, hi = idx.min(0), idx.max(0) + 1
@@ -786,17 +871,21 @@ def _exclusion_segments(tumour: np.ndarray, pre: np.ndarray, early: np.ndarray,
     c = np.round(center_kji).astype(int)
     lo, hi = c - 1, c + 2
   margin = np.array([1, 3, 3])
-  lo = np.clip(lo - margin, 0, [d, h, w])
-  hi = np.clip(hi + margin, 0, [d, h, w])
-  voi = np.zeros_like(tumour)
+  lo, hi = np.clip(lo - margin, 0, shape), np.clip(hi + margin, 0, shape)
+  voi = np.zeros(tumour.shape, bool)
   voi[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
-  other = voi & ~tumour
-  if style == 'excluded':
-    return ['excluded'], (~tumour)[..., None]
-  pe = 100.0 * (early - pre) / np.maximum(pre, 1e-3)
-  background = pre < 0.6 * np.percentile(pre, 95)
-  segs = np.stack([other & (pe < 70.0), other & (pe >= 70.0), other & background, ~voi], -1)
-  return list(_SEG_REASONS), segs
+  return voi
+
+
+def _mask_slab(grid: _Grid, codes: np.ndarray) -> tuple[list[int], np.ndarray]:
+  """The mask's planes k, ascending along the normal, and their codes: a slab wider than the DCE
+  series (1 plane below, 3 above; outside the VOI and below background there)."""
+  d = grid.shape[0]
+  ks = list(range(-_SEG_EXTRA_BELOW, d + _SEG_EXTRA_ABOVE))
+  if float(grid.u_slc @ grid.normal) < 0:
+    ks = ks[::-1]
+  beyond = np.full(codes.shape[1:], VOI_BIT | BACKGROUND_BIT | PE_BIT, np.uint8)
+  return ks, np.stack([codes[k] if 0 <= k < d else beyond for k in ks])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -821,33 +910,156 @@ def _code(value) -> Dataset:
   return item
 
 
-def _seg_planes(grid: _Grid, segs: np.ndarray, labels: list[str], source_uids: dict):
-  """Frames and their bits: every non-empty (segment, plane); planes beyond the DCE excluded."""
-  d = grid.shape[0]
-  ks = list(range(-_SEG_EXTRA_BELOW, d + _SEG_EXTRA_ABOVE))
-  if float(grid.u_slc @ grid.normal) < 0:
-    ks = ks[::-1]  # ascending along the normal
-  manual = labels.index('manual VOI') if 'manual VOI' in labels else 0
+def _segment(number: int, label: str) -> Dataset:
+  """A SegmentSequence item; the manual VOI is the radiologist's, the rest VOLSER's."""
+  item = Dataset()
+  item.SegmentedPropertyCategoryCodeSequence = [_code(_CODE_TISSUE)]
+  item.SegmentNumber = number
+  item.SegmentLabel = label
+  if label != 'manual VOI':
+    alg = Dataset()
+    alg.AlgorithmFamilyCodeSequence = [_code(_CODE_AI)]
+    alg.AlgorithmVersion = '2.1'
+    alg.AlgorithmName = 'VOLSER'
+    item.SegmentationAlgorithmIdentificationSequence = [alg]
+    item.SegmentAlgorithmType = 'AUTOMATIC'
+    item.SegmentAlgorithmName = 'VOLSER'
+  else:
+    item.SegmentAlgorithmType = 'MANUAL'
+  item.SegmentedPropertyTypeCodeSequence = [_code(_CODE_CONNECTIVE)]
+  return item
+
+
+def _set_frames(ds: Dataset, frames: Sequence[_SegFrame], shape: tuple[int, int],
+                orientation: Sequence[float], pixel_spacing: Sequence[float],
+                slice_spacing: float, orientation_per_frame: bool) -> None:
+  """What both mask forms share: dimensions (segment, position), matrix and functional groups
+  (in the layout highdicom writes: measures shared, position, content, segment and derivation
+  image per frame; the orientation shared or per frame)."""
+  dim_uid = generate_uid(_UID_PREFIX, [ds.SOPInstanceUID, 'dimensions'])
+  org = Dataset()
+  org.DimensionOrganizationUID = dim_uid
+  ds.DimensionOrganizationSequence = [org]
+  index_seg, index_pos = Dataset(), Dataset()
+  index_seg.DimensionOrganizationUID = dim_uid
+  index_seg.DimensionIndexPointer = 0x0062000B          # ReferencedSegmentNumber
+  index_seg.FunctionalGroupPointer = 0x0062000A         # SegmentIdentificationSequence
+  index_seg.DimensionDescriptionLabel = 'Referenced Segment Number'
+  index_pos.DimensionOrganizationUID = dim_uid
+  index_pos.DimensionIndexPointer = 0x00200032          # ImagePositionPatient
+  index_pos.FunctionalGroupPointer = 0x00209113         # PlanePositionSequence
+  index_pos.DimensionDescriptionLabel = 'Image Position Patient'
+  ds.DimensionIndexSequence = [index_seg, index_pos]
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = 'MONOCHROME2'
+  ds.NumberOfFrames = len(frames)
+  ds.Rows, ds.Columns = shape
+  ds.PixelRepresentation = 0
+  ds.LossyImageCompression = '00'
+  plane = Dataset()
+  plane.ImageOrientationPatient = [_ds(x) for x in orientation]
+  shared = Dataset()
+  measures = Dataset()
+  measures.SliceThickness = _ds(slice_spacing)
+  measures.SpacingBetweenSlices = _ds(slice_spacing)
+  measures.PixelSpacing = [_ds(x) for x in pixel_spacing]
+  shared.PixelMeasuresSequence = [measures]
+  if not orientation_per_frame:
+    shared.PlaneOrientationSequence = [plane]
+  ds.SharedFunctionalGroupsSequence = [shared]
+  ds.PerFrameFunctionalGroupsSequence = []
+  for f in frames:
+    item = Dataset()
+    if f.source_uid is not None:
+      source = Dataset()
+      source.ReferencedSOPClassUID = MRImageStorage
+      source.ReferencedSOPInstanceUID = f.source_uid
+      source.PurposeOfReferenceCodeSequence = [_code(_CODE_SOURCE)]
+      derivation = Dataset()
+      derivation.SourceImageSequence = [source]
+      derivation.DerivationCodeSequence = [_code(_CODE_SEGMENTATION)]
+      item.DerivationImageSequence = [derivation]
+    content = Dataset()
+    content.DimensionIndexValues = [f.segment, f.plane]
+    item.FrameContentSequence = [content]
+    position = Dataset()
+    position.ImagePositionPatient = list(f.ipp)
+    item.PlanePositionSequence = [position]
+    if orientation_per_frame:
+      item.PlaneOrientationSequence = [plane]
+    ident = Dataset()
+    ident.ReferencedSegmentNumber = f.segment
+    item.SegmentIdentificationSequence = [ident]
+    ds.PerFrameFunctionalGroupsSequence.append(item)
+
+
+def _slice_spacing(positions: np.ndarray, orientation: Sequence[float]) -> float:
+  normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+  depth = np.sort(np.asarray(positions, float) @ normal)
+  return float(np.median(np.diff(depth))) if len(depth) > 1 else 1.0
+
+
+def set_bitflag_mask(ds: Dataset, codes: np.ndarray, positions: np.ndarray,
+                     orientation: Sequence[float], pixel_spacing: Sequence[float], *,
+                     legend: Sequence[str] | None = MASK_LEGEND,
+                     orientation_per_frame: bool = False,
+                     sources: Sequence[str | None] | None = None) -> None:
+  """Make ``ds`` an Analysis Mask in the collection's form: SEG frames of 8-bit exclusion flags.
+
+  ``codes``: uint8 [frames, rows, columns] (0 = FTV); ``positions``: ImagePositionPatient of each
+  frame [frames, 3], in any order; ``orientation``: ImageOrientationPatient (6);
+  ``pixel_spacing``: (between rows, between columns) mm; ``legend``: the Mask Legend's values
+  (None: no legend); ``sources``: each frame's source DCE SOPInstanceUID or None.  Like the
+  collection's, the object is not a valid SEG: FRACTIONAL 8-bit frames whose values are flags,
+  not fractions, and no SegmentSequence (highdicom's reader fails on it with an AttributeError).
+  """
+  codes = np.asarray(codes, np.uint8)
+  sources = sources or [None] * len(codes)
+  frames = [_SegFrame(1, n + 1, tuple(_ds(x) for x in p), uid)
+            for n, (p, uid) in enumerate(zip(positions, sources))]
+  ds.SOPClassUID = SEG_SOP_CLASS_UID
+  ds.Modality = 'SEG'
+  _set_frames(ds, frames, codes.shape[1:], orientation, pixel_spacing,
+              _slice_spacing(positions, orientation), orientation_per_frame)
+  ds.BitsAllocated = 8
+  ds.BitsStored = 8
+  ds.HighBit = 7
+  ds.SegmentationType = 'FRACTIONAL'
+  ds.SegmentationFractionalType = 'PROBABILITY'
+  ds.MaximumFractionalValue = 255
+  if legend is not None:
+    block = ds.private_block(MASK_LEGEND_TAG[0], _MASK_PRIVATE_CREATOR, create=True)
+    block.add_new(MASK_LEGEND_TAG[1] & 0xFF, 'LO', list(legend))
+  ds.PixelData = codes.tobytes()
+  ds['PixelData'].VR = 'OB'
+
+
+def _set_binary_segments(ds: Dataset, reasons: Sequence[tuple[str, np.ndarray]],
+                         grid: _Grid, ks: Sequence[int], sources: dict) -> None:
+  """The standard form: a BINARY SEG, one segment per exclusion reason (``reasons``: label and
+  bits [planes, H, W] on the planes ``ks``); empty frames omitted, as highdicom does."""
   frames, bits = [], []
-  for s in range(len(labels)):
-    for plane, k in enumerate(ks, start=1):
-      if 0 <= k < d:
-        frame = segs[k, ..., s]
-      else:
-        frame = np.full(segs.shape[1:3], s == manual)
-      if not frame.any():
-        continue  # empty frames are omitted (as highdicom does by default)
-      frames.append(_SegFrame(s + 1, plane, tuple(_ds(x) for x in grid.ipp(k)),
-                              source_uids.get(k)))
-      bits.append(frame)
-  return frames, np.stack(bits)
+  for s, (_, planes) in enumerate(reasons):
+    for n, (k, frame) in enumerate(zip(ks, planes)):
+      if frame.any():
+        frames.append(_SegFrame(s + 1, n + 1, tuple(_ds(x) for x in grid.ipp(k)),
+                                sources.get(k)))
+        bits.append(frame)
+  _set_frames(ds, frames, grid.shape[1:], grid.iop, grid.spacing[1:], grid.spacing[0], False)
+  ds.BitsAllocated = 1
+  ds.BitsStored = 1
+  ds.HighBit = 0
+  ds.SegmentationType = 'BINARY'
+  ds.SegmentSequence = [_segment(n + 1, label) for n, (label, _) in enumerate(reasons)]
+  ds.SegmentsOverlap = 'YES' if len(reasons) > 1 else 'NO'
+  ds.PixelData = pack_bits(np.stack(bits).astype(np.uint8).ravel(), pad=True)
+  ds['PixelData'].VR = 'OB'
 
 
-def _seg_dataset(case: Case, phi: dict, study: _Study, grid: _Grid, labels: list[str],
-                 frames: Sequence[_SegFrame], bits: np.ndarray, *, series_uid: str,
-                 sop_uid: str, dim_uid: str, series_number: int, description: str,
-                 source_series_uid: str, source_uids: dict) -> Dataset:
-  """The SEG instance: ``frames`` with their ``bits`` [frames, H, W] (bool), file meta included."""
+def _mask_header(case: Case, phi: dict, study: _Study, *, series_uid: str, sop_uid: str,
+                 series_number: int, description: str, source_series_uid: str,
+                 source_uids: dict, background: float) -> Dataset:
+  """The elements of an Analysis Mask that do not depend on its form, file meta included."""
   ds = Dataset()
   ds.file_meta = _file_meta(SEG_SOP_CLASS_UID, sop_uid)
   _patient_header(ds, case, phi, study)
@@ -866,6 +1078,7 @@ def _seg_dataset(case: Case, phi: dict, study: _Study, grid: _Grid, labels: list
   ds.Manufacturer = 'UCSF'
   ds.SeriesDescription = description
   ds.ManufacturerModelName = 'VOLSER'
+  ds.DerivationDescription = f'VOLSER,BACKGROUND={background:.0f},SER PE THRESHOLD=70'
   ref_series = Dataset()
   ref_series.SeriesInstanceUID = source_series_uid
   ref_series.ReferencedInstanceSequence = []
@@ -880,106 +1093,32 @@ def _seg_dataset(case: Case, phi: dict, study: _Study, grid: _Grid, labels: list
   ds.SeriesInstanceUID = series_uid
   ds.SeriesNumber = series_number
   ds.InstanceNumber = 1
-  org = Dataset()
-  org.DimensionOrganizationUID = dim_uid
-  ds.DimensionOrganizationSequence = [org]
-  index_seg, index_pos = Dataset(), Dataset()
-  index_seg.DimensionOrganizationUID = dim_uid
-  index_seg.DimensionIndexPointer = 0x0062000B          # ReferencedSegmentNumber
-  index_seg.FunctionalGroupPointer = 0x0062000A         # SegmentIdentificationSequence
-  index_seg.DimensionDescriptionLabel = 'Referenced Segment Number'
-  index_pos.DimensionOrganizationUID = dim_uid
-  index_pos.DimensionIndexPointer = 0x00200032          # ImagePositionPatient
-  index_pos.FunctionalGroupPointer = 0x00209113         # PlanePositionSequence
-  index_pos.DimensionDescriptionLabel = 'Image Position Patient'
-  ds.DimensionIndexSequence = [index_seg, index_pos]
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = 'MONOCHROME2'
-  ds.NumberOfFrames = len(frames)
-  ds.Rows = grid.shape[1]
-  ds.Columns = grid.shape[2]
-  ds.BitsAllocated = 1
-  ds.BitsStored = 1
-  ds.HighBit = 0
-  ds.PixelRepresentation = 0
-  ds.LossyImageCompression = '00'
-  ds.SegmentationType = 'BINARY'
-  ds.SegmentSequence = []
-  for n, label in enumerate(labels):
-    item = Dataset()
-    item.SegmentedPropertyCategoryCodeSequence = [_code(_CODE_TISSUE)]
-    item.SegmentNumber = n + 1
-    item.SegmentLabel = label
-    if label != 'manual VOI':
-      alg = Dataset()
-      alg.AlgorithmFamilyCodeSequence = [_code(_CODE_AI)]
-      alg.AlgorithmVersion = '2.1'
-      alg.AlgorithmName = 'VOLSER'
-      item.SegmentationAlgorithmIdentificationSequence = [alg]
-      item.SegmentAlgorithmType = 'AUTOMATIC'
-      item.SegmentAlgorithmName = 'VOLSER'
-    else:
-      item.SegmentAlgorithmType = 'MANUAL'
-    item.SegmentedPropertyTypeCodeSequence = [_code(_CODE_CONNECTIVE)]
-    ds.SegmentSequence.append(item)
-  ds.SegmentsOverlap = 'YES' if len(labels) > 1 else 'NO'
   ds.ContentLabel = 'ANALYSIS_MASK'
-  ds.ContentDescription = 'VOLSER,BACKGROUND=475,SER PE THRESHOLD=70'
+  ds.ContentDescription = 'VOLSER analysis mask'
   ds.ContentCreatorName = 'VOLSER^UCSF'
-  shared = Dataset()
-  orientation = Dataset()
-  orientation.ImageOrientationPatient = [_ds(x) for x in grid.iop]
-  shared.PlaneOrientationSequence = [orientation]
-  measures = Dataset()
-  measures.SliceThickness = _ds(grid.spacing[0])
-  measures.SpacingBetweenSlices = _ds(grid.spacing[0])
-  measures.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
-  shared.PixelMeasuresSequence = [measures]
-  ds.SharedFunctionalGroupsSequence = [shared]
-  ds.PerFrameFunctionalGroupsSequence = _per_frame_groups(frames)
-  ds.PixelData = pack_bits(bits.astype(np.uint8).ravel(), pad=True)
-  ds['PixelData'].VR = 'OB'
   return ds
 
 
-def _per_frame_groups(frames: Sequence[_SegFrame]) -> list[Dataset]:
-  """Per-frame functional groups: derivation image, frame content, plane position, segment."""
-  out = []
-  for f in frames:
-    item = Dataset()
-    if f.source_uid is not None:
-      source = Dataset()
-      source.ReferencedSOPClassUID = MRImageStorage
-      source.ReferencedSOPInstanceUID = f.source_uid
-      source.PurposeOfReferenceCodeSequence = [_code(_CODE_SOURCE)]
-      derivation = Dataset()
-      derivation.SourceImageSequence = [source]
-      derivation.DerivationCodeSequence = [_code(_CODE_SEGMENTATION)]
-      item.DerivationImageSequence = [derivation]
-    content = Dataset()
-    content.DimensionIndexValues = [f.segment, f.plane]
-    item.FrameContentSequence = [content]
-    position = Dataset()
-    position.ImagePositionPatient = list(f.ipp)
-    item.PlanePositionSequence = [position]
-    ident = Dataset()
-    ident.ReferencedSegmentNumber = f.segment
-    item.SegmentIdentificationSequence = [ident]
-    out.append(item)
-  return out
-
-
-def _write_seg(path: Path, series: _WrittenSeries, grid: _Grid, segs: np.ndarray,
-               labels: list[str], *, seed: int, case: Case, phi: dict, study: _Study,
-               series_key: str, series_number: int, description: str) -> None:
-  frames, bits = _seg_planes(grid, segs, labels, series.pre_uids)
-  ds = _seg_dataset(
-      case, phi, study, grid, labels, frames, bits,
-      series_uid=_uid(seed, case.tcia_id, study.label, series_key),
+def _write_mask(path: Path, form: str, series: _WrittenSeries, grid: _Grid, codes: np.ndarray,
+                background: float, *, seed: int, case: Case, phi: dict, study: _Study,
+                series_key: str, series_number: int, description: str) -> None:
+  """One Analysis Mask of ``codes`` (the DCE planes) in ``form`` (:data:`MASK_FORMS`)."""
+  ks, slab = _mask_slab(grid, codes)
+  ds = _mask_header(
+      case, phi, study, series_uid=_uid(seed, case.tcia_id, study.label, series_key),
       sop_uid=_uid(seed, case.tcia_id, study.label, series_key, 'sop'),
-      dim_uid=_uid(seed, case.tcia_id, study.label, series_key, 'dim'),
       series_number=series_number, description=description,
-      source_series_uid=series.series_uid, source_uids=series.pre_uids)
+      source_series_uid=series.series_uid, source_uids=series.pre_uids, background=background)
+  if form == 'seg_excluded':
+    _set_binary_segments(ds, [('excluded', slab != 0)], grid, ks, series.pre_uids)
+  elif form == 'seg':
+    _set_binary_segments(ds, [(label, (slab & bit) != 0) for bit, label in _SEG_REASONS], grid,
+                         ks, series.pre_uids)
+  else:
+    set_bitflag_mask(ds, slab, np.stack([grid.ipp(k) for k in ks]), grid.iop, grid.spacing[1:],
+                     legend=None if form == 'bitflags_no_legend' else MASK_LEGEND,
+                     orientation_per_frame=form == 'bitflags_per_frame',
+                     sources=[series.pre_uids.get(k) for k in ks])
   path.parent.mkdir(parents=True, exist_ok=True)
   pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
@@ -989,7 +1128,6 @@ def _truncate_in_pixels(path: Path) -> None:
   pixels = pydicom.dcmread(path).get_item('PixelData')  # raw element: offset and length
   with path.open('r+b') as f:
     f.truncate(pixels.value_tell + pixels.length // 2)
-
 
 # ----------------------------------------------------------------------------- clinical sheets
 def write_clinical_sheet(path: str | Path, rows: Sequence[dict],
@@ -1149,14 +1287,16 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
   phase_idx = np.full((nv, schema.NUM_PHASES), -1, np.int64)
   phase_times = np.zeros((nv, schema.NUM_PHASES), np.float32)
   all_times = [None] * nv
-  centroid = np.full((nv, 3), np.nan)
-  volume = np.zeros(nv)
+  centroid, ftv_centroid, voi_centroid, node_centroid, crop = (
+      np.full((nv, 3), np.nan) for _ in range(5))
+  volume, ftv_volume = np.zeros(nv), np.zeros(nv)
   mask_source = [None] * nv
   geometry = [None] * nv
   affines = [None] * nv
   dce_desc = [None] * nv
   dce_dirs = [None] * nv
-  seg_paths = [None] * nv
+  mask_paths = [None] * nv
+  voi_seen = False  # an earlier visit's mask gives the reader a VOI to carry over
   reports = []
   applied = []
   phi_strings = [PATIENT_NAME, INSTITUTION, REFERRING, OPERATOR, phi['birth_date']]
@@ -1184,6 +1324,9 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     vm = _visit_maps(maps, v)
     if grid.shape != tuple(spec.shape) or grid.spacing != tuple(spec.spacing_mm):
       vm = _resample_maps(vm, spec, grid.shape, grid.spacing)
+    node = np.zeros(grid.shape, bool)
+    if case.node_mm is not None:
+      vm, node = _with_node(vm, grid, case.node_mm, truth)
     bilateral = case.laterality == 'bi' or (case.laterality == 'both' and v in case.both_visits
                                             and kind == 'main')
     if bilateral:
@@ -1217,7 +1360,7 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
           sdir, case, phi, study, canvas, noisy_c, times, seed=seed, series_key='dce-bi',
           series_number=number + 1, description=desc, temporal_position=case.temporal_position,
           rescale=case.rescale, reverse=case.orientation == 'flipped'),
-          desc, clean_c)
+          desc, _read_back(noisy_c, case.rescale))
     if write_uni:
       desc = _series_desc(case, 'uni', 'original DCE')
       sdir = study_dir / _series_folder(number + 3, desc, rng)
@@ -1230,7 +1373,8 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       series['uni'] = (grid, _write_mr_series(
           sdir, case, phi, study, grid, noisy, times, seed=seed, series_key='dce-uni',
           series_number=number + 3, description=desc, temporal_position=case.temporal_position,
-          rescale=case.rescale, skip=skip, reverse=case.orientation == 'flipped'), desc, clean)
+          rescale=case.rescale, skip=skip, reverse=case.orientation == 'flipped'), desc,
+          _read_back(noisy, case.rescale))
     derived_kinds = [k for k, dv in case.derived if dv == v and kind == 'main']
     if no_dce and 'SER' not in derived_kinds:
       derived_kinds.append('SER')
@@ -1250,30 +1394,31 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     if no_dce:
       applied.append(('no_dce', v))
 
-    # Analysis masks: one per written DCE laterality, bilateral first.
+    # Analysis masks: one per written DCE laterality, bilateral first; VOLSER's exclusion bits
+    # from the images as written, inside a VOI drawn around the tumour.
     corrupt = kind == 'main' and case.has('corrupt_seg', v)
     no_seg = kind != 'main' or case.has('no_seg', v)
-    written_segs = {}
+    written_masks = {}  # laterality -> (path, codes of the DCE planes)
     if not no_seg:
       for lat in ('bi', 'uni'):
         if lat not in series:
           continue
-        g, ws, _, c = series[lat]
+        g, ws, _, values = series[lat]
         if lat == 'bi':
           tum = np.concatenate([np.zeros_like(tumour), tumour], axis=-1)
         else:
           tum = tumour
-        center_kji = _center_kji(truth, v, spec, g, lat == 'bi')
-        e = choose_phases(times)[1] if len(times) >= 3 else len(times) - 1
-        labels, segs = _exclusion_segments(tum, c[0], c[e], center_kji, case.seg_style)
+        voi = _voi_box(tum, _center_kji(truth, v, spec, g, lat == 'bi'))
+        codes, background = volser_codes(*values[list(choose_phases(times))], voi)
         desc = _series_desc(case, lat, 'Analysis Mask')
         n_seg = number + (40 if lat == 'bi' else 41)
         path = study_dir / _series_folder(n_seg, desc, rng) / '1-1.dcm'
-        _write_seg(path, ws, g, segs, labels, seed=seed, case=case, phi=phi, study=study,
-                   series_key=f'seg-{lat}', series_number=n_seg, description=desc)
-        written_segs[lat] = path
+        _write_mask(path, case.mask, ws, g, codes, background, seed=seed, case=case, phi=phi,
+                    study=study, series_key=f'seg-{lat}', series_number=n_seg,
+                    description=desc)
+        written_masks[lat] = path, codes
       if corrupt:
-        for path in written_segs.values():
+        for path, _ in written_masks.values():
           _truncate_in_pixels(path)
         applied.append(('corrupt_seg', v))
     elif kind == 'main' and case.has('no_seg', v):
@@ -1325,18 +1470,31 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       phase_idx[v] = idx
       phase_times[v] = times[list(idx)]
       all_times[v] = times.astype(np.float32)
-      seg_ok = chosen_lat in written_segs and not corrupt
-      mask_source[v] = 'seg' if seg_ok else 'pe70'
-      seg_paths[v] = rel(written_segs[chosen_lat]) if seg_ok else None
+    if not visit_mask[v]:
+      continue
+    voxel_mm3 = float(np.prod(g.spacing))
     tum = tumour if chosen_lat == 'uni' else np.concatenate([np.zeros_like(tumour), tumour], -1)
-    if visit_mask[v] and tum.any():
+    if tum.any():
       centroid[v] = g.lps(np.argwhere(tum)).mean(0)
-      volume[v] = tum.sum() * float(np.prod(g.spacing))
-
-  crop = centroid.copy()
-  for v in range(nv):
-    if visit_mask[v] and np.isnan(crop[v]).any():
-      crop[v] = centroid[0]
+      volume[v] = tum.sum() * voxel_mm3
+    if node.any():
+      node_centroid[v] = g.lps(np.argwhere(node)).mean(0)
+    if chosen_lat in written_masks and not corrupt:
+      path, codes = written_masks[chosen_lat]
+      mask_source[v] = 'analysis_mask_' + ('seg' if case.mask.startswith('seg') else 'bitflags')
+      mask_paths[v] = rel(path)
+      ftv = codes == 0
+      # A mask that flags no voxel outside the VOI (one segment 'excluded') has its extent as VOI.
+      voi = (codes & VOI_BIT) == 0 if case.mask != 'seg_excluded' else np.ones_like(ftv)
+      ftv_volume[v] = ftv.sum() * voxel_mm3
+      voi_centroid[v] = g.lps(np.argwhere(voi)).mean(0)
+      if ftv.any():
+        ftv_centroid[v] = g.lps(np.argwhere(ftv)).mean(0)
+      crop[v] = ftv_centroid[v] if ftv.any() else voi_centroid[v]
+      voi_seen = True
+    else:
+      mask_source[v] = 'pe70_in_voi' if voi_seen else 'pe70'
+      crop[v] = centroid[v] if tum.any() else crop[0]
 
   sheet_rows, sheet_phi = _sheet_rows(case, truth, _rng(seed, case.tcia_id, 'sheet'))
   pcr = None if case.sheet in ('absent', 'empty_pcr') else int(truth.pcr)
@@ -1348,14 +1506,39 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       phantom_index=case.phantom_index, pcr=pcr, subtype=int(truth.subtype), arm=truth.arm,
       expected_skip=skip, visit_mask=visit_mask, visit_reasons=tuple(reasons),
       phase_indices=phase_idx, phase_times_s=phase_times, all_phase_times_s=tuple(all_times),
-      tumor_centroid_mm=centroid, tumor_volume_mm3=volume, crop_center_mm=crop,
+      tumor_centroid_mm=centroid, tumor_volume_mm3=volume, ftv_centroid_mm=ftv_centroid,
+      ftv_volume_mm3=ftv_volume, voi_centroid_mm=voi_centroid, node_centroid_mm=node_centroid,
+      crop_center_mm=crop,
       phantom_volume_mm3=np.asarray(truth.tumor_volume_mm3, float),
       phantom_to_lps=tuple(affines),
       mask_source=tuple(mask_source), dce_geometry=tuple(geometry),
       dce_series_description=tuple(dce_desc), dce_dirs=tuple(dce_dirs),
-      seg_paths=tuple(seg_paths), study_reports=tuple(reports),
+      mask_paths=tuple(mask_paths), study_reports=tuple(reports),
       faults_applied=tuple(applied), phi=tuple(dict.fromkeys(phi_strings)))
   return result, sheet_rows
+
+
+def _read_back(volumes: np.ndarray, rescale) -> np.ndarray:
+  """The values a reader gets from written slices: the stored integers, rescaled."""
+  slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+  return _to_stored(volumes, rescale) * slope + intercept
+
+
+def _with_node(vm: dict, grid: _Grid, centre_mm, truth) -> tuple[dict, np.ndarray]:
+  """The maps with an enhancing lymph node (a ball of tumour-like kinetics) and its voxels."""
+  z, y, x = _phantom_grid_coords(grid)
+  zz, yy, xx = np.meshgrid(z, y, x, indexing='ij')
+  node = (zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (xx - centre_mm[2]) ** 2 <= (
+      _NODE_RADIUS_MM ** 2)
+  if np.isin(vm['labels'][node], (phantom.LABELS['tumour'], phantom.LABELS['necrosis'])).any():
+    raise ValueError(f'node at {centre_mm} mm overlaps the tumour')
+  out = {k: a.copy() for k, a in vm.items()}
+  out['labels'][node] = phantom.LABELS['muscle']
+  out['ktrans_per_min'][node] = 0.5
+  out['ve'][node] = 0.4
+  out['vp'][node] = 0.05
+  out['t10_s'][node] = phantom.T10_S['tumour'] * truth.t10_scale
+  return out, node
 
 
 def _phantom_affine(spec: phantom.PhantomSpec, grid: _Grid) -> np.ndarray:

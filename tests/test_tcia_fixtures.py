@@ -1,11 +1,13 @@
 """Tests of the TCIA-like DICOM tree writer (`fake_data/tcia_fixtures.py`), not the reader.
 
-Only pydicom / SimpleITK / openpyxl (and highdicom's SEG parser) look at the files here.
+Only pydicom / SimpleITK / openpyxl (and highdicom's SEG parser, for the standard form) look at
+the files here.
 """
 
 import collections
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ from tfds_ispy2.ispy2 import phantom
 
 CASES = {c.name: c for c in fx.DEFAULT_CASES}
 MR = '1.2.840.10008.5.1.4.1.1.4'
+# Every value of a real ACRIN-6698 T0 Analysis Mask (its histogram): what VOLSER's flags give.
+COLLECTION_VALUES = {0x00, 0x01, 0x02, 0x11, 0x20, 0x21, 0x22, 0x31}
 
 
 @pytest.fixture(scope='module')
@@ -76,18 +80,19 @@ def _volume(slices):
   return np.stack(out)
 
 
-def _seg_ftv(seg_path, slices):
-  """FTV [D, H, W] on the DCE slices' grid from the inverse-mask SEG (pure pydicom), + LPS."""
-  seg = pydicom.dcmread(seg_path)
-  bits = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns).astype(bool)
+def _mask_ftv(mask_path, slices):
+  """FTV [D, H, W] on the DCE slices' grid from an Analysis Mask of either form (pure pydicom:
+  8-bit flags, FTV = 0; or 1-bit segments, FTV = in none), + its LPS points and the dataset."""
+  seg = pydicom.dcmread(mask_path)
+  pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
   planes = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
             for f in seg.PerFrameFunctionalGroupsSequence]
   ftv = []
   for _, _, ds in slices:
     ipp = np.asarray(ds.ImagePositionPatient, float)
     hits = [n for n, p in enumerate(planes) if np.allclose(p, ipp, atol=1e-3)]
-    assert hits, 'every DCE slice lies in the SEG extent'
-    ftv.append(~np.any(bits[hits], axis=0))
+    assert hits, 'every DCE slice lies in the mask extent'
+    ftv.append(~np.any(pixels[hits] != 0, axis=0))
   ftv = np.stack(ftv)
   ds0 = slices[0][2]
   iop = np.asarray(ds0.ImageOrientationPatient, float)
@@ -183,7 +188,7 @@ def test_good_pixels_decode_and_faulty_files_fail(tree):
   with pytest.raises(Exception):
     pydicom.dcmread(bad[0]).pixel_array
   corrupt = _truth(tree, 'corrupt_seg')
-  assert corrupt.mask_source[:2] == ('pe70', 'pe70')
+  assert corrupt.mask_source[:2] == ('pe70', 'pe70')  # no readable mask, so no VOI to carry
   seg_file = next((Path(root) / corrupt.dce_dirs[0]).parent.glob('*Analysis Mask*/*.dcm'))
   assert pydicom.dcmread(seg_file, stop_before_pixels=True).Modality == 'SEG'
   with pytest.raises(Exception):
@@ -193,7 +198,8 @@ def test_good_pixels_decode_and_faulty_files_fail(tree):
 
 # ----------------------------------------------------------------------------- geometry
 @pytest.mark.parametrize('name,visit', [('standard', 0), ('oblique', 1), ('flipped', 1),
-                                        ('spacing', 2), ('bilateral', 0), ('uni_and_bi', 0)])
+                                        ('spacing', 2), ('bilateral', 0), ('uni_and_bi', 0),
+                                        ('sagittal', 1)])
 def test_sitk_reads_the_intended_geometry(tree, headers, name, visit):
   import SimpleITK as sitk
   root, _ = tree
@@ -213,6 +219,8 @@ def test_sitk_reads_the_intended_geometry(tree, headers, name, visit):
     assert np.degrees(np.arccos(np.clip(direction[2, 2], -1, 1))) > 10  # tilted normal
   elif name == 'flipped':
     np.testing.assert_allclose(direction, np.diag([-1.0, 1.0, -1.0]), atol=1e-9)
+  elif name == 'sagittal':  # rows posterior, columns inferior, slices towards the right
+    np.testing.assert_allclose(direction, [[0, 0, -1], [1, 0, 0], [0, -1, 0]], atol=1e-9)
   else:
     np.testing.assert_allclose(direction, np.eye(3), atol=1e-9)
   if name == 'spacing':
@@ -224,15 +232,15 @@ def test_sitk_reads_the_intended_geometry(tree, headers, name, visit):
 
 
 @pytest.mark.parametrize('name,visit', [('standard', 0), ('oblique', 1), ('flipped', 0),
-                                        ('spacing', 2), ('bilateral', 1), ('uni_and_bi', 0),
-                                        ('acrin', 0), ('oblique', 3)])
-def test_seg_extends_beyond_dce_and_matches_truth(tree, headers, name, visit):
+                                        ('sagittal', 0), ('spacing', 2), ('bilateral', 1),
+                                        ('uni_and_bi', 0), ('acrin', 0), ('oblique', 3)])
+def test_mask_extends_beyond_dce_and_matches_truth(tree, headers, name, visit):
   import highdicom as hd
   root, _ = tree
   truth = _truth(tree, name)
   slices = _load_series(headers, root, truth.dce_dirs[visit])[0]
-  seg_path = Path(root) / truth.seg_paths[visit]
-  ftv, lps, seg = _seg_ftv(seg_path, slices)
+  mask_path = Path(root) / truth.mask_paths[visit]
+  ftv, lps, seg = _mask_ftv(mask_path, slices)
   normal = _normal(slices[0][2])
   planes = {round(float(np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
                         @ normal), 3) for f in seg.PerFrameFunctionalGroupsSequence}
@@ -241,18 +249,64 @@ def test_seg_extends_beyond_dce_and_matches_truth(tree, headers, name, visit):
   assert min(planes) < min(dce) - 1 and max(planes) > max(dce) + 1
   assert len([p for p in planes if p > max(dce)]) != len([p for p in planes if p < min(dce)])
   voxel = np.prod([float(x) for x in slices[0][2].PixelSpacing]) * abs(dce[1] - dce[0])
-  np.testing.assert_allclose(ftv.sum() * voxel, truth.tumor_volume_mm3[visit], rtol=1e-6)
+  np.testing.assert_allclose(ftv.sum() * voxel, truth.ftv_volume_mm3[visit], rtol=1e-6)
   if ftv.any():
-    np.testing.assert_allclose(lps.mean(0), truth.tumor_centroid_mm[visit], atol=1e-3)
-  # highdicom's own geometry (an independent SEG reader) finds the same FTV.
-  volume = hd.seg.segread(seg_path).get_volume(combine_segments=False)
+    np.testing.assert_allclose(lps.mean(0), truth.ftv_centroid_mm[visit], atol=1e-3)
+  form = truth.case.mask
+  if form.startswith('bitflags'):
+    # The collection's form: 8-bit flags declared as one FRACTIONAL segment, one frame per plane.
+    assert seg.BitsAllocated == 8 and seg.SegmentationType == 'FRACTIONAL'
+    assert int(seg.NumberOfFrames) == len(planes)
+    assert set(np.unique(seg.pixel_array).tolist()) <= COLLECTION_VALUES
+    assert (fx.MASK_LEGEND_TAG in seg) == (form != 'bitflags_no_legend')
+    if fx.MASK_LEGEND_TAG in seg:
+      assert seg[fx.MASK_LEGEND_TAG].VR == 'LO'
+      assert list(seg[fx.MASK_LEGEND_TAG].value) == list(fx.MASK_LEGEND)
+    per_frame = 'PlaneOrientationSequence' in seg.PerFrameFunctionalGroupsSequence[0]
+    assert per_frame == (form == 'bitflags_per_frame')
+    assert ('PlaneOrientationSequence' in seg.SharedFunctionalGroupsSequence[0]) != per_frame
+    assert re.fullmatch(r'VOLSER,BACKGROUND=\d+,SER PE THRESHOLD=70', seg.DerivationDescription)
+    with pytest.raises(AttributeError):  # as on the collection's masks: no SegmentSequence
+      hd.seg.segread(mask_path).get_volume(combine_segments=False)
+    return
+  # The standard form: highdicom's own geometry (an independent SEG reader) finds the same FTV.
+  volume = hd.seg.segread(mask_path).get_volume(combine_segments=False)
   idx = np.argwhere(~volume.array.astype(bool).any(-1))
   assert volume.array.shape[0] == len(planes)
   np.testing.assert_allclose(len(idx) * abs(np.linalg.det(volume.affine[:3, :3])),
-                             truth.tumor_volume_mm3[visit], rtol=1e-6)
+                             truth.ftv_volume_mm3[visit], rtol=1e-6)
   if len(idx):
     lps_hd = (volume.affine @ np.c_[idx, np.ones(len(idx))].T)[:3].T.mean(0)
-    np.testing.assert_allclose(lps_hd, truth.tumor_centroid_mm[visit], atol=1e-3)
+    np.testing.assert_allclose(lps_hd, truth.ftv_centroid_mm[visit], atol=1e-3)
+
+
+def _on_dce(seg, slices):
+  """The 8-bit values of a bit-flag mask on the DCE slices' planes, [D, H, W]."""
+  depth = {round(float(np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
+                       @ _normal(slices[0][2])), 3): n
+           for n, f in enumerate(seg.PerFrameFunctionalGroupsSequence)}
+  return seg.pixel_array[[depth[round(p, 3)] for p, _, _ in slices]]
+
+
+def test_masks_are_volser_on_the_written_images(tree, headers):
+  """Every mask's FTV is enhancing (PE >= 70 % on the DCE as written) and inside its VOI, a box
+  around the tumour."""
+  root, truths = tree
+  for truth in truths.values():
+    for v in range(4):
+      if truth.mask_paths[v] is None:
+        continue
+      phases = _load_series(headers, root, truth.dce_dirs[v])
+      pre_i, early_i, _ = truth.phase_indices[v]
+      pre, early = _volume(phases[pre_i]), _volume(phases[early_i])
+      ftv, _, seg = _mask_ftv(Path(root) / truth.mask_paths[v], phases[0])
+      assert (early[ftv] - pre[ftv] >= 0.7 * pre[ftv]).all(), (truth.case.name, v)
+      if seg.BitsAllocated != 8:
+        continue
+      voi = (_on_dce(seg, phases[0]) & fx.VOI_BIT) == 0
+      lo, hi = np.argwhere(voi).min(0), np.argwhere(voi).max(0) + 1
+      assert voi[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].all()  # a box
+      assert not (ftv & ~voi).any()
 
 
 @pytest.mark.parametrize('name', ['oblique', 'flipped', 'spacing', 'bilateral'])
@@ -275,7 +329,9 @@ def test_dummy_cases():
   with tempfile.TemporaryDirectory() as tmp:
     truths = fx.write_tcia_tree(tmp, fx.DUMMY_CASES)
     files = [p for p in Path(tmp).rglob('*') if p.is_file()]
-  assert sum(t.expected_skip is None for t in truths.values()) == 4
+  assert sum(t.expected_skip is None for t in truths.values()) == 5
+  assert {s for t in truths.values() for s in t.mask_source if s} == {
+      'analysis_mask_bitflags', 'analysis_mask_seg', 'pe70_in_voi'}
   assert len(files) < 600
 
 
@@ -283,10 +339,17 @@ def test_dummy_cases():
                                         ('bilateral', 0)])
 def test_enhancing_tumour_is_where_the_truth_says(tree, headers, name, visit):
   """Pixels and geometry agree: SimpleITK's physical position of the PE >= 70 % blob."""
+  truth = _truth(tree, name)
+  _, lps = _largest_enhancing(tree, headers, truth, visit)
+  assert np.linalg.norm(np.subtract(lps, truth.tumor_centroid_mm[visit])) < 5.0
+
+
+def _largest_enhancing(tree, headers, truth, visit):
+  """The largest PE >= 70 % blob over the whole field of view (SimpleITK's reading of the
+  series): its voxels [k, j, i] and its LPS centroid."""
   import SimpleITK as sitk
   from scipy import ndimage
   root, _ = tree
-  truth = _truth(tree, name)
   phases = _load_series(headers, root, truth.dce_dirs[visit])
   images = []
   for p in truth.phase_indices[visit][:2]:
@@ -299,8 +362,24 @@ def test_enhancing_tumour_is_where_the_truth_says(tree, headers, name, visit):
   labels, n = ndimage.label(blob, np.ones((3, 3, 3)))
   largest = labels == 1 + np.argmax(ndimage.sum(blob, labels, range(1, n + 1)))
   k, j, i = np.argwhere(largest).mean(0)
-  lps = images[0].TransformContinuousIndexToPhysicalPoint((i, j, k))
-  assert np.linalg.norm(np.subtract(lps, truth.tumor_centroid_mm[visit])) < 5.0
+  return largest, images[0].TransformContinuousIndexToPhysicalPoint((i, j, k))
+
+
+def test_node_outside_the_voi_is_the_largest_enhancing_structure(tree, headers):
+  """The `node` patient: over the whole field, PE >= 70 % finds the node, not the tumour; the node
+  lies outside the radiologist's VOI and enhances over more voxels than the FTV."""
+  root, _ = tree
+  truth = _truth(tree, 'node')
+  for v in (0, 1, 2):
+    largest, lps = _largest_enhancing(tree, headers, truth, v)
+    assert np.linalg.norm(np.subtract(lps, truth.node_centroid_mm[v])) < 2.0
+    assert np.linalg.norm(truth.node_centroid_mm[v] - truth.tumor_centroid_mm[v]) > 40.0
+    if truth.mask_paths[v] is None:
+      assert truth.mask_source[v] == 'pe70_in_voi'  # T1: the VOI of T0 is carried over
+      continue
+    slices = _load_series(headers, root, truth.dce_dirs[v])[0]
+    ftv, _, seg = _mask_ftv(Path(root) / truth.mask_paths[v], slices)
+    assert (_on_dce(seg, slices)[largest] & fx.VOI_BIT).all() and largest.sum() > ftv.sum()
 
 
 def test_spacing_visits_are_the_same_physical_tumour(tree):
@@ -320,7 +399,7 @@ def test_tumour_enhances_more_than_70_percent(tree, headers, name, visit):
   phases = _load_series(headers, root, truth.dce_dirs[visit])
   pre_i, early_i, late_i = truth.phase_indices[visit]
   pre, early = _volume(phases[pre_i]), _volume(phases[early_i])
-  ftv, _, _ = _seg_ftv(Path(root) / truth.seg_paths[visit], phases[0])
+  ftv, _, _ = _mask_ftv(Path(root) / truth.mask_paths[visit], phases[0])
   pe = 100.0 * (early - pre) / np.maximum(pre, 1.0)
   assert np.median(pe[ftv]) > 70.0
   assert np.median(pe[~ftv & (pre > np.percentile(pre, 50))]) < 70.0  # the breast enhances less
@@ -427,7 +506,8 @@ def test_files_are_valid_dicom_under_strict_validation(tmp_path, monkeypatch):
   monkeypatch.setattr(pydicom.config.settings, 'reading_validation_mode', pydicom.config.RAISE)
   sample = (dataclasses.replace(CASES['standard'], visits=(0,), derived=(('SER', 0),)),
             dataclasses.replace(CASES['oblique'], visits=(0, 3)),
-            dataclasses.replace(CASES['uni_and_bi'], visits=(0,)))
+            dataclasses.replace(CASES['uni_and_bi'], visits=(0,)),
+            dataclasses.replace(CASES['spacing'], visits=(0,)))
   fx.write_tcia_tree(tmp_path, sample)
   files = sorted(tmp_path.rglob('*.dcm'))
   kinds = collections.Counter()
@@ -440,17 +520,18 @@ def test_files_are_valid_dicom_under_strict_validation(tmp_path, monkeypatch):
     assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
     assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert meta.ImplementationVersionName == fx._IMPL_VERSION
-    kinds[ds.Modality] += 1
+    kinds[ds.Modality, ds.get('BitsAllocated')] += 1
     if ds.Modality == 'MR':
       assert ds['PixelData'].VR == 'OW'
       assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
-    else:
-      assert ds['PixelData'].VR == 'OB' and ds.BitsAllocated == 1
-      assert ds.pixel_array.shape == (int(ds.NumberOfFrames), ds.Rows, ds.Columns)
-      assert len(ds.PerFrameFunctionalGroupsSequence) == int(ds.NumberOfFrames)
-      seg = hd.seg.segread(path)
-      assert seg.number_of_segments == len(ds.SegmentSequence)
-  assert kinds['SEG'] == 5 and kinds['MR'] > 100  # SEGs: standard T0, oblique T0 + T3, bi + uni
+      continue
+    assert ds['PixelData'].VR == 'OB'
+    assert ds.pixel_array.shape == (int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    assert len(ds.PerFrameFunctionalGroupsSequence) == int(ds.NumberOfFrames)
+    if ds.BitsAllocated == 1:  # the standard form is a valid SEG
+      assert hd.seg.segread(path).number_of_segments == len(ds.SegmentSequence)
+  # Bit-flag masks: standard T0, oblique T0 + T3; BINARY SEGs: uni_and_bi bi + uni, spacing T0.
+  assert kinds['SEG', 8] == 3 and kinds['SEG', 1] == 3 and kinds['MR', 16] > 100
 
 
 def test_render_dce_series_is_the_phantom_physics():

@@ -1,7 +1,8 @@
 """Tests of the TCIA I-SPY2 DICOM reader (tfds_ispy2/ispy2/tcia.py) on small synthetic DICOM trees.
 
-The trees are written here with pydicom (MR slices) and highdicom (Analysis Mask SEG), with known
-cubes at known physical positions, so that geometry errors show up as misplaced or resized cubes.
+The trees are written here with pydicom (MR slices), the fixture writer's bit-flag Analysis Mask
+(the collection's own form) and highdicom (the standard BINARY SEG form), with known cubes at
+known physical positions, so that geometry errors show up as misplaced or resized cubes.
 """
 
 import json
@@ -13,7 +14,9 @@ from typing import NamedTuple
 import highdicom as hd
 import numpy as np
 import openpyxl
+import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -67,6 +70,10 @@ def _rotation(axis, degrees):
   return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
 
 
+# (row direction, column direction) of slice stacks other than axial.
+OBLIQUE = tuple(tuple(_rotation((1, 1, 0.3), 20) @ axis) for axis in ((1, 0, 0), (0, 1, 0)))
+SAGITTAL = ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0))
+
 class Geometry(NamedTuple):
   """A slice stack centred on ``centre``: rows x cols pixels, n slices; spacing (row, col, slice)
   in mm."""
@@ -97,7 +104,8 @@ class Geometry(NamedTuple):
 
 
 def _cube(points, centre, size=CUBE_MM):
-  return np.all(np.abs(points - np.asarray(centre)) <= size / 2, axis=-1)
+  """Points of a box of edge(s) ``size`` mm around ``centre``."""
+  return np.all(np.abs(points - np.asarray(centre)) <= np.asarray(size) / 2, axis=-1)
 
 
 def _tm(seconds):
@@ -143,16 +151,18 @@ def write_dce(folder, geom, values, times_s, *, pid='ISPY2-100001', study=None, 
   return sources
 
 
-def write_seg(path, sources, geom, ftv, *, series_desc=UNI_MASK, labels=('PE threshold',
-                                                                           'background threshold')):
-  """An inverse Analysis Mask on its own slice stack: segments mark what is NOT tumour."""
+def write_seg(path, sources, geom, ftv, *, voi=None, series_desc=UNI_MASK):
+  """The standard form of an Analysis Mask (a BINARY SEG) on its own slice stack: segments mark
+  what is NOT tumour, 'PE threshold' inside the VOI and 'manual VOI' outside it (one segment
+  'excluded' when ``voi`` is None)."""
   n = geom.shape[2]
   points = np.stack([geom.points(k) for k in range(n)])
   excluded = ~ftv(points)
-  first = excluded & (points[..., 0] < geom.centre[0])
-  segments = np.stack([first, excluded & ~first], -1)[..., :len(labels)]
-  if len(labels) == 1:
-    segments = excluded[..., None]
+  if voi is None:
+    labels, segments = ('excluded',), excluded[..., None]
+  else:
+    inside = voi(points)
+    labels, segments = ('PE threshold', 'manual VOI'), np.stack([excluded & inside, ~inside], -1)
   descriptions = [hd.seg.SegmentDescription(
       segment_number=i + 1, segment_label=label,
       segmented_property_category=hd.sr.CodedConcept('91723000', 'SCT', 'Anatomical Structure'),
@@ -173,6 +183,33 @@ def write_seg(path, sources, geom, ftv, *, series_desc=UNI_MASK, labels=('PE thr
                                               spacing_between_slices=geom.spacing[2]))
   seg.SeriesDescription = series_desc
   _save(seg, path)
+
+
+def write_bitflag_mask(path, geom, values, *, pid='ISPY2-100001', study=None,
+                       legend=tcia_fixtures.MASK_LEGEND, orientation_per_frame=False,
+                       series_desc=UNI_MASK, seed=0):
+  """The collection's form of an Analysis Mask (8-bit exclusion flags, tcia_fixtures' writer) on
+  its own slice stack, frames in shuffled order; ``values(points)`` gives the flags."""
+  order = list(range(geom.shape[2]))
+  random.Random(seed).shuffle(order)
+  ds = _dataset(pid, study or generate_uid(), generate_uid(), modality='SEG',
+                sop=tcia.SEG_SOP_CLASS, series_desc=series_desc)
+  tcia_fixtures.set_bitflag_mask(
+      ds, np.stack([values(geom.points(k)) for k in order]),
+      np.stack([geom.position(k) for k in order]), geom.row_dir + geom.col_dir, geom.spacing[:2],
+      legend=legend, orientation_per_frame=orientation_per_frame)
+  _save(ds, path)
+
+
+def _flags(ftv, voi):
+  """values(points) of a bit-flag mask: 0 in the FTV, PE (1) elsewhere in the VOI, manual VOI (32)
+  outside it, and background (16) in the posterior 'air' (y > -5 mm), as VOLSER flags them."""
+  def values(points):
+    out = np.where(ftv(points), 0, tcia_fixtures.PE_BIT)
+    out |= np.where(voi(points), 0, tcia_fixtures.VOI_BIT)
+    out |= np.where(points[..., 1] > -5.0, tcia_fixtures.BACKGROUND_BIT | tcia_fixtures.PE_BIT, 0)
+    return out.astype(np.uint8)
+  return values
 
 
 def _header_only(path, pid, study, series, **kwargs):
@@ -381,9 +418,8 @@ def _measure(image, grid, threshold):
     ('axial', (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     ('flipped rows, negative normal', (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     ('flipped columns', (1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
-    ('oblique 20 deg', tuple(_rotation((1, 1, 0.3), 20) @ (1, 0, 0)),
-     tuple(_rotation((1, 1, 0.3), 20) @ (0, 1, 0))),
-    ('sagittal', (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    ('oblique 20 deg', *OBLIQUE),
+    ('sagittal', *SAGITTAL),
 ])
 def test_geometry_recovers_a_cube(tmp_path, name, row_dir, col_dir):
   geom = Geometry(row_dir=row_dir, col_dir=col_dir, spacing=(0.9, 1.1, 2.0), shape=(50, 44, 24))
@@ -432,27 +468,125 @@ def test_missing_slices_and_phases_are_detected():
     tcia.sort_slices(tilted)
 
 
-def test_seg_with_more_slices_is_resampled_by_geometry(tmp_path):
-  geom = Geometry()  # 20 slices of 2.5 mm
+@pytest.mark.parametrize('form, orientation, legend, orientation_per_frame', [
+    ('bitflags', ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)), tcia_fixtures.MASK_LEGEND, False),
+    ('bitflags', OBLIQUE, None, True),  # no Mask Legend: the documented bits
+    ('bitflags', SAGITTAL, tcia_fixtures.MASK_LEGEND, False),
+    ('seg', ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)), None, False),
+    ('seg', OBLIQUE, None, False),
+])
+def test_masks_are_resampled_by_geometry(tmp_path, form, orientation, legend,
+                                         orientation_per_frame):
+  geom = Geometry(row_dir=orientation[0], col_dir=orientation[1])  # 20 slices of 2.5 mm
   sources = write_dce(str(tmp_path / 'dce'), geom, lambda p, pts: np.full(pts.shape[:2], 100.0),
                       [0.0])
-  # The SEG slab extends 10 slices below and 2 above the DCE: centre-cropping would misplace it.
-  seg_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 4 * 2.5 * geom.normal),
-                           shape=(48, 48, 32))
+  # The mask's slab extends 10 slices below and 2 above the DCE: centre-cropping would misplace it.
+  mask_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 4 * 2.5 * geom.normal),
+                            shape=(48, 48, 32))
   ftv_centre = np.asarray(geom.centre) + (-8.0, 5.0, -12.0)
-  write_seg(str(tmp_path / 'seg.dcm'), sources, seg_geom, lambda pts: _cube(pts, ftv_centre))
+  ftv = lambda pts: _cube(pts, ftv_centre)  # noqa: E731
+  voi = lambda pts: _cube(pts, ftv_centre, CUBE_MM + 10.0)  # noqa: E731
+  path = str(tmp_path / 'mask.dcm')
+  if form == 'seg':
+    write_seg(path, sources, mask_geom, ftv, voi=voi)
+  else:
+    write_bitflag_mask(path, mask_geom, _flags(ftv, voi), legend=legend,
+                       orientation_per_frame=orientation_per_frame)
+  mask = tcia.read_analysis_mask(path)
+  assert mask.form == form
+  assert mask.ftv_mm3 == pytest.approx(CUBE_MM ** 3, rel=0.15)  # on its own 1 x 1 x 2.5 mm grid
   stack, spacing = tcia.sort_slices([tcia.read_slice_header(str(p))
                                      for p in (tmp_path / 'dce').iterdir()])
-  grid = tcia.target_grid(tcia.load_volume(stack, spacing), (2.0, 1.0, 1.0))
-  labels = tcia.seg_labels(str(tmp_path / 'seg.dcm'), grid)
-  assert set(np.unique(labels)) == {1, 2}  # the whole DCE lies inside the SEG's extent
-  ftv = labels == 1
-  np.testing.assert_array_less(np.abs(tcia.centroid_mm(ftv, grid) - ftv_centre), grid.spacing)
-  assert ftv.sum() * np.prod(grid.spacing) == pytest.approx(CUBE_MM ** 3, rel=0.10)
-  # Outside the SEG's extent nothing is tumour, even where no segment excludes it.
+  image = tcia.load_volume(stack, spacing)
+  grid = tcia.target_grid(image, (2.0, 1.0, 1.0))
+  codes = tcia.mask_codes(mask, grid)
+  inside_dce = tcia.resample(image, grid, sitk.sitkNearestNeighbor) > 0
+  assert (codes[inside_dce] > 0).all()  # the whole DCE lies inside the mask's slab
+  tumour, in_voi = codes == schema.TUMOUR, (codes == schema.TUMOUR) | (codes == schema.VOI)
+  np.testing.assert_array_less(np.abs(tcia.centroid_mm(tumour, grid) - ftv_centre), grid.spacing)
+  np.testing.assert_array_less(np.abs(tcia.centroid_mm(in_voi, grid) - ftv_centre), grid.spacing)
+  assert tumour.sum() * np.prod(grid.spacing) == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  assert in_voi.sum() * np.prod(grid.spacing) == pytest.approx((CUBE_MM + 10) ** 3, rel=0.10)
+  # Outside the mask's slab nothing is tumour or VOI, even where no bit excludes it.
   wide = grid._replace(origin=tuple(np.asarray(grid.origin) - (60.0, 0, 0)),
                        size=(grid.size[0] + 60,) + grid.size[1:])
-  assert not tcia.seg_labels(str(tmp_path / 'seg.dcm'), wide)[:, :, :10].any()
+  assert not tcia.mask_codes(mask, wide)[:, :, :10].any()
+
+
+def test_the_mask_legend_says_which_bit_is_the_voi(tmp_path):
+  """The legend's meanings override the documented bits; a value that neither explains means the
+  mask is not in the bit-flag form."""
+  geom = Geometry(shape=(8, 8, 4))
+  column = lambda pts: np.round((pts[..., 0] - geom.position(0)[0]) / geom.spacing[1])  # noqa: E731
+  values = lambda pts: np.select([column(pts) < 2, column(pts) >= 6], [0, 0x41], 0x01)  # noqa: E731
+  legend = ('00000001 ( 1) : PE threshold', '01000000 (64) : outside the manual VOI')
+  write_bitflag_mask(str(tmp_path / 'mask' / 'legend.dcm'), geom, values, legend=legend)
+  codes = sitk.GetArrayFromImage(tcia.read_analysis_mask(str(tmp_path / 'mask' / 'legend.dcm'))
+                                 .codes)  # [slice, row, column] on the mask's own grid
+  np.testing.assert_array_equal(codes[0, 0], [1, 1, 2, 2, 2, 2, 3, 3])
+  write_bitflag_mask(str(tmp_path / 'mask' / 'documented.dcm'), geom, values, legend=None)
+  with pytest.raises(tcia.MaskError) as info:
+    tcia.read_analysis_mask(str(tmp_path / 'mask' / 'documented.dcm'))
+  assert info.value.reason == 'mask_unrecognised'
+  assert info.value.detail.startswith('mask/documented.dcm: 8-bit values 0x41 ')
+  write_bitflag_mask(str(tmp_path / 'mask' / 'bad_legend.dcm'), geom, values,
+                     legend=legend[:1] + ('01000000 (32) : manual VOI',))
+  with pytest.raises(tcia.MaskError, match=r'bad_legend.dcm: Mask Legend entry 2 is not'):
+    tcia.read_analysis_mask(str(tmp_path / 'mask' / 'bad_legend.dcm'))
+
+
+def _broken_masks(folder):
+  """(file, reason, what the detail says) of masks the reader must refuse, written under folder."""
+  geom = Geometry(shape=(8, 8, 6))
+  good = folder / 'good.dcm'
+  write_bitflag_mask(str(good), geom, lambda pts: np.zeros(pts.shape[:2], np.uint8))
+  cases = []
+
+  def variant(name, reason, says, change):
+    ds = pydicom.dcmread(good)
+    change(ds)
+    _save(ds, str(folder / name))
+    cases.append((name, reason, says))
+
+  def sixteen_bits(ds):
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = np.zeros((6, 8, 8), np.uint16).tobytes()
+
+  def one_bit_fractional(ds):
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+
+  def no_positions(ds):
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+      del frame.PlanePositionSequence
+
+  def gap(ds):
+    depth = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) @ geom.normal
+             for f in ds.PerFrameFunctionalGroupsSequence]
+    drop = int(np.argsort(depth)[2])
+    del ds.PerFrameFunctionalGroupsSequence[drop]
+    frames = np.frombuffer(ds.PixelData, np.uint8).reshape(6, 8, 8)
+    ds.PixelData, ds.NumberOfFrames = np.delete(frames, drop, 0).tobytes(), 5
+
+  variant('16bit.dcm', 'mask_unrecognised', 'BitsAllocated 16, FRACTIONAL', sixteen_bits)
+  variant('1bit.dcm', 'mask_unrecognised', 'BitsAllocated 1, FRACTIONAL', one_bit_fractional)
+  variant('no_positions.dcm', 'mask_unrecognised', 'frame 1 has no ImagePositionPatient',
+          no_positions)
+  variant('gap.dcm', 'mask_geometry', 'its frames: gap of 5.00 mm', gap)
+  (folder / 'truncated.dcm').write_bytes(good.read_bytes()[:-100])
+  cases.append(('truncated.dcm', 'mask_unreadable', 'ValueError while decoding'))
+  (folder / 'not_dicom.dcm').write_bytes(b'\0' * 128 + b'DICM' + b'\1' * 64)
+  cases.append(('not_dicom.dcm', 'mask_unrecognised', 'no BitsAllocated, no SegmentationType'))
+  return cases
+
+
+def test_masks_in_neither_form_get_a_reason_naming_the_file(tmp_path):
+  folder = tmp_path / 'mask series'
+  for name, reason, says in _broken_masks(folder):
+    with pytest.raises(tcia.MaskError) as info:
+      tcia.read_analysis_mask(str(folder / name))
+    assert info.value.reason == reason, name
+    assert info.value.detail.startswith(f'mask series/{name}: ') and says in info.value.detail, (
+        info.value.detail)
 
 
 def test_pe70_mask_background_and_largest_component():
@@ -525,36 +659,42 @@ def test_read_clinical_errors(tmp_path):
 # ----------------------------------------------------------------------------- one patient
 T0_TUMOUR = np.asarray(Geometry().centre) + (4.0, -6.0, 3.0)
 T2_TUMOUR = T0_TUMOUR + (5.0, 3.0, -6.0)
+VOI_MM = CUBE_MM + 10.0  # the radiologist's VOI: a box around the tumour
+# An enhancing node outside the VOI (even grown by the carry-over margin), larger than the tumour.
+NODE, NODE_MM = np.array([49.0, -25.0, 32.0]), np.array([14.0, 30.0, 30.0])
+PATIENT_GEOMETRY = Geometry(shape=(48, 96, 20))  # 96 columns: x from -37.5 to 57.5 mm
 
 
 def _enhancing(centre, size):
-  """Tissue: pre 100, +10 % after contrast; the cube enhances by 140 % (early) and 120 % (late).
-  A posterior slab of 'air' (pre 5, noise-like +140 %), larger than the cube, must be excluded by
-  the background threshold of the PE >= 70 % fallback."""
+  """Tissue: pre 100, +10 % after contrast; the cube (and the node) enhance by 140 % (early) and
+  120 % (late). A posterior slab of 'air' (pre 5, noise-like +140 %), larger than the cube, must
+  be excluded by the background threshold of the PE >= 70 % fallback."""
   def values(p, pts):
-    cube = _cube(pts, centre, size)
+    enhancing = _cube(pts, centre, size) | _cube(pts, NODE, NODE_MM)
     gain = (0.0, 0.6, 1.4, 1.3, 1.2)[p] if p < 5 else 1.1
-    tissue = np.where(cube, 100.0 * (1 + gain), 100.0 * (1 + 0.1 * (p > 0)))
+    tissue = np.where(enhancing, 100.0 * (1 + gain), 100.0 * (1 + 0.1 * (p > 0)))
     return np.where(pts[..., 1] > -5.0, 12.0 if p else 5.0, tissue)
   return values
 
 
 @pytest.fixture(scope='module')
 def patient_tree(tmp_path_factory):
-  """Four visits of one patient: T0 with SEG, T1 with a missing slice, T2 without SEG (PE 70 %),
-  T3 with an empty FTV (pCR); plus a clinical sheet."""
+  """Four visits of one patient: T0 with a bit-flag mask, T1 with a missing slice, T2 without a
+  mask (PE >= 70 % in T0's VOI, not on the node), T3 with a standard SEG whose FTV is empty (pCR);
+  plus a clinical sheet."""
   root = tmp_path_factory.mktemp('tcia')
   pid = 'ISPY2-100001'
   top = root / 'ISPY2' / pid
-  geom = Geometry()
-  seg_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 2 * 2.5 * geom.normal),
-                           shape=(48, 48, 26))
+  geom = PATIENT_GEOMETRY
+  mask_geom = geom._replace(centre=tuple(np.asarray(geom.centre) - 2 * 2.5 * geom.normal),
+                            shape=(48, 96, 26))
   times = [0.0, 70.0, 160.0, 300.0, 470.0]
   study = generate_uid()
-  sources = write_dce(str(top / '05-17-1999-ISPY2MRIT0-1' / '3.000-uni DCE'), geom,
-                      _enhancing(T0_TUMOUR, CUBE_MM), times, study=study)
-  write_seg(str(top / '05-17-1999-ISPY2MRIT0-1' / '5.000-mask' / '1.dcm'), sources, seg_geom,
-            lambda pts: _cube(pts, T0_TUMOUR))
+  write_dce(str(top / '05-17-1999-ISPY2MRIT0-1' / '3.000-uni DCE'), geom,
+            _enhancing(T0_TUMOUR, CUBE_MM), times, study=study)
+  write_bitflag_mask(str(top / '05-17-1999-ISPY2MRIT0-1' / '5.000-mask' / '1.dcm'), mask_geom,
+                     _flags(lambda pts: _cube(pts, T0_TUMOUR),
+                            lambda pts: _cube(pts, T0_TUMOUR, VOI_MM)), study=study)
   write_dce(str(top / '05-17-1999-ISPY2MRIT1-2' / '3.000-uni DCE'), geom,
             _enhancing(T0_TUMOUR, CUBE_MM), [0.0, 80.0, 150.0, 400.0, 500.0, 600.0],
             study_desc='ISPY2_MRI_T1', tpi=False, drop={(3, 10)})
@@ -564,8 +704,9 @@ def patient_tree(tmp_path_factory):
   study = generate_uid()
   sources = write_dce(str(top / '05-17-1999-ISPY2MRIT3-4' / '3.000-uni DCE'), geom,
                       _enhancing(T2_TUMOUR, 0.0), times, study=study, study_desc='ISPY2MRIT3')
-  write_seg(str(top / '05-17-1999-ISPY2MRIT3-4' / '5.000-mask' / '1.dcm'), sources, seg_geom,
-            lambda pts: np.zeros(pts.shape[:-1], bool), labels=('excluded',))
+  write_seg(str(top / '05-17-1999-ISPY2MRIT3-4' / '5.000-mask' / '1.dcm'), sources, mask_geom,
+            lambda pts: np.zeros(pts.shape[:-1], bool),
+            voi=lambda pts: _cube(pts, T2_TUMOUR, VOI_MM))
   _write_xlsx(str(root / tcia.CLINICAL_FILE), ['Patient_ID', 'Arm', 'HR', 'HER2', 'pCR', 'Age'],
               [[100001, 'Paclitaxel + Pembrolizumab', 0, 0, 1, 47]])
   return root
@@ -588,7 +729,8 @@ def test_process_patient(patient_tree):
       'ISPY2-100001', 1, 3, 'Paclitaxel + Pembrolizumab')
   np.testing.assert_array_equal(example['visit_mask'], [True, False, True, True])
   assert [(i.visit, i.reason) for i in issues] == [(1, 'missing_slices')]
-  assert meta['mask_source'] == ['seg', None, 'pe70', 'seg']
+  assert meta['mask_source'] == ['analysis_mask_bitflags', None, 'pe70_in_voi',
+                                 'analysis_mask_seg']
   assert meta['phase_source'] == ['TemporalPositionIdentifier', None, 'AcquisitionTime',
                                   'TemporalPositionIdentifier']
   assert meta['phase_indices'] == [[0, 2, 4], None, [0, 2, 4], [0, 2, 4]]
@@ -597,17 +739,27 @@ def test_process_patient(patient_tree):
                              [[0, 160, 470], [0, 0, 0], [0, 140, 430], [0, 160, 470]], atol=1e-3)
   voxel = np.prod(SPEC.target_spacing_mm)
   centre_index = (np.asarray(SPEC.crop_shape) - 1) / 2
+  # T0 from its mask (the VOI around the tumour in it); T2 from PE >= 70 % in T0's VOI: the
+  # tumour, not the larger node that PE >= 70 % over the field of view would take.
   for v, size in ((0, CUBE_MM), (2, 18.0)):
-    mask = example['tumor_mask'][v].astype(bool)
+    mask = example['tumor_mask'][v] == schema.TUMOUR
     assert mask.sum() * voxel == pytest.approx(size ** 3, rel=0.10)
     np.testing.assert_allclose(np.argwhere(mask).mean(0), centre_index, atol=1.0)
     pre, early, late = example['images'][v].astype(np.float32)[:, mask].mean(1)
     assert pre == pytest.approx(100, rel=0.05) and early > 2.0 * pre and late > 1.9 * pre
   np.testing.assert_allclose(meta['crop_centre_mm'][0], T0_TUMOUR, atol=1.0)
   np.testing.assert_allclose(meta['crop_centre_mm'][2], T2_TUMOUR, atol=1.0)
-  # T3: pCR, empty FTV -> no mask, cropped around the T0 tumour.
-  assert not example['tumor_mask'][3].any() and meta['ftv_mm3'][3] == 0
-  assert meta['crop_centre_mm'][3] == meta['crop_centre_mm'][0]
+  assert meta['mask_ftv_mm3'][0] == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  assert meta['mask_ftv_mm3'][2] is None and meta['ftv_mm3'][2] == pytest.approx(18.0 ** 3, rel=0.1)
+  # The VOI is in the record where a mask gave one (code VOI, around the tumour), nowhere else.
+  voi = example['tumor_mask'][0] > 0
+  assert voi.sum() * voxel == pytest.approx(VOI_MM ** 3, rel=0.10)
+  assert set(np.unique(example['tumor_mask'][2])) == {0, schema.TUMOUR}
+  # T3: pCR, empty FTV -> cropped around the mask's VOI, which the record keeps.
+  assert set(np.unique(example['tumor_mask'][3])) == {0, schema.VOI}
+  assert meta['ftv_mm3'][3] == 0 and meta['mask_ftv_mm3'][3] == 0
+  # (within a mask slice: the VOI's edges fall between its 2.5-mm slices)
+  assert np.linalg.norm(np.subtract(meta['crop_centre_mm'][3], T2_TUMOUR)) <= 1.25 + 1e-6
   assert not example['images'][1].any() and not example['tumor_mask'][1].any()
   # No PHI anywhere (names, dates also from the dated folder names, institution, accession).
   texts = _strings(example) + _strings(meta) + _strings(issues)
@@ -620,7 +772,8 @@ def test_process_patient_fallbacks(patient_tree, tmp_path):
   patients, _ = tcia.discover(patient_tree)
   clinical = tcia.read_clinical(patient_tree)['ISPY2-100001']
   t0 = patients['ISPY2-100001'].visits[0]
-  bad_seg = tmp_path / 'bad_seg.dcm'
+  bad_seg = tmp_path / 'masks' / 'bad_seg.dcm'
+  bad_seg.parent.mkdir()
   bad_seg.write_bytes(b'\0' * 128 + b'DICM' + b'\1' * 64)
   truncated = tmp_path / 'series'
   truncated.mkdir()
@@ -632,11 +785,15 @@ def test_process_patient_fallbacks(patient_tree, tmp_path):
   patient = tcia.PatientFiles('ISPY2-100001', (tcia.VisitFiles(dce=t0.dce, seg=str(bad_seg)),
                                                broken, None, None))
   example, issues, meta = tcia.process_patient(patient, clinical, SPEC)
-  assert meta['mask_source'][0] == 'pe70'  # unreadable SEG -> PE >= 70 % fallback
+  # A mask in neither form: PE >= 70 % over the field of view, with no VOI to restrict it, takes
+  # the largest enhancing structure: the node, not the tumour (what the Analysis Mask prevents).
+  assert meta['mask_source'][0] == 'pe70' and meta['mask_ftv_mm3'][0] is None
+  np.testing.assert_allclose(meta['crop_centre_mm'][0], NODE, atol=1.0)
   mask = example['tumor_mask'][0].astype(bool)
-  assert mask.sum() * np.prod(SPEC.target_spacing_mm) == pytest.approx(CUBE_MM ** 3, rel=0.10)
+  assert mask.sum() * np.prod(SPEC.target_spacing_mm) == pytest.approx(np.prod(NODE_MM), rel=0.10)
   # Truncated pixel data in a chosen phase: that visit is missing; at T0 the patient is skipped.
-  assert [(i.visit, i.reason) for i in issues] == [(0, 'seg_unreadable'), (1, 'corrupt_file')]
+  assert [(i.visit, i.reason) for i in issues] == [(0, 'mask_unrecognised'), (1, 'corrupt_file')]
+  assert issues[0].detail.startswith('masks/bad_seg.dcm: neither')
   assert 'pixel data unreadable' in issues[1].detail
   np.testing.assert_array_equal(example['visit_mask'], [True, False, False, False])
   with pytest.raises(tcia.Skip) as info:
@@ -692,22 +849,35 @@ def test_fixture_tree_end_to_end(fixture_tree):
     assert [m or [-1, -1, -1] for m in meta['phase_indices']] == truth.phase_indices.tolist(), pid
     assert tuple(meta['mask_source']) == tuple(truth.mask_source), pid
     # Missing visits are reported with the contract's reasons (unreadable pixels: corrupt_file).
-    reported = {(i.visit, i.reason) for i in patient_issues if i.reason != 'seg_unreadable'}
+    reported = {(i.visit, i.reason) for i in patient_issues if not i.reason.startswith('mask_')}
     assert reported == {(v, {'unreadable_dicom': 'corrupt_file'}.get(r, r))
                         for v, r in enumerate(truth.visit_reasons)
                         if r not in (None, 'no_study', 'no_dce_series')}, pid
+    assert {(i.visit, i.reason) for i in patient_issues if i.reason.startswith('mask_')} == {
+        (v, 'mask_unreadable') for f, v in truth.faults_applied if f == 'corrupt_seg'}, pid
     for v in np.flatnonzero(truth.visit_mask):
-      np.testing.assert_array_less(np.abs(np.asarray(meta['crop_centre_mm'][v])
-                                          - truth.crop_center_mm[v]), spacing_xyz,
+      centre = np.asarray(meta['crop_centre_mm'][v])
+      np.testing.assert_array_less(np.abs(centre - truth.crop_center_mm[v]), spacing_xyz,
                                    err_msg=f'{pid} T{v}')
-      mask = example['tumor_mask'][v].astype(bool)
-      if truth.tumor_volume_mm3[v] == 0:
-        assert not mask.any(), f'{pid} T{v}'
-      elif truth.mask_source[v] == 'seg' and truth.tumor_volume_mm3[v] >= 1000:
-        # Fixture slices are 4.5 mm: +-1 target slice of 2 mm at a small tumour's ends is ~15 %.
-        assert mask.sum() * voxel == pytest.approx(truth.tumor_volume_mm3[v], rel=0.20), (
+      if truth.tumor_volume_mm3[v]:  # within 2 mm of the tumour, never on the node
+        assert np.linalg.norm(centre - truth.tumor_centroid_mm[v]) <= 2.0, f'{pid} T{v}'
+      if truth.case.node_mm is not None:
+        assert np.linalg.norm(centre - truth.node_centroid_mm[v]) > 40.0, f'{pid} T{v}'
+      mask = example['tumor_mask'][v]
+      if not truth.mask_source[v].startswith('analysis_mask'):
+        assert set(np.unique(mask)) <= {0, schema.TUMOUR}, f'{pid} T{v}'  # no VOI from a mask
+        continue
+      # The mask's own FTV, and the record's: its zero voxels resampled to 2 x 1 x 1 mm (within
+      # 6 %, partial volume of the fixtures' 5-mm slices), centred, inside the VOI the record keeps.
+      assert meta['mask_ftv_mm3'][v] == pytest.approx(truth.ftv_volume_mm3[v], abs=0.1)
+      assert (mask == schema.VOI).any(), f'{pid} T{v}'
+      tumour = mask == schema.TUMOUR
+      if truth.ftv_volume_mm3[v] == 0:
+        assert not tumour.any(), f'{pid} T{v}'
+      elif truth.ftv_volume_mm3[v] >= 1000:
+        assert tumour.sum() * voxel == pytest.approx(truth.ftv_volume_mm3[v], rel=0.06), (
             f'{pid} T{v}')
-        np.testing.assert_allclose(np.argwhere(mask).mean(0),
+        np.testing.assert_allclose(np.argwhere(tumour).mean(0),
                                    (np.asarray(spec.crop_shape) - 1) / 2, atol=1.0)
   phi = _date_variants([p for t in truths.values() for p in t.phi]
                       + list(tcia_fixtures.PHI_STRINGS))

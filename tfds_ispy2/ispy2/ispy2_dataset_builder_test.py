@@ -95,11 +95,11 @@ def test_tcia_records_match_the_ground_truth(tcia_build):
     np.testing.assert_allclose(record['phase_times_s'], t.phase_times_s, atol=0.01, err_msg=pid)
     np.testing.assert_allclose(record['spacing_mm'], spec.target_spacing_mm)
     for v in np.flatnonzero(t.visit_mask):
-      mask = record['tumor_mask'][v]
-      # The Analysis Mask, resampled to 2x1x1 mm, keeps the FTV's volume (20 %; small tumours suffer
+      mask = record['tumor_mask'][v] == schema.TUMOUR
+      # The Analysis Mask's FTV, resampled to 2x1x1 mm, keeps its volume (20 %; small tumours suffer
       # the partial volume of 5 mm slices) and sits at the crop's centre. (PE >= 70 %: other tests.)
-      if t.mask_source[v] == 'seg' and t.tumor_volume_mm3[v] >= 1000:
-        assert mask.sum() * voxel_mm3 == pytest.approx(t.tumor_volume_mm3[v], rel=0.2), (pid, v)
+      if t.mask_source[v].startswith('analysis_mask') and t.ftv_volume_mm3[v] >= 1000:
+        assert mask.sum() * voxel_mm3 == pytest.approx(t.ftv_volume_mm3[v], rel=0.2), (pid, v)
         centre = np.argwhere(mask).mean(0)
         assert np.all(np.abs(centre - (np.array(spec.crop_shape) - 1) / 2) <= 1.5), (pid, v, centre)
         # The tumour enhances: early > 1.7 x pre on average inside the mask (PE >= 70 %).
@@ -115,6 +115,10 @@ def test_tcia_build_report_counts_every_skip_and_holds_no_phi(tcia_build):
   skips = [t.expected_skip for t in truth.values() if t.expected_skip]
   assert report['patients_written'] == len(records)
   assert report['skips_by_reason'] == {r: skips.count(r) for r in set(skips)}
+  sources = [s for pid, t in truth.items() if t.expected_skip is None for s in t.mask_source if s]
+  assert report['visits_by_mask_source'] == {s: sources.count(s) for s in tcia.MASK_SOURCES}
+  assert {w['patient_id']: tuple(w['mask_source']) for w in report['written']} == {
+      pid: t.mask_source for pid, t in truth.items() if t.expected_skip is None}  # per visit
   assert {s['patient_id'] for s in report['skipped']} == {
       pid for pid, t in truth.items() if t.expected_skip}
   missing = {(pid, v) for pid, t in truth.items() if t.expected_skip is None

@@ -3,16 +3,21 @@
 Pure functions (no TFDS, no JAX) so that the builder can run them in worker processes or Beam:
 
 * :func:`discover` groups every DICOM file under ``manual_dir`` by its headers into patients and
-  visits (T0..T3) and picks the DCE series and the Analysis Mask SEG of each visit;
+  visits (T0..T3) and picks the DCE series and the Analysis Mask (SEG SOP class) of each visit;
 * :func:`read_clinical` reads labels from the clinical sheet (and the ancillary id mapping);
+* :func:`read_analysis_mask` decodes an Analysis Mask in either of its forms: the collection's
+  own (8-bit frames of exclusion bit flags, with a private Mask Legend; not a valid SEG, so
+  read with pydicom) or a standard BINARY SEG whose segments are exclusion reasons (highdicom);
 * :func:`process_patient` turns one patient into an example of ``schema.features``:
-  pre/early/late phases and the functional-tumour-volume (FTV) mask per visit, resampled onto an
-  axis-aligned LPS grid and cropped around each visit's tumour.
+  pre/early/late phases and, per visit, the functional tumour volume (FTV) inside the
+  radiologist's VOI, resampled by geometry onto an axis-aligned LPS grid and cropped around the
+  tumour (the VOI when the FTV is empty).
 
 The conventions (visit tokens, series choice, phase choice, geometry, inverse analysis mask,
 PE >= 70 % fallback, clinical columns) are those of the shared `ispy2/tcia` contract. Privacy: no
-DICOM header value except the TCIA PatientID (de-identified by TCIA) reaches an example, an
-:class:`Issue`, a :class:`Skip` or the metadata; file names in messages have dates masked.
+DICOM header text except the TCIA PatientID (de-identified by TCIA) reaches an example, an
+:class:`Issue`, a :class:`Skip` or the metadata (only numbers and defined terms such as
+BitsAllocated or SegmentationType); file names in messages have dates masked.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import functools
+import operator
 import os
 import re
 import warnings
@@ -41,10 +48,12 @@ from tfds_ispy2.ispy2 import schema
 
 __all__ = [
     'TciaSpec', 'Skip', 'VisitError', 'Issue', 'VisitFiles', 'PatientFiles', 'ClinicalRecord',
-    'FileHeader', 'SliceHeader', 'Grid', 'discover', 'scan_file', 'study_visit', 'laterality',
-    'read_clinical', 'process_patient', 'read_slice_header', 'split_phases', 'phase_times',
-    'choose_phases', 'sort_slices', 'check_phases', 'load_volume', 'target_grid', 'resample',
-    'seg_labels', 'pe70_mask', 'centroid_mm', 'crop', 'CLINICAL_FILE', 'ANCILLARY_FILE',
+    'FileHeader', 'SliceHeader', 'Grid', 'MaskError', 'AnalysisMask', 'discover', 'scan_file',
+    'study_visit', 'laterality', 'read_clinical', 'process_patient', 'read_slice_header',
+    'split_phases', 'phase_times', 'choose_phases', 'sort_slices', 'check_phases', 'load_volume',
+    'target_grid', 'resample', 'read_analysis_mask', 'mask_codes', 'pe70_mask', 'grown_box',
+    'centroid_mm', 'crop', 'CLINICAL_FILE', 'ANCILLARY_FILE', 'MASK_SOURCES', 'MASK_LEGEND_TAG',
+    'DOCUMENTED_BITS',
 ]
 
 SEG_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4'
@@ -72,6 +81,7 @@ class TciaSpec:
   crop_shape: tuple[int, int, int] = schema.DEFAULT_CROP_SHAPE  # D, H, W voxels
   early_s: float = 150.0
   late_s: float = 450.0
+  voi_margin_mm: float = 10.0  # a VOI carried over to a later visit: its box grown by this
 
 
 class _CodedError(Exception):
@@ -587,22 +597,23 @@ def _axes(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def sort_slices(slices: Sequence[SliceHeader]) -> tuple[list[SliceHeader], float]:
-  """One phase's slices sorted along the normal (never by file order or InstanceNumber), and the
-  slice spacing (median step); a step > 1.5 x the median is a missing slice."""
+  """One stack's slices (a phase, or a mask's frames) sorted along the normal (never by file order
+  or InstanceNumber), and the slice spacing (median step); a step > 1.5 x the median is a missing
+  slice."""
   first = slices[0]
   if any(s.shape != first.shape or not np.allclose(s.orientation, first.orientation, atol=1e-3)
          or not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-3) for s in slices):
     raise VisitError('inconsistent_geometry',
-                     'slices of a phase differ in orientation, pixel spacing or matrix size')
+                     'slices of a stack differ in orientation, pixel spacing or matrix size')
   if len(slices) < 2:
-    raise VisitError('missing_slices', 'a phase has a single slice')
+    raise VisitError('missing_slices', 'a stack of a single slice')
   normal = _axes(first.orientation)[2]
   depth = np.array([np.dot(s.position, normal) for s in slices])
   order = np.argsort(depth, kind='stable')
   steps = np.diff(depth[order])
   if steps.min() < 1e-3:
     raise VisitError('duplicate_slices', f'{int(np.sum(steps < 1e-3))} slice positions occur twice'
-                     ' within a phase')
+                     ' within a stack')
   spacing = float(np.median(steps))
   if steps.max() > 1.5 * spacing:
     raise VisitError('missing_slices', f'gap of {steps.max():.2f} mm between slices spaced'
@@ -643,9 +654,16 @@ def _read_pixels(header: SliceHeader) -> np.ndarray:
 
 
 def load_volume(stack: Sequence[SliceHeader], slice_spacing: float) -> sitk.Image:
-  """One phase as a SimpleITK image in LPS: origin = first sorted IPP, direction (row, col, n)."""
+  """One phase as a SimpleITK image in LPS (see `_stack_image`)."""
+  return _stack_image(np.stack([_read_pixels(s) for s in stack]), stack, slice_spacing)
+
+
+def _stack_image(array: np.ndarray, stack: Sequence[SliceHeader],
+                 slice_spacing: float) -> sitk.Image:
+  """[slice, row, column] pixels of a sorted stack as an LPS image: origin = first IPP,
+  direction (row, column, normal)."""
   row, col, normal = _axes(stack[0].orientation)
-  image = sitk.GetImageFromArray(np.stack([_read_pixels(s) for s in stack]))
+  image = sitk.GetImageFromArray(array)
   image.SetOrigin(stack[0].position)
   image.SetSpacing((stack[0].pixel_spacing[1], stack[0].pixel_spacing[0], slice_spacing))
   image.SetDirection(np.column_stack([row, col, normal]).ravel().tolist())
@@ -688,26 +706,170 @@ def resample(image: sitk.Image, grid: Grid, interpolator=sitk.sitkLinear,
   return sitk.GetArrayFromImage(out)
 
 
-# ============================================================================= tumour mask
-def seg_labels(path: str, grid: Grid) -> np.ndarray:
-  """The Analysis Mask on ``grid`` by geometry: 0 outside its extent, 1 FTV, 2 excluded.
+# ============================================================================= Analysis Mask
+class MaskError(_CodedError):
+  """An Analysis Mask that cannot be used: the visit falls back to PE >= 70 %."""
 
-  The mask is inverse: its segments are exclusion reasons, so a voxel of its extent covered by
-  none of them is tumour. Resampled by IPP/IOP (it may hold more slices than the DCE series).
-  """
-  with _quiet():
-    volume = highdicom.seg.segread(path).get_volume(combine_segments=False)
-  excluded = np.asarray(volume.array).reshape(volume.array.shape[:3] + (-1,)).max(-1) >= 0.5
-  code = sitk.GetImageFromArray(1 + excluded.astype(np.uint8))  # [slice, row, column]
-  affine = volume.affine  # columns: steps along slice, row, column; then the position
-  steps = affine[:3, :3][:, ::-1]  # x = column, y = row, z = slice
+
+class AnalysisMask(NamedTuple):
+  """A decoded Analysis Mask on its own geometry (its slab may be wider than the DCE series)."""
+
+  form: str  # 'bitflags' (the collection's own form) or 'seg' (a standard BINARY SEG)
+  codes: sitk.Image  # uint8: 0 outside the slab, then _FTV, _IN_VOI or _OUTSIDE_VOI
+  ftv_mm3: float  # the FTV at the mask's own resolution: the volume I-SPY reports
+
+
+# Voxel codes of a decoded mask. The record's `tumor_mask` (schema.features) keeps the first two
+# (schema.TUMOUR = _FTV, schema.VOI = _IN_VOI) and writes the rest as 0.
+_FTV, _IN_VOI, _OUTSIDE_VOI = schema.TUMOUR, schema.VOI, 3
+MASK_SOURCES = ('analysis_mask_bitflags', 'analysis_mask_seg', 'pe70_in_voi', 'pe70')
+# The bit-flag form: each voxel is an OR of exclusion bits, 0 = in the FTV; a mask's private Mask
+# Legend names them, else these documented meanings hold.
+MASK_LEGEND_TAG = (0x0117, 0x10D3)
+DOCUMENTED_BITS = {1: 'PE threshold', 2: 'SER / minimum-neighbour filter',
+                   16: 'background threshold', 32: 'manual VOI'}
+_VOI_BIT = 32
+_LEGEND_RE = re.compile(r'\s*([01]{8})\s*\(\s*(\d+)\s*\)\s*:\s*(.*?)\s*')
+_SEGMENTATION_TYPES = ('BINARY', 'FRACTIONAL', 'LABELMAP')
+
+
+def _legend(ds: pydicom.Dataset, name: str) -> dict[int, str]:
+  """{bit value: meaning} of the Mask Legend (0117,10D3); {} without one."""
+  element = ds.get(MASK_LEGEND_TAG)
+  if element is None:
+    return {}
+  value = element.value
+  if isinstance(value, bytes):  # VR UN: an implicit-VR file, or a dictionary without the tag
+    value = value.decode('latin-1').rstrip('\0 ').split('\\')
+  legend = {}
+  for n, entry in enumerate([value] if isinstance(value, str) else list(value), start=1):
+    m = _LEGEND_RE.fullmatch(str(entry))
+    if not m or int(m.group(1), 2) != int(m.group(2)):
+      raise MaskError('mask_unrecognised', f'{name}: Mask Legend entry {n} is not "<8 binary'
+                      ' digits> (<value>) : <meaning>"')
+    legend[int(m.group(2))] = m.group(3)
+  return legend
+
+
+def _frame_stack(ds: pydicom.Dataset, name: str) -> list[SliceHeader]:
+  """One header per frame (``path`` = frame index) from the functional groups: per-frame
+  ImagePositionPatient; orientation and pixel spacing per frame or shared."""
+  frames = ds.get('PerFrameFunctionalGroupsSequence') or []
+  shared = (ds.get('SharedFunctionalGroupsSequence') or [pydicom.Dataset()])[0]
+
+  def attribute(group, sequence, keyword):
+    for source in (group, shared):
+      if source.get(sequence) and keyword in source.get(sequence)[0]:
+        return source.get(sequence)[0].get(keyword)
+    return None
+
+  if len(frames) != int(ds.get('NumberOfFrames') or 1):
+    raise MaskError('mask_unrecognised', f'{name}: {len(frames)} per-frame functional groups for'
+                    f' {int(ds.get("NumberOfFrames") or 1)} frames')
+  headers = []
+  for n, group in enumerate(frames):
+    ipp, iop, spacing = (attribute(group, *where) for where in (
+        ('PlanePositionSequence', 'ImagePositionPatient'),
+        ('PlaneOrientationSequence', 'ImageOrientationPatient'),
+        ('PixelMeasuresSequence', 'PixelSpacing')))
+    if ipp is None or iop is None or spacing is None or len(ipp) != 3 or len(iop) != 6:
+      raise MaskError('mask_unrecognised', f'{name}: frame {n + 1} has no ImagePositionPatient,'
+                      ' ImageOrientationPatient or PixelSpacing')
+    headers.append(SliceHeader(path=str(n), position=tuple(map(float, ipp)),
+                               orientation=tuple(map(float, iop)),
+                               pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                               shape=(int(ds.Rows), int(ds.Columns))))
+  return headers
+
+
+def _bitflag_mask(ds: pydicom.Dataset, name: str) -> AnalysisMask:
+  """The collection's form, from pydicom: 8-bit frames of exclusion bits placed by their
+  functional groups (any order); meanings from the Mask Legend where present."""
+  legend = _legend(ds, name)
+  known = functools.reduce(operator.or_, {**DOCUMENTED_BITS, **legend})
+  # The VOI bit is the one the legend names so; without such an entry, the documented bit 32.
+  voi_bit = functools.reduce(operator.or_, [b for b, m in legend.items() if 'voi' in m.lower()],
+                             0) or _VOI_BIT
+  stack = _frame_stack(ds, name)
+  values = ds.pixel_array.reshape((len(stack),) + stack[0].shape)
+  found = np.unique(values)
+  unexplained = [f'0x{v:02x}' for v in found.tolist() if v & ~known]
+  if unexplained:
+    raise MaskError('mask_unrecognised', f'{name}: 8-bit values {", ".join(unexplained[:8])}'
+                    f' are not made of the bits of its Mask Legend or the documented ones'
+                    f' ({", ".join(map(str, sorted({**DOCUMENTED_BITS, **legend})))})')
+  codes = np.where(values == 0, _FTV, np.where(values & voi_bit, _OUTSIDE_VOI, _IN_VOI))
+  return _mask_from_frames('bitflags', codes.astype(np.uint8), stack, name)
+
+
+def _mask_from_frames(form: str, codes: np.ndarray, frames: Sequence[SliceHeader],
+                      name: str) -> AnalysisMask:
+  """Decoded codes [frame, row, column] placed by their frames' headers, as the DCE slices are."""
+  try:
+    stack, spacing = sort_slices(frames)
+  except VisitError as e:
+    raise MaskError('mask_geometry', f'{name}: its frames: {e.detail}') from None
+  image = _stack_image(codes[[int(s.path) for s in stack]], stack, spacing)
+  voxel_mm3 = float(np.prod(image.GetSpacing()))
+  return AnalysisMask(form, image, float((codes == _FTV).sum()) * voxel_mm3)
+
+
+def _binary_seg_mask(ds: pydicom.Dataset, name: str) -> AnalysisMask:
+  """The standard form, from highdicom: segments are exclusion reasons, the one whose label names
+  the VOI marks voxels outside it; a voxel of the slab in no segment is in the FTV."""
+  seg = highdicom.seg.Segmentation.from_dataset(ds, copy=False)
+  volume = seg.get_volume(combine_segments=False)
+  excluded = np.asarray(volume.array).reshape(volume.array.shape[:3] + (-1,)) >= 0.5
+  labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+  outside_voi = excluded[..., ['voi' in label.lower() for label in labels]].any(-1)
+  codes = np.where(~excluded.any(-1), _FTV, np.where(outside_voi, _OUTSIDE_VOI, _IN_VOI))
+  image = sitk.GetImageFromArray(codes.astype(np.uint8))  # [slice, row, column]
+  steps = volume.affine[:3, :3][:, ::-1]  # columns: steps along column, row, slice
   spacing = np.linalg.norm(steps, axis=0)
-  code.SetSpacing(spacing.tolist())
-  code.SetDirection((steps / spacing).ravel().tolist())
-  code.SetOrigin(affine[:3, 3].tolist())
-  return resample(code, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+  image.SetSpacing(spacing.tolist())
+  image.SetDirection((steps / spacing).ravel().tolist())
+  image.SetOrigin(volume.affine[:3, 3].tolist())
+  return AnalysisMask('seg', image, float((codes == _FTV).sum() * np.prod(spacing)))
 
 
+def read_analysis_mask(path: str) -> AnalysisMask:
+  """Either form of an Analysis Mask, on its own geometry; MaskError says why it cannot be used.
+
+  8-bit frames are the collection's own form (SEG SOP class, invalid as a SEG): a voxel is in
+  the FTV when its value is 0 and in the radiologist's VOI when the VOI bit is clear. 1-bit frames
+  of a BINARY SEG are the standard form. A mask that flags no voxel as outside the VOI (a SEG
+  without a VOI segment) has its whole slab as VOI.
+  """
+  name = _name(path)
+  try:
+    with _quiet():
+      ds = pydicom.dcmread(path)
+  except Exception as e:  # noqa: BLE001 -- not DICOM, or a damaged header
+    raise MaskError('mask_unreadable', f'{name}: {type(e).__name__}') from None
+  bits, kind = ds.get('BitsAllocated'), _text(ds.get('SegmentationType'))
+  try:
+    with _quiet():
+      if bits == 8:
+        return _bitflag_mask(ds, name)
+      if bits == 1 and kind == 'BINARY':
+        return _binary_seg_mask(ds, name)
+  except MaskError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- truncated pixel data, broken functional groups
+    raise MaskError('mask_unreadable', f'{name}: {type(e).__name__} while decoding') from None
+  found = [f'BitsAllocated {bits}' if bits is not None else 'no BitsAllocated',
+           kind if kind in _SEGMENTATION_TYPES else
+           ('another SegmentationType' if kind else 'no SegmentationType')]
+  raise MaskError('mask_unrecognised', f'{name}: neither the I-SPY2 bit-flag form (8-bit frames)'
+                  f' nor a BINARY SEG (1-bit frames): {", ".join(found)}')
+
+
+def mask_codes(mask: AnalysisMask, grid: Grid) -> np.ndarray:
+  """The decoded mask on ``grid`` by geometry (nearest neighbour; 0 outside its slab)."""
+  return resample(mask.codes, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+
+
+# ============================================================================= tumour mask
 def _largest_component(mask: np.ndarray) -> np.ndarray:
   labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))  # 26-connected
   if count == 0:
@@ -715,11 +877,27 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
   return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
 
 
-def pe70_mask(pre: np.ndarray, early: np.ndarray, background: float) -> np.ndarray:
-  """Largest 26-connected component of PE >= 70 % among voxels with S_pre >= background."""
+def pe70_mask(pre: np.ndarray, early: np.ndarray, background: float,
+              region: np.ndarray | None = None) -> np.ndarray:
+  """Largest 26-connected component of PE >= 70 % among voxels with S_pre >= background (and in
+  ``region`` when given)."""
   valid = (pre >= background) & (pre > 0)
+  if region is not None:
+    valid &= region
   pe = 100.0 * (early - pre) / np.where(valid, pre, 1.0)
   return _largest_component(valid & (pe >= 70.0))
+
+
+def grown_box(mask: np.ndarray, grid: Grid, margin_mm: float) -> np.ndarray:
+  """The bounding box of ``mask`` grown by ``margin_mm`` per side (clipped to the grid)."""
+  voxels = np.argwhere(mask)
+  box = np.zeros(mask.shape, bool)
+  if len(voxels):
+    pad = np.ceil(margin_mm / np.asarray(grid.spacing[::-1])).astype(int)
+    lo = np.maximum(voxels.min(0) - pad, 0)
+    hi = np.minimum(voxels.max(0) + pad + 1, mask.shape)
+    box[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+  return box
 
 
 def centroid_mm(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
@@ -753,8 +931,11 @@ class _Visit:
 
   grid: Grid
   images: np.ndarray  # float32 [3, z, y, x]
-  mask: np.ndarray  # bool [z, y, x]
-  mask_source: str
+  codes: np.ndarray  # uint8 [z, y, x]: the record's tumor_mask codes (schema.TUMOUR, schema.VOI, 0)
+  voi: np.ndarray | None  # bool [z, y, x]: the VOI used (the visit's mask's, or carried over)
+  voi_image: sitk.Image | None  # the VOI of the visit's own mask, to carry to later visits
+  mask_source: str  # one of MASK_SOURCES
+  mask_ftv_mm3: float | None  # the mask's own FTV (None without a mask)
   phases: tuple[int, int, int]
   times: np.ndarray  # [3]
   num_phases: int
@@ -762,25 +943,42 @@ class _Visit:
   issues: list[tuple[str, str]]
 
 
-def _tumour_mask(seg: str | None, grid: Grid, images: np.ndarray,
-                 background: float) -> tuple[np.ndarray, str, list[tuple[str, str]]]:
-  """FTV from the SEG when readable and overlapping the image, else the PE >= 70 % fallback."""
+def _tumour_mask(seg: str | None, grid: Grid, images: np.ndarray, background: float,
+                 carried: sitk.Image | None, spec: TciaSpec) -> dict:
+  """The visit's tumour (the fields of `_Visit` after ``images``), in order of preference:
+
+  the FTV of its Analysis Mask, inside that mask's VOI; else PE >= 70 % inside the VOI carried
+  over from an earlier visit (its box grown by ``spec.voi_margin_mm``: the patient is
+  repositioned between visits); else PE >= 70 % over the field of view.
+  """
   issues = []
   if seg is not None:
     try:
-      labels = seg_labels(seg, grid)
-    except Exception as e:  # noqa: BLE001 -- any unreadable mask falls back to PE >= 70 %
-      issues.append(('seg_unreadable', f'{_name(seg)}: {type(e).__name__}; using PE >= 70 %'))
+      mask = read_analysis_mask(seg)
+    except MaskError as e:  # an unusable mask falls back to PE >= 70 %
+      issues.append((e.reason, f'{e.detail}; using PE >= 70 %'))
     else:
-      if labels.any():
-        return labels == 1, 'seg', issues
-      issues.append(('seg_outside_image', f'{_name(seg)} does not overlap the DCE series; using'
-                     ' PE >= 70 %'))
-  return pe70_mask(images[0], images[1], background), 'pe70', issues
+      codes = mask_codes(mask, grid)
+      voi = (codes == _FTV) | (codes == _IN_VOI)
+      if voi.any():
+        return dict(codes=np.where(voi, codes, 0).astype(np.uint8), voi=voi,
+                    voi_image=sitk.BinaryThreshold(mask.codes, _FTV, _IN_VOI, 1, 0),
+                    mask_source=f'analysis_mask_{mask.form}', mask_ftv_mm3=mask.ftv_mm3,
+                    issues=issues)
+      issues.append(('mask_outside_image', f'{_name(seg)}: its VOI does not overlap the DCE'
+                     ' series; using PE >= 70 %'))
+  voi = None
+  if carried is not None:
+    voi = grown_box(resample(carried, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0, grid,
+                    spec.voi_margin_mm)
+    voi = voi if voi.any() else None  # the carried VOI misses this visit's field of view
+  return dict(codes=pe70_mask(images[0], images[1], background, voi).astype(np.uint8), voi=voi,
+              voi_image=None, mask_source='pe70' if voi is None else 'pe70_in_voi',
+              mask_ftv_mm3=None, issues=issues)
 
 
-def _load_visit(files: VisitFiles, spec: TciaSpec) -> _Visit:
-  """Headers -> phases -> pre/early/late volumes -> target grid -> FTV mask (VisitError if bad)."""
+def _load_visit(files: VisitFiles, spec: TciaSpec, carried: sitk.Image | None) -> _Visit:
+  """Headers -> phases -> pre/early/late volumes -> target grid -> tumour (VisitError if bad)."""
   phases, phase_source = split_phases([read_slice_header(p) for p in files.dce])
   stacks, slice_spacing = check_phases(phases)
   times = phase_times(stacks)
@@ -795,10 +993,9 @@ def _load_visit(files: VisitFiles, spec: TciaSpec) -> _Visit:
     volumes[i] = resample(volume, grid)
     del volume
   images = np.stack([volumes[i] for i in chosen])
-  mask, source, issues = _tumour_mask(files.seg, grid, images, background)
-  return _Visit(grid=grid, images=images, mask=mask, mask_source=source, phases=chosen,
-                times=times[list(chosen)], num_phases=len(stacks), phase_source=phase_source,
-                issues=issues)
+  return _Visit(grid=grid, images=images, phases=chosen, times=times[list(chosen)],
+                num_phases=len(stacks), phase_source=phase_source,
+                **_tumour_mask(files.seg, grid, images, background, carried, spec))
 
 
 def _check_labels(pid: str, clinical: ClinicalRecord | None) -> ClinicalRecord:
@@ -815,14 +1012,14 @@ def _check_labels(pid: str, clinical: ClinicalRecord | None) -> ClinicalRecord:
 
 
 def _visit_or_issue(pid: str, v: int, files: VisitFiles | None, spec: TciaSpec,
-                    issues: list[Issue]) -> _Visit | None:
+                    carried: sitk.Image | None, issues: list[Issue]) -> _Visit | None:
   """The visit, or None with an issue recorded; at T0 a failure skips the patient instead."""
   if files is None:
     if v == 0:
       raise Skip('no_t0', f'{pid}: no T0 study with a DCE series')
     return None  # discover reported why (no study, unknown visit, no DCE series)
   try:
-    visit = _load_visit(files, spec)
+    visit = _load_visit(files, spec, carried)
   except Exception as e:  # noqa: BLE001 -- a failing visit is missing, not a failed build
     if not isinstance(e, VisitError):
       e = VisitError('visit_error', f'{type(e).__name__}: {_masked(str(e))[:160]}')
@@ -836,22 +1033,29 @@ def _visit_or_issue(pid: str, v: int, files: VisitFiles | None, spec: TciaSpec,
 
 def _crop_centre(pid: str, v: int, visit: _Visit, t0_centre: np.ndarray | None,
                  issues: list[Issue]) -> np.ndarray:
-  """The visit's FTV centroid; if empty, the T0 centroid (T0 itself: the image centre)."""
-  centre = centroid_mm(visit.mask, visit.grid)
+  """The tumour's centroid; if empty (a complete response), the VOI's; without a VOI the T0
+  crop centre (T0 itself: the image centre)."""
+  centre = centroid_mm(visit.codes == schema.TUMOUR, visit.grid)
   if centre is not None:
     return centre
+  voi = None if visit.voi is None else centroid_mm(visit.voi, visit.grid)
+  if v == 0:
+    where = 'its VOI' if voi is not None else 'the image'
+    issues.append(Issue(pid, 0, 'empty_t0_mask', f'no tumour voxel at T0; crop centred on {where}'))
+  if voi is not None:
+    return voi
   if v > 0:
     return t0_centre
-  issues.append(Issue(pid, 0, 'empty_t0_mask', 'no tumour voxel at T0; crop centred on the image'))
   return visit.grid.to_physical((np.asarray(visit.grid.size[::-1]) - 1) / 2.0)
 
 
 _META_KEYS = ('mask_source', 'phase_indices', 'phase_times_s', 'num_phases', 'phase_source',
-              'laterality', 'ftv_mm3', 'crop_centre_mm', 'notes')
+              'laterality', 'ftv_mm3', 'mask_ftv_mm3', 'crop_centre_mm', 'notes')
 
 
 def _visit_meta(visit: _Visit, files: VisitFiles, centre: np.ndarray) -> dict:
   """Build-report facts of one visit (JSON-ready; codes and numbers only, no header text)."""
+  voxel_mm3 = float(np.prod(visit.grid.spacing))
   return {
       'mask_source': visit.mask_source,
       'phase_indices': [int(i) for i in visit.phases],
@@ -859,7 +1063,8 @@ def _visit_meta(visit: _Visit, files: VisitFiles, centre: np.ndarray) -> dict:
       'num_phases': visit.num_phases,
       'phase_source': visit.phase_source,
       'laterality': files.laterality,
-      'ftv_mm3': round(float(visit.mask.sum() * np.prod(visit.grid.spacing)), 1),
+      'ftv_mm3': round(float((visit.codes == schema.TUMOUR).sum() * voxel_mm3), 1),
+      'mask_ftv_mm3': None if visit.mask_ftv_mm3 is None else round(visit.mask_ftv_mm3, 1),
       'crop_centre_mm': [round(float(c), 2) for c in centre],
       'notes': list(files.notes),
   }
@@ -870,8 +1075,9 @@ def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
   """(example, issues, metadata) of one patient; raises Skip when it cannot be written.
 
   One visit at a time (bounded memory). A visit that fails becomes a missing visit (issue); a
-  failing T0 skips the patient (`no_t0`). Each visit is cropped around its own FTV centroid.
-  ``metadata`` maps each key of `_visit_meta` to a list over T0..T3 (None: visit missing).
+  failing T0 skips the patient (`no_t0`). Each visit is cropped around its own tumour, and the
+  VOI of the latest Analysis Mask is carried over to later visits that have none. ``metadata``
+  maps each key of `_visit_meta` to a list over T0..T3 (None: visit missing).
   """
   pid = patient.patient_id
   labels = _check_labels(pid, clinical)
@@ -882,16 +1088,17 @@ def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
   times = np.zeros((schema.NUM_VISITS, schema.NUM_PHASES), np.float32)
   metas: list[dict | None] = [None] * schema.NUM_VISITS
   issues: list[Issue] = []
-  t0_centre = None
+  t0_centre = carried = None
   for v, files in enumerate(patient.visits):
-    visit = _visit_or_issue(pid, v, files, spec, issues)
+    visit = _visit_or_issue(pid, v, files, spec, carried, issues)
     if visit is None:
       continue
+    carried = visit.voi_image if visit.voi_image is not None else carried
     centre = _crop_centre(pid, v, visit, t0_centre, issues)
     t0_centre = centre if v == 0 else t0_centre
     pixels = crop(visit.images, visit.grid, centre, shape)
     images[v] = np.clip(pixels, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
-    masks[v] = crop(visit.mask, visit.grid, centre, shape)
+    masks[v] = crop(visit.codes, visit.grid, centre, shape)
     visit_mask[v] = True
     times[v] = visit.times
     metas[v] = _visit_meta(visit, files, centre)

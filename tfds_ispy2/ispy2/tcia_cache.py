@@ -1,8 +1,8 @@
 """Per-patient results of the `tcia` build, cached on disk so an interrupted build resumes.
 
-A result is keyed by everything it depends on: the processing spec, the patient's clinical record
-and its files (paths, sizes, modification times). A restarted build reprocesses only the patients
-without a result, and writes the same records.
+A result is keyed by everything it depends on: the reader's version, the processing spec, the
+patient's clinical record and its files (paths, sizes, modification times). A restarted build
+reprocesses only the patients without a result, and writes the same records.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ import pickle
 
 from tfds_ispy2.ispy2 import tcia
 
+# Bumped whenever `tcia.process_patient` gives other results for the same files and spec, so that
+# no cached result of an older reader is reused. 2: Analysis Masks in the collection's bit-flag
+# form, the VOI in tumor_mask, PE >= 70 % inside a VOI carried over.
+READER_VERSION = 2
+
 
 def cache_key(patient: tcia.PatientFiles, clinical: tcia.ClinicalRecord | None,
               spec: tcia.TciaSpec) -> str:
   files = sorted(f for visit in patient.visits if visit
                  for f in visit.dce + ((visit.seg,) if visit.seg else ()))
   stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  return hashlib.sha256(repr((spec, clinical, patient, stamp)).encode()).hexdigest()
+  return hashlib.sha256(repr((READER_VERSION, spec, clinical, patient, stamp)).encode()).hexdigest()
 
 
 def process_patient_cached(job) -> tuple[str, tuple, list]:
