@@ -24,7 +24,7 @@ import jax  # noqa: E402  (after common, which puts the repo on sys.path)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcrjax import configs, train  # noqa: E402
+from pcrjax import configs, input_pipeline, train  # noqa: E402
 
 
 def param_count(params) -> int:
@@ -47,6 +47,7 @@ def time_case(case: str, batch_size: int, steps: int, warmup: int) -> dict:
                                    steps_per_epoch=100)
   images = jax.random.normal(data_rng, (batch_size, visits) + visit_shape, jnp.float32)
   batch = {'images': images, 'visit_mask': jnp.ones((batch_size, visits), bool),
+           'clinical': jnp.zeros((batch_size, input_pipeline.NUM_CLINICAL), jnp.float32),
            'label': jnp.arange(batch_size) % 2}
   step_fn = jax.jit(
       functools.partial(train.train_step, pos_weight=POS_WEIGHT,

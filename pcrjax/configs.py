@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from pcrjax import runs
+from pcrjax import models, runs
 from tfds_ispy2.ispy2 import schema
 
 STAGES = tuple(m.name for m in runs.networks_in_training_order()) + ('protocol',)
@@ -46,7 +46,9 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.encoder_features = (8, 16) if smoke else (16, 32, 32)
   model.lstm_features = 16 if smoke else 32
   model.kernel_size = 3
-  model.dropout_rate = 0.3
+  model.dropout_rate = 0.0  # On the latent, before the pCR head (measured: 0.3 hurts, README).
+  model.clinical_inputs = False  # Feed HR and HER2 status to the pCR head beside the image latent.
+  model.normalization = 'none'  # In the visit encoder: 'none' or 'group' (GroupNorm; README).
 
   config.batch_size = 8 if smoke else 16
   config.eval_batch_size = 16 if smoke else 32
@@ -84,6 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(len(config.model.encoder_features) >= 1 and all(f > 0 for f in config.model.encoder_features),
         'model.encoder_features', 'must be positive channel counts')
   check(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)')
+  check(config.model.normalization in models.NORMALIZATIONS, 'model.normalization',
+        f'must be one of {models.NORMALIZATIONS}')
   check(config.num_epochs >= 1, 'num_epochs', 'must be >= 1')
   check(0 <= config.warmup_epochs < config.num_epochs, 'warmup_epochs', 'must be in [0, num_epochs)')
   check(config.learning_rate > 0, 'learning_rate', 'must be > 0')

@@ -1,4 +1,4 @@
-"""Functional tumour volume (FTV), the clinical imaging biomarker of I-SPY, and a model on it.
+"""Functional tumour volume (FTV), the clinical imaging biomarker of I-SPY, and its features.
 
 FTV is the volume of voxels that enhance strongly early after contrast injection. It follows the
 UCSF convention (``SlicerBreast_DCEMRI_FTV``, ``ftv_map_gen.makeFTVMaps``) that produced the I-SPY2
@@ -6,20 +6,20 @@ Analysis Masks: PE = 100 (S1 - S0) / S0, SER = (S1 - S0) / (S2 - S0); a voxel is
 inside the radiologist's VOI, above the background threshold (S0 >= 0.6 x the 95th percentile of S0
 in the VOI, which drops fat and air), has PE >= 70 % and SER >= 0, and at least 4 of its 26
 neighbours pass the background and PE thresholds (which removes isolated noisy voxels).
+Where a `tcia` record carries a visit's Analysis Mask (a VOI in its ``tumor_mask``), the FTV is
+the mask's own: I-SPY computed it on the original images, before any resampling.
 
-The FTV model is the comparator a clinician would ask for: a logistic regression on the baseline
-FTV and its relative change at T1 (3 weeks), the early-change biomarker of I-SPY (reported AUROC
-0.63-0.74 for pCR on I-SPY2).
+The FTV reference rows (pcrjax.references) are the comparator a clinician would ask for: a logistic
+regression on the baseline FTV and its relative change at T1 (3 weeks), the early-change biomarker
+of I-SPY (reported AUROC 0.63-0.74 for pCR on I-SPY2), alone and with the HR/HER2 subtype.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+
+from tfds_ispy2.ispy2 import schema
 
 # I-SPY2 enrols tumours >= 2.5 cm (~ 8 cm^3); a baseline FTV under 0.1 cm^3 is a failed segmentation,
 # not a small tumour. Flooring FTV0 there keeps log FTV0 finite and the relative change bounded.
@@ -72,21 +72,35 @@ def roi_from_mask(mask: np.ndarray, spacing_mm, margin_mm: float = 10.0) -> np.n
   return roi
 
 
+def voi(mask: np.ndarray) -> np.ndarray | None:
+  """The radiologist's VOI (bool [D, H, W]) in one visit's tumor_mask; None without one."""
+  mask = np.asarray(mask)
+  return mask > 0 if (mask == schema.VOI).any() else None
+
+
 def ftv_per_visit(record: dict) -> np.ndarray:
   """FTV in mm^3 of each of the 4 visits of one dataset record (float [4], NaN for a missing visit).
 
-  The VOI is the T0 tumour mask's box at every visit: a visit's own mask would leak the response
-  (it is empty after pCR), while the T0 box grown by 10 mm also holds a shrinking, slightly
-  misregistered tumour, as a radiologist's VOI would.
+  A visit with its own VOI (an Analysis Mask) has I-SPY's FTV: its tumour voxels, the mask's. Any
+  other visit's FTV comes from its images, inside the VOI of the latest earlier visit that had
+  one, else inside the T0 tumour's box grown by 10 mm: a visit's own tumour mask would leak the
+  response (it is empty after pCR), while the T0 box grown by 10 mm also holds a shrinking,
+  slightly misregistered tumour, as a radiologist's VOI would.
   """
   images = np.asarray(record['images'])
   visit_mask = np.asarray(record['visit_mask'], bool)
+  masks = np.asarray(record['tumor_mask'])
   spacing = np.asarray(record['spacing_mm'], np.float64)
-  roi = roi_from_mask(np.asarray(record['tumor_mask'])[0], spacing)
+  roi = roi_from_mask(masks[0] == schema.TUMOUR, spacing)
   voxel_mm3 = float(np.prod(spacing))
   ftv = np.full(len(visit_mask), np.nan)
   for v in np.flatnonzero(visit_mask):
-    ftv[v] = ftv_mask(*images[v], roi=roi).sum() * voxel_mm3
+    own = voi(masks[v])
+    if own is None:
+      ftv[v] = ftv_mask(*images[v], roi=roi).sum() * voxel_mm3
+    else:
+      roi = own
+      ftv[v] = (masks[v] == schema.TUMOUR).sum() * voxel_mm3
   return ftv
 
 
@@ -94,28 +108,8 @@ def ftv_features(ftv: np.ndarray) -> np.ndarray:
   """[N, 4] FTV (mm^3, NaN = missing) -> [N, 2]: log FTV0 and the relative change (FTV1 - FTV0) / FTV0.
 
   FTV0 is floored at ``FTV0_FLOOR_MM3``. A missing visit gives NaN (the change is NaN when T1 is
-  missing); :class:`FTVModel` imputes it with the median of its training patients.
+  missing); the reference model (pcrjax.references) imputes it with its training patients' median.
   """
   ftv = np.asarray(ftv, np.float64)
   ftv0 = np.maximum(ftv[:, 0], FTV0_FLOOR_MM3)  # NaN stays NaN
   return np.stack([np.log(ftv0), (ftv[:, 1] - ftv0) / ftv0], axis=1)
-
-
-class FTVModel:
-  """Logistic regression of pCR on :func:`ftv_features` (median imputation, standardisation).
-
-  Deterministic (lbfgs, no random state); the imputation medians, scaling and weights are learned on
-  the training patients only.
-  """
-
-  def __init__(self):
-    self.pipeline = make_pipeline(SimpleImputer(strategy='median'), StandardScaler(),
-                                  LogisticRegression())
-
-  def fit(self, ftv_train: np.ndarray, y_train: np.ndarray) -> FTVModel:
-    self.pipeline.fit(ftv_features(ftv_train), np.asarray(y_train, int))
-    return self
-
-  def predict_proba(self, ftv: np.ndarray) -> np.ndarray:
-    """p(pCR) per patient, float [N]."""
-    return self.pipeline.predict_proba(ftv_features(ftv))[:, 1]

@@ -18,6 +18,10 @@ from absl import logging
 
 from pcrjax import runs
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
+from tfds_ispy2.ispy2 import schema
+
+NUM_CLINICAL = schema.RECEPTORS.shape[1]
+
 
 def load_source(data: ml_collections.ConfigDict, *, with_images: bool = True):
   """The `train` split of `data.dataset` as a random-access source, built on first use.
@@ -48,6 +52,11 @@ class Cohort:
 
   def __len__(self) -> int:
     return len(self.patient_id)
+
+  @property
+  def receptors(self) -> np.ndarray:
+    """[N, NUM_CLINICAL] float32 (HR, HER2) status, 1 = positive: the networks' clinical inputs."""
+    return schema.RECEPTORS[self.subtype]
 
   def prediction_rows(self, rows: np.ndarray, probs: np.ndarray, fold: int) -> list[dict]:
     """The predictions of source rows `rows`, in the run contract's schema."""
@@ -95,7 +104,10 @@ def to_channels(images: np.ndarray) -> np.ndarray:
 
 
 def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-  voxels = np.argwhere(mask)
+  """The centroid of the tumour (FTV) voxels; after a complete response, of the radiologist's VOI."""
+  voxels = np.argwhere(mask == schema.TUMOUR)
+  if not len(voxels):
+    voxels = np.argwhere(mask == schema.VOI)
   return voxels.mean(axis=0) if len(voxels) else fallback
 
 
@@ -171,7 +183,8 @@ class _Represent(grain.transforms.Map):
 
   def map(self, row: int) -> dict:
     element = represent(self._source[int(row)], **self._kwargs)
-    element.update(label=np.int32(self._cohort.pcr[row]), row=np.int32(row), valid=np.bool_(True))
+    element.update(label=np.int32(self._cohort.pcr[row]), clinical=self._cohort.receptors[row],
+                   row=np.int32(row), valid=np.bool_(True))
     return element
 
 

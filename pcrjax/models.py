@@ -15,10 +15,20 @@ import jax
 import jax.numpy as jnp
 
 
+NORMALIZATIONS = ('none', 'group')
+
+
 class VisitEncoder(nn.Module):
-  """A small conv net applied to each visit independently (weights shared across visits)."""
+  """A small conv net applied to each visit independently (weights shared across visits).
+
+  `normalization='group'` renormalises every visit image on its own (GroupNorm's statistics are
+  per example): it erases the visit's overall enhancement level, and with it the change of
+  enhancement between visits that carries the early response. 'none' keeps the input's scale (one
+  per patient, set by the input pipeline) all the way to the ConvLSTM.
+  """
 
   features: Sequence[int]
+  normalization: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -26,8 +36,10 @@ class VisitEncoder(nn.Module):
     spatial_dims = x.ndim - 2
     for i, features in enumerate(self.features):
       strides = (1 if i == 0 else 2,) * spatial_dims
-      x = nn.Conv(features, (3,) * spatial_dims, strides=strides, use_bias=False)(x)
-      x = nn.GroupNorm(num_groups=min(8, features))(x)
+      x = nn.Conv(features, (3,) * spatial_dims, strides=strides,
+                  use_bias=self.normalization == 'none')(x)
+      if self.normalization == 'group':
+        x = nn.GroupNorm(num_groups=min(8, features))(x)
       x = nn.relu(x)
     return x
 
@@ -80,7 +92,10 @@ class PCRNet(nn.Module):
   """Predicts pCR (a logit) from a patient's visits; optionally also a teacher's latent vector.
 
   The latent is the ConvLSTM's hidden state after the last visit, average-pooled over space;
-  for the teacher that is its "T2 latent", the student's regression target.
+  for the teacher that is its "T2 latent", the student's regression target. With
+  `clinical_inputs`, the pCR head also reads the patient's clinical vector (HR, HER2) beside the
+  image latent (late fusion); the latent, and so the student's regression target, stays the
+  image's.
   """
 
   encoder_features: Sequence[int] = (16, 32, 32)
@@ -88,20 +103,26 @@ class PCRNet(nn.Module):
   kernel_size: int = 3
   dropout_rate: float = 0.3
   feature_dim: int = 0  # > 0: add the feature-regression head (the student).
+  clinical_inputs: bool = False
+  normalization: str = 'none'
 
   @nn.compact
-  def __call__(self, images: jax.Array, visit_mask: jax.Array, *, train: bool) -> dict[str, Any]:
-    """images: [B, T, *spatial, C]; visit_mask: [B, T] bool."""
+  def __call__(self, images: jax.Array, visit_mask: jax.Array, clinical: jax.Array, *,
+               train: bool) -> dict[str, Any]:
+    """images: [B, T, *spatial, C]; visit_mask: [B, T] bool; clinical: [B, K] (read only with
+    `clinical_inputs`)."""
     batch, visits = images.shape[:2]
-    encoded = VisitEncoder(self.encoder_features, name='encoder')(
+    encoded = VisitEncoder(self.encoder_features, self.normalization, name='encoder')(
         images.reshape((batch * visits,) + images.shape[2:]))
     encoded = encoded.reshape((batch, visits) + encoded.shape[1:])
     spatial_dims = encoded.ndim - 3
     hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, name='convlstm')(
         encoded, visit_mask)
     latent = hidden[:, -1].mean(axis=tuple(range(1, 1 + spatial_dims)))
-    dropped = nn.Dropout(self.dropout_rate, deterministic=not train)(latent)
-    outputs = {'logit': nn.Dense(1, name='pcr_head')(dropped)[:, 0], 'latent': latent}
+    head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(latent)
+    if self.clinical_inputs:
+      head_input = jnp.concatenate([head_input, clinical.astype(head_input.dtype)], axis=-1)
+    outputs = {'logit': nn.Dense(1, name='pcr_head')(head_input)[:, 0], 'latent': latent}
     if self.feature_dim:
       x = nn.relu(nn.Dense(self.lstm_features, name='feature_hidden')(latent))
       outputs['feature_pred'] = nn.Dense(self.feature_dim, name='feature_head')(x)

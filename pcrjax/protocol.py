@@ -3,7 +3,7 @@ every repeat, pooled out of fold into the report.
 
 Each fold's teacher is trained on that fold's training patients only, and that fold's student
 learns from it; a teacher that had seen the test patients would leak their labels. The reference
-models (the clinical FTV model) are fitted on the same training patients. Each repeat draws new
+models (pcrjax.references) are fitted on the same training patients. Each repeat draws new
 folds and a new initialisation (seeds + repeat). Finished stages are skipped, so an interrupted
 protocol resumes where it stopped. The evidence is built by pcrjax.evidence.report from the
 predictions files alone.
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pcrjax import folds, ftv, input_pipeline, runs, train
+from pcrjax import folds, ftv, input_pipeline, references, runs, train
 from pcrjax.evidence import report, tables
 from tfds_ispy2.ispy2 import schema
 
@@ -60,29 +60,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
         logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
                      config.data.num_folds, spec.name)
         train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
-    fit_ftv_models(repeat_config(config, repeat), workdir, repeat)
+    fit_reference_models(repeat_config(config, repeat), workdir, repeat)
   return report.build(workdir)
 
 
-def fit_ftv_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:
-  """The clinical reference: FTV at T0 and its change at T1, a logistic model per training fold."""
+def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:
+  """Every reference model of the run contract, a logistic model per training fold."""
   source = input_pipeline.load_source(config.data)
   cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
-  volumes = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE))
+  ftv_mm3 = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE))
+  inputs = references.features(cohort, ftv_mm3,
+                               references.phantom_truth(config.data, cohort.patient_id))
   stratum = folds.strata(cohort.pcr, cohort.subtype)
-  for fold in range(config.data.num_folds):
-    directory = runs.stage_dir(workdir, repeat, fold, 'ftv')
-    if runs.is_finished(directory):
+  for spec in runs.MODELS:
+    if spec.kind != runs.REFERENCE or (spec.synthetic_only and spec.name not in inputs):
       continue
-    split = folds.split_fold(cohort.patient_id, stratum, num_folds=config.data.num_folds, fold=fold,
-                             seed=config.data.fold_seed, val_fraction=config.data.val_fraction)
-    train_rows = np.concatenate([split.train, split.val])  # No epochs to select: fit on both.
-    model = ftv.FTVModel().fit(volumes[train_rows], cohort.pcr[train_rows])
-    os.makedirs(directory, exist_ok=True)
-    for split_name in runs.SPLITS:
-      rows = getattr(split, split_name)
-      runs.write_predictions(runs.predictions_path(directory, split_name),
-                             cohort.prediction_rows(rows, model.predict_proba(volumes[rows]), fold))
+    for fold in range(config.data.num_folds):
+      directory = runs.stage_dir(workdir, repeat, fold, spec.name)
+      if runs.is_finished(directory):
+        continue
+      split = folds.split_fold(cohort.patient_id, stratum, num_folds=config.data.num_folds,
+                               fold=fold, seed=config.data.fold_seed,
+                               val_fraction=config.data.val_fraction)
+      fit_rows = np.concatenate([split.train, split.val])  # No epochs to select: fit on both.
+      model = references.logistic_model().fit(inputs[spec.name][fit_rows], cohort.pcr[fit_rows])
+      os.makedirs(directory, exist_ok=True)
+      for split_name in runs.SPLITS:
+        rows = getattr(split, split_name)
+        probs = model.predict_proba(inputs[spec.name][rows])[:, 1]
+        runs.write_predictions(runs.predictions_path(directory, split_name),
+                               cohort.prediction_rows(rows, probs, fold))
 
 
 def ftv_table(source, cohort: input_pipeline.Cohort, path: str) -> np.ndarray:

@@ -39,25 +39,36 @@ class Model:
 
   name: str  # Directory name and key.
   label: str  # The name every table and figure shows.
-  time_points: tuple[int, ...]  # Visit indices it sees (0 = T0).
+  time_points: tuple[int, ...]  # Visit indices it sees (0 = T0); () = clinical data only.
   kind: str  # NETWORK or REFERENCE.
   compared: bool  # An early predictor: enters the pairwise DeLong tests.
   colour: str
   teacher: str = ''  # The network whose frozen latent it regresses: trained first, on the same fold.
+  synthetic_only: bool = False  # Reads the phantom's truth: exists for synthetic cohorts only.
+  note: str = ''  # Why a row that is not compared is in the table.
 
   @property
   def visits(self) -> str:
-    return '+'.join(schema.VISITS[t] for t in self.time_points)
+    return '+'.join(schema.VISITS[t] for t in self.time_points) or 'clinical'
 
 
-# Table order. The paper's comparison is student vs baseline (PRIMARY); the teacher sees T2 and is
-# the reference the student learns from, not an early predictor.
+# Table order. The paper's comparison is student vs baseline (PRIMARY). References are fitted
+# logistic models: what the clinic knows before treatment (subtype), the I-SPY imaging biomarker
+# (FTV), and both; rows that are not compared are reference points, not methods.
 MODELS = (
     Model('baseline', 'Baseline (single-stage)', (0, 1), NETWORK, True, '#1f77b4'),
     Model('student', 'Student (two-stage dual-task)', (0, 1), NETWORK, True, '#d62728',
           teacher='teacher'),
-    Model('ftv', 'FTV (I-SPY clinical model)', (0, 1), REFERENCE, True, '#2ca02c'),
-    Model('teacher', 'Teacher (sees T2)', (0, 1, 2), NETWORK, False, '#9467bd'),
+    Model('subtype', 'Subtype only (HR, HER2)', (), REFERENCE, True, '#8c564b'),
+    Model('ftv', 'FTV (log FTV0, change at T1)', (0, 1), REFERENCE, True, '#2ca02c'),
+    Model('ftv_subtype', 'FTV + subtype (I-SPY clinical model)', (0, 1), REFERENCE, True,
+          '#17becf'),
+    Model('oracle', 'Oracle (phantom truth): the ceiling', (0, 1), REFERENCE, False, '#7f7f7f',
+          synthetic_only=True,
+          note='reads the phantom\'s true tumour volume and Ktrans at T0 and T1 (with subtype): the'
+               ' ceiling of what T0 + T1 hold in this cohort, not a method'),
+    Model('teacher', 'Teacher (sees T2)', (0, 1, 2), NETWORK, False, '#9467bd',
+          note='sees T2 (12 weeks): the reference the student learns from, not an early predictor'),
 )
 PRIMARY = ('baseline', 'student')  # (reference, method) of the bottom line.
 

@@ -50,14 +50,16 @@ class Teacher:
 def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> models.PCRNet:
   m = config.model
   return models.PCRNet(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
-                       kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim)
+                       kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
+                       clinical_inputs=m.clinical_inputs, normalization=m.normalization)
 
 
 def init_params(model: models.PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
   """input_shape: [T, *spatial, C] of one patient."""
   images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   visit_mask = jnp.ones((1, input_shape[0]), bool)
-  return model.init({'params': rng}, images, visit_mask, train=False)['params']
+  clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
+  return model.init({'params': rng}, images, visit_mask, clinical, train=False)['params']
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -106,13 +108,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
 
   def loss_fn(params):
     outputs = state.apply_fn({'params': params}, images[:, student], visit_mask[:, student],
-                             train=True, rngs={'dropout': rng})
+                             batch['clinical'], train=True, rngs={'dropout': rng})
     bce = weighted_bce(outputs['logit'], batch['label'], pos_weight).mean()
     feature_loss = jnp.zeros(())
     if teacher is not None:
       visits = list(teacher.time_points)
       target = teacher.model.apply({'params': teacher.params}, images[:, visits], visit_mask[:, visits],
-                                   train=False)['latent']
+                                   batch['clinical'], train=False)['latent']
       target = jax.lax.stop_gradient(target)
       has_t2 = visit_mask[:, t2_visit].astype(jnp.float32)
       per_patient = jnp.mean((outputs['feature_pred'] - target) ** 2, axis=-1)
@@ -129,7 +131,7 @@ def eval_step(apply_fn, params, batch: dict[str, jax.Array], *, visits: tuple[in
   """pCR probabilities of a batch."""
   visits = list(visits)
   outputs = apply_fn({'params': params}, batch['images'][:, visits], batch['visit_mask'][:, visits],
-                     train=False)
+                     batch['clinical'], train=False)
   return jax.nn.sigmoid(outputs['logit'])
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pcrjax import input_pipeline, sharding
+from tfds_ispy2.ispy2 import schema
 
 
 @pytest.fixture(scope='module')
@@ -112,3 +113,14 @@ def test_labels_only_source_gives_the_same_cohort(source_and_cohort):
   for field in ('patient_id', 'pcr', 'subtype', 'arm', 'visit_mask'):
     np.testing.assert_array_equal(getattr(fast, field), getattr(cohort, field))
   assert fast.subtype_names == cohort.subtype_names
+
+
+def test_crop_centre_is_the_tumour_then_the_voi_after_a_complete_response():
+  mask = np.zeros((4, 10, 10), np.uint8)
+  mask[1:3, 1:9, 1:9] = schema.VOI
+  mask[1:3, 2:4, 2:4] = schema.TUMOUR
+  fallback = np.array([0., 0., 0.])
+  np.testing.assert_allclose(input_pipeline.tumour_centre(mask, fallback), [1.5, 2.5, 2.5])
+  mask[mask == schema.TUMOUR] = schema.VOI  # No FTV left: the VOI's centre.
+  np.testing.assert_allclose(input_pipeline.tumour_centre(mask, fallback), [1.5, 4.5, 4.5])
+  np.testing.assert_allclose(input_pipeline.tumour_centre(np.zeros_like(mask), fallback), fallback)

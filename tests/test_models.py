@@ -63,13 +63,29 @@ def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits():
 def test_model_family_shapes(spatial):
   images = jnp.ones((2, 3) + spatial + (3,))
   visit_mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+  clinical = jnp.zeros((2, 2))
   baseline = models.PCRNet(encoder_features=(4, 8), lstm_features=6)
-  params = baseline.init(jax.random.key(0), images, visit_mask, train=False)['params']
-  out = baseline.apply({'params': params}, images, visit_mask, train=False)
+  params = baseline.init(jax.random.key(0), images, visit_mask, clinical, train=False)['params']
+  out = baseline.apply({'params': params}, images, visit_mask, clinical, train=False)
   assert out['logit'].shape == (2,) and out['latent'].shape == (2, 6) and 'feature_pred' not in out
   student = models.PCRNet(encoder_features=(4, 8), lstm_features=6, feature_dim=10)
-  params = student.init(jax.random.key(0), images[:, :2], visit_mask[:, :2], train=False)['params']
-  out = student.apply({'params': params}, images[:, :2], visit_mask[:, :2], train=False)
+  params = student.init(jax.random.key(0), images[:, :2], visit_mask[:, :2], clinical,
+                        train=False)['params']
+  out = student.apply({'params': params}, images[:, :2], visit_mask[:, :2], clinical, train=False)
   assert out['feature_pred'].shape == (2, 10)
   # The encoder is shared across visits: one set of weights, whatever the number of visits.
   assert 'encoder' in params and set(params['convlstm']) == {'scan'}
+
+
+def test_clinical_inputs_reach_the_pcr_head_only_when_asked():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 8, 8, 3)), jnp.float32)
+  visit_mask = jnp.ones((2, 2), bool)
+  hr_positive, her2_positive = jnp.array([[1., 0.], [1., 0.]]), jnp.array([[0., 1.], [0., 1.]])
+  for clinical_inputs in (False, True):
+    model = models.PCRNet(encoder_features=(4,), lstm_features=4, clinical_inputs=clinical_inputs)
+    params = model.init(jax.random.key(1), images, visit_mask, hr_positive, train=False)['params']
+    a, b = (model.apply({'params': params}, images, visit_mask, c, train=False)
+            for c in (hr_positive, her2_positive))
+    np.testing.assert_array_equal(a['latent'], b['latent'])  # The image latent never reads them.
+    assert params['pcr_head']['kernel'].shape == (4 + 2 * clinical_inputs, 1)
+    assert np.array_equal(a['logit'], b['logit']) != clinical_inputs

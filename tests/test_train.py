@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import html
+import itertools
 import json
 import os
 import pathlib
@@ -109,11 +110,13 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
   workdir = tmp_path / 'table'
   table = protocol.run(config, str(workdir))
   assert [(row.name, row.time_points) for row in table] == [
-      ('baseline', 'T0+T1'), ('student', 'T0+T1'), ('ftv', 'T0+T1'), ('teacher', 'T0+T1+T2')]
+      ('baseline', 'T0+T1'), ('student', 'T0+T1'), ('subtype', 'clinical'), ('ftv', 'T0+T1'),
+      ('ftv_subtype', 'T0+T1'), ('oracle', 'T0+T1'), ('teacher', 'T0+T1+T2')]
   for row in table:
     assert row.num_patients == 48 and len(row.auroc_repeats) == 2  # Every patient, once per repeat.
     assert row.ci_low <= row.auroc <= row.ci_high and 0 <= row.brier <= 1
-  assert table[0].p_vs_baseline is None and table[3].p_vs_baseline is None
+  assert table[0].p_vs_baseline is None and table[-1].p_vs_baseline is None
+  assert table[-2].p_vs_baseline is None  # The oracle is a ceiling, not a method.
   assert 0 <= table[1].p_vs_baseline <= 1
   # Each repeat draws its own folds; each fold's teacher saw that fold's training patients only.
   for repeat in range(2):
@@ -126,11 +129,11 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
 
   with open(workdir / 'pairwise.csv') as f:
     pairs = list(csv.DictReader(f))
-  assert {(p['a'], p['b']) for p in pairs} == {('baseline', 'student'), ('baseline', 'ftv'),
-                                               ('student', 'ftv')}
+  compared = [row.name for row in table if runs.model(row.name).compared]
+  assert [(p['a'], p['b']) for p in pairs] == list(itertools.combinations(compared, 2))
   assert all(float(p['p_holm']) >= float(p['p']) for p in pairs)
   with open(workdir / 'operating_points.csv') as f:
-    assert len(list(csv.DictReader(f))) == 8
+    assert len(list(csv.DictReader(f))) == 2 * len(table)
   with open(workdir / 'subgroups.csv') as f:
     groups = list(csv.DictReader(f))
   assert {g['kind'] for g in groups} == {'subtype', 'arm'}

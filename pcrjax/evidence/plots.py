@@ -33,7 +33,7 @@ def roc_curves(path: str, predictions: dict, table: list, *, seed: int, num_repl
       bands.append(np.interp(fpr_grid, fpr, tpr))
     low, high = np.percentile(bands, [2.5, 97.5], axis=0)
     fpr, tpr, _ = sk_metrics.roc_curve(labels, probs)
-    ax.fill_between(fpr_grid, low, high, color=spec.colour, alpha=0.08, linewidth=0)
+    ax.fill_between(fpr_grid, low, high, color=spec.colour, alpha=0.06, linewidth=0)
     ax.plot(fpr, tpr, color=spec.colour, linewidth=1.8,
             label=f'{spec.label}, {row.time_points}: {row.auroc:.3f} ({row.ci_low:.3f}–{row.ci_high:.3f})')
   ax.plot([0, 1], [0, 1], **CHANCE)
@@ -105,8 +105,7 @@ def forest(path: str, subgroup_rows: list[dict], table: list):
       if row is None:
         continue
       spec = runs.model(name)
-      if row['auroc'] is None:
-        ax.text(0.02, y, 'too few', va='center', ha='left', fontsize=7, color='grey')
+      if row['auroc'] is None:  # Said at the right, not drawn near the chance line.
         text = 'too few'
       else:
         ax.errorbar(row['auroc'], y, xerr=[[row['auroc'] - row['ci_low']],

@@ -93,7 +93,9 @@ def _num(value, digits: int = 3) -> str:
 
 
 def _ci(low, high, digits: int = 3) -> str:
-  return f'{_num(low, digits)}–{_num(high, digits)}'
+  """'0.61–0.71'; with a negative bound '-0.28 to 0.26', which a dash would garble."""
+  separator = ' to ' if min(low, high) < 0 else '–'
+  return f'{_num(low, digits)}{separator}{_num(high, digits)}'
 
 
 def _p(value) -> str:
@@ -155,7 +157,7 @@ def main_table(config, table: list[tables.Row]) -> str:
   rows = []
   for r in table:
     if r.degenerate:
-      intercept = slope = f'not shown ({r.degenerate})'
+      intercept, slope = f'not shown: {r.degenerate}', '—'
     else:
       intercept = f'{_num(r.calibration_intercept, 2)} ({_ci(*r.calibration_intercept_ci, 2)})'
       slope = f'{_num(r.calibration_slope, 2)} ({_ci(*r.calibration_slope_ci, 2)})'
@@ -173,10 +175,8 @@ def main_table(config, table: list[tables.Row]) -> str:
       ' convention) are of each patient\'s out-of-fold prediction averaged over the repeats; the'
       ' repeats column shows the spread of the pooled AUROC between repeats. Calibration intercept'
       ' (ideal 0) and slope (ideal 1) with stratified-bootstrap CIs.']
-  untested = [_label(r.name) for r in table if not runs.model(r.name).compared]
-  if untested:
-    notes.append(f'Not tested against the others: {", ".join(untested)} (sees later visits: a'
-                 ' reference, not an early predictor).')
+  notes += [f'{_label(r.name)}: {runs.model(r.name).note}; not tested against the others.'
+            for r in table if not runs.model(r.name).compared]
   return text + '\n\n' + ' '.join(notes)
 
 
@@ -195,7 +195,7 @@ def operating_points(operating: list[dict]) -> str:
 def pairwise(pairs: list[dict]) -> str:
   text = _md_table(['A', 'B', 'AUROC A', 'AUROC B', 'B − A (95 % CI)', 'z', 'p', 'p (Holm)'], [
       [_label(p['a']), _label(p['b']), _num(p['auroc_a']), _num(p['auroc_b']),
-       f"{p['difference']:+.3f} ({p['difference_ci_low']:+.3f} to {p['difference_ci_high']:+.3f})",
+       f"{p['difference']:+.3f} ({_ci(p['difference_ci_low'], p['difference_ci_high'])})",
        f"{p['z']:.2f}", _p(p['p']), _p(p['p_holm'])] for p in pairs])
   return text + (f'\n\nPaired two-sided DeLong tests on the same patients between every pair of early'
                  f' (T0+T1) models ({len(pairs)} tests); Holm\'s step-down adjustment controls the'
@@ -203,12 +203,20 @@ def pairwise(pairs: list[dict]) -> str:
 
 
 def subgroups(groups: list[dict]) -> str:
-  text = _md_table(['Model', 'Group', 'Patients', 'pCR', 'AUROC (95 % CI)'], [
-      [_label(g['model']), g['group'], str(g['patients']), str(g['pcr']),
-       'too few' if g['auroc'] is None else f"{g['auroc']:.3f} ({_ci(g['ci_low'], g['ci_high'])})"]
-      for g in groups])
-  return text + (f'\n\n"too few": fewer than {tables.MIN_PER_CLASS} pCR or non-pCR patients in the'
-                 ' subgroup, where an AUROC would be noise.')
+  """One row per subgroup, one column per model (the patients are the same for every model)."""
+  models = list(dict.fromkeys(g['model'] for g in groups))
+  by_group = {}
+  for g in groups:
+    by_group.setdefault((g['kind'], g['group']), {})[g['model']] = g
+  rows = []
+  for (kind, group), cells in by_group.items():
+    first = next(iter(cells.values()))
+    rows.append([kind, group, str(first['patients']), str(first['pcr'])] + [
+        'too few' if c['auroc'] is None else f"{c['auroc']:.3f} ({_ci(c['ci_low'], c['ci_high'])})"
+        for c in (cells[m] for m in models)])
+  text = _md_table(['By', 'Group', 'Patients', 'pCR'] + [_label(m) for m in models], rows)
+  return text + (f'\n\nAUROC (95 % CI) per subgroup. "too few": fewer than {tables.MIN_PER_CLASS}'
+                 ' pCR or non-pCR patients in the subgroup, where an AUROC would be noise.')
 
 
 def _figure(name: str) -> str:

@@ -48,14 +48,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Synthetic phantom configs and the TCIA reader.'}
   BUILDER_CONFIGS = [
-      Ispy2Config(
-          name='synthetic',
+      *(Ispy2Config(
+          name='synthetic' if seed == 0 else f'synthetic_seed{seed}',
           description=(
-              'Embedded phantom: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a 48x128x128 mm'
-              ' unilateral field of view), four visits, three DCE phases.'
+              f'Embedded phantom, seed {seed}: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a'
+              ' 48x128x128 mm unilateral field of view), four visits, three DCE phases.'
+              + ('' if seed == 0 else ' Another cohort drawn from the same phantom: checks that'
+                 ' a result is not one cohort\'s luck.')
           ),
-          phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0)),
-      ),
+          phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
+                                      seed=seed),
+      ) for seed in (0, 1)),
       Ispy2Config(
           name='synthetic_smoke',
           description='The phantom on a coarse 8x32x32 grid of 6x4x4 mm, 48 patients: smoke runs and tests.',
@@ -77,18 +80,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 For the `tcia` config only (the synthetic configs need nothing).
 1. From The Cancer Imaging Archive, collection "I-SPY 2 Breast Dynamic Contrast Enhanced MRI Trial
    (ISPY2)", https://doi.org/10.7937/TCIA.D8Z0-9T85, download with the NBIA Data Retriever, for the
-   patients you want and visits T0-T3, at least the series
+   patients you want and visits T0-T3, the series
      "ISPY2: VOLSER: uni-lateral cropped: original DCE"  (or "... bi-lateral: original DCE")
-     "ISPY2: VOLSER: uni-lateral cropped: Analysis Mask" (DICOM SEG; optional, PE >= 70 % otherwise)
-   in the downloader's "Descriptive Directory Name" layout:
+     "ISPY2: VOLSER: uni-lateral cropped: Analysis Mask" (or "... bi-lateral: Analysis Mask")
+   ("ACRIN-6698: VOLSER: ..." for ACRIN-6698 patients) in the downloader's "Descriptive Directory
+   Name" layout:
      <manual_dir>/ISPY2/<PatientID>/<study folder>/<series folder>/*.dcm
+   The Analysis Mask (SEG SOP class, 8-bit exclusion flags) holds the radiologist's VOI and I-SPY's
+   functional tumour volume (FTV): the crop centres on the FTV (on the VOI after a complete
+   response) and the FTV reference uses its volume. A visit without one falls back to the largest
+   PE >= 70 % region, inside the VOI of an earlier visit's mask when there is one, else over the
+   whole field of view (where an enhancing node or vessel can be larger than the tumour); the
+   record then holds no VOI and build_report.json says "pe70_in_voi" or "pe70" for that visit.
 2. From the same collection page, download the clinical spreadsheet
    ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx (columns Patient_ID, Arm, HR, HER2, pCR, ...) and, where
    TCIA ids differ from I-SPY2 research ids (ACRIN-6698 patients),
    Full-Collection-Ancillary-Patient-Information-file.xlsx, and put both anywhere under <manual_dir>.
 3. Build: the default <manual_dir> is <data_dir>/downloads/manual (override with --manual_dir).
 Patients without a pCR label, and patients or visits that cannot be read, are skipped and listed
-with their reason in build_report.json beside the dataset.
+with their reason in build_report.json beside the dataset, which also says per visit which mask was
+used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
 """
 
   def __init__(self, *, skips_are_fatal: bool = False, **kwargs):
@@ -175,6 +186,8 @@ class _BuildReport:
         'patients_skipped': len(self.skipped),
         'skips_by_reason': dict(collections.Counter(s['reason'] for s in self.skipped)),
         'issues_by_reason': dict(collections.Counter(i['reason'] for i in self.issues)),
+        'visits_by_mask_source': {**dict.fromkeys(tcia.MASK_SOURCES, 0), **collections.Counter(
+            source for w in self.written for source in w['mask_source'] if source)},
         'skipped': self.skipped,
         'issues': self.issues,
         'written': self.written,

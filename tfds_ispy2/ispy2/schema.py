@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 VISITS = ('T0', 'T1', 'T2', 'T3')
 PHASES = ('pre', 'early', 'late')
 SUBTYPES = ('HR+/HER2-', 'HR+/HER2+', 'HR-/HER2+', 'HR-/HER2-')  # index = ClassLabel id
+# (HR, HER2) status of each subtype, 1 = positive: the clinical inputs every patient has at T0.
+RECEPTORS = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], np.float32)
 PCR_NAMES = ('non_pcr', 'pcr')  # index = ClassLabel id
+# Codes of `tumor_mask`: a tumour (FTV) voxel, and a voxel of the radiologist's VOI outside the FTV
+# (only at visits whose own Analysis Mask gave a VOI); 0 elsewhere.
+TUMOUR, VOI = 1, 2
 NUM_VISITS = len(VISITS)
 NUM_PHASES = len(PHASES)
 
@@ -38,7 +43,9 @@ def features(shape: tuple[int, int, int]) -> tfds.features.FeaturesDict:
       'visit_mask': tfds.features.Tensor(
           shape=(NUM_VISITS,), dtype=np.bool_, doc='Visit acquired.'),
       'tumor_mask': tfds.features.Tensor(
-          shape=(NUM_VISITS, d, h, w), dtype=np.uint8, encoding='zlib', doc='Tumour per visit.'),
+          shape=(NUM_VISITS, d, h, w), dtype=np.uint8, encoding='zlib',
+          doc="Tumour per visit: 1 tumour (FTV); 2 the radiologist's VOI outside it, only where"
+              " the visit's own Analysis Mask gave one (tcia); 0 elsewhere."),
       'pcr': tfds.features.ClassLabel(names=PCR_NAMES),
       'subtype': tfds.features.ClassLabel(names=SUBTYPES),
       'arm': tfds.features.Text(doc='Treatment arm.'),
