@@ -37,13 +37,17 @@ def conv(dims: int, cin: int, cout: int, k: int, stride: int = 1, bias: bool = T
 
 
 class VisitEncoder(nn.Sequential):
-  """Conv 3x3 (no bias) -> GroupNorm(min(8, F)) -> ReLU per layer; stride 1, then 2."""
+  """Conv 3x3 -> ReLU per layer ('group': conv without bias -> GroupNorm(min(8, F)) -> ReLU);
+  stride 1, then 2."""
 
-  def __init__(self, dims: int, cin: int, features):
+  def __init__(self, dims: int, cin: int, features, normalization: str):
     layers = []
     for i, f in enumerate(features):
-      layers += [conv(dims, cin, f, 3, stride=1 if i == 0 else 2, bias=False),
-                 nn.GroupNorm(min(8, f), f, eps=1e-6), nn.ReLU()]  # flax's GroupNorm epsilon.
+      grouped = normalization == 'group'
+      layers.append(conv(dims, cin, f, 3, stride=1 if i == 0 else 2, bias=not grouped))
+      if grouped:
+        layers.append(nn.GroupNorm(min(8, f), f, eps=1e-6))  # flax's GroupNorm epsilon.
+      layers.append(nn.ReLU())
       cin = f
     super().__init__(*layers)
 
@@ -66,9 +70,9 @@ class PCRNet(nn.Module):
   """images [B, T, C, *spatial], visit_mask [B, T] -> pCR logit [B]; a missing visit keeps the state."""
 
   def __init__(self, dims: int, cin: int, encoder_features, lstm_features: int, kernel_size: int,
-               dropout_rate: float):
+               dropout_rate: float, normalization: str):
     super().__init__()
-    self.encoder = VisitEncoder(dims, cin, encoder_features)
+    self.encoder = VisitEncoder(dims, cin, encoder_features, normalization)
     self.cell = ConvLSTMCell(dims, encoder_features[-1], lstm_features, kernel_size)
     self.dropout = nn.Dropout(dropout_rate)
     self.pcr_head = nn.Linear(lstm_features, 1)
@@ -100,7 +104,7 @@ def time_case(case: str, batch_size: int, steps: int, warmup: int, compile_model
   visits, visit_shape = CASES[case]
   torch.manual_seed(0)
   model = PCRNet(len(visit_shape) - 1, visit_shape[-1], tuple(m.encoder_features), m.lstm_features,
-                 m.kernel_size, m.dropout_rate).to(device).train()
+                 m.kernel_size, m.dropout_rate, m.normalization).to(device).train()
   params = sum(p.numel() for p in model.parameters())
   flax_params = flax_param_count(config, (visits,) + visit_shape)
   assert params == flax_params, f'{case}: torch has {params} params, flax {flax_params}'

@@ -19,6 +19,11 @@ from pcrjax.evidence import calibration, statistics  # noqa: E402
 CHANCE = dict(color='#bbbbbb', linestyle=':', linewidth=1)
 
 
+def _line(spec: runs.Model) -> dict:
+  """Networks solid, fitted references dashed: the two kinds of row apart at a glance."""
+  return dict(color=spec.colour, linestyle='-' if spec.kind == runs.NETWORK else '--')
+
+
 def roc_curves(path: str, predictions: dict, table: list, *, seed: int, num_replicates: int = 500):
   """ROC of every model with a light 95 % stratified-bootstrap band of the sensitivity."""
   fpr_grid = np.linspace(0, 1, 101)
@@ -34,7 +39,7 @@ def roc_curves(path: str, predictions: dict, table: list, *, seed: int, num_repl
     low, high = np.percentile(bands, [2.5, 97.5], axis=0)
     fpr, tpr, _ = sk_metrics.roc_curve(labels, probs)
     ax.fill_between(fpr_grid, low, high, color=spec.colour, alpha=0.06, linewidth=0)
-    ax.plot(fpr, tpr, color=spec.colour, linewidth=1.8,
+    ax.plot(fpr, tpr, **_line(spec), linewidth=1.8,
             label=f'{spec.label}, {row.time_points}: {row.auroc:.3f} ({row.ci_low:.3f}–{row.ci_high:.3f})')
   ax.plot([0, 1], [0, 1], **CHANCE)
   ax.set(xlabel='1 − specificity', ylabel='Sensitivity', title='Out-of-fold ROC (AUROC, 95 % CI)',
@@ -55,11 +60,11 @@ def reliability(path: str, predictions: dict, *, num_bins: int = 10):
     spec = runs.model(name)
     predicted, observed, counts = calibration.reliability_curve(pred.label, pred.mean_prob,
                                                                 num_bins=num_bins)
-    ax.plot(predicted, observed, marker='o', markersize=4, color=spec.colour, label=spec.label)
+    ax.plot(predicted, observed, marker='o', markersize=4, **_line(spec), label=spec.label)
     for x, y, n in zip(predicted, observed, counts):
       ax.annotate(str(n), (x, y), textcoords='offset points', xytext=(3, 3), fontsize=6,
                   color=spec.colour)
-    hist.hist(pred.mean_prob, bins=np.linspace(0, 1, 41), histtype='step', color=spec.colour,
+    hist.hist(pred.mean_prob, bins=np.linspace(0, 1, 41), histtype='step', **_line(spec),
               linewidth=1.3)
   ax.plot([0, 1], [0, 1], **CHANCE)
   ax.set(ylabel='Observed pCR fraction', xlim=(0, 1), ylim=(0, 1),
@@ -81,8 +86,8 @@ def decision_curves(path: str, curves: list[dict]):
   for name in models:
     spec = runs.model(name)
     rows = [c for c in curves if c['model'] == name]
-    ax.plot([c['threshold'] for c in rows], [c['net_benefit_model'] for c in rows],
-            color=spec.colour, linewidth=1.6, label=spec.label)
+    ax.plot([c['threshold'] for c in rows], [c['net_benefit_model'] for c in rows], **_line(spec),
+            linewidth=1.6, label=spec.label)
   top = max(max(c['net_benefit_model'] for c in curves), max(treat_all))
   ax.set(xlabel='Threshold probability of pCR', ylabel='Net benefit', xlim=(0, 1),
          ylim=(-0.05, max(0.05, 1.15 * top)), title='Decision curves (out-of-fold)')
