@@ -6,8 +6,34 @@ import setuptools
 from setuptools.command import build_py
 
 HERE = pathlib.Path(__file__).parent
-REQUIREMENTS = [line.strip() for line in (HERE / 'requirements.txt').read_text().splitlines()
-                if line.strip() and not line.startswith('#')]
+# What pcrjax and tfds_ispy2 import, with floors: pip keeps an installed JAX (Colab's accelerator
+# build) that satisfies them. requirements.txt is the tested lock: `pip install -r requirements.txt`.
+REQUIREMENTS = [
+    'absl-py>=2.5',
+    # TFDS's ArrayRecord format and data sources; no Windows wheels (grain's marker).
+    'array_record>=0.8; sys_platform != "win32"',
+    'clu>=0.0.12',
+    'flax>=0.12',
+    'grain>=0.2',
+    'highdicom>=0.28',
+    'importlib_resources>=7.1',  # tensorflow-datasets 4.9.10 imports it without declaring it.
+    'jax>=0.10',
+    'markdown-it-py>=4.3',
+    'matplotlib>=3.11',
+    'ml_collections>=1.1',
+    'numpy>=2.4',
+    'openpyxl>=3.1',
+    'optax>=0.2',
+    'orbax-checkpoint>=0.12',
+    'pydicom>=3.0',
+    'scikit-learn>=1.9',
+    'scipy>=1.17',
+    'SimpleITK>=2.5',
+    'simple-parsing>=0.1',
+    'tensorboardX>=2.6',
+    'tensorflow-datasets>=4.9.10',  # tfds_ispy2.build runs build.Args, new in 4.9.10.
+    'tqdm>=4.70',
+]
 
 
 class BuildPyWithoutTests(build_py.build_py):
@@ -24,6 +50,12 @@ setuptools.setup(
     description=__doc__,
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    classifiers=[
+        'License :: OSI Approved :: Apache Software License',
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Medical Science Apps.',
+    ],
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['pcrjax', 'pcrjax.*', 'tfds_ispy2', 'tfds_ispy2.*']),
     # dummy_data/**/.*: the tree's .DS_Store, clutter that the reader must skip.

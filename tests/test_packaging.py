@@ -1,4 +1,4 @@
-"""The wheel ships pcrjax and the TFDS dataset folder, never the test support (setup.py)."""
+"""The wheel ships pcrjax, the TFDS dataset folder and the licence, never the test support (setup.py)."""
 
 import pathlib
 import shutil
@@ -18,10 +18,14 @@ def _ignore(directory, names):
           if (top and n in _TOP_LEVEL_SKIP) or n == '__pycache__' or n.endswith('.egg-info')]
 
 
+def copy_source(dest: pathlib.Path) -> pathlib.Path:
+  """A copy of the working tree to build from, so that a build writes nothing into the repository."""
+  shutil.copytree(ROOT, dest, ignore=_ignore)
+  return dest
+
+
 def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
-  # A copy of the working tree, so that the build writes nothing into the repository.
-  src = tmp_path / 'src'
-  shutil.copytree(ROOT, src, ignore=_ignore)
+  src = copy_source(tmp_path / 'src')
   out = tmp_path / 'wheels'
   build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
                           '--disable-pip-version-check', '-q', '-w', str(out), str(src)],
@@ -29,6 +33,11 @@ def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
   assert build.returncode == 0, build.stderr  # setuptools < 70.1 needs the `wheel` package
   (wheel,) = out.glob('*.whl')
   names = zipfile.ZipFile(wheel).namelist()
+  (metadata,) = [n for n in names if n.endswith('.dist-info/METADATA')]
+  metadata = zipfile.ZipFile(wheel).read(metadata).decode()
+  assert 'License: Apache-2.0' in metadata and 'License-File: LICENSE' in metadata
+  (licence,) = [n for n in names if '.dist-info/' in n and n.endswith('/LICENSE')]
+  assert zipfile.ZipFile(wheel).read(licence) == (ROOT / 'LICENSE').read_bytes()
 
   assert {n.split('/')[0] for n in names if '.dist-info/' not in n} == {'pcrjax', 'tfds_ispy2'}
   assert 'pcrjax/__init__.py' in names

@@ -169,9 +169,9 @@ def test_degenerate_calibration_is_flagged_not_printed(tmp_path):
 
 
 def _run_without_jax(module, *args):
-  """`python -m pcrjax.<module> ARGS` in a process where importing JAX (or TFDS) fails."""
+  """`python -m pcrjax.<module> ARGS` in a process where importing JAX fails."""
   script = ('import sys\n'
-            "for blocked in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'tensorflow_datasets'):\n"
+            "for blocked in ('jax', 'jaxlib', 'flax', 'optax', 'orbax'):\n"
             '  sys.modules[blocked] = None  # Any import of it now fails.\n'
             'from absl import app\n'
             f'from pcrjax import {module}\n'

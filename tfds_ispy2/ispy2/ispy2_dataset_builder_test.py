@@ -188,20 +188,36 @@ def test_tcia_records_feed_the_training_pipeline(tcia_build):
     assert subtraction[tuple(s // 2 for s in shape[1:-1])] > np.median(subtraction)
 
 
-def test_tfds_build_command_on_dummy_data(tmp_path):
-  """The `tfds build` command as users type it (through tfds_ispy2.build: no TensorFlow needed)."""
+@pytest.mark.parametrize('dataset', ['ispy2/tcia', 'FOLDER'])
+def test_tfds_build_command_on_dummy_data(tmp_path, dataset):
+  """The `tfds build` command as users type it (through tfds_ispy2.build: no TensorFlow needed).
+
+  From any working directory, with the dataset given by name or by its folder and `--config`.
+  """
   import subprocess
   import sys
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  dummy = pathlib.Path(__file__).parent / 'dummy_data'
-  subprocess.run([sys.executable, '-m', 'tfds_ispy2.build', 'tfds_ispy2/ispy2', '--config=tcia',
-                  f'--manual_dir={dummy}', f'--data_dir={tmp_path}', '--file_format=array_record'],
-                 cwd=repo, check=True, capture_output=True, timeout=600)
+  folder = pathlib.Path(__file__).parent
+  args = ['ispy2/tcia'] if dataset == 'ispy2/tcia' else [str(folder), '--config=tcia']
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  subprocess.run([sys.executable, '-m', 'tfds_ispy2.build', *args, f'--manual_dir={folder / "dummy_data"}',
+                  f'--data_dir={tmp_path}', '--file_format=array_record'],
+                 cwd=cwd, check=True, capture_output=True, timeout=600)
   builder = tfds.builder('ispy2/tcia', data_dir=str(tmp_path))
   report = json.loads((pathlib.Path(builder.data_dir) / 'build_report.json').read_text())
   written = {pid for pid, case in _dummy_truth().items() if case.expected_skip is None}
   assert set(_records(builder)) == written
   assert report['patients_written'] == len(written) and report['patients_skipped'] >= 1
+
+
+def test_importing_the_package_registers_the_builder(tmp_path):
+  """`import tfds_ispy2`, as `import tensorflow_datasets`, is all that `tfds.builder('ispy2')` needs."""
+  import subprocess
+  import sys
+  code = 'import tensorflow_datasets as tfds, tfds_ispy2; print(tfds.builder_cls("ispy2").__module__)'
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, check=True,
+                       capture_output=True, text=True, timeout=300)
+  assert out.stdout.strip() == 'tfds_ispy2.ispy2.ispy2_dataset_builder'
 
 
 def _dummy_truth():

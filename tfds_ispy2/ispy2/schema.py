@@ -1,8 +1,8 @@
 """The contract of the `ispy2` dataset: visits, phases, labels and the feature spec, spelled once.
 
 The builder, the phantom, the TCIA reader and the training code must agree on these; they live
-here so that none of them imports another for them. Cheap to import: TensorFlow Datasets is only
-loaded by :func:`features`, and JAX never.
+here so that none of them imports another for them. Imports no JAX (nor TensorFlow): the evidence
+of a run, which names visits through it, can be rebuilt without them.
 """
 
 from __future__ import annotations
