@@ -57,11 +57,15 @@ setuptools.setup(
         'Topic :: Scientific/Engineering :: Medical Science Apps.',
     ],
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['pcrjax', 'pcrjax.*', 'tfds_ispy2', 'tfds_ispy2.*']),
+    # experiments/ ships as pcrjax.experiments, so that `--config=NAME` works after any install.
+    packages=setuptools.find_packages(include=['pcrjax', 'pcrjax.*', 'tfds_ispy2', 'tfds_ispy2.*'])
+    + ['pcrjax.experiments'],
+    package_dir={'pcrjax.experiments': 'experiments'},
     # dummy_data/**/.*: the tree's .DS_Store, clutter that the reader must skip.
     package_data={'tfds_ispy2.ispy2': ['README.md', 'CITATIONS.bib', 'checksums.tsv',
                                        'dummy_data/**/*', 'dummy_data/**/.*']},
     install_requires=REQUIREMENTS,
-    extras_require={'test': ['pytest==9.2.0', 'wheel==0.45.1']},
+    extras_require={'test': ['pytest==9.2.0', 'wheel==0.45.1', 'jupytext==1.19.6', 'nbclient==0.11.0',
+                             'nbformat==5.11.1', 'ipykernel==7.4.0']},
     cmdclass={'build_py': BuildPyWithoutTests},
 )

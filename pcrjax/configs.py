@@ -1,10 +1,16 @@
 """Defaults shared by the experiment configs, and the checks every config passes before a run.
 
 The experiment files in experiments/ start from `base_config` and set what makes them what they are
-(stage, time points, lambda), so that a reader sees in one place how the stages differ.
+(stage, time points, lambda), so that a reader sees in one place how the stages differ. An install
+ships them as `pcrjax.experiments`, so that `--config=NAME` needs no clone (`experiment_file`).
 """
 
 from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import pathlib
 
 import jax
 import ml_collections
@@ -117,3 +123,41 @@ def config_value(config: ml_collections.ConfigDict, dotted: str):
   for key in dotted.split('.'):
     config = config[key]
   return config
+
+
+def experiment_file(spec: str) -> str:
+  """`--config`'s value as a file: PATH[:ARG] if PATH exists, else the shipped experiment NAME.
+
+  NAME is PATH's stem, so `experiments/paper_table.py:smoke` also works outside a clone.
+  """
+  path, colon, arg = spec.partition(':')
+  if os.path.exists(path):
+    return spec
+  shipped = importlib.resources.files('pcrjax.experiments')
+  candidate = shipped / f'{pathlib.PurePath(path).stem}.py'
+  if not candidate.is_file():
+    names = sorted(f.name[:-3] for f in shipped.iterdir()
+                   if f.name.endswith('.py') and not f.name.startswith('_'))
+    raise ValueError(
+        f'--config={spec}: no such file, nor an experiment of that name ({", ".join(names)})')
+  return f'{candidate}{colon}{arg}'
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config that `--config=spec` gives, in a notebook or script: `load('paper_table:smoke')`."""
+  path, _, arg = experiment_file(spec).partition(':')
+  module_spec = importlib.util.spec_from_file_location(f'{pathlib.Path(path).stem}_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*([arg] if arg else []))
+
+
+def fields(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, object]:
+  """Every leaf field by its dotted name (`model.clinical_inputs`), as `--config.<name>=` has it."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(fields(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

@@ -1,10 +1,15 @@
 """Entry point: `python -m pcrjax.main --config=experiments/<x>.py[:smoke] --workdir=DIR`.
 
 A config with `stage = 'protocol'` runs the paper's whole comparison (pcrjax.protocol); any other
-stage trains one model on one fold (pcrjax.train).
+stage trains one model on one fold (pcrjax.train). `--config` also takes an experiment's name
+(`--config=paper_table:smoke`), which needs no clone. `--helpconfig` lists the config's fields with
+their values; `--config.<field>=<value>` overrides one.
 """
 
+import difflib
 import logging as std_logging
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,8 +18,48 @@ from pcrjax import configs, protocol, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
-config_flags.DEFINE_config_file('config', None, 'An experiments/*.py config file.', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+config_flags.DEFINE_config_file(
+    'config', None, 'An experiment: a file (experiments/<x>.py) or the name of one shipped with'
+    ' pcrjax (<x>), then optionally :smoke.', lock_config=True)
+flags.DEFINE_bool('helpconfig', False, 'List every field of --config with its value, and exit.')
+flags.mark_flag_as_required('config')
+flags.register_multi_flags_validator(['workdir', 'helpconfig'],
+                                     lambda f: f['workdir'] is not None or f['helpconfig'],
+                                     message='--workdir must be given')
+
+_CONFIG = re.compile(r'^--?config=(.*)$')
+_OVERRIDE = re.compile(r'^--?(?:no)?config\.([\w.]+)')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, once `--config` names a file and every override names a field of it.
+
+  Without the check an unknown field ends in a long chained traceback from ml_collections.
+  """
+  try:
+    argv = [f'--config={configs.experiment_file(m[1])}' if (m := _CONFIG.match(a)) else a
+            for a in argv]
+    _check_overrides(argv)
+  except ValueError as e:
+    sys.exit(f'FATAL Flags parsing error: {e}')
+  return app.parse_flags_with_usage(argv)
+
+
+def _check_overrides(argv: list[str]) -> None:
+  """Raises ValueError naming the first `--config.<field>` that is not a field of the config."""
+  specs = [m[1] for a in argv if (m := _CONFIG.match(a))]
+  overrides = [m[1] for a in argv if (m := _OVERRIDE.match(a))]
+  if not (specs and overrides):
+    return
+  names = set()
+  for name in configs.fields(configs.load(specs[-1])):
+    parts = name.split('.')
+    names.update('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
+  for field in overrides:
+    if field not in names:
+      close = difflib.get_close_matches(field, sorted(names), n=3, cutoff=0.6)
+      hint = f'did you mean {", ".join(close)}?' if close else 'none is close'
+      raise ValueError(f'--config.{field}: no such config field; {hint} (--helpconfig lists them)')
 
 
 def _quiet_library_info(record) -> bool:
@@ -26,8 +71,12 @@ def _quiet_library_info(record) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_library_info)
   config = FLAGS.config
+  if FLAGS.helpconfig:
+    for name, value in configs.fields(config).items():
+      print(f'{name}={value!r}')
+    return
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   try:
     configs.validate(config)
   except ValueError as e:
@@ -40,4 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 
 from pcrjax import folds, ftv, input_pipeline, references, runs, train
@@ -46,21 +47,34 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fol
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
-  """Trains and fits whatever is not finished yet, then builds the report; returns the main table."""
+  """Trains and fits whatever is not finished yet, then builds the report; returns the main table.
+
+  A progress bar with an ETA counts the trainings, the reference fits of a repeat as one.
+  """
   workdir = os.path.abspath(workdir)
   runs.write_config(workdir, config)
   runs.record_code_version(workdir)
-  for repeat in range(config.num_repeats):
-    for fold in range(config.data.num_folds):
-      for spec in runs.networks_in_training_order():
-        directory = runs.stage_dir(workdir, repeat, fold, spec.name)
-        if runs.is_finished(directory):
-          logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold, spec.name)
-          continue
-        logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
-                     config.data.num_folds, spec.name)
-        train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
-    fit_reference_models(repeat_config(config, repeat), workdir, repeat)
+  networks = runs.networks_in_training_order()
+  total = config.num_repeats * (config.data.num_folds * len(networks) + 1)
+  with tqdm.tqdm(total=total, unit='training') as bar:
+    for repeat in range(config.num_repeats):
+      for fold in range(config.data.num_folds):
+        for spec in networks:
+          bar.set_description(
+              f'training {bar.n + 1}/{total}: repeat {repeat} fold {fold} {spec.name}')
+          directory = runs.stage_dir(workdir, repeat, fold, spec.name)
+          if runs.is_finished(directory):
+            logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold,
+                         spec.name)
+          else:
+            logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats,
+                         fold, config.data.num_folds, spec.name)
+            train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir),
+                                     directory)
+          bar.update()
+      bar.set_description(f'training {bar.n + 1}/{total}: repeat {repeat} reference models')
+      fit_reference_models(repeat_config(config, repeat), workdir, repeat)
+      bar.update()
   return report.build(workdir)
 
 

@@ -1,0 +1,75 @@
+"""The command line: config files or shipped experiment names, one-line errors, --helpconfig."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_COPY_SKIP = {'.git', '.venv', '.pytest_cache', 'build', 'dist', 'workdirs', 'data', 'fake_data'}
+
+
+def _main(*args, cwd=REPO, env=None):
+  return subprocess.run([sys.executable, '-m', 'pcrjax.main', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.no_such_field=1', 'no_such_field'),
+    ('--config.data.representation=cube', 'config.data.representation'),
+    ('--config.data.fold=7', 'config.data.fold'),
+])
+def test_cli_names_the_bad_field(tmp_path, override, message):
+  result = _main('--config=experiments/baseline.py:smoke', f'--workdir={tmp_path}', override)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / 'config.json')
+
+
+def test_unknown_field_is_one_line_with_the_nearest_names(tmp_path):
+  result = _main('--config=experiments/baseline.py:smoke', f'--workdir={tmp_path}',
+                 '--config.data.foldd=1')
+  assert result.returncode != 0
+  assert result.stderr.splitlines() == [
+      'FATAL Flags parsing error: --config.data.foldd: no such config field; did you mean'
+      ' data.fold, data.fold_seed, data.num_folds? (--helpconfig lists them)']
+
+
+def test_helpconfig_lists_every_field_with_its_value():
+  result = _main('--config=experiments/paper_table.py:smoke', '--helpconfig',
+                 '--config.num_repeats=3')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert 'model.clinical_inputs=False' in lines and "data.dataset='ispy2/synthetic_smoke'" in lines
+  assert 'num_repeats=3' in lines and "stage='protocol'" in lines
+
+
+def test_a_wheel_install_runs_the_shipped_experiments_by_name_or_path(tmp_path):
+  def ignore(directory, names):
+    top = pathlib.Path(directory) == REPO
+    return [n for n in names
+            if (top and n in _COPY_SKIP) or n == '__pycache__' or n.endswith('.egg-info')]
+
+  src, wheels, site, elsewhere = (tmp_path / n for n in ('src', 'wheels', 'site', 'elsewhere'))
+  shutil.copytree(REPO, src, ignore=ignore)
+  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+  subprocess.run([*pip, 'wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), str(src)],
+                 check=True, capture_output=True)
+  (wheel,) = wheels.glob('*.whl')
+  subprocess.run([*pip, 'install', '--no-deps', '--target', str(site), str(wheel)], check=True,
+                 capture_output=True)
+  elsewhere.mkdir()
+  # The installed copy first: the repository's own pcrjax is neither in cwd nor ahead on the path.
+  env = {**os.environ, 'PYTHONPATH': str(site)}
+  for spec in ('stage1:smoke', 'experiments/stage1.py:smoke'):
+    result = _main(f'--config={spec}', '--helpconfig', cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "stage='teacher'" in result.stdout.splitlines() and 'num_epochs=2' in result.stdout
+  result = _main('--config=stage9', '--helpconfig', cwd=elsewhere, env=env)
+  assert result.returncode != 0
+  assert result.stderr.splitlines() == [
+      'FATAL Flags parsing error: --config=stage9: no such file, nor an experiment of that name'
+      ' (baseline, paper_table, stage1, stage2)']
