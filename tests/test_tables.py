@@ -5,6 +5,7 @@ import csv
 import pathlib
 import subprocess
 import sys
+import zlib
 
 import ml_collections
 import numpy as np
@@ -24,7 +25,7 @@ def _write_model(root, name, *, num_repeats=2, num_folds=2, n=80, seed=0, signal
   subtypes = np.array(['HR+/HER2-', 'HR-/HER2-', 'HR-/HER2+'])[rng.integers(0, 3, n)]
   subtypes[:4] = 'HR+/HER2+'  # A subgroup too small for an AUROC.
   arms = np.array(['A', 'B'])[rng.integers(0, 2, n)]
-  noise = np.random.default_rng(hash(name) % 2**32)
+  noise = np.random.default_rng(zlib.crc32(name.encode()))  # Per model, the same in every process.
   for repeat in range(num_repeats):
     fold_of = rng.permutation(n) % num_folds
     logits = signal * (labels - 0.35) + noise.normal(0, 1, n)
