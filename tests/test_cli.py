@@ -2,14 +2,14 @@
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests import test_packaging
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_COPY_SKIP = {'.git', '.venv', '.pytest_cache', 'build', 'dist', 'workdirs', 'data', 'fake_data'}
 
 
 def _main(*args, cwd=REPO, env=None):
@@ -48,19 +48,10 @@ def test_helpconfig_lists_every_field_with_its_value():
 
 
 def test_a_wheel_install_runs_the_shipped_experiments_by_name_or_path(tmp_path):
-  def ignore(directory, names):
-    top = pathlib.Path(directory) == REPO
-    return [n for n in names
-            if (top and n in _COPY_SKIP) or n == '__pycache__' or n.endswith('.egg-info')]
-
-  src, wheels, site, elsewhere = (tmp_path / n for n in ('src', 'wheels', 'site', 'elsewhere'))
-  shutil.copytree(REPO, src, ignore=ignore)
-  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
-  subprocess.run([*pip, 'wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), str(src)],
-                 check=True, capture_output=True)
-  (wheel,) = wheels.glob('*.whl')
-  subprocess.run([*pip, 'install', '--no-deps', '--target', str(site), str(wheel)], check=True,
-                 capture_output=True)
+  wheel = test_packaging.build_wheel(tmp_path)
+  site, elsewhere = tmp_path / 'site', tmp_path / 'elsewhere'
+  subprocess.run([sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q', 'install',
+                  '--no-deps', '--target', str(site), str(wheel)], check=True, capture_output=True)
   elsewhere.mkdir()
   # The installed copy first: the repository's own pcrjax is neither in cwd nor ahead on the path.
   env = {**os.environ, 'PYTHONPATH': str(site)}

@@ -24,7 +24,8 @@ def copy_source(dest: pathlib.Path) -> pathlib.Path:
   return dest
 
 
-def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
+def build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
+  """The wheel of a copy of the working tree, built in `tmp_path`."""
   src = copy_source(tmp_path / 'src')
   out = tmp_path / 'wheels'
   build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
@@ -32,6 +33,11 @@ def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
                          capture_output=True, text=True)
   assert build.returncode == 0, build.stderr  # setuptools < 70.1 needs the `wheel` package
   (wheel,) = out.glob('*.whl')
+  return wheel
+
+
+def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
+  wheel = build_wheel(tmp_path)
   names = zipfile.ZipFile(wheel).namelist()
   (metadata,) = [n for n in names if n.endswith('.dist-info/METADATA')]
   metadata = zipfile.ZipFile(wheel).read(metadata).decode()
