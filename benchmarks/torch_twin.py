@@ -1,34 +1,24 @@
-"""The pcrjax model and training step re-written in PyTorch, timed on the same cases as step_time.py.
+"""The PyTorch half: pcrjax's model and training step re-written in PyTorch, timed on one case.
 
-Why: a reference point for the JAX step's cost (is a slow case the model, or XLA on this backend?).
-Layer for layer it is pcrjax.models.PCRNet, with flax's conventions, and the script asserts that both
-have the same number of parameters. Needs `pip install torch`. Eager float32 by default; --compile
-wraps the model in torch.compile.
-
-  python benchmarks/torch_twin.py --cases mip,mip_teacher,volume --steps 20 --json_out torch.json
-
-Same flags and output line as step_time.py. compile_s is the wall time of the first step (eager:
-warm-up of kernels and allocator; with --compile: the compilation). Peak memory: on CUDA the
-allocator's peak for this case alone, on CPU the process's max RSS (it only grows across cases).
+Why: the reference point users have (is a slow case the model, or XLA on this backend?). Layer for
+layer it is pcrjax.models.PCRNet with flax's conventions, and `time_case` asserts that both have the
+same number of parameters. Eager float32 (bfloat16: autocast), or torch.compile. Needs the
+`benchmarks` extra (`pip install -e .[benchmarks]`).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
-from common import CASES, DEFAULT_BATCH, POS_WEIGHT, format_line, max_rss_bytes, parse_args, report
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-os.environ['JAX_PLATFORMS'] = 'cpu'  # JAX here only counts flax params: keep it off the GPU.
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from pcrjax import configs, train  # noqa: E402
+from benchmarks import common
+from pcrjax import configs, train
 
 
 def conv(dims: int, cin: int, cout: int, k: int, stride: int = 1, bias: bool = True) -> nn.Module:
@@ -52,74 +42,97 @@ class VisitEncoder(nn.Sequential):
     super().__init__(*layers)
 
 
-class ConvLSTMCell(nn.Module):
-  """flax.linen.ConvLSTMCell: gates = ih(x) + hh(h), split i, g, f, o; forget bias +1."""
+class ConvLSTM(nn.Module):
+  """pcrjax's ConvLSTM: gates = ih(x) + hh(h), split i, g, f, o; forget bias +1; ih over every visit
+  at once, the bias-free hh from the second visit on; a missing visit keeps the state."""
 
   def __init__(self, dims: int, cin: int, features: int, k: int):
     super().__init__()
     self.ih = conv(dims, cin, 4 * features, k)
-    self.hh = conv(dims, features, 4 * features, k)
+    self.hh = conv(dims, features, 4 * features, k, bias=False)
+    self.features = features
 
-  def forward(self, x, c, h):
-    i, g, f, o = torch.chunk(self.ih(x) + self.hh(h), 4, dim=1)
-    c = torch.sigmoid(f + 1) * c + torch.sigmoid(i) * torch.tanh(g)
-    return c, torch.sigmoid(o) * torch.tanh(c)
+  def forward(self, x, visit_mask):
+    b, t = x.shape[:2]
+    input_gates = self.ih(x.flatten(0, 1)).unflatten(0, (b, t))
+    c = h = x.new_zeros((b, self.features) + x.shape[3:])
+    for v in range(t):  # Unrolled over the few visits, as in pcrjax.
+      gates = input_gates[:, v] + self.hh(h) if v else input_gates[:, v]
+      i, g, f, o = torch.chunk(gates, 4, dim=1)
+      new_c = torch.sigmoid(f + 1) * c + torch.sigmoid(i) * torch.tanh(g)
+      new_h = torch.sigmoid(o) * torch.tanh(new_c)
+      keep = visit_mask[:, v].view((b,) + (1,) * (h.ndim - 1))
+      c, h = torch.where(keep, new_c, c), torch.where(keep, new_h, h)
+    return h
 
 
 class PCRNet(nn.Module):
-  """images [B, T, C, *spatial], visit_mask [B, T] -> pCR logit [B]; a missing visit keeps the state."""
+  """images [B, T, C, *spatial], visit_mask [B, T] -> (pCR logit [B], latent, feature prediction)."""
 
   def __init__(self, dims: int, cin: int, encoder_features, lstm_features: int, kernel_size: int,
-               dropout_rate: float, normalization: str):
+               dropout_rate: float, normalization: str, feature_dim: int = 0):
     super().__init__()
     self.encoder = VisitEncoder(dims, cin, encoder_features, normalization)
-    self.cell = ConvLSTMCell(dims, encoder_features[-1], lstm_features, kernel_size)
+    self.convlstm = ConvLSTM(dims, encoder_features[-1], lstm_features, kernel_size)
     self.dropout = nn.Dropout(dropout_rate)
     self.pcr_head = nn.Linear(lstm_features, 1)
-    self.lstm_features = lstm_features
+    self.feature_head = nn.Sequential(
+        nn.Linear(lstm_features, lstm_features), nn.ReLU(),
+        nn.Linear(lstm_features, feature_dim)) if feature_dim else None
 
   def forward(self, images, visit_mask):
     b, t = images.shape[:2]
     encoded = self.encoder(images.flatten(0, 1))
     encoded = encoded.unflatten(0, (b, t))
-    c = h = encoded.new_zeros((b, self.lstm_features) + encoded.shape[3:])
-    for v in range(t):  # Unrolled over the few visits, as in pcrjax.
-      new_c, new_h = self.cell(encoded[:, v], c, h)
-      keep = visit_mask[:, v].view((b,) + (1,) * (h.ndim - 1))
-      c, h = torch.where(keep, new_c, c), torch.where(keep, new_h, h)
+    h = self.convlstm(encoded, visit_mask)
     latent = h.mean(dim=tuple(range(2, h.ndim)))
-    return self.pcr_head(self.dropout(latent))[:, 0]
+    features = self.feature_head(latent) if self.feature_head is not None else None
+    return self.pcr_head(self.dropout(latent))[:, 0], latent, features
 
 
-def flax_param_count(config, input_shape) -> int:
-  model = train.create_model(config)
+def flax_param_count(config, input_shape, feature_dim: int) -> int:
+  model = train.create_model(config, feature_dim=feature_dim)
   shapes = jax.eval_shape(lambda rng: train.init_params(model, rng, input_shape), jax.random.key(0))
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
 
 
-def time_case(case: str, batch_size: int, steps: int, warmup: int, compile_model: bool,
-              device: torch.device) -> dict:
+def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str = 'float32',
+              compile_model: bool = False) -> dict:
   config = configs.base_config()
   m = config.model
-  visits, visit_shape = CASES[case]
+  visits, visit_shape, with_teacher = common.CASES[case]
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.manual_seed(0)
-  model = PCRNet(len(visit_shape) - 1, visit_shape[-1], tuple(m.encoder_features), m.lstm_features,
-                 m.kernel_size, m.dropout_rate, m.normalization).to(device).train()
+
+  def network(feature_dim=0):
+    return PCRNet(len(visit_shape) - 1, visit_shape[-1], tuple(m.encoder_features), m.lstm_features,
+                  m.kernel_size, m.dropout_rate, m.normalization, feature_dim).to(device)
+
+  feature_dim = m.lstm_features if with_teacher else 0
+  model = network(feature_dim).train()
+  teacher = network().eval() if with_teacher else None
   params = sum(p.numel() for p in model.parameters())
-  flax_params = flax_param_count(config, (visits,) + visit_shape)
+  flax_params = flax_param_count(config, (visits,) + visit_shape, feature_dim)
   assert params == flax_params, f'{case}: torch has {params} params, flax {flax_params}'
   # optax.adamw's defaults (b1 0.9, b2 0.999, eps 1e-8, decoupled decay), after global-norm clipping.
   opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
   forward = torch.compile(model) if compile_model else model
-  channels_first = (batch_size, visits, visit_shape[-1]) + visit_shape[:-1]
-  images = torch.randn(channels_first, device=device)
-  visit_mask = torch.ones((batch_size, visits), dtype=torch.bool, device=device)
+  loaded = 3 if with_teacher else visits
+  images = torch.randn((batch_size, loaded, visit_shape[-1]) + visit_shape[:-1], device=device)
+  visit_mask = torch.ones((batch_size, loaded), dtype=torch.bool, device=device)
   labels = (torch.arange(batch_size, device=device) % 2).float()
-  pos_weight = torch.tensor(POS_WEIGHT, device=device)
+  pos_weight = torch.tensor(common.POS_WEIGHT, device=device)
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = F.binary_cross_entropy_with_logits(forward(images, visit_mask), labels, pos_weight=pos_weight)
+    with autocast:
+      logits, _, features = forward(images[:, :visits], visit_mask[:, :visits])
+      loss = F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=pos_weight)
+      if teacher is not None:
+        with torch.no_grad():
+          target = teacher(images, visit_mask)[1]
+        loss = loss + F.mse_loss(features.float(), target.float())
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
     opt.step()
@@ -128,8 +141,6 @@ def time_case(case: str, batch_size: int, steps: int, warmup: int, compile_model
     if device.type == 'cuda':
       torch.cuda.synchronize()
 
-  if device.type == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
   start = time.perf_counter()
   step()
   sync()
@@ -144,27 +155,9 @@ def time_case(case: str, batch_size: int, steps: int, warmup: int, compile_model
     sync()
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  if device.type == 'cuda':
-    peak, peak_kind, name = torch.cuda.max_memory_allocated(), 'device', torch.cuda.get_device_name()
-  else:
-    peak, peak_kind, name = max_rss_bytes(), 'rss', 'cpu'
-  return {'framework': 'torch' + ('+c' if compile_model else ''), 'device': f'{device.type}:{name}',
-          'case': case, 'batch': batch_size, 'compile_s': compile_s, 'ms_per_step': 1e3 * median,
-          'examples_per_s': batch_size / median, 'peak_bytes': peak, 'peak_kind': peak_kind,
-          'params': params, 'steps': steps, 'times_ms': [1e3 * t for t in times]}
-
-
-def main() -> None:
-  args = parse_args(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
-      '--compile', action='store_true', help='torch.compile the model (off: eager)'))
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  results = []
-  for case in args.cases:
-    results.append(time_case(case, args.batch_size or DEFAULT_BATCH, args.steps, args.warmup,
-                             args.compile, device))
-    print(format_line(results[-1]), flush=True)
-  report(results, args.json_out)
-
-
-if __name__ == '__main__':
-  main()
+  name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+  return {'framework': f'torch {torch.__version__}' + (' compile' if compile_model else ' eager'),
+          'case': case, 'batch': batch_size, 'dtype': dtype, 'devices': f'{device.type}:{name}',
+          'threads': torch.get_num_threads(), 'compile_s': compile_s, 'ms_per_step': 1e3 * median,
+          'examples_per_s': batch_size / median, 'times_ms': [1e3 * t for t in times],
+          'params': params}

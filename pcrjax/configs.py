@@ -55,6 +55,8 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.dropout_rate = 0.0  # On the latent, before the pCR head (measured: 0.3 hurts, README).
   model.clinical_inputs = False  # Feed HR and HER2 status to the pCR head beside the image latent.
   model.normalization = 'none'  # In the visit encoder: 'none' or 'group' (GroupNorm; README).
+  model.conv = 'auto'  # 'native', 'patches' (matrix products: fast on XLA:CPU), 'auto' (README).
+  model.dtype = 'float32'  # Compute dtype: 'bfloat16' for GPU/TPU (XLA:CPU runs it slowly).
 
   config.batch_size = 8 if smoke else 16
   config.eval_batch_size = 16 if smoke else 32
@@ -64,6 +66,11 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
   config.class_weighting = 'balanced'  # Positive-class weight n_neg / n_pos in the BCE.
+
+  # A checkpoint when validation AUROC improves (the best is kept for selection), every
+  # `checkpoint_every_epochs` (to resume from) and at the end: each one costs ~30 ms and CPU time.
+  config.checkpoint_every_epochs = 10
+  config.profile_steps = 0  # > 0: a JAX profiler trace of that many steps in <workdir>/profile.
 
   config.teacher_workdir = ''  # Stage 2 (student) only: the workdir of this fold's teacher.
   config.feature_loss_weight = 1.0  # lambda of the student's T2-feature regression.
@@ -92,9 +99,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(len(config.model.encoder_features) >= 1 and all(f > 0 for f in config.model.encoder_features),
         'model.encoder_features', 'must be positive channel counts')
   check(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)')
+  check(config.model.conv in models.CONVS, 'model.conv', f'must be one of {models.CONVS}')
+  check(config.model.dtype in models.DTYPES, 'model.dtype', f'must be one of {models.DTYPES}')
   check(config.model.normalization in models.NORMALIZATIONS, 'model.normalization',
         f'must be one of {models.NORMALIZATIONS}')
   check(config.num_epochs >= 1, 'num_epochs', 'must be >= 1')
+  check(config.profile_steps >= 0, 'profile_steps', 'must be >= 0')
+  check(config.checkpoint_every_epochs >= 1, 'checkpoint_every_epochs', 'must be >= 1')
   check(0 <= config.warmup_epochs < config.num_epochs, 'warmup_epochs', 'must be in [0, num_epochs)')
   check(config.learning_rate > 0, 'learning_rate', 'must be > 0')
   check(config.class_weighting in CLASS_WEIGHTINGS, 'class_weighting',

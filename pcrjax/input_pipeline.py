@@ -1,16 +1,20 @@
-"""From the TFDS `ispy2` records to sharded batches: folds, representation, normalisation, augmentation.
+"""From the TFDS `ispy2` records to batches on the device: folds, representation, normalisation, augmentation.
 
 Data flows one way: `load_source` (builds the dataset on first use) -> `read_cohort` (labels and strata
-of every patient, for the folds) -> `load_examples` (decode + represent, once per run) ->
-`train_dataset` / `eval_dataset` (grain: shuffle, augment, batch) -> batches of numpy arrays, which
-train.py places on the mesh.
+of every patient, for the folds) -> `load_examples` (decode + represent once per process, as stacked
+arrays) -> placed on the device once per run -> per step, `epoch_batches` says which rows, and
+`device_batch` (inside the jitted step) gathers and augments them there. An epoch then costs its steps:
+no host work, no transfer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import grain
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -144,83 +148,108 @@ def represent(record: dict, *, time_points, representation: str, crop_size) -> d
   return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points]}
 
 
-def augment(element: dict, rng: np.random.Generator, *, max_shift: int, intensity_jitter: float) -> dict:
-  """The same random left-right flip, in-plane shift and intensity scale for all visits of a patient.
+def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float) -> jax.Array:
+  """A random left-right flip, in-plane shift and intensity scale per patient, the same for its visits.
 
-  Left-right flips are anatomically plausible (either breast); the shift stands for positioning, the
-  scale for receiver gain. Nothing here changes the contrast between visits.
+  images: [B, T, *spatial, C], the two axes before the channels in-plane (H, W). Left-right flips are
+  anatomically plausible (either breast); the shift (zero fill) stands for positioning, the scale
+  for receiver gain. Nothing here changes the contrast between visits.
   """
-  images = element['images']
-  if rng.random() < 0.5:
-    images = images[..., ::-1, :]
-  shifts = rng.integers(-max_shift, max_shift + 1, size=2)
-  images = _shift_in_plane(images, shifts)
-  images = images * np.float32(np.exp(rng.normal(0.0, intensity_jitter)))
-  return {**element, 'images': np.ascontiguousarray(images, np.float32)}
+  batch = images.shape[0]
+  flip_key, shift_key, scale_key = jax.random.split(key, 3)
+  per_patient = (batch,) + (1,) * (images.ndim - 1)
+  flip = jax.random.bernoulli(flip_key, 0.5, (batch,)).reshape(per_patient)
+  images = jnp.where(flip, images[..., ::-1, :], images)
+  shifts = jax.random.randint(shift_key, (batch, 2), -max_shift, max_shift + 1)
+  images = jax.vmap(functools.partial(_shift_in_plane, max_shift=max_shift))(images, shifts)
+  scale = jnp.exp(intensity_jitter * jax.random.normal(scale_key, (batch,)))
+  return images * scale.reshape(per_patient).astype(images.dtype)
 
 
-def _shift_in_plane(images: np.ndarray, shifts) -> np.ndarray:
-  """Translates the H, W axes (the two before the channels) with zero fill."""
-  out = np.zeros_like(images)
-  src, dst = [slice(None)] * images.ndim, [slice(None)] * images.ndim
-  for axis, shift in zip((images.ndim - 3, images.ndim - 2), shifts):
-    n = images.shape[axis]
-    src[axis] = slice(max(0, -shift), n - max(0, shift))
-    dst[axis] = slice(max(0, shift), n - max(0, -shift))
-  out[tuple(dst)] = images[tuple(src)]
-  return out
+def _shift_in_plane(images: jax.Array, shift: jax.Array, *, max_shift: int) -> jax.Array:
+  """Translates the H, W axes (the two before the channels) by `shift`, |shift| <= max_shift, zero fill."""
+  h, w = images.ndim - 3, images.ndim - 2
+  pad = [(0, 0)] * images.ndim
+  pad[h] = pad[w] = (max_shift, max_shift)
+  start = [0] * images.ndim
+  start[h], start[w] = max_shift - shift[0], max_shift - shift[1]
+  return jax.lax.dynamic_slice(jnp.pad(images, pad), start, images.shape)
 
 
-# --- grain datasets. --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The augmentation of a run (hashable: a static argument of the jitted step)."""
+
+  max_shift: int
+  intensity_jitter: float
+
+
+def augmentation(data: ml_collections.ConfigDict) -> Augmentation | None:
+  return Augmentation(int(data.max_shift), float(data.intensity_jitter)) if data.augment else None
+
+
+def device_batch(examples: dict[str, jax.Array], rows: jax.Array, key: jax.Array,
+                 augmentation: Augmentation | None) -> dict[str, jax.Array]:
+  """The training batch of `rows` (indices into `examples`), gathered and augmented on the device."""
+  batch = {name: examples[name][rows] for name in ('images', 'visit_mask', 'clinical', 'label')}
+  if augmentation is not None:
+    batch['images'] = augment(batch['images'], key, max_shift=augmentation.max_shift,
+                              intensity_jitter=augmentation.intensity_jitter)
+  return batch
+
+
+def epoch_batches(num_examples: int, *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """[steps, batch_size] example indices of one epoch: shuffled, full batches; deterministic from
+  (seed, epoch)."""
+  if num_examples < batch_size:
+    raise ValueError(f'The training split has {num_examples} patients, fewer than'
+                     f' batch_size={batch_size}.')
+  order = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(num_examples)
+  steps = num_examples // batch_size
+  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+# --- Examples: decoded and represented once per process. -----------------------------------------
 
 
 class _Represent(grain.transforms.Map):
 
-  def __init__(self, source, cohort: Cohort, data: ml_collections.ConfigDict):
-    self._source, self._cohort = source, cohort
-    self._kwargs = dict(time_points=tuple(data.time_points), representation=data.representation,
-                        crop_size=tuple(data.crop_size))
+  def __init__(self, source, kwargs: dict):
+    self._source, self._kwargs = source, kwargs
 
   def map(self, row: int) -> dict:
-    element = represent(self._source[int(row)], **self._kwargs)
-    element.update(label=np.int32(self._cohort.pcr[row]), clinical=self._cohort.receptors[row],
-                   row=np.int32(row), valid=np.bool_(True))
-    return element
+    return represent(self._source[int(row)], **self._kwargs)
 
 
-def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict) -> list[dict]:
-  """Decodes and represents `rows` once per run (in `data.read_threads` threads).
+def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict
+                  ) -> dict[str, np.ndarray]:
+  """The model inputs of source rows `rows`, stacked: images, visit_mask, clinical, label, row.
 
-  The model inputs are small next to the stored volumes, and decoding dominates an epoch on a CPU:
-  epochs then only shuffle, augment and batch these arrays.
+  Every visit of every patient of the source is decoded and represented (in `data.read_threads`
+  threads) once per process and representation, then kept: the inputs are small next to the stored
+  volumes, decoding dominates an epoch on a CPU, and a protocol's trainings all read the same
+  patients.
   """
-  ds = grain.MapDataset.source(np.asarray(rows)).map(_Represent(source, cohort, data))
-  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads)))
+  represented = _represented(source, int(data.read_threads), representation=data.representation,
+                             crop_size=tuple(int(s) for s in data.crop_size))
+  rows, visits = np.asarray(rows), list(data.time_points)
+  return {'images': represented['images'][rows][:, visits],
+          'visit_mask': represented['visit_mask'][rows][:, visits],
+          'clinical': cohort.receptors[rows], 'label': cohort.pcr[rows].astype(np.int32),
+          'row': rows.astype(np.int32)}
 
 
-class _Augment(grain.transforms.RandomMap):
-
-  def __init__(self, data: ml_collections.ConfigDict):
-    self._max_shift, self._jitter = int(data.max_shift), float(data.intensity_jitter)
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    return augment(element, rng, max_shift=self._max_shift, intensity_jitter=self._jitter)
+_REPRESENTED: dict[tuple, dict[str, np.ndarray]] = {}
 
 
-def train_dataset(examples: list[dict], data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                  epoch: int) -> grain.MapDataset:
-  """One epoch of shuffled, augmented, full batches; deterministic from (seed, epoch)."""
-  if len(examples) < batch_size:
-    raise ValueError(f'The training split has {len(examples)} patients, fewer than'
-                     f' batch_size={batch_size}.')
-  epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-  ds = grain.MapDataset.source(examples).shuffle(seed=epoch_seed)
-  if data.augment:
-    ds = ds.random_map(_Augment(data), seed=epoch_seed)
-  return ds.batch(batch_size, drop_remainder=True)
-
-
-def eval_dataset(examples: list[dict], *, batch_size: int) -> grain.MapDataset:
-  """Every example once, in order; the last batch is padded with `valid=False` copies of the first."""
-  padding = [{**examples[0], 'valid': np.bool_(False)}] * (-len(examples) % batch_size)
-  return grain.MapDataset.source(examples + padding).batch(batch_size)
+def _represented(source, read_threads: int, **kwargs) -> dict[str, np.ndarray]:
+  """`represent` of every visit of every row of `source`, memoised on the built dataset (its directory
+  and split) and the representation; one is kept at a time (a 3D cohort takes a few hundred MB)."""
+  key = (source.dataset_info.data_dir, str(source.split), tuple(sorted(kwargs.items())))
+  kwargs['time_points'] = tuple(range(schema.NUM_VISITS))
+  if key not in _REPRESENTED:
+    ds = grain.MapDataset.source(np.arange(len(source))).map(_Represent(source, kwargs))
+    examples = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)))
+    _REPRESENTED.clear()
+    _REPRESENTED[key] = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+  return _REPRESENTED[key]

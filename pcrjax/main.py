@@ -8,9 +8,11 @@ their values; `--config.<field>=<value>` overrides one.
 
 import difflib
 import logging as std_logging
+import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,6 +24,9 @@ config_flags.DEFINE_config_file(
     'config', None, 'An experiment: a file (experiments/<x>.py) or the name of one shipped with'
     ' pcrjax (<x>), then optionally :smoke.', lock_config=True)
 flags.DEFINE_bool('helpconfig', False, 'List every field of --config with its value, and exit.')
+flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'pcrjax', 'xla'),
+                    "JAX's persistent compilation cache ('' = off): a later run of the same shapes"
+                    ' loads its compiled steps instead of compiling them again.')
 flags.mark_flag_as_required('config')
 flags.register_multi_flags_validator(['workdir', 'helpconfig'],
                                      lambda f: f['workdir'] is not None or f['helpconfig'],
@@ -77,6 +82,9 @@ def main(argv):
       print(f'{name}={value!r}')
     return
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  if FLAGS.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     configs.validate(config)
   except ValueError as e:

@@ -7,15 +7,58 @@ alike: the number of spatial dimensions is read from the input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 NORMALIZATIONS = ('none', 'group')
+# How every convolution is computed: 'native' (lax.conv_general_dilated), 'patches' (patches_conv),
+# or 'auto': patches on the CPU backend, native elsewhere (cuDNN and TPU convolutions are fast).
+CONVS = ('auto', 'native', 'patches')
+DTYPES = ('float32', 'bfloat16')
+
+
+def patches_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None):
+  """A convolution as one matrix product over its patches: same outputs and gradients, fast on XLA:CPU.
+
+  XLA:CPU runs the input gradient of a strided convolution (an lhs-dilated convolution) on an
+  unoptimised loop (jax-ml/jax#31662: a 3x3x3 stride-2 conv, batch 32, 16 -> 32 features, takes
+  51 ms forward but 3.4 s for its input gradient), and convolutions with few input channels (the
+  3 phases of a visit) slowly. Here the patches are gathered with strided slices, one spatial axis
+  at a time (k shifted copies concatenated on the channel axis, so each copy moves whole rows of
+  channels), and multiplied by the kernel viewed as a [prod(k) * C, F] matrix; the gradients are
+  pads, adds and matrix products. A drop-in for lax.conv_general_dilated as flax's nn.Conv calls
+  it, for channels-last layouts without dilation or feature groups.
+  """
+  spatial_dims = lhs.ndim - 2
+  if (feature_group_count != 1 or any(d != 1 for d in lhs_dilation or ())
+      or any(d != 1 for d in rhs_dilation or ())):
+    raise ValueError('patches_conv supports neither dilation nor feature groups.')
+  kernel_size = rhs.shape[:spatial_dims]
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:-1], kernel_size, window_strides, padding)
+  x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
+  # Innermost axis first: the channels end up ordered (k_0, ..., k_{d-1}, C), the kernel's row order.
+  for axis in reversed(range(spatial_dims)):
+    k, s = kernel_size[axis], window_strides[axis]
+    out = (x.shape[axis + 1] - k) // s + 1
+    x = jnp.concatenate([lax.slice_in_dim(x, i, i + (out - 1) * s + 1, s, axis=axis + 1)
+                         for i in range(k)], axis=-1)
+  return jnp.dot(x, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
+def conv_fn(conv: str):
+  """The convolution function for nn.Conv's `conv_general_dilated` (None: flax's own)."""
+  if conv == 'auto':
+    conv = 'patches' if jax.default_backend() == 'cpu' else 'native'
+  return patches_conv if conv == 'patches' else None
 
 
 class VisitEncoder(nn.Module):
@@ -29,6 +72,8 @@ class VisitEncoder(nn.Module):
 
   features: Sequence[int]
   normalization: str = 'none'
+  conv: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,56 +81,49 @@ class VisitEncoder(nn.Module):
     spatial_dims = x.ndim - 2
     for i, features in enumerate(self.features):
       strides = (1 if i == 0 else 2,) * spatial_dims
-      x = nn.Conv(features, (3,) * spatial_dims, strides=strides,
-                  use_bias=self.normalization == 'none')(x)
+      x = nn.Conv(features, (3,) * spatial_dims, strides=strides, use_bias=self.normalization == 'none',
+                  dtype=self.dtype, conv_general_dilated=conv_fn(self.conv))(x)
       if self.normalization == 'group':
-        x = nn.GroupNorm(num_groups=min(8, features))(x)
+        x = nn.GroupNorm(num_groups=min(8, features), dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
 
 
-class MaskedConvLSTMCell(nn.Module):
-  """flax's ConvLSTMCell that carries its state unchanged through a missing visit."""
-
-  features: int
-  kernel_size: Sequence[int]
-
-  @nn.compact
-  def __call__(self, carry, inputs):
-    x, present = inputs
-    updated, _ = nn.ConvLSTMCell(self.features, self.kernel_size, name='cell')(carry, x)
-    keep = present.reshape(present.shape + (1,) * (x.ndim - 1))
-    carry = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, carry)
-    return carry, carry[1]
-
-
 class ConvLSTM(nn.Module):
-  """A ConvLSTM over the visit axis, built with nn.scan.
+  """A ConvLSTM over the visit axis that carries its state unchanged through a missing visit.
 
-  The scan is unrolled over the (few) visits: a rolled loop makes the convolution gradients
-  25-100x slower on the CPU backend (jax-ml/jax#12868; measured here, 2D batch 8, 128x128x3, 16
-  features: 13.7 s per step rolled, 0.54 s unrolled).
+  The arithmetic of flax's ConvLSTMCell (gates = ih(x) + hh(h), split i, g, f, o; forget bias +1),
+  arranged for speed: the input-to-gates convolution runs once over every visit (one large matrix
+  product), the hidden-to-gates one (bias-free: ih's bias is the gates' bias) only from the second
+  visit on, the state before the first being zero. The loop over the (few) visits is a Python loop,
+  so it is unrolled: a rolled loop makes the convolution gradients 25-100x slower on the CPU backend
+  (jax-ml/jax#12868; measured here with nn.scan, 2D batch 8, 128x128x3, 16 features: 13.7 s per
+  step rolled, 0.54 s unrolled).
   """
 
   features: int
   kernel_size: Sequence[int]
+  conv: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, visit_mask: jax.Array) -> jax.Array:
     """x: [B, T, *spatial, C], visit_mask: [B, T] -> hidden states [B, T, *spatial, features]."""
-    num_visits = x.shape[1]
-    carry_shape = x.shape[:1] + x.shape[2:-1] + (self.features,)
-    carry = (jnp.zeros(carry_shape, x.dtype), jnp.zeros(carry_shape, x.dtype))
-    scan = nn.scan(
-        MaskedConvLSTMCell,
-        variable_broadcast='params',
-        split_rngs={'params': False},
-        in_axes=1,
-        out_axes=1,
-        unroll=num_visits,
-    )
-    _, hidden = scan(self.features, self.kernel_size, name='scan')(carry, (x, visit_mask))
-    return hidden
+    conv = functools.partial(nn.Conv, 4 * self.features, self.kernel_size, dtype=self.dtype,
+                             conv_general_dilated=conv_fn(self.conv))
+    input_gates = conv(name='ih')(x)  # nn.Conv folds the visit axis into the batch.
+    hidden_gates = conv(use_bias=False, name='hh')
+    c = h = jnp.zeros(x.shape[:1] + x.shape[2:-1] + (self.features,), self.dtype)
+    hidden = []
+    for visit in range(x.shape[1]):
+      gates = input_gates[:, visit] + (hidden_gates(h) if visit else 0)
+      i, g, f, o = jnp.split(gates, 4, axis=-1)
+      new_c = nn.sigmoid(f + 1) * c + nn.sigmoid(i) * jnp.tanh(g)
+      new_h = nn.sigmoid(o) * jnp.tanh(new_c)
+      keep = visit_mask[:, visit].reshape((-1,) + (1,) * (h.ndim - 1))
+      c, h = jnp.where(keep, new_c, c), jnp.where(keep, new_h, h)
+      hidden.append(h)
+    return jnp.stack(hidden, axis=1)
 
 
 class PCRNet(nn.Module):
@@ -95,7 +133,8 @@ class PCRNet(nn.Module):
   for the teacher that is its "T2 latent", the student's regression target. With
   `clinical_inputs`, the pCR head also reads the patient's clinical vector (HR, HER2) beside the
   image latent (late fusion); the latent, and so the student's regression target, stays the
-  image's.
+  image's. `dtype` is the compute dtype of the encoder and the ConvLSTM (params stay float32; the
+  heads and the loss run in float32).
   """
 
   encoder_features: Sequence[int] = (16, 32, 32)
@@ -105,6 +144,8 @@ class PCRNet(nn.Module):
   feature_dim: int = 0  # > 0: add the feature-regression head (the student).
   clinical_inputs: bool = False
   normalization: str = 'none'
+  conv: str = 'auto'
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, images: jax.Array, visit_mask: jax.Array, clinical: jax.Array, *,
@@ -112,13 +153,15 @@ class PCRNet(nn.Module):
     """images: [B, T, *spatial, C]; visit_mask: [B, T] bool; clinical: [B, K] (read only with
     `clinical_inputs`)."""
     batch, visits = images.shape[:2]
-    encoded = VisitEncoder(self.encoder_features, self.normalization, name='encoder')(
-        images.reshape((batch * visits,) + images.shape[2:]))
+    dtype = jnp.dtype(self.dtype)
+    encoded = VisitEncoder(self.encoder_features, self.normalization, self.conv, dtype,
+                           name='encoder')(images.reshape((batch * visits,) + images.shape[2:]).astype(dtype))
     encoded = encoded.reshape((batch, visits) + encoded.shape[1:])
     spatial_dims = encoded.ndim - 3
-    hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, name='convlstm')(
+    hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, self.conv, dtype,
+                      name='convlstm')(
         encoded, visit_mask)
-    latent = hidden[:, -1].mean(axis=tuple(range(1, 1 + spatial_dims)))
+    latent = hidden[:, -1].astype(jnp.float32).mean(axis=tuple(range(1, 1 + spatial_dims)))
     head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(latent)
     if self.clinical_inputs:
       head_input = jnp.concatenate([head_input, clinical.astype(head_input.dtype)], axis=-1)

@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` trains the baseline, the teacher (stage 1) or the student
 (stage 2), selects the epoch with the best validation AUROC, and writes that model's predictions for
-the validation and test patients. Re-running it on the same workdir resumes from the latest epoch.
+the validation and test patients. Re-running it on the same workdir resumes from the latest checkpoint.
 """
 
 
@@ -51,7 +51,8 @@ def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> mod
   m = config.model
   return models.PCRNet(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
                        kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
-                       clinical_inputs=m.clinical_inputs, normalization=m.normalization)
+                       clinical_inputs=m.clinical_inputs, normalization=m.normalization,
+                       conv=m.conv, dtype=m.dtype)
 
 
 def init_params(model: models.PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
@@ -94,7 +95,7 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, pos_weight: float | jax.A
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array,
-               teacher: Teacher | None, *, pos_weight: float, feature_loss_weight: float,
+               teacher: Teacher | None, pos_weight: jax.Array, *, feature_loss_weight: float,
                student_visits: tuple[int, ...], t2_visit: int | None):
   """One AdamW step on weighted BCE (+ lambda * the teacher-feature MSE for the student).
 
@@ -127,22 +128,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
   return state, TrainMetrics.single_from_model_output(loss=loss, bce=bce, feature_loss=feature_loss)
 
 
-def eval_step(apply_fn, params, batch: dict[str, jax.Array], *, visits: tuple[int, ...]) -> jax.Array:
-  """pCR probabilities of a batch."""
+def eval_step(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array, *,
+              visits: tuple[int, ...]) -> jax.Array:
+  """pCR probabilities of the examples at `rows`."""
   visits = list(visits)
-  outputs = apply_fn({'params': params}, batch['images'][:, visits], batch['visit_mask'][:, visits],
-                     batch['clinical'], train=False)
+  outputs = apply_fn({'params': params}, examples['images'][rows][:, visits],
+                     examples['visit_mask'][rows][:, visits], examples['clinical'][rows], train=False)
   return jax.nn.sigmoid(outputs['logit'])
 
 
-def predict(eval_fn, params, batches, put) -> tuple[np.ndarray, np.ndarray]:
-  """(source rows, probabilities) of every valid example in `batches`."""
-  rows, probs = [], []
-  for batch in batches:
-    p = np.asarray(eval_fn(params, put(batch)))
-    rows.append(batch['row'][batch['valid']])
-    probs.append(p[batch['valid']])
-  return np.concatenate(rows), np.concatenate(probs)
+def predict(eval_fn, params, examples: dict[str, jax.Array], rows: np.ndarray, *, batch_size: int,
+            put) -> np.ndarray:
+  """Probabilities of the examples at `rows`, in batches of `batch_size` (the last one padded, so that
+  every batch has the compiled shape); `put` places a batch of rows on the mesh."""
+  padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % batch_size)]).astype(np.int32)
+  probs = [eval_fn(params, examples, put(padded[i:i + batch_size]))
+           for i in range(0, len(padded), batch_size)]
+  return np.asarray(jnp.concatenate(probs))[:len(rows)]
 
 
 # --- Stage 2: the teacher. -----------------------------------------------------------------------
@@ -195,7 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   runs.write_config(workdir, config)
 
   mesh = sharding.make_mesh()
-  put = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh))
   replicated = sharding.replicated(mesh)
 
   source = input_pipeline.load_source(config.data)
@@ -207,9 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.data.num_folds, len(split.train), len(split.val), len(split.test))
 
   student_tps = tuple(config.data.time_points)
-  visit_shape = input_pipeline.represent(  # [*spatial, C] of one visit.
-      source[int(split.train[0])], time_points=student_tps[:1], representation=config.data.representation,
-      crop_size=tuple(config.data.crop_size))['images'].shape[1:]
+  visit_shape = input_pipeline.load_examples(  # [*spatial, C] of one visit.
+      source, cohort, split.train[:1], config.data)['images'].shape[2:]
   teacher = load_teacher(config, visit_shape) if config.stage == 'student' else None
   # The student's batches also carry the visits its teacher sees (T2), for the regression target.
   loaded_tps = tuple(sorted(set(student_tps) | set(teacher.time_points if teacher else ())))
@@ -222,8 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   student_visits = tuple(loaded_tps.index(t) for t in student_tps)
 
   steps_per_epoch = len(split.train) // config.batch_size
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, config.data.fold))
+  rng = jax.random.fold_in(jax.random.key(config.seed), config.data.fold)
+  init_rng, dropout_rng, augment_rng = jax.random.split(rng, 3)
   state = create_train_state(init_rng, config, model, (len(student_tps),) + visit_shape,
                              steps_per_epoch)
   state = jax.device_put(state, replicated)
@@ -234,42 +234,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpoints.restore_state(manager, start_epoch, state)
     state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
 
-  pos_weight = positive_weight(config, cohort.pcr[split.train])
-  step_fn = jax.jit(
-      functools.partial(train_step, pos_weight=pos_weight,
-                        feature_loss_weight=config.feature_loss_weight,
-                        student_visits=student_visits,
-                        t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None),
-      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, state.apply_fn, visits=student_visits),
-                    in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+  # Every patient goes to the device once (one shape for every fold: one compilation); a step
+  # gathers and augments its batch there, by source row.
+  examples = jax.device_put(input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), data),
+                            replicated)
+  pos_weight = jax.device_put(jnp.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
+  step_kwargs = dict(augmentation=input_pipeline.augmentation(data),
+                     feature_loss_weight=float(config.feature_loss_weight), student_visits=student_visits,
+                     t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None)
+  eval_fn = functools.partial(_eval_step, state.apply_fn, visits=student_visits)
+  put_rows = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
 
-  examples = {name: input_pipeline.load_examples(source, cohort, rows, data)
-              for name, rows in (('train', split.train), ('val', split.val), ('test', split.test))}
-
-  def eval_batches(name):
-    return input_pipeline.eval_dataset(examples[name], batch_size=config.eval_batch_size)
+  def probabilities(params, rows):
+    return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
 
   log = _MetricsLog(workdir, start_epoch)
+  profiler = _Profiler(workdir, config.profile_steps)
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.time()
     train_metrics = None
-    for batch in input_pipeline.train_dataset(examples['train'], data, batch_size=config.batch_size,
+    for batch in input_pipeline.epoch_batches(len(split.train), batch_size=config.batch_size,
                                               seed=config.seed, epoch=epoch):
-      state, step_metrics = step_fn(state, put(batch), dropout_rng, teacher)
+      profiler.before_step()
+      state, step_metrics = _train_step(state, examples, put_rows(split.train[batch]), dropout_rng,
+                                        augment_rng, teacher, pos_weight, **step_kwargs)
+      profiler.after_step(state)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    rows, probs = predict(eval_fn, state.params, eval_batches('val'), put)
-    labels = cohort.pcr[rows]
+    probs, labels = probabilities(state.params, split.val), cohort.pcr[split.val]
     summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
     summary.update(val_auroc=float(statistics.auroc(labels, probs)),
                    val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                    learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
                    epoch_seconds=time.time() - started)
-    checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
+    if (summary['val_auroc'] > log.best(checkpoints.SELECTION_METRIC)
+        or epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs):
+      checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
     log.write(epoch, int(state.step), summary)
     logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
                  ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
+  profiler.stop(state)
   manager.wait_until_finished()
   log.close()
 
@@ -278,10 +281,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
   params = checkpoints.restore_params(manager, best_epoch, state.params)
   for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
-    rows, probs = predict(eval_fn, params, eval_batches(split_name), put)
-    runs.write_predictions(runs.predictions_path(workdir, split_name),
-                           cohort.prediction_rows(rows, probs, config.data.fold))
+    rows = getattr(split, split_name)
+    runs.write_predictions(runs.predictions_path(workdir, split_name), cohort.prediction_rows(
+        rows, probabilities(params, rows), config.data.fold))
   return {'best_epoch': best_epoch, 'workdir': workdir}
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=(
+    'augmentation', 'feature_loss_weight', 'student_visits', 't2_visit'))
+def _train_step(state, examples, rows, dropout_rng, augment_rng, teacher, pos_weight, *, augmentation,
+                **kwargs):
+  """train_step on the batch of `rows`, gathered and augmented on the device.
+
+  Jitted once per process: the protocol's trainings of one network share the compiled step (and,
+  through the persistent compilation cache, later runs do too).
+  """
+  batch = input_pipeline.device_batch(examples, rows, jax.random.fold_in(augment_rng, state.step),
+                                      augmentation)
+  return train_step(state, batch, dropout_rng, teacher, pos_weight, **kwargs)
+
+
+_eval_step = jax.jit(eval_step, static_argnums=0, static_argnames='visits')
+
+
+class _Profiler:
+  """Traces `num_steps` training steps with the JAX profiler into <workdir>/profile (TensorBoard's
+  profile plugin and Perfetto read it), from the run's second step on: the first one compiles."""
+
+  def __init__(self, workdir: str, num_steps: int):
+    self._dir, self._num_steps, self._steps, self._tracing = os.path.join(workdir, 'profile'), num_steps, 0, False
+
+  def before_step(self) -> None:
+    if self._num_steps and self._steps == 1:
+      jax.profiler.start_trace(self._dir)
+      self._tracing = True
+    self._steps += 1
+
+  def after_step(self, state) -> None:
+    if self._tracing and self._steps == 1 + self._num_steps:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if self._tracing:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self._tracing = False
+      logging.info('Profiler trace of %d training steps written to %s.', self._steps - 1, self._dir)
 
 
 class _MetricsLog:
@@ -306,6 +351,11 @@ class _MetricsLog:
   def value(self, epoch: int, key: str) -> float:
     with open(self._path) as f:
       return next(line[key] for line in map(json.loads, f) if line['epoch'] == epoch)
+
+  def best(self, key: str) -> float:
+    """The largest `key` logged so far (-inf before the first epoch)."""
+    with open(self._path) as f:
+      return max((line[key] for line in map(json.loads, f)), default=-np.inf)
 
   def close(self) -> None:
     self._writer.close()

@@ -1,6 +1,7 @@
 """The read-time pipeline on a real build: representations, augmentation, determinism, sharding."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,49 +61,57 @@ def test_crop_around_pads_at_the_border():
   assert crop[0].sum() == 0 and crop[:, :2].sum() == 0 and crop[:, :, :2].sum() == 0
 
 
-def test_augmentation_treats_all_visits_alike():
-  rng = np.random.default_rng(0)
-  visit = rng.random((8, 8, 3)).astype(np.float32)
-  element = {'images': np.stack([visit, visit]), 'visit_mask': np.array([True, True])}
-  for seed in range(5):
-    out = input_pipeline.augment(element, np.random.default_rng(seed), max_shift=2, intensity_jitter=0.1)
-    np.testing.assert_array_equal(out['images'][0], out['images'][1])
-    assert not np.array_equal(out['images'][0], visit)
+def test_augmentation_treats_all_visits_alike_and_is_deterministic_per_key():
+  visit = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+  images = jnp.asarray(np.stack([np.stack([visit, visit])] * 6))  # [B=6, T=2, H, W, C]
+  out = input_pipeline.augment(images, jax.random.key(0), max_shift=2, intensity_jitter=0.1)
+  np.testing.assert_array_equal(out[:, 0], out[:, 1])
+  assert all(not np.array_equal(out[b, 0], visit) for b in range(6))
+  assert len({np.asarray(out[b, 0]).tobytes() for b in range(6)}) == 6  # Each patient its own draw.
+  np.testing.assert_array_equal(
+      out, input_pipeline.augment(images, jax.random.key(0), max_shift=2, intensity_jitter=0.1))
+  no_change = input_pipeline.augment(images, jax.random.key(0), max_shift=0, intensity_jitter=0.0)
+  assert all(np.array_equal(no_change[b, 0], visit) or np.array_equal(no_change[b, 0], visit[:, ::-1])
+             for b in range(6))  # Without shift or jitter only the flip is left.
 
 
-def test_batches_are_deterministic_per_epoch_and_cover_the_split(source_and_cohort):
+def test_shift_moves_the_image_in_plane_with_zero_fill():
+  image = jnp.arange(1, 26, dtype=jnp.float32).reshape(1, 5, 5, 1)  # [T, H, W, C]
+  shifted = input_pipeline._shift_in_plane(image, jnp.array([1, -2]), max_shift=2)
+  np.testing.assert_array_equal(shifted[0, 1:, :3], image[0, :4, 2:])
+  assert shifted[0, 0].sum() == 0 and shifted[0, :, 3:].sum() == 0
+
+
+def test_epoch_batches_are_deterministic_per_epoch_and_cover_the_split():
+  first = input_pipeline.epoch_batches(27, batch_size=8, seed=0, epoch=1)
+  assert first.shape == (3, 8) and len(set(first.ravel())) == 24 and first.max() < 27
+  np.testing.assert_array_equal(first, input_pipeline.epoch_batches(27, batch_size=8, seed=0, epoch=1))
+  assert not np.array_equal(first, input_pipeline.epoch_batches(27, batch_size=8, seed=0, epoch=2))
+  assert not np.array_equal(first, input_pipeline.epoch_batches(27, batch_size=8, seed=1, epoch=1))
+  with pytest.raises(ValueError, match='fewer than batch_size=8'):
+    input_pipeline.epoch_batches(5, batch_size=8, seed=0, epoch=1)
+
+
+def test_examples_are_stacked_per_split_and_batches_gathered_on_the_sharded_mesh(source_and_cohort):
   source, cohort, data = source_and_cohort
-  rows = np.arange(0, 24)
+  rows = np.arange(5, 16)
   examples = input_pipeline.load_examples(source, cohort, rows, data)
-  np.testing.assert_array_equal([e['row'] for e in examples], rows)
-
-  def epoch_batches(epoch, seed=0):
-    return list(input_pipeline.train_dataset(examples, data, batch_size=8, seed=seed, epoch=epoch))
-
-  first = epoch_batches(1)
-  order = np.concatenate([b['row'] for b in first])
-  assert len(first) == 3 and sorted(order) == list(rows)
-  again = epoch_batches(1)
-  np.testing.assert_array_equal(order, np.concatenate([b['row'] for b in again]))
-  np.testing.assert_array_equal(first[0]['images'], again[0]['images'])
-  assert not np.array_equal(order, np.concatenate([b['row'] for b in epoch_batches(2)]))
-  assert not np.array_equal(order, np.concatenate([b['row'] for b in epoch_batches(1, seed=1)]))
-  np.testing.assert_array_equal(first[0]['label'], cohort.pcr[first[0]['row']])
-
-
-def test_eval_batches_pad_and_are_sharded_over_the_mesh(source_and_cohort):
-  source, cohort, data = source_and_cohort
-  rows = np.arange(5, 16)  # 11 patients -> one full batch of 8 and one padded one.
-  examples = input_pipeline.load_examples(source, cohort, rows, data)
-  batches = list(input_pipeline.eval_dataset(examples, batch_size=8))
-  assert [b['valid'].sum() for b in batches] == [8, 3]
-  np.testing.assert_array_equal(np.concatenate([b['row'][b['valid']] for b in batches]), rows)
+  np.testing.assert_array_equal(examples['row'], rows)
+  np.testing.assert_array_equal(examples['label'], cohort.pcr[rows])
+  np.testing.assert_array_equal(examples['clinical'], cohort.receptors[rows])
+  want = input_pipeline.represent(source[7], time_points=data.time_points,
+                                  representation=data.representation, crop_size=data.crop_size)
+  np.testing.assert_array_equal(examples['images'][2], want['images'])
+  np.testing.assert_array_equal(examples['visit_mask'][2], want['visit_mask'])
   mesh = sharding.make_mesh()
   assert jax.device_count() == 2
-  placed = sharding.put_batch(batches[0], sharding.batch_sharding(mesh))
-  assert placed['images'].sharding == sharding.batch_sharding(mesh)
-  assert len(placed['images'].addressable_shards) == 2
-  assert placed['images'].addressable_shards[0].data.shape[0] == 4
+  on_device = jax.device_put(examples, sharding.replicated(mesh))
+  batch_rows = jax.device_put(np.array([3, 0, 7, 1], np.int32), sharding.batch_sharding(mesh))
+  batch = jax.jit(input_pipeline.device_batch, static_argnums=3)(
+      on_device, batch_rows, jax.random.key(0), None)
+  np.testing.assert_array_equal(batch['images'], examples['images'][[3, 0, 7, 1]])
+  assert batch['images'].sharding.spec[0] == 'data'  # Each device gathered its half of the batch.
+  assert batch['images'].addressable_shards[0].data.shape[0] == 2
 
 
 def test_labels_only_source_gives_the_same_cohort(source_and_cohort):

@@ -1,9 +1,11 @@
 """The ConvLSTM against a plain NumPy recurrence of the same equations, and the model family."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from scipy import signal
 
 from pcrjax import models
@@ -24,7 +26,7 @@ def _conv_same(x, kernel, bias):
 
 def _numpy_convlstm(params, x, present):
   """flax's equations: gates = conv_ih(x) + conv_hh(h), split i, g, f, o; f = sigmoid(f + 1)."""
-  ih, hh = params['cell']['ih'], params['cell']['hh']
+  ih, hh = params['ih'], params['hh']
   features = ih['kernel'].shape[-1] // 4
   batch, visits = x.shape[:2]
   hidden = np.zeros((batch, visits) + x.shape[2:4] + (features,))
@@ -34,7 +36,7 @@ def _numpy_convlstm(params, x, present):
     for t in range(visits):
       if present[b, t]:
         gates = (_conv_same(x[b, t], np.asarray(ih['kernel']), np.asarray(ih['bias']))
-                 + _conv_same(h, np.asarray(hh['kernel']), np.asarray(hh['bias'])))
+                 + _conv_same(h, np.asarray(hh['kernel']), 0.0))
         i, g, f, o = np.split(gates, 4, axis=-1)
         c = _sigmoid(f + 1) * c + _sigmoid(i) * np.tanh(g)
         h = _sigmoid(o) * np.tanh(c)
@@ -42,17 +44,18 @@ def _numpy_convlstm(params, x, present):
   return hidden
 
 
-def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits():
+@pytest.mark.parametrize('conv', ['native', 'patches'])
+def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits(conv):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 3, 6, 5, 2)).astype(np.float32)
   present = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0]], bool)
-  layer = models.ConvLSTM(features=4, kernel_size=(3, 3))
+  layer = models.ConvLSTM(features=4, kernel_size=(3, 3), conv=conv)
   variables = layer.init(jax.random.key(0), x, present)
   # Random biases too, so that the bias terms and the +1 forget offset are both exercised.
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=0.5, size=p.shape), p.dtype),
                         variables['params'])
   got = np.asarray(layer.apply({'params': params}, x, present))
-  want = _numpy_convlstm(params['scan'], x.astype(np.float64), present)
+  want = _numpy_convlstm(params, x.astype(np.float64), present)
   np.testing.assert_allclose(got, want, atol=1e-5)
   # A missing visit carries the state through unchanged.
   np.testing.assert_array_equal(got[1, 1], got[1, 0])
@@ -74,7 +77,49 @@ def test_model_family_shapes(spatial):
   out = student.apply({'params': params}, images[:, :2], visit_mask[:, :2], clinical, train=False)
   assert out['feature_pred'].shape == (2, 10)
   # The encoder is shared across visits: one set of weights, whatever the number of visits.
-  assert 'encoder' in params and set(params['convlstm']) == {'scan'}
+  assert 'encoder' in params and set(params['convlstm']) == {'ih', 'hh'}
+
+
+@pytest.mark.parametrize('shape, kernel, stride', [
+    ((2, 9, 10, 3), 3, 2),  # Odd and even sizes: 'SAME' pads a stride-2 conv unevenly.
+    ((2, 16, 16, 4), 3, 1),
+    ((2, 5, 7, 6, 3), 3, 2),  # 3D.
+    ((2, 6, 8, 8, 5), 3, 1),
+    ((2, 11, 4), 4, 3),  # 1D, a kernel longer than the stride.
+])
+def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  dims = len(shape) - 2
+
+  def loss(conv_general_dilated, params, x):
+    layer = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=conv_general_dilated)
+    return jnp.sum(jnp.sin(layer.apply(params, x)))
+
+  layer = nn.Conv(6, (kernel,) * dims, strides=stride)
+  params = layer.init(jax.random.key(0), x)
+  want = layer.apply(params, x)
+  got = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=models.patches_conv).apply(
+      params, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  want_grads = jax.grad(loss, argnums=(1, 2))(lax.conv_general_dilated, params, x)
+  got_grads = jax.grad(loss, argnums=(1, 2))(models.patches_conv, params, x)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  images = jnp.ones((2, 2, 8, 8, 3))
+  model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, dtype='bfloat16')
+  params = model.init(jax.random.key(0), images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)),
+                      train=False)['params']
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  out = model.apply({'params': params}, images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), train=False)
+  assert out['logit'].dtype == jnp.float32 and out['latent'].dtype == jnp.float32
+  reference = models.PCRNet(encoder_features=(4, 8), lstm_features=6).apply(
+      {'params': params}, images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), train=False)
+  np.testing.assert_allclose(out['logit'], reference['logit'], atol=0.05)
+  assert not np.array_equal(out['logit'], reference['logit'])  # It did compute in bfloat16.
 
 
 def test_clinical_inputs_reach_the_pcr_head_only_when_asked():

@@ -86,17 +86,17 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, monkeypa
   config = _config(baseline, data_dir, num_epochs=2)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
-  real_train_dataset = input_pipeline.train_dataset
+  real_epoch_batches = input_pipeline.epoch_batches
 
   def interrupted(*args, epoch, **kwargs):
     if epoch == 2:
       raise KeyboardInterrupt
-    return real_train_dataset(*args, epoch=epoch, **kwargs)
+    return real_epoch_batches(*args, epoch=epoch, **kwargs)
 
-  monkeypatch.setattr(input_pipeline, 'train_dataset', interrupted)
+  monkeypatch.setattr(input_pipeline, 'epoch_batches', interrupted)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(input_pipeline, 'train_dataset', real_train_dataset)
+  monkeypatch.setattr(input_pipeline, 'epoch_batches', real_epoch_batches)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
 
   for name in ('predictions_test.csv', 'predictions_val.csv'):

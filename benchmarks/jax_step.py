@@ -1,0 +1,144 @@
+"""The JAX half: pcrjax's own jitted training step, evaluation and input pipeline, timed on one case.
+
+Everything is the code a run executes: `train._train_step` (the batch gathered and augmented on the
+device, AdamW, donation), `train._eval_step`, `input_pipeline.device_batch`, on the mesh of every
+visible device (the batch split over it, parameters replicated), with `configs.base_config()`'s
+hyperparameters and random inputs. The student case adds a frozen teacher, as stage 2 does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from pcrjax import configs, input_pipeline, sharding, train
+
+
+def _median_seconds(fn, steps: int) -> tuple[float, list[float]]:
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def _examples(num: int, visits: int, visit_shape, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  return {'images': rng.normal(size=(num, visits) + tuple(visit_shape)).astype(np.float32),
+          'visit_mask': np.ones((num, visits), bool),
+          'clinical': np.zeros((num, input_pipeline.NUM_CLINICAL), np.float32),
+          'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis['flops']) if analysis and analysis.get('flops') else None
+
+
+def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str = 'float32') -> dict:
+  config = configs.base_config()
+  config.model.dtype = dtype
+  visits, visit_shape, with_teacher = common.CASES[case]
+  mesh = sharding.make_mesh()
+  replicated, batch_rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  init_rng, dropout_rng, augment_rng, teacher_rng = jax.random.split(jax.random.key(0), 4)
+  loaded_visits = 3 if with_teacher else visits
+  teacher = None
+  if with_teacher:
+    teacher_model = train.create_model(config)
+    teacher = jax.device_put(train.Teacher(
+        model=teacher_model, params=train.init_params(teacher_model, teacher_rng, (3,) + visit_shape),
+        time_points=(0, 1, 2)), replicated)
+  model = train.create_model(config, feature_dim=config.model.lstm_features if with_teacher else 0)
+  state = jax.device_put(train.create_train_state(init_rng, config, model, (visits,) + visit_shape,
+                                                  steps_per_epoch=100), replicated)
+  num_examples = 8 * batch_size
+  rng = np.random.default_rng(0)
+  host = _examples(num_examples, loaded_visits, visit_shape, rng)
+  examples = jax.device_put(host, replicated)
+  pos_weight = jax.device_put(jnp.float32(common.POS_WEIGHT), replicated)
+  augmentation = input_pipeline.augmentation(config.data)
+  kwargs = dict(augmentation=augmentation, feature_loss_weight=1.0, student_visits=tuple(range(visits)),
+                t2_visit=2 if with_teacher else None)
+  batches = input_pipeline.epoch_batches(num_examples, batch_size=batch_size, seed=0, epoch=1)
+  rows = jax.device_put(batches[0], batch_rows)
+
+  def step():
+    nonlocal state
+    state, _ = train._train_step(state, examples, rows, dropout_rng, augment_rng, teacher, pos_weight,
+                                 **kwargs)
+    return state
+
+  start = time.perf_counter()
+  compiled = train._train_step.lower(state, examples, rows, dropout_rng, augment_rng, teacher,
+                                     pos_weight, **kwargs).compile()
+  compile_s = time.perf_counter() - start  # Trace and compile (the step's cache is then warm).
+  flops = _flops(compiled)
+  jax.block_until_ready(step())
+  for _ in range(warmup):
+    step()
+  step_s, times = _median_seconds(step, steps)
+  peak = _peak_memory()
+
+  eval_rows = jax.device_put(np.arange(config.eval_batch_size, dtype=np.int32), batch_rows)
+
+  def evaluate():
+    return train._eval_step(state.apply_fn, state.params, examples, eval_rows,
+                            visits=tuple(range(visits)))
+
+  jax.block_until_ready(evaluate())
+  eval_s, _ = _median_seconds(evaluate, max(steps // 2, 3))
+
+  # The input pipeline alone, as the step sees it: the host's rows of an epoch placed on the mesh,
+  # then gathered and augmented on the device.
+  gather = jax.jit(input_pipeline.device_batch, static_argnums=3)
+
+  def pipeline_epoch():
+    out = None
+    for epoch_rows in input_pipeline.epoch_batches(num_examples, batch_size=batch_size, seed=0, epoch=2):
+      out = gather(examples, jax.device_put(epoch_rows, batch_rows), augment_rng, augmentation)
+    return out
+
+  jax.block_until_ready(pipeline_epoch())
+  pipeline_s, _ = _median_seconds(pipeline_epoch, 5)
+  device = jax.devices()[0]
+  return {
+      'framework': 'jax', 'case': case, 'batch': batch_size, 'dtype': dtype,
+      'devices': f'{jax.device_count()} x {device.platform}:{device.device_kind}',
+      'compile_s': compile_s, 'ms_per_step': 1e3 * step_s, 'examples_per_s': batch_size / step_s,
+      'times_ms': [1e3 * t for t in times],
+      'eval_examples_per_s': config.eval_batch_size / eval_s,
+      'pipeline_examples_per_s': len(batches) * batch_size / pipeline_s,
+      'gflop_per_step': flops / 1e9 if flops else None,
+      'gflops_achieved': flops / step_s / 1e9 if flops else None,
+      'peak_bytes': peak[0], 'peak_kind': peak[1],
+      'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
+  }
+
+
+def _peak_memory() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device'
+  return common.max_rss_bytes(), 'host RSS'
+
+
+def matmul_peak_gflops(dtype: str = 'float32') -> float:
+  """The backend's best matmul rate in this process, over a few shapes, timed as the steps are."""
+  shapes = ([(2048, 2048, 2048), (4096, 1024, 256), (8192, 512, 128)] if jax.default_backend() == 'cpu'
+            else [(8192, 8192, 8192), (16384, 4096, 4096)])
+  best = 0.0
+  for m, k, n in shapes:
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.dtype(dtype))
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    seconds, _ = _median_seconds(lambda: matmul(a, b), 10)
+    best = max(best, 2 * m * k * n / seconds / 1e9)
+  return best
