@@ -74,7 +74,7 @@ def read_cohort(source) -> Cohort:
   fields = []
   for i in range(len(source)):
     r = source[i]
-    fields.append((_text(r['patient_id']), r['pcr'], r['subtype'], _text(r['arm']),
+    fields.append((text(r['patient_id']), r['pcr'], r['subtype'], text(r['arm']),
                    np.asarray(r['visit_mask'], bool)))
   patient_id, pcr, subtype, arm, visit_mask = zip(*fields)
   return Cohort(
@@ -83,7 +83,8 @@ def read_cohort(source) -> Cohort:
       subtype_names=tuple(source.dataset_info.features['subtype'].names))
 
 
-def _text(value) -> str:
+def text(value) -> str:
+  """A TFDS text field (bytes or str) as str."""
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -99,6 +100,9 @@ def normalise(images: np.ndarray, visit_mask: np.ndarray) -> np.ndarray:
   reference = images[0, 0] if visit_mask[0] else images[visit_mask][0, 0]
   scale = np.percentile(reference, 99.0)
   return images / max(float(scale), 1e-6)
+
+
+NUM_CHANNELS = 3  # to_channels: pre-contrast, early - pre, late - pre.
 
 
 def to_channels(images: np.ndarray) -> np.ndarray:
@@ -125,7 +129,8 @@ def crop_around(volume: np.ndarray, centre: np.ndarray, size) -> np.ndarray:
 
 
 def represent(record: dict, *, time_points, representation: str, crop_size) -> dict[str, np.ndarray]:
-  """One patient record -> {'images': [T, *spatial, 3] float32, 'visit_mask': [T] bool}.
+  """One patient record -> {'images': [T, *spatial, 3] float32, 'visit_mask': [T] bool, 'tumour':
+  [T, *spatial] bool (the tumour voxels in the same crop: for display and attribution checks)}.
 
   Each visit is cropped around its own tumour (a missing mask: the T0 tumour, then the volume centre),
   which aligns the visits on the tumour. `volume`: the [D, H, W] = `crop_size` crop. `mip`: maximum
@@ -141,11 +146,13 @@ def represent(record: dict, *, time_points, representation: str, crop_size) -> d
   size = tuple(crop_size)
   if representation == 'mip':
     size = (channels.shape[1],) + size[1:]
-  crops = np.stack([crop_around(visit, tumour_centre(masks[t], centre_t0), size)
-                    for visit, t in zip(channels, time_points)])
+  centres = [tumour_centre(masks[t], centre_t0) for t in time_points]
+  crops = np.stack([crop_around(visit, c, size) for visit, c in zip(channels, centres)])
+  tumour = np.stack([crop_around((masks[t] == schema.TUMOUR)[..., None], c, size)[..., 0]
+                     for t, c in zip(time_points, centres)])
   if representation == 'mip':
-    crops = crops.max(axis=1)
-  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points]}
+    crops, tumour = crops.max(axis=1), tumour.max(axis=1)
+  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points], 'tumour': tumour}
 
 
 def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float) -> jax.Array:

@@ -1070,17 +1070,20 @@ def _visit_meta(visit: _Visit, files: VisitFiles, centre: np.ndarray) -> dict:
   }
 
 
-def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
-                    spec: TciaSpec = TciaSpec()) -> tuple[dict, list[Issue], dict]:
-  """(example, issues, metadata) of one patient; raises Skip when it cannot be written.
+def read_images(patient: PatientFiles, spec: TciaSpec = TciaSpec(),
+                visits: Sequence[int] = tuple(range(schema.NUM_VISITS))) -> tuple[dict, list[Issue], dict]:
+  """(images, issues, metadata) of one patient's `visits`, no label needed; raises Skip when T0
+  cannot be used.
 
-  One visit at a time (bounded memory). A visit that fails becomes a missing visit (issue); a
-  failing T0 skips the patient (`no_t0`). Each visit is cropped around its own tumour, and the
-  VOI of the latest Analysis Mask is carried over to later visits that have none. ``metadata``
-  maps each key of `_visit_meta` to a list over T0..T3 (None: visit missing).
+  The reading half of `process_patient`, also what `pcrjax.predict` reads a new patient with. One
+  visit at a time (bounded memory). A visit that fails becomes a missing visit (issue); a failing
+  T0 skips the patient (`no_t0`). Each visit is cropped around its own tumour, and the VOI of the
+  latest Analysis Mask is carried over to later visits that have none. Visits not in `visits` are
+  left missing. ``images`` holds the record's image fields (images, visit_mask, tumor_mask,
+  spacing_mm, phase_times_s); ``metadata`` maps each key of `_visit_meta` to a list over T0..T3
+  (None: visit missing).
   """
   pid = patient.patient_id
-  labels = _check_labels(pid, clinical)
   shape = tuple(spec.crop_shape)
   images = np.zeros((schema.NUM_VISITS, schema.NUM_PHASES) + shape, np.float16)
   masks = np.zeros((schema.NUM_VISITS,) + shape, np.uint8)
@@ -1090,6 +1093,8 @@ def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
   issues: list[Issue] = []
   t0_centre = carried = None
   for v, files in enumerate(patient.visits):
+    if v not in visits:
+      continue
     visit = _visit_or_issue(pid, v, files, spec, carried, issues)
     if visit is None:
       continue
@@ -1102,15 +1107,25 @@ def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
     visit_mask[v] = True
     times[v] = visit.times
     metas[v] = _visit_meta(visit, files, centre)
-  example = {
-      'patient_id': pid,
+  arrays = {
       'images': images,
       'visit_mask': visit_mask,
       'tumor_mask': masks,
-      'pcr': int(labels.pcr),
-      'subtype': int(labels.subtype),
-      'arm': labels.arm,
       'spacing_mm': np.asarray(spec.target_spacing_mm, np.float32),
       'phase_times_s': times,
   }
-  return example, issues, {k: [m[k] if m else None for m in metas] for k in _META_KEYS}
+  return arrays, issues, {k: [m[k] if m else None for m in metas] for k in _META_KEYS}
+
+
+def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,
+                    spec: TciaSpec = TciaSpec()) -> tuple[dict, list[Issue], dict]:
+  """(example, issues, metadata) of one patient; raises Skip when it cannot be written.
+
+  `read_images` of every visit, with the clinical sheet's labels (required: a patient without a
+  pCR label or a subtype is skipped).
+  """
+  labels = _check_labels(patient.patient_id, clinical)
+  arrays, issues, meta = read_images(patient, spec)
+  example = {'patient_id': patient.patient_id, **arrays, 'pcr': int(labels.pcr),
+             'subtype': int(labels.subtype), 'arm': labels.arm}
+  return example, issues, meta

@@ -1,0 +1,148 @@
+"""Export a finished smoke protocol, then predict new patients from DICOM and records with it."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import paper_table
+from fake_data import tcia_fixtures as fx
+from pcrjax import protocol, runs
+from pcrjax.inference import export, predict
+
+
+@pytest.fixture(scope='module')
+def model_dir(data_dir, tmp_path_factory):
+  """A smoke protocol (one repeat) exported; the run itself is moved away afterwards."""
+  config = paper_table.get_config('smoke')
+  config.data.data_dir = data_dir
+  config.num_repeats = 1
+  config.bootstrap_replicates = 200
+  run = tmp_path_factory.mktemp('run') / 'table'
+  protocol.run(config, str(run))
+  out = tmp_path_factory.mktemp('model') / 'student_model'
+  export.export(str(run), str(out))
+  moved = run.parent / 'moved_away'
+  os.rename(run, moved)  # Loading the model must not need the training workdir.
+  return {'dir': str(out), 'run': moved}
+
+
+def _patient_ids(run, fold, split):
+  return {p['patient_id']: p['prob'] for p in runs.read_predictions(
+      str(run / 'repeat_0' / f'fold_{fold}' / 'student' / f'predictions_{split}.csv'))}
+
+
+def test_export_is_self_contained_with_a_model_card(model_dir):
+  ensemble = predict.load_model(model_dir['dir'])
+  assert [m['name'] for m in ensemble.description['members']] == ['repeat_0_fold_0', 'repeat_0_fold_1']
+  assert len(ensemble.params) == 2 and ensemble.preprocessing['crop_size'] == [8, 16, 16]
+  card = open(os.path.join(model_dir['dir'], export.MODEL_CARD_FILE)).read()
+  with open(model_dir['run'] / 'table.csv', newline='') as f:
+    auroc = next(float(r['auroc']) for r in csv.DictReader(f) if r['name'] == 'student')
+  assert 'Research use only' in card and f'AUROC {auroc:.3f}' in card and 'synthetic' in card
+  assert 'Limitations' in card
+
+
+def test_predict_reproduces_the_members_and_is_deterministic(model_dir, data_dir):
+  ensemble = predict.load_model(model_dir['dir'])
+  checked = 0
+  for fold in (0, 1):
+    for split in ('test', 'val'):
+      for pid, prob in list(_patient_ids(model_dir['run'], fold, split).items())[:3]:
+        try:
+          patient = predict.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble,
+                                                data_dir=data_dir)
+        except ValueError as e:  # The phantom drops visits as the trial did: no T1, no prediction.
+          assert str(e) == f'{pid}: the record has no T1.'
+          continue
+        result = predict.predict_patient(patient, ensemble)
+        member = result['members'][fold]
+        assert member['uncalibrated'] == pytest.approx(prob, abs=2e-6)  # The CSV keeps 6 decimals.
+        assert result['probability'] == pytest.approx(np.mean([m['probability'] for m in result['members']]))
+        ignored = [f'{v} found and ignored: the model predicts from T0 and T1.' for v, present in
+                   zip(('T2', 'T3'), patient.record['visit_mask'][2:]) if present]
+        assert result['warnings'] == ignored
+        again = predict.predict_patient(predict.read_record_patient(
+            f'ispy2/synthetic_smoke:{pid}', ensemble, data_dir=data_dir), ensemble)
+        assert json.dumps(again) == json.dumps(result)  # Bit for bit.
+        checked += 1
+  assert checked >= 8
+
+
+def test_saliency_is_larger_inside_the_tumour(model_dir, data_dir):
+  ensemble = predict.load_model(model_dir['dir'])
+  inside, outside = [], []
+  for pid in list(_patient_ids(model_dir['run'], 0, 'test'))[:8]:
+    try:
+      patient = predict.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble, data_dir=data_dir)
+    except ValueError:  # No T1.
+      continue
+    inputs = predict.model_inputs(patient, ensemble)
+    maps = predict.saliency_maps(ensemble, inputs['images'], patient.clinical)
+    assert maps.shape == inputs['tumour'].shape and np.isfinite(maps).all()
+    tumour = inputs['tumour'][0]  # T0: every patient has a tumour there.
+    if tumour.any() and (~tumour).sum() >= tumour.sum():
+      inside.append(maps[0][tumour].mean())
+      outside.append(maps[0][~tumour].mean())  # Per pixel: an equal area's share.
+  assert len(inside) >= 4
+  assert np.mean(inside) > np.mean(outside)
+
+
+@pytest.fixture(scope='module')
+def dicom_tree(tmp_path_factory):
+  """Three fake TCIA patients: all four visits, T0 + T1 only, and one with no T1."""
+  root = tmp_path_factory.mktemp('dicom')
+  by_name = {c.name: c for c in fx.DEFAULT_CASES}
+  fx.write_tcia_tree(root, [by_name['standard'], by_name['flipped'], by_name['two_phases']])
+  return root
+
+
+def _predict_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'pcrjax.predict', *args], capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_predict_one_patient_from_dicom(model_dir, dicom_tree, tmp_path):
+  patient_dir = tmp_path / 'patient'
+  shutil.copytree(dicom_tree / 'ISPY2' / 'ISPY2-100101', patient_dir / 'ISPY2-100101')
+  out = tmp_path / 'out'
+  done = _predict_cli(f'--model={model_dir["dir"]}', f'--dicom={patient_dir}', f'--out={out}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads((out / 'prediction.json').read_text())
+  assert result['patient_id'] == 'ISPY2-100101' and 0 <= result['probability'] <= 1
+  assert result['visits_used'] == ['T0', 'T1'] and result['research_use_only']
+  assert any(w.startswith('T2 found and ignored') for w in result['warnings'])
+  assert any(w.startswith('T3 found and ignored') for w in result['warnings'])
+  assert result['inputs']['T0']['mask_source'].startswith('analysis_mask')
+  page = (out / 'prediction.html').read_text()
+  assert 'Research use only' in page and 'data:image/png;base64,' in page
+  for written in (out / 'prediction.json', out / 'prediction.html'):
+    text = written.read_text()
+    assert not any(phi in text for phi in fx.PHI_STRINGS), written
+
+
+def test_predict_a_folder_reports_failures_and_goes_on(model_dir, dicom_tree, tmp_path):
+  out = tmp_path / 'batch'
+  done = _predict_cli(f'--model={model_dir["dir"]}', f'--dicom={dicom_tree}', f'--out={out}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(out / 'predictions.csv', newline='') as f:
+    rows = {r['patient_id']: r for r in csv.DictReader(f)}
+  assert set(rows) == {'ISPY2-100101', 'ISPY2-100134', 'ISPY2-100281'}
+  assert rows['ISPY2-100101']['status'] == rows['ISPY2-100134']['status'] == 'ok'
+  assert rows['ISPY2-100281']['status'] == 'failed'
+  assert 'no T1 study' in rows['ISPY2-100281']['reason'] and 'found: T0, T2' in rows['ISPY2-100281']['reason']
+  assert (out / 'ISPY2-100134' / 'prediction.html').exists()
+
+
+def test_predict_without_t1_stops_with_one_line(model_dir, dicom_tree, tmp_path):
+  patient_dir = tmp_path / 'patient'
+  shutil.copytree(dicom_tree / 'ISPY2' / 'ISPY2-100281', patient_dir / 'ISPY2-100281')
+  done = _predict_cli(f'--model={model_dir["dir"]}', f'--dicom={patient_dir}', f'--out={tmp_path / "o"}')
+  assert done.returncode != 0
+  assert 'ISPY2-100281: no T1 study with a DCE series (found: T0, T2)' in done.stderr
+  assert 'Traceback' not in done.stderr
