@@ -1,7 +1,8 @@
-"""Orbax checkpoints of a run: the latest (to resume) and the best on validation AUROC (to use).
+"""Orbax checkpoints of a run: the latest two (to resume) and the best on validation AUROC (to use).
 
 A checkpoint's step is the number of finished epochs. Items are saved separately (params, opt_state)
-so that stage 2 can restore a teacher's `params` alone, read-only.
+so that stage 2 can restore a teacher's `params` alone, read-only. A damaged checkpoint (truncated,
+deleted or overwritten files) is reported in one line, deleted, and the next one is used.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from pcrjax import runs
@@ -23,7 +25,7 @@ def _selection_metric(metrics: dict) -> float:
 
 def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
   policy = checkpoint_managers.AnyPreservationPolicy([
-      checkpoint_managers.LatestN(n=1),
+      checkpoint_managers.LatestN(n=2),  # Two: one to fall back on if the last is damaged.
       checkpoint_managers.BestN(get_metric_fn=_selection_metric, n=1),
   ])
   options = ocp.CheckpointManagerOptions(
@@ -50,6 +52,32 @@ def restore_params(manager: ocp.CheckpointManager, epoch: int, like):
   """Only the `params` item of checkpoint `epoch`, shaped and placed like `like`."""
   return manager.restore(epoch, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(like)))).params
+
+
+def restore_latest(manager: ocp.CheckpointManager, state):
+  """(state, epoch) of the latest readable checkpoint; (`state`, 0) when there is none."""
+  for epoch in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_state(manager, epoch, state), epoch
+    except Exception as e:  # noqa: BLE001 -- Orbax and TensorStore raise many types for bad files.
+      _drop_damaged(manager, epoch, e, 'resuming from the one before')
+  return state, 0
+
+
+def restore_best_params(manager: ocp.CheckpointManager, like):
+  """(params, epoch) of the best readable checkpoint; a damaged best falls back to the next best."""
+  while (epoch := manager.best_step()) is not None:
+    try:
+      return restore_params(manager, epoch, like), epoch
+    except Exception as e:  # noqa: BLE001 -- as in restore_latest.
+      _drop_damaged(manager, epoch, e, 'using the next best')
+  raise FileNotFoundError(f'No readable checkpoint in {manager.directory}: delete it and train again.')
+
+
+def _drop_damaged(manager: ocp.CheckpointManager, epoch: int, error: Exception, then: str) -> None:
+  logging.warning('Checkpoint %d in %s is damaged (%s: %s); deleted it, %s.', epoch, manager.directory,
+                  type(error).__name__, str(error).splitlines()[0][:160] if str(error) else '', then)
+  manager.delete(epoch)
 
 
 def _abstract(tree):

@@ -2,11 +2,7 @@
 
     python -m pcrjax.export --run=PROTOCOL_WORKDIR --out=MODEL_DIR [--model=student]
 
-The directory holds the ensemble (one member per fold and repeat: its best params as an Orbax
-checkpoint and its config), each member's calibrator (fitted on its fold's validation predictions,
-as the report does), the preprocessing spec, the code version, and MODEL_CARD.md generated from the
-run's evidence. Nothing in it refers back to the training workdir, and nothing in it but
-de-identified ids and numbers comes from the patients (the card's figures are aggregates).
+What the directory holds: pcrjax.inference.export (and the README).
 """
 
 from absl import app, flags

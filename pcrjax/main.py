@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pcrjax import configs, protocol, train
+from pcrjax import configs, protocol, runs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
@@ -90,10 +90,17 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   logging.info('Config:\n%s', config)
-  if config.stage == 'protocol':
-    protocol.run(config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    with runs.workdir_lock(FLAGS.workdir):
+      if config.stage == 'protocol':
+        protocol.run(config, FLAGS.workdir)
+      else:
+        train.train_and_evaluate(config, FLAGS.workdir)
+  except runs.WorkdirInUse as e:
+    sys.exit(f'FATAL {e}')
+  except train.Diverged as e:
+    logging.error('Diverged: %s', e)
+    sys.exit(f'Diverged: {e}')
 
 
 if __name__ == '__main__':

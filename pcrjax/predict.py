@@ -2,14 +2,9 @@
 
     python -m pcrjax.predict --model=MODEL_DIR --dicom=PATIENT_DIR --out=OUT [--hr=1 --her2=0]
     python -m pcrjax.predict --model=MODEL_DIR --dicom=FOLDER_OF_PATIENTS --out=OUT   # one CSV row each
-    python -m pcrjax.predict --model=MODEL_DIR --record=ispy2/synthetic:SYN-0001 --out=OUT
+    python -m pcrjax.predict --model=MODEL_DIR --record=ispy2/synthetic:SYN-00001 --out=OUT
 
-The scans are read by the `tcia` build's own reader (`tcia.read_images`: phases, resampling, tumour
-mask, crop; no label needed) and represented exactly as in training (`input_pipeline.represent`).
-Every member of the ensemble predicts; its calibrator maps its probability; the answer is their mean
-with the spread. `prediction.json` and `prediction.html` (the inputs with the tumour outline, an
-integrated-gradients saliency map per visit, the model card's headline, the research-use warning)
-go to OUT. Only the de-identified PatientID and numbers reach the outputs.
+What is read, how, and what is written: pcrjax.inference.predict (and the README).
 """
 
 from absl import app, flags

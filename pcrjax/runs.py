@@ -18,12 +18,15 @@ A protocol workdir:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
+import time
 
 import ml_collections
 
@@ -94,6 +97,7 @@ METRICS_FILE = 'metrics.jsonl'
 SELECTION_FILE = 'selection.json'  # The epoch chosen on validation, and its metric.
 CHECKPOINTS_DIR = 'checkpoints'
 FTV_TABLE_FILE = 'ftv.csv'
+LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, started}.
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
 
 
@@ -179,6 +183,62 @@ def write_predictions(path: str, rows: list[dict]) -> None:
 def read_predictions(path: str) -> list[dict]:
   with open(path, newline='') as f:
     return [prediction_row(**row) for row in csv.DictReader(f)]
+
+
+# --- One writer per workdir. ----------------------------------------------------------------------
+
+
+class WorkdirInUse(RuntimeError):
+  """Another live process holds the workdir."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds <workdir>/.lock while the body runs; a second run on the workdir stops at once.
+
+  The lock is written whole and then linked into place (atomic: never seen half-written). One left
+  by a killed run (its pid gone, on this host) is taken over; one held on another host cannot be
+  checked from here and is refused, naming the file to delete.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  mine = {'pid': os.getpid(), 'host': socket.gethostname(),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  tmp = f'{path}.{mine["pid"]}'
+  with open(tmp, 'w') as f:
+    json.dump(mine, f)
+  try:
+    while True:
+      try:
+        os.link(tmp, path)
+        break
+      except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+          with open(path) as f:
+            holder = json.load(f)
+          if holder['host'] == mine['host'] and not _alive(int(holder['pid'])):
+            os.remove(path)  # Stale: its run is gone.
+            continue
+          elsewhere = '' if holder['host'] == mine['host'] else f' (if that run is dead, delete {path})'
+          raise WorkdirInUse(f'{workdir} is in use by pid {holder["pid"]} on {holder["host"]} since'
+                             f' {holder["started"]}{elsewhere}: one run per workdir.')
+  finally:
+    os.remove(tmp)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
 
 
 # --- Code version. ---------------------------------------------------------------------------------

@@ -31,11 +31,35 @@ TrainState = train_state.TrainState
 
 
 @flax.struct.dataclass
+class FirstNonFiniteStep(metrics.Metric):
+  """The first step whose loss or gradients were not finite (-1: none); merged on the device."""
+
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, step: jax.Array, finite: jax.Array, **_) -> 'FirstNonFiniteStep':
+    return cls(step=jnp.where(finite, -1, step).astype(jnp.int32))
+
+  def merge(self, other: 'FirstNonFiniteStep') -> 'FirstNonFiniteStep':
+    either = jnp.where(self.step < 0, other.step, self.step)
+    return type(self)(step=jnp.where((self.step >= 0) & (other.step >= 0),
+                                     jnp.minimum(self.step, other.step), either))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   # No `from __future__ import annotations` in this module: clu reads these annotations as objects.
   loss: metrics.Average.from_output('loss')
   bce: metrics.Average.from_output('bce')
   feature_loss: metrics.Average.from_output('feature_loss')
+  first_nonfinite_step: FirstNonFiniteStep
+
+
+class Diverged(RuntimeError):
+  """The loss or a gradient became non-finite: the run stops at the end of that epoch."""
 
 
 @flax.struct.dataclass
@@ -124,8 +148,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
     return loss, (bce, feature_loss)
 
   (loss, (bce, feature_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads)
-  return state, TrainMetrics.single_from_model_output(loss=loss, bce=bce, feature_loss=feature_loss)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updated = state.apply_gradients(grads=grads)
+  # A non-finite step leaves the params as they were (so the checkpoints stay usable); the loop
+  # stops at the end of the epoch, reading the flag with the epoch's metrics (no sync per step).
+  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                       state.replace(step=updated.step))
+  return state, TrainMetrics.single_from_model_output(loss=loss, bce=bce, feature_loss=feature_loss,
+                                                      step=updated.step, finite=finite)
 
 
 def eval_step(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array, *,
@@ -228,10 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              steps_per_epoch)
   state = jax.device_put(state, replicated)
   manager = checkpoints.create_manager(workdir)
-  start_epoch = manager.latest_step() or 0
+  state, start_epoch = checkpoints.restore_latest(manager, state)
   if start_epoch:
     logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
-    state = checkpoints.restore_state(manager, start_epoch, state)
     state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
 
   # Every patient goes to the device once (one shape for every fold: one compilation); a step
@@ -260,8 +289,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         augment_rng, teacher, pos_weight, **step_kwargs)
       profiler.after_step(state)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    computed = train_metrics.compute()
+    first_bad = int(computed.pop('first_nonfinite_step'))
+    if first_bad >= 0:
+      profiler.stop(state)
+      manager.wait_until_finished()
+      last_good = manager.latest_step()
+      manager.close()
+      log.close()
+      raise Diverged(
+          f'{config.stage}, fold {config.data.fold}, epoch {epoch}, step {first_bad}: the loss or a'
+          f' gradient is not finite. The last good checkpoint is epoch {last_good or "none"} in'
+          f' {workdir}. Lower learning_rate (now {config.learning_rate:g}) or grad_clip_norm (now'
+          f' {config.grad_clip_norm:g}), or check the inputs; then delete the workdir or resume.')
     probs, labels = probabilities(state.params, split.val), cohort.pcr[split.val]
-    summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
+    summary = {f'train_{k}': float(v) for k, v in computed.items()}
     summary.update(val_auroc=float(statistics.auroc(labels, probs)),
                    val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                    learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
@@ -276,10 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.wait_until_finished()
   log.close()
 
-  best_epoch = manager.best_step()
+  params, best_epoch = checkpoints.restore_best_params(manager, state.params)
   runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
                        value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
-  params = checkpoints.restore_params(manager, best_epoch, state.params)
   for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
     rows = getattr(split, split_name)
     runs.write_predictions(runs.predictions_path(workdir, split_name), cohort.prediction_rows(

@@ -1,12 +1,15 @@
 """The command line: config files or shipped experiment names, one-line errors, --helpconfig."""
 
+import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from pcrjax import runs
 from tests import test_packaging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,3 +67,26 @@ def test_a_wheel_install_runs_the_shipped_experiments_by_name_or_path(tmp_path):
   assert result.stderr.splitlines() == [
       'FATAL Flags parsing error: --config=stage9: no such file, nor an experiment of that name'
       ' (baseline, paper_table, stage1, stage2)']
+
+
+def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+  try:
+    with runs.workdir_lock(str(workdir)):
+      pass  # Takes and releases the lock.
+    assert not (workdir / runs.LOCK_FILE).exists()
+    (workdir / runs.LOCK_FILE).write_text(json.dumps(
+        {'pid': holder.pid, 'host': socket.gethostname(), 'started': '2026-12-01 10:00:00 UTC'}))
+    done = subprocess.run([sys.executable, '-m', 'pcrjax.main', '--config=experiments/baseline.py:smoke',
+                           f'--workdir={workdir}'], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f'FATAL {workdir} is in use by pid {holder.pid} on {socket.gethostname()} since'
+        ' 2026-12-01 10:00:00 UTC: one run per workdir.')
+  finally:
+    holder.kill()
+    holder.wait()
+  with runs.workdir_lock(str(workdir)):  # Its holder is dead now: taken over.
+    assert json.loads((workdir / runs.LOCK_FILE).read_text())['pid'] == os.getpid()

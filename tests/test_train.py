@@ -104,6 +104,32 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, monkeypa
   assert len((tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()) == 2
 
 
+def test_profile_steps_write_a_profiler_trace_and_checkpoints_follow_improvement(data_dir, tmp_path):
+  config = _config(baseline, data_dir, num_epochs=4, profile_steps=2, checkpoint_every_epochs=3)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
+  lines = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  best = [line['epoch'] for line in lines
+          if line['val_auroc'] > max([-1.0] + [p['val_auroc'] for p in lines[:line['epoch'] - 1]])]
+  saved_ever = set(best) | {3, 4}  # Improvements, every third epoch, the last one.
+  kept = {int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()}
+  assert kept <= saved_ever and 4 in kept  # The latest and the best survive the policy.
+  assert json.loads((tmp_path / 'run' / runs.SELECTION_FILE).read_text())['epoch'] in kept
+
+
+def test_a_diverging_run_stops_with_one_message(data_dir, tmp_path):
+  done = subprocess.run(
+      [sys.executable, '-m', 'pcrjax.main', '--config=experiments/baseline.py:smoke',
+       f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}', '--config.num_epochs=3',
+       '--config.learning_rate=1e8', '--config.grad_clip_norm=1e12'],
+      capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parents[1])
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith('Diverged: baseline, fold 0, epoch ') and 'not finite' in last, last
+  assert 'Lower learning_rate (now 1e+08)' in last
+  assert 'Traceback' not in done.stderr and 'cannot schedule new futures' not in done.stderr
+
+
 def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
   config = _config(paper_table, data_dir, bootstrap_replicates=200)
   assert config.num_repeats == 2
