@@ -105,6 +105,12 @@ def normalise(images: np.ndarray, visit_mask: np.ndarray) -> np.ndarray:
 NUM_CHANNELS = 3  # to_channels: pre-contrast, early - pre, late - pre.
 
 
+def visit_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """[*spatial, C] of one visit as `represent` gives it: the H x W MIP or the D x H x W crop."""
+  d, h, w = (int(s) for s in data.crop_size)
+  return ((h, w) if data.representation == 'mip' else (d, h, w)) + (NUM_CHANNELS,)
+
+
 def to_channels(images: np.ndarray) -> np.ndarray:
   """[V, 3 phases, *spatial] -> [V, *spatial, 3]: pre-contrast and the two subtraction images."""
   pre, early, late = images[:, 0], images[:, 1], images[:, 2]

@@ -148,7 +148,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
     return loss, (bce, feature_loss)
 
   (loss, (bce, feature_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   updated = state.apply_gradients(grads=grads)
   # A non-finite step leaves the params as they were (so the checkpoints stay usable); the loop
   # stops at the end of the epoch, reading the flag with the epoch's metrics (no sync per step).
@@ -238,8 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.data.num_folds, len(split.train), len(split.val), len(split.test))
 
   student_tps = tuple(config.data.time_points)
-  visit_shape = input_pipeline.load_examples(  # [*spatial, C] of one visit.
-      source, cohort, split.train[:1], config.data)['images'].shape[2:]
+  visit_shape = input_pipeline.visit_shape(config.data)
   teacher = load_teacher(config, visit_shape) if config.stage == 'student' else None
   # The student's batches also carry the visits its teacher sees (T2), for the regression target.
   loaded_tps = tuple(sorted(set(student_tps) | set(teacher.time_points if teacher else ())))
@@ -278,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
 
   log = _MetricsLog(workdir, start_epoch)
+  best_auroc = log.best(checkpoints.SELECTION_METRIC)
   profiler = _Profiler(workdir, config.profile_steps)
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.time()
@@ -308,9 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                    learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
                    epoch_seconds=time.time() - started)
-    if (summary['val_auroc'] > log.best(checkpoints.SELECTION_METRIC)
-        or epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs):
+    if (summary['val_auroc'] > best_auroc or epoch % config.checkpoint_every_epochs == 0
+        or epoch == config.num_epochs):
       checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
+    best_auroc = max(best_auroc, summary['val_auroc'])
     log.write(epoch, int(state.step), summary)
     logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
                  ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
@@ -394,7 +395,7 @@ class _MetricsLog:
       return next(line[key] for line in map(json.loads, f) if line['epoch'] == epoch)
 
   def best(self, key: str) -> float:
-    """The largest `key` logged so far (-inf before the first epoch)."""
+    """The largest `key` of the kept lines (-inf before the first epoch)."""
     with open(self._path) as f:
       return max((line[key] for line in map(json.loads, f)), default=-np.inf)
 

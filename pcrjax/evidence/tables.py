@@ -37,6 +37,14 @@ class Predictions:
 CALIBRATORS = {'platt': calibration.fit_platt, 'temperature': calibration.fit_temperature}
 
 
+def fold_calibrator(directory: str, method: str) -> calibration.Calibrator:
+  """`method`'s calibrator fitted on one fold's validation predictions (identity for 'none')."""
+  if method == 'none':
+    return calibration.Calibrator(method='none', intercept=0.0, slope=1.0)
+  val = runs.read_predictions(runs.predictions_path(directory, 'val'))
+  return CALIBRATORS[method](np.array([p['label'] for p in val]), np.array([p['prob'] for p in val]))
+
+
 def load_predictions(run_dir: str, model_name: str, *, num_repeats: int, num_folds: int,
                      calibrate: str = 'none') -> Predictions:
   """Pools the test predictions of every fold; optionally recalibrates each fold first.
@@ -51,10 +59,7 @@ def load_predictions(run_dir: str, model_name: str, *, num_repeats: int, num_fol
       directory = runs.stage_dir(run_dir, repeat, fold, model_name)
       test = runs.read_predictions(runs.predictions_path(directory, 'test'))
       if calibrate != 'none':
-        val = runs.read_predictions(runs.predictions_path(directory, 'val'))
-        calibrator = CALIBRATORS[calibrate](np.array([p['label'] for p in val]),
-                                            np.array([p['prob'] for p in val]))
-        probs = calibrator(np.array([p['prob'] for p in test]))
+        probs = fold_calibrator(directory, calibrate)(np.array([p['prob'] for p in test]))
         test = [{**p, 'prob': float(q)} for p, q in zip(test, probs)]
       rows += test
     per_repeat.append(sorted(rows, key=lambda p: p['patient_id']))

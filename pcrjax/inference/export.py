@@ -16,12 +16,11 @@ import shutil
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from pcrjax import checkpoints, input_pipeline, runs, train
-from pcrjax.evidence import calibration, tables
+from pcrjax.evidence import tables
 from tfds_ispy2.ispy2 import schema
 
 MODEL_FILE = 'model.json'
@@ -40,20 +39,6 @@ def abstract_params(config: ml_collections.ConfigDict, visit_shape: tuple[int, .
   model = train.create_model(config, feature_dim=feature_dim)
   input_shape = (len(config.data.time_points),) + tuple(visit_shape)
   return model, jax.eval_shape(lambda rng: train.init_params(model, rng, input_shape), jax.random.key(0))
-
-
-def visit_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """[*spatial, C] of one visit as the input pipeline represents it."""
-  d, h, w = (int(s) for s in config.data.crop_size)
-  return ((h, w) if config.data.representation == 'mip' else (d, h, w)) + (input_pipeline.NUM_CHANNELS,)
-
-
-def _fitted_calibrator(directory: str, method: str) -> calibration.Calibrator:
-  if method == 'none':
-    return calibration.Calibrator(method='none', intercept=0.0, slope=1.0)
-  val = runs.read_predictions(runs.predictions_path(directory, 'val'))
-  return tables.CALIBRATORS[method](np.array([p['label'] for p in val]),
-                                    np.array([p['prob'] for p in val]))
 
 
 def _feature_dim(directory: str) -> int:
@@ -85,7 +70,7 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
   for (repeat, fold), directory in directories.items():
     config = runs.read_config(directory)
     feature_dim = _feature_dim(directory)
-    _, like = abstract_params(config, visit_shape(config), feature_dim)
+    _, like = abstract_params(config, input_pipeline.visit_shape(config.data), feature_dim)
     manager = checkpoints.create_manager(directory, read_only=True)
     epoch = runs.selected_epoch(directory) or manager.best_step()
     params = checkpoints.restore_params(manager, epoch, like)
@@ -97,7 +82,7 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
       checkpointer.save(os.path.join(member_dir, PARAMS_DIR), params)
     members.append({'name': name, 'repeat': repeat, 'fold': fold, 'epoch': int(epoch),
                     'feature_dim': feature_dim,
-                    'calibrator': _fitted_calibrator(directory, calibrate).to_dict()})
+                    'calibrator': tables.fold_calibrator(directory, calibrate).to_dict()})
   first = runs.read_config(directories[0, 0])
   spec = runs.model(model_name)
   description = {

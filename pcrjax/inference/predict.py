@@ -59,7 +59,7 @@ def load_model(model_dir: str) -> Ensemble:
   for member in description['members']:
     member_dir = os.path.join(model_dir, export.MEMBERS_DIR, member['name'])
     config = runs.read_config(member_dir)
-    model, like = export.abstract_params(config, export.visit_shape(config), member['feature_dim'])
+    model, like = export.abstract_params(config, input_pipeline.visit_shape(config.data), member['feature_dim'])
     with ocp.StandardCheckpointer() as checkpointer:
       params.append(checkpointer.restore(os.path.join(member_dir, export.PARAMS_DIR), like))
     calibrators.append(calibration.Calibrator.from_dict(member['calibrator']))
@@ -107,14 +107,12 @@ def read_dicom_patient(files: tcia.PatientFiles, ensemble: Ensemble, *, hr=None,
 def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr=None, her2=None) -> Patient:
   """`DATASET:PATIENT_ID` from a built TFDS dataset (its labels are not read)."""
   dataset, _, pid = spec.rpartition(':')
-  source = input_pipeline.load_source(
-      ml_collections.ConfigDict({'dataset': dataset, 'data_dir': data_dir, 'manual_dir': ''}))
-  for i in range(len(source)):
-    record = source[i]
-    if input_pipeline.text(record['patient_id']) == pid:
-      break
-  else:
+  data = ml_collections.ConfigDict({'dataset': dataset, 'data_dir': data_dir, 'manual_dir': ''})
+  ids = input_pipeline.read_cohort(input_pipeline.load_source(data, with_images=False)).patient_id
+  rows = np.flatnonzero(ids == pid)
+  if not len(rows):
     raise ValueError(f'{pid}: no such patient in {dataset}.')
+  record = input_pipeline.load_source(data)[int(rows[0])]
   if hr is None and her2 is None:
     hr, her2 = (int(x) for x in schema.RECEPTORS[record['subtype']])
   arrays = {k: np.asarray(record[k]) for k in ('images', 'visit_mask', 'tumor_mask')}
