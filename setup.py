@@ -18,6 +18,7 @@ REQUIREMENTS = [
     'highdicom>=0.28',
     'importlib_resources>=7.1',  # tensorflow-datasets 4.9.10 imports it without declaring it.
     'jax>=0.10',
+    'loky>=3.7',  # The build's process pool (tfds_ispy2): starts from guard-less scripts and notebooks.
     'markdown-it-py>=4.3',
     'matplotlib>=3.11',
     'ml_collections>=1.1',

@@ -10,14 +10,13 @@ the input pipeline, not here.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import json
-import multiprocessing
 import os
 
+import loky
 import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
@@ -198,8 +197,12 @@ class _BuildReport:
                  len(self.written), len(self.skipped), summary['skips_by_reason'], path)
 
 
-def _process_pool() -> concurrent.futures.ProcessPoolExecutor:
-  # 'spawn': the caller may already run JAX's threads, which a fork would copy half-way. The workers
-  # run functions of importable modules (not of this one, which `tfds build` imports by file path).
-  workers = max(1, min(os.cpu_count() or 1, 8))
-  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+def _process_pool() -> loky.ProcessPoolExecutor:
+  """The build's worker processes, safe to start from any caller.
+
+  loky starts each worker by fork + exec (not a fork of the caller, which may already run JAX's
+  threads) and, unlike multiprocessing's 'spawn', does not re-import the caller's `__main__`: a build
+  runs the same from a guarded script, a guard-less one, stdin or a notebook. The workers run
+  functions of importable modules (not of this one, which `tfds build` imports by file path).
+  """
+  return loky.ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8)))

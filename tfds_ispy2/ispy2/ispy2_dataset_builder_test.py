@@ -225,3 +225,57 @@ def _dummy_truth():
   import tempfile
   with tempfile.TemporaryDirectory() as root:
     return tcia_fixtures.write_tcia_tree(root, tcia_fixtures.DUMMY_CASES)
+
+
+# A user's build code at top level, without `if __name__ == '__main__':` (the TFDS docs' pattern).
+_UNGUARDED_BUILD = '''
+import os
+import tensorflow_datasets as tfds
+import tfds_ispy2
+from tfds_ispy2.ispy2 import ispy2_dataset_builder, phantom
+data_dir = os.environ['BUILD_DATA_DIR']
+tfds.builder('ispy2/tcia', data_dir=data_dir, file_format='array_record').download_and_prepare(
+    file_format='array_record',
+    download_config=tfds.download.DownloadConfig(manual_dir=os.environ['BUILD_MANUAL_DIR']))
+tiny = ispy2_dataset_builder.Ispy2Config(
+    name='synthetic_tiny', phantom=phantom.PhantomSpec(num_patients=6, shape=(6, 24, 24),
+                                                       spacing_mm=(6.0, 5.0, 5.0)))
+ispy2_dataset_builder.Builder(config=tiny, data_dir=data_dir).download_and_prepare(
+    file_format='array_record')
+print('built')
+'''
+
+
+@pytest.mark.parametrize('caller', ['script', 'stdin', 'notebook'])
+def test_builds_run_from_unguarded_code(caller, tcia_tree, tcia_build, tmp_path, monkeypatch):
+  """The pool's workers do not re-import the caller's `__main__`: same records from anywhere."""
+  import subprocess
+  import sys
+  root, _ = tcia_tree
+  monkeypatch.setenv('BUILD_MANUAL_DIR', str(root))
+  monkeypatch.setenv('BUILD_DATA_DIR', str(tmp_path / 'tfds'))
+  if caller == 'notebook':
+    import nbclient
+    import nbformat
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_UNGUARDED_BUILD)])
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                            resources={'metadata': {'path': str(tmp_path)}}).execute()
+    stdout = ''.join(o['text'] for o in notebook.cells[0].outputs if o.get('name') == 'stdout')
+    assert stdout.split()[-1] == 'built', notebook.cells[0].outputs
+  else:
+    script = tmp_path / 'build_ispy2.py'
+    script.write_text(_UNGUARDED_BUILD)
+    command, stdin = ([sys.executable, str(script)], None) if caller == 'script' else (
+        [sys.executable, '-'], _UNGUARDED_BUILD)
+    out = subprocess.run(command, input=stdin, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.split()[-1] == 'built', out.stderr[-3000:]
+
+  records = _records(tfds.builder('ispy2/tcia', data_dir=str(tmp_path / 'tfds')))
+  _, expected, _ = tcia_build
+  assert records.keys() == expected.keys()
+  for pid, record in records.items():
+    np.testing.assert_array_equal(record['images'], expected[pid]['images'], err_msg=pid)
+  tiny = ispy2_dataset_builder.Builder(config=TINY, data_dir=str(tmp_path / 'tfds'))
+  source = tiny.as_data_source(split='train')
+  assert sorted(source[i]['patient_id'].decode() for i in range(len(source))) == [
+      phantom.patient_id(i) for i in range(6)]
