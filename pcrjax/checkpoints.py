@@ -7,7 +7,10 @@ deleted or overwritten files) is reported in one line, deleted, and the next one
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,9 +38,40 @@ def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointMa
                                item_names=('params', 'opt_state'), options=options)
 
 
+@contextlib.contextmanager
+def managed(workdir: str):
+  """A manager that is closed however the body ends, so that no writer thread outlives the run.
+
+  On an error the manager is closed quietly: the error in flight (a full disk, a divergence) is
+  the one to report, not the same one again from a background save.
+  """
+  manager = create_manager(workdir)
+  try:
+    yield manager
+  except BaseException:
+    with contextlib.suppress(Exception):
+      manager.close()
+    raise
+  manager.close()
+
+
 def save(manager: ocp.CheckpointManager, epoch: int, state, metrics: dict[str, float]) -> None:
+  _check_room(manager, epoch, (state.params, state.opt_state))
   manager.save(epoch, metrics=metrics, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state)))
+
+
+_METADATA_BYTES = 1 << 20  # Orbax's metadata, manifests and sharding files, with room to spare.
+
+
+def _check_room(manager: ocp.CheckpointManager, epoch: int, tree) -> None:
+  """Refuses to start a checkpoint that the disk cannot hold (an ENOSPC naming it): a full disk met
+  half-way through a save fails Orbax's writer threads one after another, each with a traceback."""
+  need = sum(leaf.nbytes for leaf in jax.tree.leaves(tree)) + _METADATA_BYTES
+  free = shutil.disk_usage(str(manager.directory)).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f'No space left on device ({need / 2**20:.1f} MiB needed)',
+                  os.path.join(str(manager.directory), str(epoch)))
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, state):

@@ -7,6 +7,7 @@ What the directory holds: pcrjax.inference.export (and the README).
 
 from absl import app, flags
 
+from pcrjax import runs
 from pcrjax.inference import export
 
 FLAGS = flags.FLAGS
@@ -19,10 +20,11 @@ flags.DEFINE_enum('calibration', None, ['none', 'platt', 'temperature'],
 
 def main(argv):
   del argv
-  try:
-    export.export(FLAGS.run, FLAGS.out, model_name=FLAGS.model, calibrate=FLAGS.calibration)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
+  with runs.exit_in_one_line_if_disk_full():  # Also once the except below has re-raised it.
+    try:
+      export.export(FLAGS.run, FLAGS.out, model_name=FLAGS.model, calibrate=FLAGS.calibration)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(str(e)) from None
 
 
 if __name__ == '__main__':

@@ -27,6 +27,10 @@ def strata(pcr: np.ndarray, subtype: np.ndarray) -> np.ndarray:
   return np.asarray(subtype) * 2 + np.asarray(pcr)
 
 
+def pcr_of(stratum: np.ndarray) -> np.ndarray:
+  return np.asarray(stratum) % 2
+
+
 def assign_folds(patient_ids, stratum: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
   """The outer fold (0..num_folds-1) of every patient, stratified by `stratum`."""
   patient_ids = np.asarray(patient_ids)
@@ -49,7 +53,31 @@ def split_fold(patient_ids, stratum: np.ndarray, *, num_folds: int, fold: int, s
   rest = np.flatnonzero(folds != fold)
   rest = rest[np.argsort(np.asarray(patient_ids)[rest], kind='stable')]
   is_val = stratified_holdout(stratum[rest], val_fraction, seed + 1)
+  is_val = _with_both_classes(is_val, pcr_of(stratum[rest]), fold=fold, seed=seed + 2)
   return FoldSplit(train=np.sort(rest[~is_val]), val=np.sort(rest[is_val]), test=np.sort(test))
+
+
+def _with_both_classes(is_val: np.ndarray, pcr: np.ndarray, *, fold: int, seed: int) -> np.ndarray:
+  """The holdout, with a patient of each class in it and in training (validation AUROC selects the
+  epoch): a small cohort's stratified quota can leave a class out; one patient is then swapped in.
+  """
+  counts = np.bincount(pcr, minlength=2)
+  if counts.min() < 2 or min(is_val.sum(), (~is_val).sum()) < 2:
+    raise ValueError(
+        f'Fold {fold}: its {len(pcr)} training and validation patients hold {counts[1]} pCR and'
+        f' {counts[0]} non-pCR; model selection needs both classes in training and in validation'
+        ' (at least 2 of each, and 2 validation patients): use fewer folds, a larger'
+        ' data.val_fraction, or more patients.')
+  rng = np.random.default_rng(seed)
+  is_val = is_val.copy()
+  for label in (0, 1):
+    for in_val in (True, False):  # Validation, then training: each needs a patient of `label`.
+      part = is_val == in_val
+      if not (part & (pcr == label)).any():
+        swap_in = rng.choice(np.flatnonzero(~part & (pcr == label)))
+        swap_out = rng.choice(np.flatnonzero(part & (pcr != label)))
+        is_val[swap_in], is_val[swap_out] = is_val[swap_out], is_val[swap_in]
+  return is_val
 
 
 def stratified_holdout(stratum: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -68,9 +68,14 @@ def _check_overrides(argv: list[str]) -> None:
 
 
 def _quiet_library_info(record) -> bool:
-  """Keeps Orbax's and TFDS's per-file INFO lines out of the run log (their warnings stay)."""
-  return record.levelno >= std_logging.WARNING or not any(
-      f'/{library}/' in record.pathname for library in ('orbax', 'tensorflow_datasets'))
+  """Keeps Orbax's and TFDS's per-file INFO lines out of the run log (their warnings stay), and
+  Orbax's tracebacks of a full disk from its writer threads (main names the file in one line)."""
+  if not any(f'/{library}/' in record.pathname for library in ('orbax', 'tensorflow_datasets')):
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  if runs.disk_full_path(error) or runs.disk_full_path(Exception(record.getMessage())):
+    return False
+  return record.levelno >= std_logging.WARNING
 
 
 def main(argv):
@@ -91,7 +96,9 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   logging.info('Config:\n%s', config)
   try:
-    with runs.workdir_lock(FLAGS.workdir):
+    with (runs.exit_in_one_line_if_disk_full(
+        then=' (or choose another --workdir); it resumes from the last checkpoint written whole'),
+          runs.workdir_lock(FLAGS.workdir)):
       if config.stage == 'protocol':
         protocol.run(config, FLAGS.workdir)
       else:

@@ -111,12 +111,10 @@ def ftv_table(source, cohort: input_pipeline.Cohort, path: str) -> np.ndarray:
   if not os.path.exists(path):
     rows = [[cohort.patient_id[i]] + [f'{v:.1f}' for v in ftv.ftv_per_visit(source[i])]
             for i in range(len(cohort))]
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
+    with runs.atomic_open(path, newline='') as f:
       writer = csv.writer(f)
       writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in schema.VISITS])
       writer.writerows(rows)
-    os.replace(tmp, path)
   with open(path, newline='') as f:
     by_id = {row[0]: [float(x) for x in row[1:]] for row in list(csv.reader(f))[1:]}
   return np.array([by_id[pid] for pid in cohort.patient_id])

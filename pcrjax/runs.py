@@ -21,11 +21,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import ml_collections
@@ -126,7 +130,7 @@ def finished_models(workdir: str, *, num_repeats: int, num_folds: int) -> list[M
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+  with atomic_open(os.path.join(directory, CONFIG_FILE)) as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
@@ -139,7 +143,7 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
 
 
 def write_selection(directory: str, *, epoch: int, metric: str, value: float) -> None:
-  with open(os.path.join(directory, SELECTION_FILE), 'w') as f:
+  with atomic_open(os.path.join(directory, SELECTION_FILE)) as f:
     json.dump({'epoch': int(epoch), 'metric': metric, 'value': float(value)}, f)
 
 
@@ -171,18 +175,77 @@ def prediction_row(*, patient_id: str, label: int, prob: float, subtype: str, fo
 
 def write_predictions(path: str, rows: list[dict]) -> None:
   """Writes atomically: a file that exists is complete (the protocol resumes on that)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
+  with atomic_open(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS)
     writer.writeheader()
     for row in rows:
       writer.writerow({**row, 'prob': f"{row['prob']:.6f}"})
-  os.replace(tmp, path)
 
 
 def read_predictions(path: str) -> list[dict]:
   with open(path, newline='') as f:
     return [prediction_row(**row) for row in csv.DictReader(f)]
+
+
+# --- Writing: whole files, and a full disk named. -------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = 'w', **kwargs):
+  """`open(path, mode)` through `<path>.tmp`, moved into place when the body finishes.
+
+  A file that exists is whole: a killed or failed write leaves the previous version. An OSError of
+  the write names `path` (a full disk's ENOSPC, raised by write or close, names no file).
+  """
+  tmp = f'{path}.tmp'
+  try:
+    with open(tmp, mode, **kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    if isinstance(e, OSError) and e.filename in (None, tmp):
+      raise OSError(e.errno, e.strerror, path) from None
+    raise
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How Orbax and TensorStore report it: a ValueError whose message quotes the files.
+_DISK_FULL_MESSAGE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def disk_full_path(error: BaseException | None) -> str | None:
+  """The file a write could not finish for want of disk space, if that is what `error` or an
+  exception it was raised from is (the first one that names a file); None otherwise."""
+  paths = []
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      paths.append(os.fspath(error.filename) if error.filename else None)
+    elif _DISK_FULL_MESSAGE.search(str(error)):
+      paths.append((_QUOTED_PATH.findall(str(error)) or [None])[-1])
+    error = error.__cause__ or error.__context__
+  if not paths:
+    return None
+  return next((p for p in reversed(paths) if p), '(unnamed file)')
+
+
+@contextlib.contextmanager
+def exit_in_one_line_if_disk_full(then: str = ''):
+  """For a command's main: a full disk ends the program with one line naming the file (the free
+  space left there, what to do, and `then`), not a traceback; any other error passes through."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 -- re-raised unless it is a full disk.
+    if (path := disk_full_path(e)) is None:
+      raise
+    folder = os.path.dirname(path)
+    while folder and not os.path.isdir(folder):
+      folder = os.path.dirname(folder)
+    free = f' ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)' if folder else ''
+    sys.exit(f'FATAL No space left on device writing {path}{free}: free some space, then run the same'
+             f' command again{then}.')
 
 
 # --- One writer per workdir. ----------------------------------------------------------------------
@@ -257,7 +320,7 @@ def record_code_version(workdir: str) -> None:
   """Keeps the code that started a run: a resumed run does not overwrite it."""
   path = os.path.join(workdir, CODE_VERSION_FILE)
   if not os.path.exists(path):
-    with open(path, 'w') as f:
+    with atomic_open(path) as f:
       f.write(code_version() + '\n')
 
 

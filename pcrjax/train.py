@@ -6,6 +6,7 @@ the validation and test patients. Re-running it on the same workdir resumes from
 """
 
 
+import contextlib
 import functools
 import json
 import os
@@ -256,76 +257,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(init_rng, config, model, (len(student_tps),) + visit_shape,
                              steps_per_epoch)
   state = jax.device_put(state, replicated)
-  manager = checkpoints.create_manager(workdir)
-  state, start_epoch = checkpoints.restore_latest(manager, state)
-  if start_epoch:
-    logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
-    state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
+  with checkpoints.managed(workdir) as manager, contextlib.ExitStack() as cleanup:
+    state, start_epoch = checkpoints.restore_latest(manager, state)
+    if start_epoch:
+      logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
+      state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
 
-  # Every patient goes to the device once (one shape for every fold: one compilation); a step
-  # gathers and augments its batch there, by source row.
-  examples = jax.device_put(input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), data),
-                            replicated)
-  pos_weight = jax.device_put(jnp.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
-  step_kwargs = dict(augmentation=input_pipeline.augmentation(data),
-                     feature_loss_weight=float(config.feature_loss_weight), student_visits=student_visits,
-                     t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None)
-  eval_fn = functools.partial(_eval_step, state.apply_fn, visits=student_visits)
-  put_rows = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+    # Every patient goes to the device once (one shape for every fold: one compilation); a step
+    # gathers and augments its batch there, by source row.
+    examples = jax.device_put(input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), data),
+                              replicated)
+    pos_weight = jax.device_put(jnp.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
+    step_kwargs = dict(augmentation=input_pipeline.augmentation(data),
+                       feature_loss_weight=float(config.feature_loss_weight), student_visits=student_visits,
+                       t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None)
+    eval_fn = functools.partial(_eval_step, state.apply_fn, visits=student_visits)
+    put_rows = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
 
-  def probabilities(params, rows):
-    return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
+    def probabilities(params, rows):
+      return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
 
-  log = _MetricsLog(workdir, start_epoch)
-  best_auroc = log.best(checkpoints.SELECTION_METRIC)
-  profiler = _Profiler(workdir, config.profile_steps)
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    started = time.time()
-    train_metrics = None
-    for batch in input_pipeline.epoch_batches(len(split.train), batch_size=config.batch_size,
-                                              seed=config.seed, epoch=epoch):
-      profiler.before_step()
-      state, step_metrics = _train_step(state, examples, put_rows(split.train[batch]), dropout_rng,
-                                        augment_rng, teacher, pos_weight, **step_kwargs)
-      profiler.after_step(state)
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    computed = train_metrics.compute()
-    first_bad = int(computed.pop('first_nonfinite_step'))
-    if first_bad >= 0:
-      profiler.stop(state)
-      manager.wait_until_finished()
-      last_good = manager.latest_step()
-      manager.close()
-      log.close()
-      raise Diverged(
-          f'{config.stage}, fold {config.data.fold}, epoch {epoch}, step {first_bad}: the loss or a'
-          f' gradient is not finite. The last good checkpoint is epoch {last_good or "none"} in'
-          f' {workdir}. Lower learning_rate (now {config.learning_rate:g}) or grad_clip_norm (now'
-          f' {config.grad_clip_norm:g}), or check the inputs; then delete the workdir or resume.')
-    probs, labels = probabilities(state.params, split.val), cohort.pcr[split.val]
-    summary = {f'train_{k}': float(v) for k, v in computed.items()}
-    summary.update(val_auroc=float(statistics.auroc(labels, probs)),
-                   val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
-                   learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
-                   epoch_seconds=time.time() - started)
-    if (summary['val_auroc'] > best_auroc or epoch % config.checkpoint_every_epochs == 0
-        or epoch == config.num_epochs):
-      checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
-    best_auroc = max(best_auroc, summary['val_auroc'])
-    log.write(epoch, int(state.step), summary)
-    logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
-                 ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
-  profiler.stop(state)
-  manager.wait_until_finished()
-  log.close()
+    log = cleanup.enter_context(contextlib.closing(_MetricsLog(workdir, start_epoch)))
+    best_auroc = log.best(checkpoints.SELECTION_METRIC)
+    profiler = _Profiler(workdir, config.profile_steps)
+    cleanup.callback(profiler.stop)
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      started = time.time()
+      train_metrics = None
+      for batch in input_pipeline.epoch_batches(len(split.train), batch_size=config.batch_size,
+                                                seed=config.seed, epoch=epoch):
+        profiler.before_step()
+        state, step_metrics = _train_step(state, examples, put_rows(split.train[batch]), dropout_rng,
+                                          augment_rng, teacher, pos_weight, **step_kwargs)
+        profiler.after_step(state)
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      computed = train_metrics.compute()
+      first_bad = int(computed.pop('first_nonfinite_step'))
+      if first_bad >= 0:
+        manager.wait_until_finished()
+        last_good = manager.latest_step()
+        raise Diverged(
+            f'{config.stage}, fold {config.data.fold}, epoch {epoch}, step {first_bad}: the loss or a'
+            f' gradient is not finite. The last good checkpoint is epoch {last_good or "none"} in'
+            f' {workdir}. Lower learning_rate (now {config.learning_rate:g}) or grad_clip_norm (now'
+            f' {config.grad_clip_norm:g}), or check the inputs; then delete the workdir or resume.')
+      probs, labels = probabilities(state.params, split.val), cohort.pcr[split.val]
+      summary = {f'train_{k}': float(v) for k, v in computed.items()}
+      summary.update(val_auroc=float(statistics.auroc(labels, probs)),
+                     val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
+                     learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
+                     epoch_seconds=time.time() - started)
+      if (summary['val_auroc'] > best_auroc or epoch % config.checkpoint_every_epochs == 0
+          or epoch == config.num_epochs):
+        checkpoints.save(manager, epoch, state, {'val_auroc': summary['val_auroc']})
+      best_auroc = max(best_auroc, summary['val_auroc'])
+      log.write(epoch, int(state.step), summary)
+      logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
+                   ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
+    profiler.stop()
+    manager.wait_until_finished()
 
-  params, best_epoch = checkpoints.restore_best_params(manager, state.params)
-  runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
-                       value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
-  for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
-    rows = getattr(split, split_name)
-    runs.write_predictions(runs.predictions_path(workdir, split_name), cohort.prediction_rows(
-        rows, probabilities(params, rows), config.data.fold))
+    params, best_epoch = checkpoints.restore_best_params(manager, state.params)
+    runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
+                         value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
+    for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
+      rows = getattr(split, split_name)
+      runs.write_predictions(runs.predictions_path(workdir, split_name), cohort.prediction_rows(
+          rows, probabilities(params, rows), config.data.fold))
   return {'best_epoch': best_epoch, 'workdir': workdir}
 
 
@@ -361,43 +359,41 @@ class _Profiler:
 
   def after_step(self, state) -> None:
     if self._tracing and self._steps == 1 + self._num_steps:
-      self.stop(state)
-
-  def stop(self, state) -> None:
-    if self._tracing:
       jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self) -> None:
+    if self._tracing:
       jax.profiler.stop_trace()
       self._tracing = False
       logging.info('Profiler trace of %d training steps written to %s.', self._steps - 1, self._dir)
 
 
 class _MetricsLog:
-  """metrics.jsonl (one line per epoch) and TensorBoard events; a resumed run drops stale lines."""
+  """metrics.jsonl (one line per epoch, rewritten whole: never a half line) and TensorBoard events;
+  a resumed run drops the lines of epochs after its checkpoint."""
 
   def __init__(self, workdir: str, start_epoch: int):
     self._path = os.path.join(workdir, runs.METRICS_FILE)
-    kept = []
+    self._lines = []
     if os.path.exists(self._path):
       with open(self._path) as f:
-        kept = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
-    with open(self._path, 'w') as f:
-      f.writelines(kept)
+        self._lines = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
     self._writer = tensorboardX.SummaryWriter(workdir)
 
   def write(self, epoch: int, step: int, summary: dict[str, float]) -> None:
-    with open(self._path, 'a') as f:
-      f.write(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
+    self._lines.append(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
+    with runs.atomic_open(self._path) as f:
+      f.writelines(self._lines)
     for key, value in summary.items():
       self._writer.add_scalar(key, value, step)
 
   def value(self, epoch: int, key: str) -> float:
-    with open(self._path) as f:
-      return next(line[key] for line in map(json.loads, f) if line['epoch'] == epoch)
+    return next(line[key] for line in map(json.loads, self._lines) if line['epoch'] == epoch)
 
   def best(self, key: str) -> float:
     """The largest `key` of the kept lines (-inf before the first epoch)."""
-    with open(self._path) as f:
-      return max((line[key] for line in map(json.loads, f)), default=-np.inf)
+    return max((line[key] for line in map(json.loads, self._lines)), default=-np.inf)
 
   def close(self) -> None:
     self._writer.close()

@@ -1,6 +1,8 @@
 """Shared fixtures: two CPU devices (so batches are really sharded) and one real smoke-size build."""
 
 import os
+import shutil
+import subprocess
 
 # Before JAX initialises: two host devices, so every test shards its batches over a real 2-device mesh.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -30,3 +32,32 @@ def smoke_config(data_dir):
   config.num_epochs = 1
   config.warmup_epochs = 0
   return config
+
+
+class SmallDisk:
+  """A real small file system: filled for real, its writes fail with the kernel's own ENOSPC."""
+
+  def __init__(self, path):
+    self.path = str(path)
+    self._filler = os.path.join(self.path, 'filler')
+
+  def fill(self, leave_bytes: int = 0) -> None:
+    """Fills the disk until `leave_bytes` are free (0: full)."""
+    with open(self._filler, 'ab') as f:
+      f.write(b'\xff' * max(0, shutil.disk_usage(self.path).free - leave_bytes))
+
+  def free(self) -> None:
+    os.remove(self._filler)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs (needs the right to mount: root, as in CI's container)."""
+  path = tmp_path / 'disk'
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(path)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
+  yield SmallDisk(path)
+  subprocess.run(['umount', '-l', str(path)], check=True)

@@ -69,3 +69,18 @@ def test_validation_split_honours_val_fraction_and_strata(val_fraction):
 def test_holdout_keeps_singleton_strata():
   held = folds.stratified_holdout(np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2]), 0.3, seed=0)
   assert held.sum() == 3
+
+
+def test_validation_and_training_hold_both_classes_in_a_small_cohort():
+  """A 21-patient cohort in 2 folds: a 2-patient validation split would often miss the rare class."""
+  for seed in range(20):
+    ids, stratum, pcr = _cohort(21, seed=seed)
+    for fold in range(2):
+      try:
+        split = folds.split_fold(ids, stratum, num_folds=2, fold=fold, seed=seed, val_fraction=0.2)
+      except ValueError as e:  # Too few of a class in the fold's training part: said in one line.
+        rest_pcr = np.bincount(pcr[folds.assign_folds(ids, stratum, 2, seed) != fold], minlength=2)
+        assert rest_pcr.min() < 2 and 'needs both classes' in str(e)
+        continue
+      assert len(split.val) == round(0.2 * (len(split.train) + len(split.val)))
+      assert set(pcr[split.val]) == {0, 1} and set(pcr[split.train]) == {0, 1}, (seed, fold)

@@ -1,6 +1,7 @@
 """End to end on a real smoke build: the three stages, the frozen teacher, resume, the protocol."""
 
 import csv
+import errno
 import hashlib
 import html
 import itertools
@@ -130,7 +131,7 @@ def test_a_diverging_run_stops_with_one_message(data_dir, tmp_path):
   assert 'Traceback' not in done.stderr and 'cannot schedule new futures' not in done.stderr
 
 
-def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
+def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path, small_disk):
   config = _config(paper_table, data_dir, bootstrap_replicates=200)
   assert config.num_repeats == 2
   workdir = tmp_path / 'table'
@@ -182,6 +183,16 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path):
   subprocess.run([sys.executable, '-m', 'pcrjax.report', f'--workdir={workdir}'], cwd=REPO, check=True,
                  capture_output=True, timeout=300)
   assert (workdir / 'table.csv').read_text() == before
+
+  # On a full disk the report stops at its first file, naming it, and leaves every file whole.
+  full = pathlib.Path(small_disk.path) / 'table'
+  shutil.copytree(workdir, full, ignore=shutil.ignore_patterns('checkpoints', 'events.*'))
+  small_disk.fill()
+  digest = _tree_digest(full)
+  with pytest.raises(OSError) as error:
+    report.build(str(full))
+  assert error.value.errno == errno.ENOSPC and error.value.filename.startswith(str(full))
+  assert _tree_digest(full) == digest
 
   # Comparing two runs: a run against itself differs by nothing; against a copy whose student
   # predictions were replaced by a much better ranking, the student row shows it.

@@ -165,5 +165,6 @@ def learning_curves(path: str, run_dir: str, *, num_repeats: int, num_folds: int
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
+  with runs.atomic_open(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=130)
   plt.close(fig)

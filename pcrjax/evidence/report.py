@@ -61,9 +61,9 @@ def build(run_dir: str) -> list[tables.Row]:
                         num_folds=config.data.num_folds)
 
   markdown = render(config, run_dir, table, pairs, operating, groups)
-  with open(os.path.join(run_dir, 'report.md'), 'w') as f:
+  with runs.atomic_open(os.path.join(run_dir, 'report.md')) as f:
     f.write(markdown)
-  with open(os.path.join(run_dir, 'report.html'), 'w') as f:
+  with runs.atomic_open(os.path.join(run_dir, 'report.html')) as f:
     f.write(to_html(markdown, run_dir, config))
   print(markdown)
   return table
@@ -82,7 +82,7 @@ def _flat(record: dict) -> dict:
 
 def _write_csv(path: str, records: list[dict]) -> None:
   records = [_flat(r) for r in records]
-  with open(path, 'w', newline='') as f:
+  with runs.atomic_open(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
     writer.writeheader()
     writer.writerows(records)

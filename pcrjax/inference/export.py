@@ -99,9 +99,9 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
       'members': members,
       'evidence': _evidence(run_dir, model_name),
   }
-  with open(os.path.join(tmp, MODEL_FILE), 'w') as f:
+  with runs.atomic_open(os.path.join(tmp, MODEL_FILE)) as f:
     json.dump(description, f, indent=2)
-  with open(os.path.join(tmp, MODEL_CARD_FILE), 'w') as f:
+  with runs.atomic_open(os.path.join(tmp, MODEL_CARD_FILE)) as f:
     f.write(model_card(description, run_config))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)

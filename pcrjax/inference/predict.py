@@ -205,7 +205,7 @@ def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray) -> str
 
 def write_outputs(out_dir: str, result: dict, patient: Patient, ensemble: Ensemble) -> None:
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'prediction.json'), 'w') as f:
+  with runs.atomic_open(os.path.join(out_dir, 'prediction.json')) as f:
     json.dump(result, f, indent=2)
   inputs = model_inputs(patient, ensemble)
   png = _figure_png(inputs['images'], inputs['tumour'],
@@ -230,7 +230,7 @@ calibration slope {e['calibration_slope']:.2f}. See MODEL_CARD.md of the model.<
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
 </body></html>
 """
-  with open(os.path.join(out_dir, 'prediction.html'), 'w') as f:
+  with runs.atomic_open(os.path.join(out_dir, 'prediction.html')) as f:
     f.write(page)
 
 
@@ -254,7 +254,7 @@ def predict_folder(patients: dict[str, tcia.PatientFiles], ensemble: Ensemble, o
       rows.append({'patient_id': pid, 'status': 'failed', 'probability': '', 'sd': '', 'min': '',
                    'max': '', 'reason': str(e)})
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='') as f:
+  with runs.atomic_open(os.path.join(out_dir, 'predictions.csv'), newline='') as f:
     writer = csv.DictWriter(f, fieldnames=BATCH_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
