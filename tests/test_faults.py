@@ -77,11 +77,10 @@ def _protocol_command(workdir, data_dir, manual_dir, cache_dir):
 
 
 @pytest.fixture(scope='module')
-def tcia_run(tmp_path_factory):
-  """An uninterrupted smoke protocol on a TCIA fixture tree (its build included), and its export."""
+def tcia_run(tcia_tree, tmp_path_factory):
+  """An uninterrupted smoke protocol on the TCIA fixture tree (its build included), and its export."""
   root = tmp_path_factory.mktemp('tcia_run')
-  manual_dir = root / 'manual'
-  truth = tcia_fixtures.write_tcia_tree(manual_dir)
+  manual_dir, truth = tcia_tree
   paths = {'workdir': root / 'run', 'data_dir': root / 'tfds', 'manual_dir': manual_dir,
            'cache_dir': root / 'xla', 'model_dir': root / 'model'}
   done = subprocess.run(_protocol_command(*(paths[k] for k in ('workdir', 'data_dir', 'manual_dir',

@@ -43,6 +43,7 @@ def test_pip_install_keeps_the_installed_jax_and_numpy_and_runs_the_smoke_protoc
   workdir = tmp_path / 'workdir'
   env = {**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')}
   _run([python, '-m', 'pcrjax.main', f'--config={ROOT / "experiments" / "paper_table.py"}:smoke',
-        f'--workdir={workdir}', '--config.num_epochs=1', '--config.warmup_epochs=0'],
+        f'--workdir={workdir}', '--config.num_epochs=1', '--config.warmup_epochs=0',
+        '--config.num_repeats=1'],
        cwd=run_dir, env=env, timeout=1800)
   assert (workdir / 'table.csv').exists() and (workdir / 'report.html').exists()

@@ -24,10 +24,10 @@ MR = '1.2.840.10008.5.1.4.1.1.4'
 COLLECTION_VALUES = {0x00, 0x01, 0x02, 0x11, 0x20, 0x21, 0x22, 0x31}
 
 
-@pytest.fixture(scope='module')
-def tree(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tcia')
-  return root, fx.write_tcia_tree(root)
+@pytest.fixture
+def tree(tcia_tree):
+  """The shared fixture tree (conftest.py), by the name these tests use."""
+  return tcia_tree
 
 
 @pytest.fixture(scope='module')

@@ -803,13 +803,6 @@ def test_process_patient_fallbacks(patient_tree, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fixture trees
-@pytest.fixture(scope='module')
-def fixture_tree(tmp_path_factory):
-  """The default TCIA-like tree of tcia_fixtures (phantom patients) and its ground truth."""
-  root = tmp_path_factory.mktemp('fixture_tree')
-  return root, tcia_fixtures.write_tcia_tree(root)
-
-
 def _date_variants(texts):
   """'20101130' -> also '11-30-2010' (NBIA folder names): dates must not leak in either form."""
   out = list(texts)
@@ -819,8 +812,8 @@ def _date_variants(texts):
   return out
 
 
-def test_fixture_tree_end_to_end(fixture_tree):
-  root, truths = fixture_tree
+def test_fixture_tree_end_to_end(tcia_tree):
+  root, truths = tcia_tree
   patients, issues = tcia.discover(root)
   clinical = tcia.read_clinical(root)
   assert sorted(patients) == sorted(truths)

@@ -56,12 +56,6 @@ from fake_data import tcia_fixtures  # noqa: E402
 from tfds_ispy2.ispy2 import tcia, tcia_cache  # noqa: E402
 
 
-@pytest.fixture(scope='module')
-def tcia_tree(tmp_path_factory):
-  root = tmp_path_factory.mktemp('manual')
-  return root, tcia_fixtures.write_tcia_tree(root)
-
-
 def _build_tcia(manual_dir, data_dir, **kwargs):
   builder = tfds.builder('ispy2/tcia', data_dir=str(data_dir), file_format='array_record', **kwargs)
   builder.download_and_prepare(

@@ -1,0 +1,13 @@
+"""Fixtures shared by tests/ and the dataset's own tests (tfds_ispy2/)."""
+
+import pytest
+
+from fake_data import tcia_fixtures
+
+
+@pytest.fixture(scope='session')
+def tcia_tree(tmp_path_factory):
+  """The default TCIA-like DICOM tree of fake_data.tcia_fixtures and its ground truth, written once
+  (read-only for every test: builds write to their own data_dir)."""
+  root = tmp_path_factory.mktemp('tcia_manual')
+  return root, tcia_fixtures.write_tcia_tree(root)
