@@ -69,6 +69,8 @@ setuptools.setup(
     extras_require={'test': ['pytest==9.2.0', 'wheel==0.45.1', 'jupytext==1.19.6', 'nbclient==0.11.0',
                              'nbformat==5.11.1', 'ipykernel==7.4.0'],
                     # The PyTorch twin of `python -m benchmarks.run` (benchmarks/README.md).
-                    'benchmarks': ['torch>=2.4']},
+                    'benchmarks': ['torch>=2.4'],
+                    # The `tcia` build as an Apache Beam pipeline (README: at scale).
+                    'beam': ['apache-beam>=2.77']},
     cmdclass={'build_py': BuildPyWithoutTests},
 )

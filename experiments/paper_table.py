@@ -18,4 +18,8 @@ def get_config(arg: str | None = None):
   # Repeated cross-validation: new folds and initialisation per repeat (x the training time).
   config.num_repeats = 2 if arg == 'smoke' else 1
   config.calibration = 'none'  # Or 'platt' / 'temperature', fitted on each fold's validation split.
+  # Trainings of several folds at once, each in its own process (on GPUs: its own share of them).
+  config.parallel_trainings = 1
+  # >= 0: train only task t = repeat * num_folds + fold (a job of a cluster's job array), then stop.
+  config.protocol_task = -1
   return config

@@ -119,6 +119,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.num_repeats >= 1, 'num_repeats', 'must be >= 1')
     check(config.calibration in CALIBRATIONS, 'calibration', f'must be one of {CALIBRATIONS}')
     check(config.bootstrap_replicates >= 100, 'bootstrap_replicates', 'must be >= 100')
+    check(config.parallel_trainings >= 1, 'parallel_trainings', 'must be >= 1')
+    num_tasks = config.num_repeats * config.data.num_folds
+    check(-1 <= config.protocol_task < num_tasks, 'protocol_task',
+          f'must be -1 (all) or a task in [0, {num_tasks}) (repeat * num_folds + fold)')
   if config.stage == 'teacher':
     check(T2 in tps, 'data.time_points', 'the teacher (stage 1) must see T2')
   if config.stage in ('baseline', 'student'):

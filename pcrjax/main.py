@@ -6,6 +6,7 @@ stage trains one model on one fold (pcrjax.train). `--config` also takes an expe
 their values; `--config.<field>=<value>` overrides one.
 """
 
+import contextlib
 import difflib
 import logging as std_logging
 import os
@@ -16,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pcrjax import configs, protocol, runs, train
+from pcrjax import configs, parallel, protocol, runs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
@@ -87,6 +88,10 @@ def main(argv):
       print(f'{name}={value!r}')
     return
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  protocol_task = config.protocol_task if config.stage == 'protocol' else -1
+  if config.stage == 'protocol' and config.parallel_trainings > 1:
+    # The coordinator trains nothing: its children get the accelerators (and their memory).
+    jax.config.update('jax_platforms', 'cpu')
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -98,12 +103,13 @@ def main(argv):
   try:
     with (runs.exit_in_one_line_if_disk_full(
         then=' (or choose another --workdir); it resumes from the last checkpoint written whole'),
-          runs.workdir_lock(FLAGS.workdir)):
+          # A protocol task (one job of an array) locks its own directory, not the shared workdir.
+          contextlib.nullcontext() if protocol_task >= 0 else runs.workdir_lock(FLAGS.workdir)):
       if config.stage == 'protocol':
         protocol.run(config, FLAGS.workdir)
       else:
         train.train_and_evaluate(config, FLAGS.workdir)
-  except runs.WorkdirInUse as e:
+  except (runs.WorkdirInUse, parallel.TaskFailed) as e:
     sys.exit(f'FATAL {e}')
   except train.Diverged as e:
     logging.error('Diverged: %s', e)

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from pcrjax import folds, ftv, input_pipeline, references, runs, train
+from pcrjax import folds, ftv, input_pipeline, parallel, references, runs, train
 from pcrjax.evidence import report, tables
 from tfds_ispy2.ispy2 import schema
 
@@ -36,7 +36,8 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fol
                  workdir: str) -> ml_collections.ConfigDict:
   """The protocol's config turned into one network's config on one fold of one repeat."""
   cfg = repeat_config(config, repeat)
-  for protocol_only in ('bootstrap_replicates', 'num_repeats', 'calibration'):
+  for protocol_only in ('bootstrap_replicates', 'num_repeats', 'calibration', 'parallel_trainings',
+                        'protocol_task'):
     del cfg[protocol_only]
   spec = runs.model(stage)
   cfg.stage = stage
@@ -49,33 +50,58 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fol
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   """Trains and fits whatever is not finished yet, then builds the report; returns the main table.
 
-  A progress bar with an ETA counts the trainings, the reference fits of a repeat as one.
+  With `config.protocol_task` >= 0 it trains that task alone and returns [] (a job of a job
+  array; a last run without it fits the references and builds the report). A progress bar with an
+  ETA counts the trainings, the reference fits of a repeat as one.
   """
   workdir = os.path.abspath(workdir)
-  runs.write_config(workdir, config)
+  protocol_config = ml_collections.ConfigDict(config.to_dict())
+  protocol_config.protocol_task = -1  # The workdir's config is the protocol's, not one job's.
+  runs.write_config(workdir, protocol_config)
   runs.record_code_version(workdir)
+  input_pipeline.load_source(config.data, with_images=False)  # Built once, before any training.
+  if config.protocol_task >= 0:
+    train_task(config, workdir, config.protocol_task)
+    return []
   networks = runs.networks_in_training_order()
-  total = config.num_repeats * (config.data.num_folds * len(networks) + 1)
-  with tqdm.tqdm(total=total, unit='training') as bar:
+  num_tasks = config.num_repeats * config.data.num_folds
+  with tqdm.tqdm(total=num_tasks * len(networks) + config.num_repeats, unit='training') as bar:
+    if config.parallel_trainings > 1:
+      bar.set_description(f'trainings, {config.parallel_trainings} at a time')
+      for _ in parallel.run_tasks(workdir, num_tasks, config.data.num_folds,
+                                  config.parallel_trainings):
+        bar.update(len(networks))
+    else:
+      for task in range(num_tasks):
+        train_task(config, workdir, task, bar=bar)
     for repeat in range(config.num_repeats):
-      for fold in range(config.data.num_folds):
-        for spec in networks:
-          bar.set_description(
-              f'training {bar.n + 1}/{total}: repeat {repeat} fold {fold} {spec.name}')
-          directory = runs.stage_dir(workdir, repeat, fold, spec.name)
-          if runs.is_finished(directory):
-            logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold,
-                         spec.name)
-          else:
-            logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats,
-                         fold, config.data.num_folds, spec.name)
-            train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir),
-                                     directory)
-          bar.update()
-      bar.set_description(f'training {bar.n + 1}/{total}: repeat {repeat} reference models')
+      bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} reference models')
       fit_reference_models(repeat_config(config, repeat), workdir, repeat)
       bar.update()
   return report.build(workdir)
+
+
+def train_task(config: ml_collections.ConfigDict, workdir: str, task: int, bar=None) -> None:
+  """Task t = repeat * num_folds + fold: that fold's networks, each after the teacher it learns
+  from; finished ones are skipped."""
+  repeat, fold = divmod(task, config.data.num_folds)
+  with runs.workdir_lock(runs.task_dir(workdir, repeat, fold)):  # One writer per task, job arrays too.
+    _train_networks(config, workdir, repeat, fold, bar)
+
+
+def _train_networks(config, workdir, repeat, fold, bar) -> None:
+  for spec in runs.networks_in_training_order():
+    if bar is not None:
+      bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} fold {fold} {spec.name}')
+    directory = runs.stage_dir(workdir, repeat, fold, spec.name)
+    if runs.is_finished(directory):
+      logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold, spec.name)
+    else:
+      logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
+                   config.data.num_folds, spec.name)
+      train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
+    if bar is not None:
+      bar.update()
 
 
 def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:

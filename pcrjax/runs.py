@@ -105,8 +105,13 @@ LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, 
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
 
 
+def task_dir(workdir: str, repeat: int, fold: int) -> str:
+  """One protocol task: the networks of one fold of one repeat (trained in order, in one process)."""
+  return os.path.join(workdir, f'repeat_{repeat}', f'fold_{fold}')
+
+
 def stage_dir(workdir: str, repeat: int, fold: int, model_name: str) -> str:
-  return os.path.join(workdir, f'repeat_{repeat}', f'fold_{fold}', model_name)
+  return os.path.join(task_dir(workdir, repeat, fold), model_name)
 
 
 def predictions_path(directory: str, split: str) -> str:
@@ -135,11 +140,14 @@ def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict:
+  """The config a run was started with; its lists are the tuples it was written from (JSON has
+  none), so that it trains exactly as the original."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {directory} is not a pcrjax run.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f, object_hook=lambda d: {
+        k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}))
 
 
 def write_selection(directory: str, *, epoch: int, metric: str, value: float) -> None:
@@ -192,12 +200,13 @@ def read_predictions(path: str) -> list[dict]:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = 'w', **kwargs):
-  """`open(path, mode)` through `<path>.tmp`, moved into place when the body finishes.
+  """`open(path, mode)` through `<path>.<pid>.tmp`, moved into place when the body finishes.
 
-  A file that exists is whole: a killed or failed write leaves the previous version. An OSError of
-  the write names `path` (a full disk's ENOSPC, raised by write or close, names no file).
+  A file that exists is whole: a killed or failed write leaves the previous version, and processes
+  writing the same file (the jobs of a job array) do not mix their bytes. An OSError of the write
+  names `path` (a full disk's ENOSPC, raised by write or close, names no file).
   """
-  tmp = f'{path}.tmp'
+  tmp = f'{path}.{os.getpid()}.tmp'
   try:
     with open(tmp, mode, **kwargs) as f:
       yield f

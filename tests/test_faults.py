@@ -78,17 +78,21 @@ def _protocol_command(workdir, data_dir, manual_dir, cache_dir):
 
 @pytest.fixture(scope='module')
 def tcia_run(tcia_tree, tmp_path_factory):
-  """An uninterrupted smoke protocol on the TCIA fixture tree (its build included), and its export."""
+  """An uninterrupted smoke protocol on the TCIA fixture tree (its build included), its two folds
+  trained at once in child processes (`parallel_trainings`), and its export."""
   root = tmp_path_factory.mktemp('tcia_run')
   manual_dir, truth = tcia_tree
   paths = {'workdir': root / 'run', 'data_dir': root / 'tfds', 'manual_dir': manual_dir,
            'cache_dir': root / 'xla', 'model_dir': root / 'model'}
   done = subprocess.run(_protocol_command(*(paths[k] for k in ('workdir', 'data_dir', 'manual_dir',
-                                                                  'cache_dir'))),
+                                                                  'cache_dir')))
+                        + ['--config.parallel_trainings=2'],
                         capture_output=True, text=True, timeout=900, cwd=REPO)
   assert done.returncode == 0, done.stderr[-3000:]
+  logs = sorted(paths['workdir'].glob('repeat_0/fold_*/log.txt'))  # One child per fold.
+  assert len(logs) == 2 and all('training the student' in log.read_text() for log in logs)
   export.export(str(paths['workdir']), str(paths['model_dir']), model_name='student')
-  return paths, truth, done.stderr
+  return paths, truth, done.stderr + ''.join(log.read_text() for log in logs)
 
 
 def _records(data_dir):
@@ -116,6 +120,8 @@ def _run_until_killed(command, log_path, trigger, delay):
 
 
 def test_kill_9_anywhere_then_the_same_command_gives_the_same_results(tcia_run, tmp_path):
+  """The run killed five times and resumed trains its folds in sequence: it also shows that the
+  parallel trainings of `tcia_run` give the sequential protocol's predictions and table."""
   paths, _, _ = tcia_run
   workdir, data_dir = tmp_path / 'run', tmp_path / 'tfds'
   command = _protocol_command(workdir, data_dir, paths['manual_dir'], paths['cache_dir'])
@@ -174,3 +180,4 @@ def test_no_phi_in_any_file_written_from_build_to_export(tcia_run):
   found.update({name: [s for s in phi if len(s) >= 5 and s.encode() in data]
                 for name, data in binaries.items()})
   assert not {name: hits for name, hits in found.items() if hits}
+

@@ -24,7 +24,7 @@ MR = '1.2.840.10008.5.1.4.1.1.4'
 COLLECTION_VALUES = {0x00, 0x01, 0x02, 0x11, 0x20, 0x21, 0x22, 0x31}
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def tree(tcia_tree):
   """The shared fixture tree (conftest.py), by the name these tests use."""
   return tcia_tree

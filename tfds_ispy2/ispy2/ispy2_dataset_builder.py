@@ -9,19 +9,15 @@ the input pipeline, not here.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import itertools
-import json
 import os
 
 import loky
 import tensorflow_datasets as tfds
-import tqdm
-from absl import logging
 
-from tfds_ispy2.ispy2 import phantom, schema, tcia, tcia_cache
+from tfds_ispy2.ispy2 import phantom, schema, tcia, tcia_build
 
 
 def _by(sizes) -> str:
@@ -105,12 +101,19 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     """skips_are_fatal: (`tcia`) stop the build at the first patient that would be skipped."""
     super().__init__(**kwargs)
     self._skips_are_fatal = skips_are_fatal
+    self._on_beam = False
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=schema.features(self.builder_config.shape),
         homepage='https://doi.org/10.7937/TCIA.D8Z0-9T85',
     )
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    # A Beam runner or Beam options given to TFDS: the examples come from a Beam pipeline.
+    self._on_beam = bool(download_config and (download_config.beam_runner or
+                                              download_config.beam_options))
+    return super()._download_and_prepare(dl_manager, download_config)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     if self.builder_config.phantom is not None:  # The phantom needs no download.
@@ -130,7 +133,8 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
         yield example['patient_id'], example
 
   def _generate_tcia(self, manual_dir, download_dir):
-    """Discovers the download, then processes patients in parallel (one patient per worker at a time).
+    """Discovers the download (DICOM headers, in a local pool), then processes the patients in
+    parallel, one patient per worker at a time: in a local pool, or as a Beam pipeline.
 
     Each patient's result is cached under `download_dir`, keyed by the spec, the clinical record
     and the patient's files (paths, sizes, times): a build interrupted half-way and restarted only
@@ -139,62 +143,20 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     spec = self.builder_config.tcia
     with _process_pool() as pool:
       patients, issues = tcia.discover(manual_dir, map_fn=functools.partial(pool.map, chunksize=256))
-      clinical = tcia.read_clinical(manual_dir)
-      cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
-      os.makedirs(cache_dir, exist_ok=True)
-      report = _BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
-      jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
-      yield from self._process(pool, jobs, report)
-    report.write(os.path.join(self.data_dir, 'build_report.json'), spec)
+    clinical = tcia.read_clinical(manual_dir)
+    cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
+    os.makedirs(cache_dir, exist_ok=True)
+    report = tcia_build.BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
+    jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
+    report_path = os.path.join(self.data_dir, tcia_build.REPORT_FILE)
+    if self._on_beam:
+      return tcia_build.beam_pipeline(jobs, report, report_path, spec, self._skips_are_fatal)
+    return self._process_locally(jobs, report, report_path, spec)
 
-  def _process(self, pool, jobs, report: '_BuildReport'):
-    """Yields the examples of `jobs` in order; records skips and issues in `report`."""
-    with tqdm.tqdm(total=len(jobs), desc='ispy2/tcia', unit='patient') as bar:
-      for (patient, *_), outcome in zip(jobs, pool.map(tcia_cache.process_patient_cached, jobs)):
-        pid = patient.patient_id
-        bar.update()
-        kind, payload, patient_issues = outcome
-        report.issues += [i._asdict() for i in patient_issues]
-        if kind == 'skip':
-          reason, detail = payload
-          if self._skips_are_fatal:
-            raise RuntimeError(f'Patient {pid} would be skipped ({reason}: {detail}) and'
-                               ' skips_are_fatal=True.')
-          logging.warning('ispy2/tcia: skipped patient %s: %s (%s)', pid, reason, detail)
-          report.skipped.append({'patient_id': pid, 'reason': reason, 'detail': detail})
-          continue
-        example, meta = payload
-        report.written.append({'patient_id': pid, **meta})
-        yield pid, example
-
-
-@dataclasses.dataclass
-class _BuildReport:
-  """build_report.json: what was found, written and skipped, and why (ids and reasons only, no PHI)."""
-
-  found: int
-  issues: list[dict]
-  written: list[dict] = dataclasses.field(default_factory=list)
-  skipped: list[dict] = dataclasses.field(default_factory=list)
-
-  def write(self, path: str, spec: tcia.TciaSpec) -> None:
-    summary = {
-        'spec': dataclasses.asdict(spec),
-        'patients_found': self.found,
-        'patients_written': len(self.written),
-        'patients_skipped': len(self.skipped),
-        'skips_by_reason': dict(collections.Counter(s['reason'] for s in self.skipped)),
-        'issues_by_reason': dict(collections.Counter(i['reason'] for i in self.issues)),
-        'visits_by_mask_source': {**dict.fromkeys(tcia.MASK_SOURCES, 0), **collections.Counter(
-            source for w in self.written for source in w['mask_source'] if source)},
-        'skipped': self.skipped,
-        'issues': self.issues,
-        'written': self.written,
-    }
-    with open(path, 'w') as f:
-      json.dump(summary, f, indent=1)
-    logging.info('ispy2/tcia: %d patients found, %d written, %d skipped %s; report: %s', self.found,
-                 len(self.written), len(self.skipped), summary['skips_by_reason'], path)
+  def _process_locally(self, jobs, report, report_path, spec):
+    with _process_pool() as pool:
+      yield from tcia_build.process_locally(pool, jobs, report, report_path, spec,
+                                            self._skips_are_fatal)
 
 
 def _process_pool() -> loky.ProcessPoolExecutor:

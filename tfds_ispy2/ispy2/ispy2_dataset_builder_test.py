@@ -54,12 +54,13 @@ import pytest  # noqa: E402
 
 from fake_data import tcia_fixtures  # noqa: E402
 from tfds_ispy2.ispy2 import tcia, tcia_cache  # noqa: E402
+from tfds_ispy2.ispy2 import tcia_build as build_steps  # noqa: E402  (tcia_build: a fixture)
 
 
-def _build_tcia(manual_dir, data_dir, **kwargs):
+def _build_tcia(manual_dir, data_dir, download_config=None, **kwargs):
   builder = tfds.builder('ispy2/tcia', data_dir=str(data_dir), file_format='array_record', **kwargs)
-  builder.download_and_prepare(
-      file_format='array_record', download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  builder.download_and_prepare(file_format='array_record', download_config=download_config or
+                               tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   return builder
 
 
@@ -273,3 +274,24 @@ def test_builds_run_from_unguarded_code(caller, tcia_tree, tcia_build, tmp_path,
   source = tiny.as_data_source(split='train')
   assert sorted(source[i]['patient_id'].decode() for i in range(len(source))) == [
       phantom.patient_id(i) for i in range(6)]
+
+
+def test_tcia_build_on_beam_gives_the_local_records_and_report(tcia_tree, tcia_build, tmp_path,
+                                                              monkeypatch):
+  """TFDS given a Beam runner (here the DirectRunner) builds through `tcia_build.beam_pipeline`."""
+  import apache_beam as beam
+  pipelines = []
+  real_pipeline = build_steps.beam_pipeline
+  monkeypatch.setattr(build_steps, 'beam_pipeline', lambda *a, **k: pipelines.append(1) or real_pipeline(*a, **k))
+  root, _ = tcia_tree
+  builder = _build_tcia(root, tmp_path, download_config=tfds.download.DownloadConfig(
+      manual_dir=str(root), beam_runner=beam.runners.DirectRunner()))
+  local_builder, local, _ = tcia_build
+  records = _records(builder)
+  assert records.keys() == local.keys()
+  for pid, record in records.items():
+    for key in FEATURES - {'patient_id'}:
+      np.testing.assert_array_equal(record[key], local[pid][key], err_msg=f'{pid} {key}')
+  report, local_report = (json.loads((pathlib.Path(b.data_dir) / 'build_report.json').read_text())
+                          for b in (builder, local_builder))
+  assert report == local_report and pipelines == [1]

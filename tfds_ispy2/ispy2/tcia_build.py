@@ -1,0 +1,116 @@
+"""How the `tcia` config turns patients into records: in a local process pool (the default) or as an
+Apache Beam pipeline (when TFDS is given a Beam runner), with the same records and build report.
+
+Its functions run in worker processes, so they live here, in an importable module, and not in the
+builder's module (which `tfds build` imports by file path).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import tqdm
+from absl import logging
+
+from tfds_ispy2.ispy2 import tcia, tcia_cache
+
+REPORT_FILE = 'build_report.json'
+
+
+@dataclasses.dataclass
+class BuildReport:
+  """build_report.json: what was found, written and skipped, and why (ids and reasons only, no PHI)."""
+
+  found: int
+  issues: list[dict]
+  written: list[dict] = dataclasses.field(default_factory=list)
+  skipped: list[dict] = dataclasses.field(default_factory=list)
+
+  def add(self, summary: tuple) -> None:
+    """One patient's summary (see `summarise`), in patient order."""
+    pid, kind, payload, issues = summary
+    self.issues += [i._asdict() for i in issues]
+    if kind == 'skip':
+      reason, detail = payload
+      logging.warning('ispy2/tcia: skipped patient %s: %s (%s)', pid, reason, detail)
+      self.skipped.append({'patient_id': pid, 'reason': reason, 'detail': detail})
+    else:
+      self.written.append({'patient_id': pid, **payload})
+
+  def write(self, path: str, spec: tcia.TciaSpec) -> None:
+    summary = {
+        'spec': dataclasses.asdict(spec),
+        'patients_found': self.found,
+        'patients_written': len(self.written),
+        'patients_skipped': len(self.skipped),
+        'skips_by_reason': dict(collections.Counter(s['reason'] for s in self.skipped)),
+        'issues_by_reason': dict(collections.Counter(i['reason'] for i in self.issues)),
+        'visits_by_mask_source': {**dict.fromkeys(tcia.MASK_SOURCES, 0), **collections.Counter(
+            source for w in self.written for source in w['mask_source'] if source)},
+        'skipped': self.skipped,
+        'issues': self.issues,
+        'written': self.written,
+    }
+    with open(path, 'w') as f:
+      json.dump(summary, f, indent=1)
+    logging.info('ispy2/tcia: %d patients found, %d written, %d skipped %s; report: %s', self.found,
+                 len(self.written), len(self.skipped), summary['skips_by_reason'], path)
+
+
+def process(job, skips_are_fatal: bool) -> tuple[str, tuple]:
+  """(patient id, outcome) of one job (tcia_cache.process_patient_cached); a skip raises if fatal."""
+  pid = job[0].patient_id
+  outcome = tcia_cache.process_patient_cached(job)
+  if skips_are_fatal and outcome[0] == 'skip':
+    reason, detail = outcome[1]
+    raise RuntimeError(f'Patient {pid} would be skipped ({reason}: {detail}) and skips_are_fatal=True.')
+  return pid, outcome
+
+
+def summarise(processed: tuple[str, tuple]) -> tuple:
+  """(pid, kind, metadata or (reason, detail), issues): what the report keeps, without the images."""
+  pid, (kind, payload, issues) = processed
+  return pid, kind, payload if kind == 'skip' else payload[1], issues
+
+
+def examples(processed: tuple[str, tuple]):
+  """(key, example) of a written patient; nothing for a skipped one."""
+  pid, (kind, payload, _) = processed
+  if kind == 'ok':
+    yield pid, payload[0]
+
+
+def process_locally(pool, jobs: list, report: BuildReport, report_path: str, spec: tcia.TciaSpec,
+                    skips_are_fatal: bool):
+  """Yields the examples of `jobs` in order from `pool`; the report is written at the end."""
+  outcomes = pool.map(process, jobs, [skips_are_fatal] * len(jobs))
+  for processed in tqdm.tqdm(outcomes, total=len(jobs), desc='ispy2/tcia', unit='patient'):
+    report.add(summarise(processed))
+    yield from examples(processed)
+  report.write(report_path, spec)
+
+
+def _write_report(summaries: list[tuple], report: BuildReport, path: str, spec: tcia.TciaSpec) -> None:
+  for summary in sorted(summaries, key=lambda s: s[0]):  # Patient order, as the local build.
+    report.add(summary)
+  report.write(path, spec)
+
+
+def beam_pipeline(jobs: list, report: BuildReport, report_path: str, spec: tcia.TciaSpec,
+                  skips_are_fatal: bool):
+  """The same as `process_locally`, as a Beam PTransform yielding (key, example) for TFDS's writer;
+  each patient is one element (a worker processes it end to end), the report one more output."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top  # The optional `beam` extra.
+
+  @beam.ptransform_fn
+  def build(pipeline):
+    processed = (pipeline | 'Patients' >> beam.Create(jobs)
+                 | 'Process' >> beam.Map(process, skips_are_fatal=skips_are_fatal))
+    _ = (processed | 'Summarise' >> beam.Map(summarise)
+         | 'Gather' >> beam.combiners.ToList()
+         | 'WriteReport' >> beam.Map(_write_report, report=report, path=report_path, spec=spec))
+    return processed | 'Examples' >> beam.FlatMap(examples)
+
+  return build()  # pylint: disable=no-value-for-parameter
