@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pcrjax import configs, parallel, protocol, runs, train
+from pcrjax import configs, parallel, protocol, runs, sharding, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
@@ -28,6 +28,13 @@ flags.DEFINE_bool('helpconfig', False, 'List every field of --config with its va
 flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'pcrjax', 'xla'),
                     "JAX's persistent compilation cache ('' = off): a later run of the same shapes"
                     ' loads its compiled steps instead of compiling them again.')
+flags.DEFINE_bool('distributed', False,
+                  'One of several processes training together (jax.distributed.initialize): the'
+                  ' three flags below, else what JAX finds (JAX_COORDINATOR_ADDRESS, Slurm, Open MPI,'
+                  ' TPU pods).')
+flags.DEFINE_string('coordinator_address', None, '--distributed: HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', None, '--distributed: how many processes.')
+flags.DEFINE_integer('process_id', None, '--distributed: this process, 0..num_processes-1.')
 flags.mark_flag_as_required('config')
 flags.register_multi_flags_validator(['workdir', 'helpconfig'],
                                      lambda f: f['workdir'] is not None or f['helpconfig'],
@@ -88,6 +95,9 @@ def main(argv):
       print(f'{name}={value!r}')
     return
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  if FLAGS.distributed:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL.
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   protocol_task = config.protocol_task if config.stage == 'protocol' else -1
   if config.stage == 'protocol' and config.parallel_trainings > 1:
     # The coordinator trains nothing: its children get the accelerators (and their memory).
@@ -103,8 +113,10 @@ def main(argv):
   try:
     with (runs.exit_in_one_line_if_disk_full(
         then=' (or choose another --workdir); it resumes from the last checkpoint written whole'),
-          # A protocol task (one job of an array) locks its own directory, not the shared workdir.
-          contextlib.nullcontext() if protocol_task >= 0 else runs.workdir_lock(FLAGS.workdir)):
+          # A protocol task (one job of an array) locks its own directory, not the shared workdir;
+          # of several processes training together, process 0 holds the lock.
+          contextlib.nullcontext() if protocol_task >= 0 or not sharding.is_primary()
+          else runs.workdir_lock(FLAGS.workdir)):
       if config.stage == 'protocol':
         protocol.run(config, FLAGS.workdir)
       else:

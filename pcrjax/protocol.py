@@ -11,6 +11,7 @@ predictions files alone.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from pcrjax import folds, ftv, input_pipeline, parallel, references, runs, train
+from pcrjax import folds, ftv, input_pipeline, parallel, references, runs, sharding, train
 from pcrjax.evidence import report, tables
 from tfds_ispy2.ispy2 import schema
 
@@ -57,8 +58,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   workdir = os.path.abspath(workdir)
   protocol_config = ml_collections.ConfigDict(config.to_dict())
   protocol_config.protocol_task = -1  # The workdir's config is the protocol's, not one job's.
-  runs.write_config(workdir, protocol_config)
-  runs.record_code_version(workdir)
+  if sharding.is_primary():
+    runs.write_config(workdir, protocol_config)
+    runs.record_code_version(workdir)
   input_pipeline.load_source(config.data, with_images=False)  # Built once, before any training.
   if config.protocol_task >= 0:
     train_task(config, workdir, config.protocol_task)
@@ -74,6 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
     else:
       for task in range(num_tasks):
         train_task(config, workdir, task, bar=bar)
+    if not sharding.is_primary():  # Of several processes training together, one writes the rest.
+      return []
     for repeat in range(config.num_repeats):
       bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} reference models')
       fit_reference_models(repeat_config(config, repeat), workdir, repeat)
@@ -85,7 +89,9 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task: int, bar=N
   """Task t = repeat * num_folds + fold: that fold's networks, each after the teacher it learns
   from; finished ones are skipped."""
   repeat, fold = divmod(task, config.data.num_folds)
-  with runs.workdir_lock(runs.task_dir(workdir, repeat, fold)):  # One writer per task, job arrays too.
+  lock = runs.workdir_lock(runs.task_dir(workdir, repeat, fold)) if sharding.is_primary() else (
+      contextlib.nullcontext())
+  with lock:  # One writer per task, in job arrays too.
     _train_networks(config, workdir, repeat, fold, bar)
 
 

@@ -1,8 +1,11 @@
-"""The device mesh: batches are split over the 'data' axis, parameters replicated."""
+"""The device mesh: batches are split over the 'data' axis, parameters replicated; on one process or
+on several (`jax.distributed`: each process places and reads only its own devices' shards)."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -22,3 +25,28 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def put(tree, sharding: NamedSharding):
+  """Host values (the same on every process) as global arrays of `sharding`.
+
+  Each process places only the shards its own devices hold (jax.make_array_from_callback): the same
+  call on one host or on several (`jax.distributed`), where jax.device_put cannot place a value on
+  another process's devices.
+  """
+  def one(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(one, tree)
+
+
+def fetch(array: jax.Array) -> np.ndarray:
+  """A global array's whole value on this host (gathered from the other processes if need be)."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def is_primary() -> bool:
+  """The process that writes the files every process would write alike (logs, predictions)."""
+  return jax.process_index() == 0

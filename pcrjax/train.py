@@ -175,7 +175,7 @@ def predict(eval_fn, params, examples: dict[str, jax.Array], rows: np.ndarray, *
   padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % batch_size)]).astype(np.int32)
   probs = [eval_fn(params, examples, put(padded[i:i + batch_size]))
            for i in range(0, len(padded), batch_size)]
-  return np.asarray(jnp.concatenate(probs))[:len(rows)]
+  return sharding.fetch(jnp.concatenate(probs))[:len(rows)]
 
 
 # --- Stage 2: the teacher. -----------------------------------------------------------------------
@@ -225,7 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains one stage on one fold, then predicts its validation and test patients with the best epoch."""
   configs.validate(config)
   workdir = os.path.abspath(workdir)
-  runs.write_config(workdir, config)
+  primary = sharding.is_primary()  # Of several processes (jax.distributed), one writes the files.
+  if primary:
+    runs.write_config(workdir, config)
 
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
@@ -235,8 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   split = folds.split_fold(
       cohort.patient_id, folds.strata(cohort.pcr, cohort.subtype), num_folds=config.data.num_folds,
       fold=config.data.fold, seed=config.data.fold_seed, val_fraction=config.data.val_fraction)
-  logging.info('%s, fold %d/%d: %d train, %d val, %d test patients.', config.stage, config.data.fold,
-               config.data.num_folds, len(split.train), len(split.val), len(split.test))
+  logging.info('%s, fold %d/%d: %d train, %d val, %d test patients; %d devices in %d process(es).',
+               config.stage, config.data.fold, config.data.num_folds, len(split.train),
+               len(split.val), len(split.test), jax.device_count(), jax.process_count())
 
   student_tps = tuple(config.data.time_points)
   visit_shape = input_pipeline.visit_shape(config.data)
@@ -246,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.time_points = loaded_tps
   if teacher is not None:
-    teacher = jax.device_put(
+    teacher = sharding.put(
         teacher.replace(time_points=tuple(loaded_tps.index(t) for t in teacher.time_points)), replicated)
   model = create_model(config, feature_dim=teacher.model.lstm_features if teacher else 0)
   student_visits = tuple(loaded_tps.index(t) for t in student_tps)
@@ -256,30 +259,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_rng, dropout_rng, augment_rng = jax.random.split(rng, 3)
   state = create_train_state(init_rng, config, model, (len(student_tps),) + visit_shape,
                              steps_per_epoch)
-  state = jax.device_put(state, replicated)
+  state = sharding.put(state, replicated)
   with checkpoints.managed(workdir) as manager, contextlib.ExitStack() as cleanup:
     state, start_epoch = checkpoints.restore_latest(manager, state)
     if start_epoch:
       logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
-      state = state.replace(step=jnp.asarray(start_epoch * steps_per_epoch, jnp.int32))
+      state = state.replace(step=sharding.put(np.int32(start_epoch * steps_per_epoch), replicated))
 
     # Every patient goes to the device once (one shape for every fold: one compilation); a step
     # gathers and augments its batch there, by source row.
-    examples = jax.device_put(input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), data),
-                              replicated)
-    pos_weight = jax.device_put(jnp.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
+    examples = sharding.put(input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), data),
+                            replicated)
+    pos_weight = sharding.put(np.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
     step_kwargs = dict(augmentation=input_pipeline.augmentation(data),
                        feature_loss_weight=float(config.feature_loss_weight), student_visits=student_visits,
                        t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None)
     eval_fn = functools.partial(_eval_step, state.apply_fn, visits=student_visits)
-    put_rows = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+    put_rows = functools.partial(sharding.put, sharding=sharding.batch_sharding(mesh))
 
     def probabilities(params, rows):
       return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
 
-    log = cleanup.enter_context(contextlib.closing(_MetricsLog(workdir, start_epoch)))
+    log = cleanup.enter_context(contextlib.closing(_MetricsLog(workdir, start_epoch, primary)))
     best_auroc = log.best(checkpoints.SELECTION_METRIC)
-    profiler = _Profiler(workdir, config.profile_steps)
+    profiler = _Profiler(workdir, config.profile_steps if primary else 0)
     cleanup.callback(profiler.stop)
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       started = time.time()
@@ -318,12 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
 
     params, best_epoch = checkpoints.restore_best_params(manager, state.params)
-    runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
-                         value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
+    if primary:
+      runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
+                           value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
     for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
       rows = getattr(split, split_name)
-      runs.write_predictions(runs.predictions_path(workdir, split_name), cohort.prediction_rows(
-          rows, probabilities(params, rows), config.data.fold))
+      probs = probabilities(params, rows)  # On every process: a collective.
+      if primary:
+        runs.write_predictions(runs.predictions_path(workdir, split_name),
+                               cohort.prediction_rows(rows, probs, config.data.fold))
   return {'best_epoch': best_epoch, 'workdir': workdir}
 
 
@@ -371,18 +377,21 @@ class _Profiler:
 
 class _MetricsLog:
   """metrics.jsonl (one line per epoch, rewritten whole: never a half line) and TensorBoard events;
-  a resumed run drops the lines of epochs after its checkpoint."""
+  a resumed run drops the lines of epochs after its checkpoint. Every process keeps the lines (the
+  best epoch so far decides a checkpoint on all of them); the primary writes the files."""
 
-  def __init__(self, workdir: str, start_epoch: int):
+  def __init__(self, workdir: str, start_epoch: int, writes_files: bool = True):
     self._path = os.path.join(workdir, runs.METRICS_FILE)
     self._lines = []
     if os.path.exists(self._path):
       with open(self._path) as f:
         self._lines = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
-    self._writer = tensorboardX.SummaryWriter(workdir)
+    self._writer = tensorboardX.SummaryWriter(workdir) if writes_files else None
 
   def write(self, epoch: int, step: int, summary: dict[str, float]) -> None:
     self._lines.append(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
+    if self._writer is None:
+      return
     with runs.atomic_open(self._path) as f:
       f.writelines(self._lines)
     for key, value in summary.items():
@@ -396,4 +405,5 @@ class _MetricsLog:
     return max((line[key] for line in map(json.loads, self._lines)), default=-np.inf)
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()

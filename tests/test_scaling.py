@@ -1,11 +1,15 @@
-"""The training step and evaluation give the same numbers on 1, 2 and 4 devices (batch sharded)."""
+"""The training step and evaluation give the same numbers on 1, 2 and 4 devices (batch sharded), and a
+training on 2 processes (jax.distributed) the same as on 1."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import portpicker
 import pytest
 
 _SCRIPT = textwrap.dedent('''
@@ -59,3 +63,39 @@ def test_step_and_evaluation_agree_on_1_2_and_4_devices():
     assert results[devices]['probs'] == pytest.approx(one['probs'], rel=1e-4, abs=1e-5)
   assert one['losses'][0] != one['losses'][-1]  # The steps did update the parameters.
 
+
+
+def test_two_processes_train_as_one_process_with_all_their_devices(data_dir, tmp_path):
+  """jax.distributed on one machine: 2 processes x 2 CPU devices (gloo collectives) against 1
+  process x 4 devices, the same smoke training: the same losses, checkpoints and predictions."""
+  def command(workdir, *flags):
+    return [sys.executable, '-m', 'pcrjax.main', '--config=experiments/baseline.py:smoke',
+            f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', '--config.num_epochs=2',
+            '--compilation_cache=', *flags]
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = lambda n: {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}  # noqa: E731
+  one = subprocess.Popen(command(tmp_path / 'one'), env=env(4), cwd=repo, stderr=subprocess.PIPE, text=True)
+  address = f'localhost:{portpicker.pick_unused_port()}'
+  two = [subprocess.Popen(command(tmp_path / 'two', '--distributed', f'--coordinator_address={address}',
+                                  '--num_processes=2', f'--process_id={i}'),
+                          env=env(2), cwd=repo, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for process in [one, *two]:
+    _, process.log = process.communicate(timeout=600)
+    assert process.returncode == 0, process.log[-3000:]
+  assert all('test patients; 4 devices in 2 process(es).' in p.log for p in two)
+
+  def metrics(workdir):
+    return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+  ones, twos = metrics(tmp_path / 'one'), metrics(tmp_path / 'two')
+  assert [m['epoch'] for m in twos] == [1, 2]
+  for a, b in zip(ones, twos):
+    for key in ('train_loss', 'val_auroc', 'val_bce'):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+  for split in ('val', 'test'):
+    a, b = (np.loadtxt(tmp_path / run / f'predictions_{split}.csv', delimiter=',', skiprows=1,
+                       usecols=2) for run in ('one', 'two'))
+    np.testing.assert_allclose(b, a, atol=2e-6)
+  assert sorted(p.name for p in (tmp_path / 'two' / 'checkpoints').iterdir()) == sorted(
+      p.name for p in (tmp_path / 'one' / 'checkpoints').iterdir())
