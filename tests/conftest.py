@@ -61,3 +61,18 @@ def small_disk(tmp_path):
     pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
   yield SmallDisk(path)
   subprocess.run(['umount', '-l', str(path)], check=True)
+
+
+@pytest.fixture(scope='session')
+def smoke_protocol(data_dir, tmp_path_factory):
+  """The smoke protocol (2 repeats x 2 folds, one epoch) on the session's build, run once: the
+  evidence tests and the export and predict tests read it (none writes into it)."""
+  from experiments import paper_table
+  from pcrjax import protocol
+  config = paper_table.get_config('smoke')
+  config.data.data_dir = data_dir
+  config.num_epochs = 1
+  config.warmup_epochs = 0
+  config.bootstrap_replicates = 200
+  workdir = tmp_path_factory.mktemp('smoke_protocol') / 'table'
+  return config, workdir, protocol.run(config, str(workdir))

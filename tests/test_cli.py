@@ -66,7 +66,7 @@ def test_a_wheel_install_runs_the_shipped_experiments_by_name_or_path(tmp_path):
   assert result.returncode != 0
   assert result.stderr.splitlines() == [
       'FATAL Flags parsing error: --config=stage9: no such file, nor an experiment of that name'
-      ' (baseline, paper_table, stage1, stage2)']
+      ' (baseline, paper_table, stage1, stage2, workdir)']
 
 
 def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):

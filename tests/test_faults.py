@@ -28,7 +28,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(smoke_config, s
 
   # Room for the lock, config and metrics, not for the next checkpoint.
   small_disk.fill(leave_bytes=48 * 1024)
-  done = _main(workdir, '--config=experiments/baseline.py:smoke', '--config.num_epochs=3',
+  done = _main(workdir, '--config=experiments/baseline.py:smoke', '--config.num_epochs=2',
                '--config.warmup_epochs=0', f'--config.data.data_dir={smoke_config.data.data_dir}')
   assert done.returncode == 1, done.stderr[-3000:]
   last = done.stderr.strip().splitlines()[-1]

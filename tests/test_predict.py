@@ -10,26 +10,22 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import paper_table
 from fake_data import tcia_fixtures as fx
-from pcrjax import protocol, runs
+from pcrjax import runs
 from pcrjax.inference import export, predict
 
 
 @pytest.fixture(scope='module')
-def model_dir(data_dir, tmp_path_factory):
-  """A smoke protocol (one repeat) exported; the run itself is moved away afterwards."""
-  config = paper_table.get_config('smoke')
-  config.data.data_dir = data_dir
-  config.num_repeats = 1
-  config.bootstrap_replicates = 200
-  run = tmp_path_factory.mktemp('run') / 'table'
-  protocol.run(config, str(run))
+def model_dir(smoke_protocol, tmp_path_factory):
+  """The smoke protocol exported from a copy of its workdir, deleted afterwards: loading the model
+  must not need the training workdir."""
+  _, run, _ = smoke_protocol
+  copy = tmp_path_factory.mktemp('run') / 'table'
+  shutil.copytree(run, copy)
   out = tmp_path_factory.mktemp('model') / 'student_model'
-  export.export(str(run), str(out))
-  moved = run.parent / 'moved_away'
-  os.rename(run, moved)  # Loading the model must not need the training workdir.
-  return {'dir': str(out), 'run': moved}
+  export.export(str(copy), str(out))
+  shutil.rmtree(copy)
+  return {'dir': str(out), 'run': run}
 
 
 def _patient_ids(run, fold, split):
@@ -39,8 +35,9 @@ def _patient_ids(run, fold, split):
 
 def test_export_is_self_contained_with_a_model_card(model_dir):
   ensemble = predict.load_model(model_dir['dir'])
-  assert [m['name'] for m in ensemble.description['members']] == ['repeat_0_fold_0', 'repeat_0_fold_1']
-  assert len(ensemble.params) == 2 and ensemble.preprocessing['crop_size'] == [8, 16, 16]
+  assert [m['name'] for m in ensemble.description['members']] == [
+      f'repeat_{r}_fold_{k}' for r in range(2) for k in range(2)]
+  assert len(ensemble.params) == 4 and ensemble.preprocessing['crop_size'] == [8, 16, 16]
   card = open(os.path.join(model_dir['dir'], export.MODEL_CARD_FILE)).read()
   with open(model_dir['run'] / 'table.csv', newline='') as f:
     auroc = next(float(r['auroc']) for r in csv.DictReader(f) if r['name'] == 'student')

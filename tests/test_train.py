@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import baseline, paper_table, stage1, stage2
+from experiments import baseline, stage1, stage2
 from pcrjax import checkpoints, input_pipeline, protocol, runs, train
 from pcrjax.evidence import compare, report
 
@@ -131,11 +131,9 @@ def test_a_diverging_run_stops_with_one_message(data_dir, tmp_path):
   assert 'Traceback' not in done.stderr and 'cannot schedule new futures' not in done.stderr
 
 
-def test_protocol_smoke_writes_the_evidence_and_resumes(data_dir, tmp_path, small_disk):
-  config = _config(paper_table, data_dir, bootstrap_replicates=200)
+def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path, small_disk):
+  config, workdir, table = smoke_protocol
   assert config.num_repeats == 2
-  workdir = tmp_path / 'table'
-  table = protocol.run(config, str(workdir))
   assert [(row.name, row.time_points) for row in table] == [
       ('baseline', 'T0+T1'), ('student', 'T0+T1'), ('subtype', 'clinical'), ('ftv', 'T0+T1'),
       ('ftv_subtype', 'T0+T1'), ('oracle', 'T0+T1'), ('teacher', 'T0+T1+T2')]
