@@ -98,6 +98,8 @@ def main(argv):
   if FLAGS.distributed:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index():  # Process 0 logs the run; the others only their warnings and errors.
+      logging.set_verbosity(logging.WARNING)
   protocol_task = config.protocol_task if config.stage == 'protocol' else -1
   if config.stage == 'protocol' and config.parallel_trainings > 1:
     # The coordinator trains nothing: its children get the accelerators (and their memory).
