@@ -39,7 +39,7 @@ def _platform() -> tuple[str, int]:
 
 
 def child_environments(num_parallel: int) -> list[dict[str, str]]:
-  """One environment per slot: its devices and a memory limit that lets the slots coexist."""
+  """One environment per slot: on GPUs, its own share of them; elsewhere the parent's."""
   platform, count = _platform()
   if platform == 'tpu':
     raise ValueError('parallel_trainings > 1: a TPU host runs one process; keep parallel_trainings=1'
@@ -55,7 +55,8 @@ def child_environments(num_parallel: int) -> list[dict[str, str]]:
 
 
 def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -> Iterator[int]:
-  """Runs tasks 0..num_tasks-1 (task = repeat * num_folds + fold), at most `num_parallel` at once; yields each one as it finishes.
+  """Runs tasks 0..num_tasks-1 (task = repeat * num_folds + fold), at most `num_parallel` at once;
+  yields each one as it finishes.
 
   A task that fails stops the others (they resume later, from their checkpoints) and raises
   TaskFailed with its last line.
@@ -67,9 +68,9 @@ def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -
     while pending or running:
       for slot in [s for s in range(num_parallel) if s not in running][:len(pending)]:
         task = pending.pop(0)
-        repeat, fold = divmod(task, num_folds)
-        os.makedirs(runs.task_dir(workdir, repeat, fold), exist_ok=True)
-        log = open(os.path.join(runs.task_dir(workdir, repeat, fold), LOG_FILE), 'w')
+        directory = runs.task_dir(workdir, *divmod(task, num_folds))
+        os.makedirs(directory, exist_ok=True)
+        log = open(os.path.join(directory, LOG_FILE), 'w')
         command = [sys.executable, '-m', 'pcrjax.main', f'--config=workdir:{workdir}',
                    f'--workdir={workdir}', f'--config.protocol_task={task}',
                    f'--compilation_cache={cache or ""}']

@@ -1,17 +1,26 @@
-"""Faults a long run meets, for real: a full disk (a real tmpfs filled up), kill -9 at random moments."""
+"""Faults a long run meets, for real: a full disk (a real tmpfs filled up), kill -9 at random moments,
+PHI looked for in every file written; and the protocol's folds trained in parallel child processes."""
 
 import base64
 import errno
+import glob
+import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from fake_data import tcia_fixtures
 from pcrjax import checkpoints, runs, train
+from pcrjax.inference import export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,17 +64,6 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(smoke_config, s
 
 
 # --- Kill -9 anywhere: a smoke protocol on a TCIA fixture tree, from its build to its report. -------
-
-import glob  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-from fake_data import tcia_fixtures  # noqa: E402
-from pcrjax.inference import export  # noqa: E402
 
 
 def _protocol_command(workdir, data_dir, manual_dir, cache_dir):
