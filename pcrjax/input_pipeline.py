@@ -1,8 +1,8 @@
 """From the TFDS `ispy2` records to batches on the device: folds, representation, normalisation, augmentation.
 
 Data flows one way: `load_source` (builds the dataset on first use) -> `read_cohort` (labels and strata
-of every patient, for the folds) -> `load_examples` (decode + represent once per process, as stacked
-arrays) -> placed on the device once per run -> per step, `epoch_batches` says which rows, and
+of every patient, for the folds; `load_cohort` keeps it per process) -> `load_examples` (decode +
+represent once per process, as stacked arrays) -> placed on the device once per run -> per step, `epoch_batches` says which rows, and
 `device_batch` (inside the jitted step) gathers and augments them there. An epoch then costs its steps:
 no host work, no transfer.
 """
@@ -81,6 +81,19 @@ def read_cohort(source) -> Cohort:
       patient_id=np.array(patient_id), pcr=np.array(pcr, np.int64),
       subtype=np.array(subtype, np.int64), arm=np.array(arm), visit_mask=np.stack(visit_mask),
       subtype_names=tuple(source.dataset_info.features['subtype'].names))
+
+
+_COHORTS: dict[tuple, Cohort] = {}
+
+
+def load_cohort(data: ml_collections.ConfigDict) -> Cohort:
+  """`read_cohort` of `data.dataset` (built on first use), once per process and built dataset: a
+  protocol's trainings and reference fits all read the same cohort."""
+  source = load_source(data, with_images=False)
+  key = (source.dataset_info.data_dir, str(source.split))
+  if key not in _COHORTS:
+    _COHORTS[key] = read_cohort(source)
+  return _COHORTS[key]
 
 
 def text(value) -> str:

@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   if sharding.is_primary():
     runs.write_config(workdir, protocol_config)
     runs.record_code_version(workdir)
-  input_pipeline.load_source(config.data, with_images=False)  # Built once, before any training.
+  input_pipeline.load_cohort(config.data)  # Built once, before any training.
   if config.protocol_task >= 0:
     train_task(config, workdir, config.protocol_task)
     return []
@@ -113,7 +113,7 @@ def _train_networks(config, workdir, repeat, fold, bar) -> None:
 def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:
   """Every reference model of the run contract, a logistic model per training fold."""
   source = input_pipeline.load_source(config.data)
-  cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
+  cohort = input_pipeline.load_cohort(config.data)
   ftv_mm3 = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE))
   inputs = references.features(cohort, ftv_mm3,
                                references.phantom_truth(config.data, cohort.patient_id))

@@ -108,7 +108,7 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
   """`DATASET:PATIENT_ID` from a built TFDS dataset (its labels are not read)."""
   dataset, _, pid = spec.rpartition(':')
   data = ml_collections.ConfigDict({'dataset': dataset, 'data_dir': data_dir, 'manual_dir': ''})
-  ids = input_pipeline.read_cohort(input_pipeline.load_source(data, with_images=False)).patient_id
+  ids = input_pipeline.load_cohort(data).patient_id
   rows = np.flatnonzero(ids == pid)
   if not len(rows):
     raise ValueError(f'{pid}: no such patient in {dataset}.')
