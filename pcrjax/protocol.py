@@ -11,6 +11,7 @@ predictions files alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import csv
 import os
@@ -114,7 +115,8 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
   """Every reference model of the run contract, a logistic model per training fold."""
   source = input_pipeline.load_source(config.data)
   cohort = input_pipeline.load_cohort(config.data)
-  ftv_mm3 = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE))
+  ftv_mm3 = ftv_table(source, cohort, os.path.join(workdir, runs.FTV_TABLE_FILE),
+                      threads=int(config.data.read_threads))
   inputs = references.features(cohort, ftv_mm3,
                                references.phantom_truth(config.data, cohort.patient_id))
   stratum = folds.strata(cohort.pcr, cohort.subtype)
@@ -138,11 +140,13 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
                                cohort.prediction_rows(rows, probs, fold))
 
 
-def ftv_table(source, cohort: input_pipeline.Cohort, path: str) -> np.ndarray:
-  """FTV (mm^3) of every patient at T0..T3, [N, 4]; computed once and kept in `path` (ftv.csv)."""
+def ftv_table(source, cohort: input_pipeline.Cohort, path: str, threads: int = 1) -> np.ndarray:
+  """FTV (mm^3) of every patient at T0..T3, [N, 4]; computed once (in `threads` threads: decoding
+  and NumPy release the GIL) and kept in `path` (ftv.csv)."""
   if not os.path.exists(path):
-    rows = [[cohort.patient_id[i]] + [f'{v:.1f}' for v in ftv.ftv_per_visit(source[i])]
-            for i in range(len(cohort))]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      volumes = pool.map(lambda i: ftv.ftv_per_visit(source[i]), range(len(cohort)))
+      rows = [[pid] + [f'{v:.1f}' for v in mm3] for pid, mm3 in zip(cohort.patient_id, volumes)]
     with runs.atomic_open(path, newline='') as f:
       writer = csv.writer(f)
       writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in schema.VISITS])
