@@ -1,7 +1,7 @@
 """The JAX half: pcrjax's own jitted training step, evaluation and input pipeline, timed on one case.
 
-Everything is the code a run executes: `train._train_step` (the batch gathered and augmented on the
-device, AdamW, donation), `train._eval_step`, `input_pipeline.device_batch`, on the mesh of every
+Everything is the code a run executes: `train._train_step` (the step's row of the epoch's batches,
+gathered and augmented on the device, AdamW, donation, the metrics merged), `train._eval_step`, `input_pipeline.device_batch`, on the mesh of every
 visible device (the batch split over it, parameters replicated), with `configs.base_config()`'s
 hyperparameters and random inputs. The student case adds a frozen teacher, as stage 2 does.
 """
@@ -67,17 +67,18 @@ def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str
   kwargs = dict(augmentation=augmentation, feature_loss_weight=1.0, student_visits=tuple(range(visits)),
                 t2_visit=2 if with_teacher else None)
   batches = input_pipeline.epoch_batches(num_examples, batch_size=batch_size, seed=0, epoch=1)
-  rows = jax.device_put(batches[0], batch_rows)
+  epoch_rows = jax.device_put(batches, sharding.epoch_batch_sharding(mesh))
+  epoch_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
 
   def step():
     nonlocal state
-    state, _ = train._train_step(state, examples, rows, dropout_rng, augment_rng, teacher, pos_weight,
-                                 **kwargs)
+    state, _ = train._train_step(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng,
+                                 teacher, pos_weight, **kwargs)
     return state
 
   start = time.perf_counter()
-  compiled = train._train_step.lower(state, examples, rows, dropout_rng, augment_rng, teacher,
-                                     pos_weight, **kwargs).compile()
+  compiled = train._train_step.lower(state, epoch_metrics, examples, epoch_rows, dropout_rng,
+                                     augment_rng, teacher, pos_weight, **kwargs).compile()
   compile_s = time.perf_counter() - start  # Trace and compile (the step's cache is then warm).
   flops = _flops(compiled)
   jax.block_until_ready(step())
@@ -95,15 +96,17 @@ def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str
   jax.block_until_ready(evaluate())
   eval_s, _ = _median_seconds(evaluate, max(steps // 2, 3))
 
-  # The input pipeline alone, as the step sees it: the host's rows of an epoch placed on the mesh,
-  # then gathered and augmented on the device.
-  gather = jax.jit(input_pipeline.device_batch, static_argnums=3)
+  # The input pipeline alone, as the step sees it: the epoch's shuffled rows placed on the mesh
+  # once, then each step's batch gathered and augmented on the device.
+  @jax.jit
+  def gather(examples, epoch_rows, step):
+    return input_pipeline.device_batch(examples, epoch_rows[step],
+                                       jax.random.fold_in(augment_rng, step), augmentation)
 
   def pipeline_epoch():
-    out = None
-    for epoch_rows in input_pipeline.epoch_batches(num_examples, batch_size=batch_size, seed=0, epoch=2):
-      out = gather(examples, jax.device_put(epoch_rows, batch_rows), augment_rng, augmentation)
-    return out
+    epoch_rows = jax.device_put(input_pipeline.epoch_batches(
+        num_examples, batch_size=batch_size, seed=0, epoch=2), sharding.epoch_batch_sharding(mesh))
+    return [gather(examples, epoch_rows, np.int32(step)) for step in range(len(epoch_rows))][-1]
 
   jax.block_until_ready(pipeline_epoch())
   pipeline_s, _ = _median_seconds(pipeline_epoch, 5)

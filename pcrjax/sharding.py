@@ -23,6 +23,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec('data'))
 
 
+def epoch_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """[steps, batch] rows of an epoch: each step's batch split over 'data'."""
+  return NamedSharding(mesh, PartitionSpec(None, 'data'))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

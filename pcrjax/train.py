@@ -41,6 +41,10 @@ class FirstNonFiniteStep(metrics.Metric):
   def from_model_output(cls, *, step: jax.Array, finite: jax.Array, **_) -> 'FirstNonFiniteStep':
     return cls(step=jnp.where(finite, -1, step).astype(jnp.int32))
 
+  @classmethod
+  def empty(cls) -> 'FirstNonFiniteStep':
+    return cls(step=jnp.array(-1, jnp.int32))
+
   def merge(self, other: 'FirstNonFiniteStep') -> 'FirstNonFiniteStep':
     either = jnp.where(self.step < 0, other.step, self.step)
     return type(self)(step=jnp.where((self.step >= 0) & (other.step >= 0),
@@ -299,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        t2_visit=loaded_tps.index(configs.T2) if teacher is not None else None)
     eval_fn = functools.partial(_eval_step, state.apply_fn, visits=student_visits)
     put_rows = functools.partial(sharding.put, sharding=sharding.batch_sharding(mesh))
+    put_epoch_rows = functools.partial(sharding.put, sharding=sharding.epoch_batch_sharding(mesh))
+    empty_metrics = sharding.put(TrainMetrics.empty(), replicated)
 
     def probabilities(params, rows):
       return predict(eval_fn, params, examples, rows, batch_size=config.eval_batch_size, put=put_rows)
@@ -309,14 +315,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     cleanup.callback(profiler.stop)
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       started = time.time()
-      train_metrics = None
-      for batch in input_pipeline.epoch_batches(len(split.train), batch_size=config.batch_size,
-                                                seed=config.seed, epoch=epoch):
+      # The epoch's batches go to the device at once; each step takes its own row there and merges
+      # its metrics into the epoch's: one dispatch per step, no transfer.
+      epoch_rows = put_epoch_rows(split.train[input_pipeline.epoch_batches(
+          len(split.train), batch_size=config.batch_size, seed=config.seed, epoch=epoch)])
+      train_metrics = empty_metrics
+      for _ in range(steps_per_epoch):
         profiler.before_step()
-        state, step_metrics = _train_step(state, examples, put_rows(split.train[batch]), dropout_rng,
-                                          augment_rng, teacher, pos_weight, **step_kwargs)
+        state, train_metrics = _train_step(state, train_metrics, examples, epoch_rows, dropout_rng,
+                                           augment_rng, teacher, pos_weight, **step_kwargs)
         profiler.after_step(state)
-        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       computed = train_metrics.compute()
       first_bad = int(computed.pop('first_nonfinite_step'))
       if first_bad >= 0:
@@ -358,16 +366,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=(
     'augmentation', 'feature_loss_weight', 'student_visits', 't2_visit'))
-def _train_step(state, examples, rows, dropout_rng, augment_rng, teacher, pos_weight, *, augmentation,
-                **kwargs):
-  """train_step on the batch of `rows`, gathered and augmented on the device.
+def _train_step(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
+                pos_weight, *, augmentation, **kwargs):
+  """train_step on the next batch of the epoch, `epoch_rows[state.step % steps]`, gathered and
+  augmented on the device; its metrics merged into `epoch_metrics`.
 
   Jitted once per process: the protocol's trainings of one network share the compiled step (and,
   through the persistent compilation cache, later runs do too).
   """
+  rows = epoch_rows[state.step % epoch_rows.shape[0]]
   batch = input_pipeline.device_batch(examples, rows, jax.random.fold_in(augment_rng, state.step),
                                       augmentation)
-  return train_step(state, batch, dropout_rng, teacher, pos_weight, **kwargs)
+  state, step_metrics = train_step(state, batch, dropout_rng, teacher, pos_weight, **kwargs)
+  return state, epoch_metrics.merge(step_metrics)
 
 
 _eval_step = jax.jit(eval_step, static_argnums=0, static_argnames='visits')

@@ -33,10 +33,12 @@ _SCRIPT = textwrap.dedent('''
       examples = jax.device_put(host, replicated)
       keys = jax.random.split(jax.random.key(1))
       losses = []
-      for rows in input_pipeline.epoch_batches(32, batch_size=8, seed=0, epoch=1):
-        rows = jax.device_put(rows, sharding.batch_sharding(mesh))
+      epoch_rows = jax.device_put(input_pipeline.epoch_batches(32, batch_size=8, seed=0, epoch=1),
+                                  sharding.epoch_batch_sharding(mesh))
+      for _ in range(len(epoch_rows)):
         state, metrics = train._train_step(
-            state, examples, rows, keys[0], keys[1], None, jax.device_put(jnp.float32(2.0), replicated),
+            state, jax.device_put(train.TrainMetrics.empty(), replicated), examples, epoch_rows,
+            keys[0], keys[1], None, jax.device_put(jnp.float32(2.0), replicated),
             augmentation=input_pipeline.augmentation(config.data), feature_loss_weight=1.0,
             student_visits=(0, 1), t2_visit=None)
         losses.append(float(metrics.compute()['loss']))
