@@ -41,12 +41,14 @@ def _flops(compiled) -> float | None:
   return float(analysis['flops']) if analysis and analysis.get('flops') else None
 
 
-def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str = 'float32') -> dict:
+def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float32'):
+  """(step, figures): `step()` runs one training step to completion (compiled and warmed up here);
+  `figures(step_times)` measures the rest (evaluation, pipeline) and returns the case's figures."""
   config = configs.base_config()
   config.model.dtype = dtype
   visits, visit_shape, with_teacher = common.CASES[case]
   mesh = sharding.make_mesh()
-  replicated, batch_rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
   init_rng, dropout_rng, augment_rng, teacher_rng = jax.random.split(jax.random.key(0), 4)
   loaded_visits = 3 if with_teacher else visits
   teacher = None
@@ -84,45 +86,50 @@ def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str
   jax.block_until_ready(step())
   for _ in range(warmup):
     step()
-  step_s, times = _median_seconds(step, steps)
-  peak = _peak_memory()
+  jax.block_until_ready(state)
+  peak = _peak_memory()  # Before the twin allocates anything in this process.
 
-  eval_rows = jax.device_put(np.arange(config.eval_batch_size, dtype=np.int32), batch_rows)
+  def figures(times: list[float]) -> dict:
+    step_s = statistics.median(times)
+    eval_rows = jax.device_put(np.arange(config.eval_batch_size, dtype=np.int32),
+                               sharding.batch_sharding(mesh))
 
-  def evaluate():
-    return train._eval_step(state.apply_fn, state.params, examples, eval_rows,
-                            visits=tuple(range(visits)))
+    def evaluate():
+      return train._eval_step(state.apply_fn, state.params, examples, eval_rows,
+                              visits=tuple(range(visits)))
 
-  jax.block_until_ready(evaluate())
-  eval_s, _ = _median_seconds(evaluate, max(steps // 2, 3))
+    jax.block_until_ready(evaluate())
+    eval_s, _ = _median_seconds(evaluate, 10)
 
-  # The input pipeline alone, as the step sees it: the epoch's shuffled rows placed on the mesh
-  # once, then each step's batch gathered and augmented on the device.
-  @jax.jit
-  def gather(examples, epoch_rows, step):
-    return input_pipeline.device_batch(examples, epoch_rows[step],
-                                       jax.random.fold_in(augment_rng, step), augmentation)
+    # The input pipeline alone, as the step sees it: the epoch's shuffled rows placed on the mesh
+    # once, then each step's batch gathered and augmented on the device.
+    @jax.jit
+    def gather(examples, epoch_rows, step):
+      return input_pipeline.device_batch(examples, epoch_rows[step],
+                                         jax.random.fold_in(augment_rng, step), augmentation)
 
-  def pipeline_epoch():
-    epoch_rows = jax.device_put(input_pipeline.epoch_batches(
-        num_examples, batch_size=batch_size, seed=0, epoch=2), sharding.epoch_batch_sharding(mesh))
-    return [gather(examples, epoch_rows, np.int32(step)) for step in range(len(epoch_rows))][-1]
+    def pipeline_epoch():
+      epoch_rows = jax.device_put(input_pipeline.epoch_batches(
+          num_examples, batch_size=batch_size, seed=0, epoch=2), sharding.epoch_batch_sharding(mesh))
+      return [gather(examples, epoch_rows, np.int32(step)) for step in range(len(epoch_rows))][-1]
 
-  jax.block_until_ready(pipeline_epoch())
-  pipeline_s, _ = _median_seconds(pipeline_epoch, 5)
-  device = jax.devices()[0]
-  return {
-      'framework': 'jax', 'case': case, 'batch': batch_size, 'dtype': dtype,
-      'devices': f'{jax.device_count()} x {device.platform}:{device.device_kind}',
-      'compile_s': compile_s, 'ms_per_step': 1e3 * step_s, 'examples_per_s': batch_size / step_s,
-      'times_ms': [1e3 * t for t in times],
-      'eval_examples_per_s': config.eval_batch_size / eval_s,
-      'pipeline_examples_per_s': len(batches) * batch_size / pipeline_s,
-      'gflop_per_step': flops / 1e9 if flops else None,
-      'gflops_achieved': flops / step_s / 1e9 if flops else None,
-      'peak_bytes': peak[0], 'peak_kind': peak[1],
-      'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
-  }
+    jax.block_until_ready(pipeline_epoch())
+    pipeline_s, _ = _median_seconds(pipeline_epoch, 5)
+    device = jax.devices()[0]
+    return {
+        'framework': 'jax', 'case': case, 'batch': batch_size, 'dtype': dtype,
+        'devices': f'{jax.device_count()} x {device.platform}:{device.device_kind}',
+        'compile_s': compile_s, 'ms_per_step': 1e3 * step_s, 'examples_per_s': batch_size / step_s,
+        'times_ms': [1e3 * t for t in times],
+        'eval_examples_per_s': config.eval_batch_size / eval_s,
+        'pipeline_examples_per_s': num_examples // batch_size * batch_size / pipeline_s,
+        'gflop_per_step': flops / 1e9 if flops else None,
+        'gflops_achieved': flops / step_s / 1e9 if flops else None,
+        'peak_bytes': peak[0], 'peak_kind': peak[1],
+        'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
+    }
+
+  return (lambda: jax.block_until_ready(step())), figures
 
 
 def _peak_memory() -> tuple[int, str]:

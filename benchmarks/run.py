@@ -5,8 +5,8 @@
   python -m benchmarks.run --dtype=bfloat16              # GPU/TPU: bf16 compute (MFU vs the bf16 peak)
 
 Each case runs in its own process (so that its peak host memory is its own), where the JAX step and
-the twin's alternate A B A B (`--rounds` times each) so that both see the same machine state; the
-ratio is JAX's median over PyTorch's. Weak scaling runs the `mip` step on 1, 2, 4 devices (forced
+the twin's alternate in blocks of `--block` steps, A B B A, so that both blocks of a pair see nearly
+the same machine state; the ratio is the median of the pairs' ratios. Weak scaling runs the `mip` step on 1, 2, 4 devices (forced
 host devices on a CPU: `--xla_force_host_platform_device_count`) with the batch per device fixed.
 Writes results.json, results.md (the tables, with the environment) and scaling.png under --out.
 """
@@ -20,6 +20,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import time
 
 from benchmarks import common
 
@@ -29,9 +30,10 @@ SCALING_CASE = 'mip'
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--cases', default=','.join(common.CASES), help=f'comma-separated, of {list(common.CASES)}')
-  parser.add_argument('--steps', type=int, default=20, help='timed steps per round (median)')
+  parser.add_argument('--steps', type=int, default=40, help='timed steps of each framework (median)')
+  parser.add_argument('--block', type=int, default=5,
+                      help='steps per block; blocks of the two frameworks alternate A B B A')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps after the first one')
-  parser.add_argument('--rounds', type=int, default=2, help='A B rounds of JAX then PyTorch per case')
   parser.add_argument('--batch_size', type=int, default=common.DEFAULT_BATCH)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--scaling', default='1,2,4', help="device counts for weak scaling ('' skips)")
@@ -47,30 +49,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> dict:
-  """One case in this process: JAX and the twin alternating, then JAX's memory and throughputs."""
+  """One case in this process: JAX's and the twin's steps in pairs of blocks, A B B A, then JAX's
+  memory and throughputs. Both blocks of a pair see nearly the same machine state (a 2-core VM's
+  speed drifts by tens of per cent over minutes), so the ratio is the median of the pairs' ratios of
+  block medians. Each block starts with one untimed step: the other framework's threads may still be
+  spinning (OpenMP's and XLA's pools wait actively for a while after their work)."""
   from benchmarks import jax_step  # Imported here: the parent process never initialises a backend.
   try:
     from benchmarks import torch_twin
   except ImportError:
     torch_twin = None
-  kwargs = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
-  jax_rounds, torch_rounds = [], []
-  for _ in range(args.rounds):
-    jax_rounds.append(jax_step.time_case(args.worker, **kwargs))
-    if torch_twin is not None and not args.no_torch:
-      torch_rounds.append(torch_twin.time_case(args.worker, **kwargs))
-  result = dict(jax_rounds[0])  # Compile time and memory: the first round (a fresh process).
-  result['ms_per_step'] = statistics.median(r['ms_per_step'] for r in jax_rounds)
-  result['examples_per_s'] = args.batch_size / result['ms_per_step'] * 1e3
-  result['jax_rounds_ms'] = [r['ms_per_step'] for r in jax_rounds]
-  if result['gflop_per_step']:
-    result['gflops_achieved'] = result['gflop_per_step'] / result['ms_per_step'] * 1e3
-  if torch_rounds:
-    result['torch'] = torch_rounds[0]['framework']
-    result['torch_threads'] = torch_rounds[0]['threads']
-    result['torch_rounds_ms'] = [r['ms_per_step'] for r in torch_rounds]
-    result['torch_ms_per_step'] = statistics.median(result['torch_rounds_ms'])
-    result['ratio'] = result['ms_per_step'] / result['torch_ms_per_step']
+  kwargs = dict(batch_size=args.batch_size, warmup=args.warmup, dtype=args.dtype)
+  cases = {'jax': jax_step.prepare_case(args.worker, **kwargs)}
+  if torch_twin is not None and not args.no_torch:
+    cases['torch'] = torch_twin.prepare_case(args.worker, **kwargs)
+  times = {name: [] for name in cases}
+  block_medians = {name: [] for name in cases}
+  for pair in range(max(args.steps // args.block, 1)):
+    for name in (list(cases) if pair % 2 == 0 else list(cases)[::-1]):
+      step = cases[name][0]
+      step()
+      block = []
+      for _ in range(args.block):
+        start = time.perf_counter()
+        step()
+        block.append(time.perf_counter() - start)
+      times[name] += block
+      block_medians[name].append(statistics.median(block))
+  result = cases['jax'][1](times['jax'])
+  if 'torch' in cases:
+    twin = cases['torch'][1](times['torch'])
+    result.update(torch=twin['framework'], torch_threads=twin['threads'],
+                  torch_ms_per_step=twin['ms_per_step'], torch_times_ms=twin['times_ms'],
+                  ratio=statistics.median(j / t for j, t in zip(block_medians['jax'],
+                                                                block_medians['torch'])))
   result['matmul_peak_gflops'] = jax_step.matmul_peak_gflops(args.dtype)
   return result
 
@@ -87,9 +99,9 @@ def environment() -> dict:
 
 
 def _run_worker(case: str, args: argparse.Namespace, *, devices: int | None = None,
-                batch_size: int | None = None, rounds: int | None = None) -> dict:
+                batch_size: int | None = None) -> dict:
   argv = [sys.executable, '-m', 'benchmarks.run', f'--worker={case}', f'--steps={args.steps}',
-          f'--warmup={args.warmup}', f'--rounds={rounds or args.rounds}', f'--dtype={args.dtype}',
+          f'--warmup={args.warmup}', f'--dtype={args.dtype}',
           f'--batch_size={batch_size or args.batch_size}', f'--cases={case}']
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')  # Leave the GPU to the twin too.
   if args.no_torch or devices:
@@ -104,7 +116,7 @@ def _run_worker(case: str, args: argparse.Namespace, *, devices: int | None = No
 def weak_scaling(args: argparse.Namespace, counts: list[int]) -> list[dict]:
   rows = []
   for n in counts:
-    r = _run_worker(SCALING_CASE, args, devices=n, batch_size=args.batch_size * n, rounds=1)
+    r = _run_worker(SCALING_CASE, args, devices=n, batch_size=args.batch_size * n)
     rows.append({'devices': n, 'batch': args.batch_size * n, 'ms_per_step': r['ms_per_step'],
                  'device_kind': r['devices']})
   for row in rows:
@@ -138,8 +150,8 @@ def markdown(env: dict, results: list[dict], scaling: list[dict]) -> str:
   if any('torch' in r for r in results):
     r = next(r for r in results if 'torch' in r)
     lines += ['', f"PyTorch: {r['torch']}, {r['torch_threads']} threads. Ratio = pcrjax / PyTorch "
-              'ms per step (< 1: pcrjax is faster); each the median of its rounds '
-              f"({', '.join(str(len(x['jax_rounds_ms'])) for x in results[:1])} per framework, A B A B)."]
+              'ms per step (< 1: pcrjax is faster): the median, over pairs of blocks of steps taken '
+              "A B B A, of the blocks' median ratio; ms/step: each framework's median step."]
   if scaling:
     lines += ['', f'Weak scaling, `{SCALING_CASE}` step, batch {scaling[0]["batch"]} per device:', '',
               '| devices | batch | ms/step | efficiency |', '| ---: | ---: | ---: | ---: |']

@@ -96,8 +96,9 @@ def flax_param_count(config, input_shape, feature_dim: int) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
 
 
-def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str = 'float32',
-              compile_model: bool = False) -> dict:
+def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float32',
+                 compile_model: bool = False):
+  """(step, figures) as `jax_step.prepare_case`: the twin's step, warmed up; its figures."""
   config = configs.base_config()
   m = config.model
   visits, visit_shape, with_teacher = common.CASES[case]
@@ -148,16 +149,18 @@ def time_case(case: str, *, batch_size: int, steps: int, warmup: int, dtype: str
   for _ in range(warmup):
     step()
   sync()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
+
+  def figures(times: list[float]) -> dict:
+    median = statistics.median(times)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+    return {'framework': f'torch {torch.__version__}' + (' compile' if compile_model else ' eager'),
+            'case': case, 'batch': batch_size, 'dtype': dtype, 'devices': f'{device.type}:{name}',
+            'threads': torch.get_num_threads(), 'compile_s': compile_s, 'ms_per_step': 1e3 * median,
+            'examples_per_s': batch_size / median, 'times_ms': [1e3 * t for t in times],
+            'params': params}
+
+  def blocking_step():
     step()
     sync()
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
-  return {'framework': f'torch {torch.__version__}' + (' compile' if compile_model else ' eager'),
-          'case': case, 'batch': batch_size, 'dtype': dtype, 'devices': f'{device.type}:{name}',
-          'threads': torch.get_num_threads(), 'compile_s': compile_s, 'ms_per_step': 1e3 * median,
-          'examples_per_s': batch_size / median, 'times_ms': [1e3 * t for t in times],
-          'params': params}
+
+  return blocking_step, figures
