@@ -51,7 +51,10 @@ def patches_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_di
     out = (x.shape[axis + 1] - k) // s + 1
     x = jnp.concatenate([lax.slice_in_dim(x, i, i + (out - 1) * s + 1, s, axis=axis + 1)
                          for i in range(k)], axis=-1)
-  return jnp.dot(x, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+  # A 2D product: its kernel gradient is then one [K, M] x [M, F] product; contracting the N-D
+  # patches over all their leading axes was ~15 % slower on the 2D steps (paired benchmark runs).
+  out = jnp.dot(x.reshape(-1, x.shape[-1]), rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+  return out.reshape(x.shape[:-1] + rhs.shape[-1:])
 
 
 def conv_fn(conv: str):
