@@ -2,9 +2,10 @@
 
 Data flows one way: `load_source` (builds the dataset on first use) -> `read_cohort` (labels and strata
 of every patient, for the folds; `load_cohort` keeps it per process) -> `load_examples` (decode +
-represent once per process, as stacked arrays) -> placed on the device once per run -> per step, `epoch_batches` says which rows, and
-`device_batch` (inside the jitted step) gathers and augments them there. An epoch then costs its steps:
-no host work, no transfer.
+represent once per process, as stacked arrays) -> placed on the device once per run -> per epoch,
+`epoch_batches` says which rows (on the device at once), and per step `device_batch` (inside the
+jitted step) gathers and augments its batch there. An epoch then costs its steps: no host work, no
+transfer.
 """
 
 from __future__ import annotations
