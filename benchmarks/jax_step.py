@@ -1,9 +1,10 @@
 """The JAX half: pcrjax's own jitted training step, evaluation and input pipeline, timed on one case.
 
 Everything is the code a run executes: `train._train_step` (the step's row of the epoch's batches,
-gathered and augmented on the device, AdamW, donation, the metrics merged), `train._eval_step`, `input_pipeline.device_batch`, on the mesh of every
-visible device (the batch split over it, parameters replicated), with `configs.base_config()`'s
-hyperparameters and random inputs. The student case adds a frozen teacher, as stage 2 does.
+gathered and augmented on the device, AdamW, donation, the metrics merged), `train._eval_step`,
+`input_pipeline.device_batch`, on the mesh of every visible device (the batch split over it,
+parameters replicated), with `configs.base_config()`'s hyperparameters and random inputs. The
+student case adds a frozen teacher, as stage 2 does.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
 
 Each case runs in its own process (so that its peak host memory is its own), where the JAX step and
 the twin's alternate in blocks of `--block` steps, A B B A, so that both blocks of a pair see nearly
-the same machine state; the ratio is the median of the pairs' ratios. Weak scaling runs the `mip` step on 1, 2, 4 devices (forced
-host devices on a CPU: `--xla_force_host_platform_device_count`) with the batch per device fixed.
+the same machine state; the ratio is the median of the pairs' ratios. Weak scaling runs the `mip`
+step on 1, 2, 4 devices (forced host devices on a CPU: `--xla_force_host_platform_device_count`)
+with the batch per device fixed.
 Writes results.json, results.md (the tables, with the environment) and scaling.png under --out.
 """
 
@@ -101,7 +102,7 @@ def environment() -> dict:
 def _run_worker(case: str, args: argparse.Namespace, *, devices: int | None = None,
                 batch_size: int | None = None) -> dict:
   argv = [sys.executable, '-m', 'benchmarks.run', f'--worker={case}', f'--steps={args.steps}',
-          f'--warmup={args.warmup}', f'--dtype={args.dtype}',
+          f'--block={args.block}', f'--warmup={args.warmup}', f'--dtype={args.dtype}',
           f'--batch_size={batch_size or args.batch_size}', f'--cases={case}']
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')  # Leave the GPU to the twin too.
   if args.no_torch or devices:

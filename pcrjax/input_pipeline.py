@@ -91,10 +91,15 @@ def load_cohort(data: ml_collections.ConfigDict) -> Cohort:
   """`read_cohort` of `data.dataset` (built on first use), once per process and built dataset: a
   protocol's trainings and reference fits all read the same cohort."""
   source = load_source(data, with_images=False)
-  key = (source.dataset_info.data_dir, str(source.split))
+  key = _built_split(source)
   if key not in _COHORTS:
     _COHORTS[key] = read_cohort(source)
   return _COHORTS[key]
+
+
+def _built_split(source) -> tuple[str, str]:
+  """What a per-process memo of a source is keyed on: its built dataset's directory and split."""
+  return source.dataset_info.data_dir, str(source.split)
 
 
 def text(value) -> str:
@@ -272,7 +277,7 @@ _REPRESENTED: dict[tuple, dict[str, np.ndarray]] = {}
 def _represented(source, read_threads: int, **kwargs) -> dict[str, np.ndarray]:
   """`represent` of every visit of every row of `source`, memoised on the built dataset (its directory
   and split) and the representation; one is kept at a time (a 3D cohort takes a few hundred MB)."""
-  key = (source.dataset_info.data_dir, str(source.split), tuple(sorted(kwargs.items())))
+  key = _built_split(source) + (tuple(sorted(kwargs.items())),)
   kwargs['time_points'] = tuple(range(schema.NUM_VISITS))
   if key not in _REPRESENTED:
     ds = grain.MapDataset.source(np.arange(len(source))).map(_Represent(source, kwargs))
