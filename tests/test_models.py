@@ -1,5 +1,7 @@
 """The ConvLSTM against a plain NumPy recurrence of the same equations, and the model family."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,9 +89,12 @@ def test_model_family_shapes(spatial):
     ((2, 6, 8, 8, 5), 3, 1),
     ((2, 11, 4), 4, 3),  # 1D, a kernel longer than the stride.
 ])
-def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride):
+# The default budget convolves these small batches at once; 1 byte, one example at a time (lax.map).
+@pytest.mark.parametrize('max_patch_bytes', [None, 1])
+def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride, max_patch_bytes):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   dims = len(shape) - 2
+  patches_conv = functools.partial(models.patches_conv, max_patch_bytes=max_patch_bytes)
 
   def loss(conv_general_dilated, params, x):
     layer = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=conv_general_dilated)
@@ -98,14 +103,34 @@ def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel,
   layer = nn.Conv(6, (kernel,) * dims, strides=stride)
   params = layer.init(jax.random.key(0), x)
   want = layer.apply(params, x)
-  got = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=models.patches_conv).apply(
-      params, x)
+  got = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=patches_conv).apply(params, x)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5)
   want_grads = jax.grad(loss, argnums=(1, 2))(lax.conv_general_dilated, params, x)
-  got_grads = jax.grad(loss, argnums=(1, 2))(models.patches_conv, params, x)
+  got_grads = jax.grad(loss, argnums=(1, 2))(patches_conv, params, x)
   for got_leaf, want_leaf in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4)
+
+
+def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypatch):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 2, 4, 8, 8, 3)), jnp.float32)  # 3D: 4 visit images.
+  visit_mask, clinical = jnp.ones((2, 2), bool), jnp.zeros((2, 2))
+  model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, conv='patches')
+
+  def run():
+    params = model.init(jax.random.key(0), images, visit_mask, clinical, train=False)['params']
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, images, visit_mask, clinical, train=False)['logit']))
+    scans = str(jax.make_jaxpr(loss)(params)).count('scan[')
+    return params, model.apply({'params': params}, images, visit_mask, clinical, train=False), jax.grad(loss)(params), scans
+
+  whole = run()
+  monkeypatch.setattr(models, 'MAX_PATCH_BYTES', 1)  # One image per chunk, in every convolution.
+  chunked = run()
+  assert (whole[3], chunked[3]) == (0, 3)  # The encoder's chunks; the ConvLSTM's ih, and hh (visit 2).
+  assert jax.tree.structure(whole[0]) == jax.tree.structure(chunked[0])
+  for want, got in zip(jax.tree.leaves(whole[:3]), jax.tree.leaves(chunked[:3])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
