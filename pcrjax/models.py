@@ -45,8 +45,9 @@ def patches_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_di
   channels), and multiplied by the kernel viewed as a [prod(k) * C, F] matrix; the gradients are
   pads, adds and matrix products. The gathers are memory-bound, so a batch whose patches exceed
   `max_patch_bytes` (default MAX_PATCH_BYTES) is convolved in chunks of examples (`lax.map`, the
-  patches rematerialised for the backward pass rather than stored). A drop-in for lax.conv_general_dilated as flax's nn.Conv
-  calls it, for channels-last layouts without dilation or feature groups.
+  patches rematerialised for the backward pass rather than stored). A drop-in for
+  lax.conv_general_dilated as flax's nn.Conv calls it, for channels-last layouts without dilation
+  or feature groups.
   """
   spatial_dims = lhs.ndim - 2
   if (feature_group_count != 1 or any(d != 1 for d in lhs_dilation or ())

@@ -120,9 +120,10 @@ def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypat
 
   def run():
     params = model.init(jax.random.key(0), images, visit_mask, clinical, train=False)['params']
-    loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, images, visit_mask, clinical, train=False)['logit']))
+    apply = lambda p: model.apply({'params': p}, images, visit_mask, clinical, train=False)
+    loss = lambda p: jnp.sum(jnp.sin(apply(p)['logit']))
     scans = str(jax.make_jaxpr(loss)(params)).count('scan[')
-    return params, model.apply({'params': params}, images, visit_mask, clinical, train=False), jax.grad(loss)(params), scans
+    return params, apply(params), jax.grad(loss)(params), scans
 
   whole = run()
   monkeypatch.setattr(models, 'MAX_PATCH_BYTES', 1)  # One image per chunk, in every convolution.
