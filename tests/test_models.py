@@ -82,6 +82,12 @@ def test_model_family_shapes(spatial):
   assert 'encoder' in params and set(params['convlstm']) == {'ih', 'hh'}
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+  """Convolutions chunk a batch only on one device (the tests force two)."""
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+
+
 @pytest.mark.parametrize('shape, kernel, stride', [
     ((2, 9, 10, 3), 3, 2),  # Odd and even sizes: 'SAME' pads a stride-2 conv unevenly.
     ((2, 16, 16, 4), 3, 1),
@@ -91,7 +97,8 @@ def test_model_family_shapes(spatial):
 ])
 # The default budget convolves these small batches at once; 1 byte, one example at a time (lax.map).
 @pytest.mark.parametrize('max_patch_bytes', [None, 1])
-def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride, max_patch_bytes):
+def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride, max_patch_bytes,
+                                                                   one_device):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   dims = len(shape) - 2
   patches_conv = functools.partial(models.patches_conv, max_patch_bytes=max_patch_bytes)
@@ -112,7 +119,7 @@ def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel,
     np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4)
 
 
-def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypatch):
+def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypatch, one_device):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(2, 2, 4, 8, 8, 3)), jnp.float32)  # 3D: 4 visit images.
   visit_mask, clinical = jnp.ones((2, 2), bool), jnp.zeros((2, 2))
@@ -132,6 +139,14 @@ def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypat
   assert jax.tree.structure(whole[0]) == jax.tree.structure(chunked[0])
   for want, got in zip(jax.tree.leaves(whole[:3]), jax.tree.leaves(chunked[:3])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_on_several_devices_is_convolved_at_once(monkeypatch):
+  # Chunking a batch that is sharded over the devices would reshard it.
+  monkeypatch.setattr(models, 'MAX_PATCH_BYTES', 1)
+  assert jax.device_count() == 2  # tests/conftest.py.
+  x, kernel = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
+  assert 'scan[' not in str(jax.make_jaxpr(lambda x: models.patches_conv(x, kernel, (1, 1), 'SAME'))(x))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
