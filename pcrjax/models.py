@@ -109,6 +109,24 @@ def conv_fn(conv: str):
   return patches_conv if resolve_conv(conv) == 'patches' else None
 
 
+_ENCODER_KERNEL = 3
+
+
+def _encoder_layers(features: Sequence[int]) -> list[tuple[int, int]]:
+  """(features, stride) of each of VisitEncoder's convolutions: stride 1 first, then 2."""
+  return [(f, 1 if i == 0 else 2) for i, f in enumerate(features)]
+
+
+def _encoder_patches_per_image(image_shape: Sequence[int], features: Sequence[int]) -> int:
+  """The most patch elements one of VisitEncoder's layers gathers for one [*spatial, C] image."""
+  spatial, channels, largest = image_shape[:-1], image_shape[-1], 0
+  for layer_features, stride in _encoder_layers(features):
+    spatial = [-(-size // stride) for size in spatial]  # 'SAME': ceil(size / stride).
+    largest = max(largest, math.prod(spatial) * _ENCODER_KERNEL ** len(spatial) * channels)
+    channels = layer_features
+  return largest
+
+
 class VisitEncoder(nn.Module):
   """A small conv net applied to each visit independently (weights shared across visits).
 
@@ -127,10 +145,10 @@ class VisitEncoder(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, *spatial, C] -> [N, *spatial / 2**(len(features) - 1), features[-1]]."""
     spatial_dims = x.ndim - 2
-    for i, features in enumerate(self.features):
-      strides = (1 if i == 0 else 2,) * spatial_dims
-      x = nn.Conv(features, (3,) * spatial_dims, strides=strides, use_bias=self.normalization == 'none',
-                  dtype=self.dtype, conv_general_dilated=conv_fn(self.conv))(x)
+    for features, stride in _encoder_layers(self.features):
+      x = nn.Conv(features, (_ENCODER_KERNEL,) * spatial_dims, strides=(stride,) * spatial_dims,
+                  use_bias=self.normalization == 'none', dtype=self.dtype,
+                  conv_general_dilated=conv_fn(self.conv))(x)
       if self.normalization == 'group':
         x = nn.GroupNorm(num_groups=min(8, features), dtype=self.dtype)(x)
       x = nn.relu(x)
@@ -152,15 +170,13 @@ def encode_visits(x: jax.Array, *, name: str, **encoder_fields) -> jax.Array:
   each layer's patches, outputs and gradients stay in the cache; the parameters (shared across the
   chunks) and the results are those of one VisitEncoder over the batch.
   """
-  num_images, spatial_dims = x.shape[0], x.ndim - 2
-  # Each layer's patches per image: its output voxels x 3**d taps x its input channels.
-  spatial, channels, layer_patches = x.shape[1:-1], x.shape[-1], []
-  for i, features in enumerate(encoder_fields['features']):
-    spatial = spatial if i == 0 else [-(-size // 2) for size in spatial]
-    layer_patches.append(math.prod(spatial) * 3 ** spatial_dims * channels)
-    channels = features
-  chunk = _examples_per_chunk(num_images, max(layer_patches) * jnp.dtype(x.dtype).itemsize, None)
-  if resolve_conv(encoder_fields.get('conv', 'auto')) != 'patches' or chunk == num_images:
+  num_images = x.shape[0]
+  if resolve_conv(encoder_fields.get('conv', 'auto')) == 'patches':
+    image_bytes = _encoder_patches_per_image(x.shape[1:], encoder_fields['features']) * x.dtype.itemsize
+    chunk = _examples_per_chunk(num_images, image_bytes, None)
+  else:
+    chunk = num_images
+  if chunk == num_images:
     return VisitEncoder(**encoder_fields, name=name)(x)
   scanned = nn.scan(nn.remat(_EncoderChunk), variable_broadcast='params', split_rngs={'params': False},
                     length=num_images // chunk)
