@@ -90,9 +90,11 @@ def one_device(monkeypatch):
 
 @pytest.mark.parametrize('shape, kernel, stride', [
     ((2, 9, 10, 3), 3, 2),  # Odd and even sizes: 'SAME' pads a stride-2 conv unevenly.
-    ((2, 16, 16, 4), 3, 1),
+    ((2, 16, 16, 4), 3, 1),  # Short patch rows (36 values): two outputs per row.
+    ((2, 9, 11, 3), 3, 1),  # The same with an odd last axis: the blocks' padding cropped.
     ((2, 5, 7, 6, 3), 3, 2),  # 3D.
-    ((2, 6, 8, 8, 5), 3, 1),
+    ((2, 5, 6, 7, 3), 3, 1),  # 3D, short rows (81 values), odd last axis.
+    ((2, 6, 8, 8, 5), 3, 1),  # 3D, rows of 135 values: one output per row.
     ((2, 11, 4), 4, 3),  # 1D, a kernel longer than the stride.
 ])
 # The default budget convolves these small batches at once; 1 byte, one example at a time (lax.map).
