@@ -105,23 +105,31 @@ def _patches_product(lhs, *, rhs, window_strides, padding, precision):
   if block > 1:
     k, blocks = kernel_size[last], -(-out_last // block)
     x = jnp.pad(x, [(0, 0)] * (last + 1) + [(0, blocks * block - out_last), (0, 0)])
-    x = jnp.concatenate([lax.slice_in_dim(x, u, u + (blocks - 1) * block + 1, block, axis=last + 1)
-                         for u in range(k + block - 1)], axis=-1)
+    x = _shifted_copies(x, k + block - 1, block, last)
     # Output p of a block reads taps p .. p + k - 1 of its k + block - 1.
     no_pad = [(0, 0)] * rhs.ndim
     rhs = jnp.stack([jnp.pad(rhs, no_pad[:last] + [(p, block - 1 - p)] + no_pad[:2]) for p in range(block)],
                     axis=-2)
   # Innermost axis first: the channels end up ordered (k_0, ..., k_{d-1}, C), the kernel's row order.
   for axis in reversed(range(last if block > 1 else spatial_dims)):
-    k, s = kernel_size[axis], window_strides[axis]
-    out = (x.shape[axis + 1] - k) // s + 1
-    x = jnp.concatenate([lax.slice_in_dim(x, i, i + (out - 1) * s + 1, s, axis=axis + 1)
-                         for i in range(k)], axis=-1)
+    x = _shifted_copies(x, kernel_size[axis], window_strides[axis], axis)
   # A 2D product: its kernel gradient is then one [K, M] x [M, F] product; contracting the N-D
   # patches over all their leading axes was ~15 % slower on the 2D steps (paired benchmark runs).
   out = jnp.dot(x.reshape(-1, x.shape[-1]), rhs.reshape(-1, block * features), precision=precision)
   out = out.reshape(x.shape[:-2] + (x.shape[-2] * block, features))
   return lax.slice_in_dim(out, 0, out_last, axis=last + 1) if block > 1 else out
+
+
+def _shifted_copies(x, taps: int, stride: int, axis: int):
+  """x [N, *spatial, C] -> [N, .., out, .., taps * C]: copy i starts at i on spatial `axis`, `stride` apart.
+
+  Stacked on a new axis before the channels, then merged with them (the same bytes as concatenating
+  on the channel axis, which XLA:CPU fuses less well: the training step, one against the other
+  compiled side by side in one process, `volume` 0.94-0.95x, `mip` 0.99-1.01x).
+  """
+  out = (x.shape[axis + 1] - taps) // stride + 1
+  copies = [lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis=axis + 1) for i in range(taps)]
+  return jnp.stack(copies, axis=-2).reshape(copies[0].shape[:-1] + (-1,))
 
 
 def resolve_conv(conv: str) -> str:
