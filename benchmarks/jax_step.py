@@ -36,17 +36,21 @@ def _examples(num: int, visits: int, visit_shape, rng: np.random.Generator) -> d
           'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
 
 
-def _model_flops(config, with_teacher: bool, state, *args, **kwargs) -> float | None:
+def _model_flops(config, state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
+                 *args, **kwargs) -> float | None:
   """The training step's arithmetic: XLA's cost analysis of the step with `model.conv='native'`.
 
-  Not of the step that runs: cost analysis counts a loop's body once, and the patches path runs the
-  `volume` encoder in a loop of chunks (and recomputes its forward); native convolutions are the
-  model's multiply-adds, counted without the padding, once, as MFU counts them.
+  Not of the step that runs: cost analysis counts a loop's body once, and the patches path runs
+  batches larger than its budget in a loop of chunks (and recomputes their forward); native
+  convolutions are the model's multiply-adds, counted without the padding, once, as MFU counts them.
   """
   native = config.copy_and_resolve_references()
   native.model.conv = 'native'
-  model = train.create_model(native, feature_dim=native.model.lstm_features if with_teacher else 0)
-  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), *args, **kwargs).cost_analysis()
+  model = train.create_model(native, feature_dim=native.model.lstm_features if teacher else 0)
+  if teacher:
+    teacher = teacher.replace(model=train.create_model(native))
+  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), epoch_metrics, examples, epoch_rows,
+                                     dropout_rng, augment_rng, teacher, *args, **kwargs).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis['flops']) if analysis and analysis.get('flops') else None
 
@@ -92,8 +96,8 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   train._train_step.lower(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
                           pos_weight, **kwargs).compile()
   compile_s = time.perf_counter() - start  # Trace and compile (the step's cache is then warm).
-  flops = _model_flops(config, with_teacher, state, epoch_metrics, examples, epoch_rows, dropout_rng,
-                       augment_rng, teacher, pos_weight, **kwargs)
+  flops = _model_flops(config, state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
+                       pos_weight, **kwargs)
   jax.block_until_ready(step())
   for _ in range(warmup):
     step()

@@ -27,10 +27,12 @@ DTYPES = ('float32', 'bfloat16')
 
 # The most bytes of patches gathered at once: a larger batch is convolved (and the visit encoder run)
 # in chunks of examples, each gathered, multiplied and, backwards, re-gathered while it is still in
-# the cache. The `volume` training step on 2 cores: 387 ms at once, 281-290 ms with 8 MiB chunks,
-# 250-266 ms with 16 MiB; the 2D networks' batches (training and evaluation) stay under it. Counted
-# as k^d * C values per output (blocked rows, below, gather fewer: a bound).
-MAX_PATCH_BYTES = 16 << 20
+# the cache. Counted as k^d * C values per output (blocked rows, below, gather fewer: a bound). The
+# `volume` training step, budgets against each other compiled side by side in one process (AMD EPYC,
+# 2 cores): 32 MiB 1.17x, 8 MiB 0.83x, 4 MiB 0.76x, 2 MiB 0.75x the 16 MiB step (one visit image per
+# encoder chunk from 8 MiB on; the ConvLSTM's products in chunks of 4 images at 4 MiB); `mip`
+# unchanged (0.99x at 8 and at 4 MiB, where its second convolution runs in two chunks).
+MAX_PATCH_BYTES = 4 << 20
 
 
 def patches_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
