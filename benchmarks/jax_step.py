@@ -20,7 +20,7 @@ from benchmarks import common
 from pcrjax import configs, input_pipeline, sharding, train
 
 
-def _median_seconds(fn, steps: int) -> tuple[float, list[float]]:
+def median_seconds(fn, steps: int) -> tuple[float, list[float]]:
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -36,8 +36,7 @@ def _examples(num: int, visits: int, visit_shape, rng: np.random.Generator) -> d
           'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
 
 
-def _model_flops(config, state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
-                 *args, **kwargs) -> float | None:
+def _model_flops(config, state, args: tuple, teacher, pos_weight, kwargs: dict) -> float | None:
   """The training step's arithmetic: XLA's cost analysis of the step with `model.conv='native'`.
 
   Not of the step that runs: cost analysis counts a loop's body once, and the patches path runs
@@ -49,8 +48,8 @@ def _model_flops(config, state, epoch_metrics, examples, epoch_rows, dropout_rng
   model = train.create_model(native, feature_dim=native.model.lstm_features if teacher else 0)
   if teacher:
     teacher = teacher.replace(model=train.create_model(native))
-  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), epoch_metrics, examples, epoch_rows,
-                                     dropout_rng, augment_rng, teacher, *args, **kwargs).cost_analysis()
+  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), *args, teacher, pos_weight,
+                                     **kwargs).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis['flops']) if analysis and analysis.get('flops') else None
 
@@ -86,18 +85,17 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   epoch_rows = jax.device_put(batches, sharding.epoch_batch_sharding(mesh))
   epoch_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
 
+  args = (epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng)
   start = time.perf_counter()
-  compiled = train._train_step.lower(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng,
-                                     teacher, pos_weight, **kwargs).compile()
+  compiled = train._train_step.lower(state, *args, teacher, pos_weight, **kwargs).compile()
   compile_s = time.perf_counter() - start  # Trace and compile.
 
   def step():  # This executable, whatever later traces of the step compile (`benchmarks.pair`).
     nonlocal state
-    state, _ = compiled(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
-                        pos_weight)
+    state, _ = compiled(state, *args, teacher, pos_weight)
     return state
-  flops = _model_flops(config, state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, teacher,
-                       pos_weight, **kwargs)
+
+  flops = _model_flops(config, state, args, teacher, pos_weight, kwargs)
   jax.block_until_ready(step())
   for _ in range(warmup):
     step()
@@ -114,7 +112,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
                               visits=tuple(range(visits)))
 
     jax.block_until_ready(evaluate())
-    eval_s, _ = _median_seconds(evaluate, 10)
+    eval_s, _ = median_seconds(evaluate, 10)
 
     # The input pipeline alone, as the step sees it: the epoch's shuffled rows placed on the mesh
     # once, then each step's batch gathered and augmented on the device.
@@ -129,7 +127,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
       return [gather(examples, epoch_rows, np.int32(step)) for step in range(len(epoch_rows))][-1]
 
     jax.block_until_ready(pipeline_epoch())
-    pipeline_s, _ = _median_seconds(pipeline_epoch, 5)
+    pipeline_s, _ = median_seconds(pipeline_epoch, 5)
     device = jax.devices()[0]
     return {
         'framework': 'jax', 'case': case, 'batch': batch_size, 'dtype': dtype,
@@ -164,6 +162,6 @@ def matmul_peak_gflops(dtype: str = 'float32') -> float:
     b = jax.random.normal(jax.random.key(1), (k, n), jnp.dtype(dtype))
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
-    seconds, _ = _median_seconds(lambda: matmul(a, b), 10)
+    seconds, _ = median_seconds(lambda: matmul(a, b), 10)
     best = max(best, 2 * m * k * n / seconds / 1e9)
   return best

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 
@@ -34,16 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _timed_block(step, steps: int) -> list[float]:
-  step()  # Untimed: the other variant's threads may still be busy.
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def main(argv=None) -> None:
   args = parse_args(argv)
   steps = []
@@ -55,9 +44,9 @@ def main(argv=None) -> None:
   for pair in range(args.blocks):
     medians = [0.0, 0.0]
     for variant in ((0, 1) if pair % 2 == 0 else (1, 0)):
-      block = _timed_block(steps[variant], args.block)
+      steps[variant]()  # Untimed: the other variant's threads may still be busy.
+      medians[variant], block = jax_step.median_seconds(steps[variant], args.block)
       times[variant].extend(block)
-      medians[variant] = statistics.median(block)
     ratios.append(medians[1] / medians[0])
   for name, statement, variant_times in zip('AB', (args.a, args.b), times):
     print(f'{name}: {1e3 * statistics.median(variant_times):.2f} ms per step  ({statement})')

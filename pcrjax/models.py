@@ -103,9 +103,10 @@ def _patches_product(lhs, *, rhs, window_strides, padding, precision):
   x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
   last, features = spatial_dims - 1, rhs.shape[-1]
   block = 2 if window_strides[last] == 1 and math.prod(rhs.shape[:-1]) < MIN_PATCH_ROW else 1
-  out_last = x.shape[last + 1] - kernel_size[last] + 1
   if block > 1:
-    k, blocks = kernel_size[last], -(-out_last // block)
+    k = kernel_size[last]
+    out_last = x.shape[last + 1] - k + 1
+    blocks = -(-out_last // block)
     x = jnp.pad(x, [(0, 0)] * (last + 1) + [(0, blocks * block - out_last), (0, 0)])
     x = _shifted_copies(x, k + block - 1, block, last)
     # Output p of a block reads taps p .. p + k - 1 of its k + block - 1.
