@@ -6,34 +6,37 @@ import setuptools
 from setuptools.command import build_py
 
 HERE = pathlib.Path(__file__).parent
-# What pcrjax and tfds_ispy2 import, with floors: pip keeps an installed JAX (Colab's accelerator
-# build) that satisfies them. requirements.txt is the tested lock: `pip install -r requirements.txt`.
+# What pcrjax and tfds_ispy2 import, with floors that tests/test_colab.py installs and runs: Colab's
+# versions (none is newer, so `pip install .` there replaces nothing) and, for what Colab lacks, the
+# oldest tried. requirements.txt is the tested lock: `pip install -r requirements.txt`.
 REQUIREMENTS = [
-    'absl-py>=2.5',
+    'absl-py>=1.4',
     # TFDS's ArrayRecord format and data sources; no Windows wheels (grain's marker).
-    'array_record>=0.8; sys_platform != "win32"',
+    'array_record>=0.8.3; sys_platform != "win32"',
     'clu>=0.0.12',
-    'flax>=0.12',
-    'grain>=0.2',
+    'flax>=0.11.2',
+    'grain>=0.2.18',
     'highdicom>=0.28',
     'importlib_resources>=7.1',  # tensorflow-datasets 4.9.10 imports it without declaring it.
-    'jax>=0.10',
+    'jax>=0.7.2',
     'loky>=3.7',  # The build's process pool (tfds_ispy2): starts from guard-less scripts and notebooks.
-    'markdown-it-py>=4.3',
-    'matplotlib>=3.11',
+    'markdown-it-py>=4.2',
+    'matplotlib>=3.10',
     'ml_collections>=1.1',
-    'numpy>=2.4',
+    'numpy>=2.1.3',
     'openpyxl>=3.1',
-    'optax>=0.2',
-    'orbax-checkpoint>=0.12',
-    'pydicom>=3.0',
-    'scikit-learn>=1.9',
-    'scipy>=1.17',
+    'optax>=0.2.8',
+    'orbax-checkpoint>=0.12.4',
+    'pydicom>=3.0.1',
+    'scikit-learn>=1.6.1',
+    'scipy>=1.16.3',
     'SimpleITK>=2.5',
     'simple-parsing>=0.1',
-    'tensorboardX>=2.6',
+    'tensorboardX>=2.6.1',
     'tensorflow-datasets>=4.9.10',  # tfds_ispy2.build runs build.Args, new in 4.9.10.
-    'tqdm>=4.70',
+    # tfds_ispy2 imports its protos first, to name a protobuf mismatch in one line (MEND_TFDS).
+    'tensorflow-metadata>=1.17.3',
+    'tqdm>=4.67.3',
 ]
 
 

@@ -24,16 +24,16 @@
 
 # %% [markdown]
 # ## Install
-# The repository without its lock file: `requirements.txt` pins the CPU JAX of the tests, which
-# would replace Colab's accelerator JAX. pcrjax goes in without dependencies, then every other
-# requirement by name only, so that what Colab already has stays.
+# `pip install` keeps what Colab has: pcrjax's floors are no newer than the versions of Colab's
+# runtime (tested against the GPU and TPU runtimes of 2026-08-19), so its JAX, NumPy and SciPy
+# stay. On the GPU runtime TFDS itself cannot import (its tensorflow-metadata needs a newer protobuf
+# than the runtime's); the last line then replaces that one package.
 
 # %% tags=["colab"]
 REPO_URL = 'https://github.com/OWNER/pcrjax'
 # !git clone -q --depth 1 {REPO_URL} /content/pcrjax
-# !sed 's/==.*//' /content/pcrjax/requirements.txt | grep -v -x -E 'jax|jaxlib' > /content/requirements_colab.txt
-# !pip install -q -r /content/requirements_colab.txt
-# !pip install -q --no-deps /content/pcrjax
+# !pip install -q /content/pcrjax
+# !python -c 'import tensorflow_datasets' 2>/dev/null || pip install -q 'tensorflow-metadata==1.17.3'
 
 # %% [markdown]
 # ## Setup

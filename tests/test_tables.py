@@ -171,9 +171,14 @@ def test_degenerate_calibration_is_flagged_not_printed(tmp_path):
 
 def _run_without_jax(module, *args):
   """`python -m pcrjax.<module> ARGS` in a process where importing JAX fails."""
+  # As if not installed: the import fails and the name stays out of sys.modules (which libraries
+  # such as etils read as 'JAX is in use').
   script = ('import sys\n'
-            "for blocked in ('jax', 'jaxlib', 'flax', 'optax', 'orbax'):\n"
-            '  sys.modules[blocked] = None  # Any import of it now fails.\n'
+            'class NoJax:\n'
+            '  def find_spec(self, name, path=None, target=None):\n'
+            "    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax'):\n"
+            "      raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            'sys.meta_path.insert(0, NoJax())\n'
             'from absl import app\n'
             f'from pcrjax import {module}\n'
             f'sys.argv = {[module, *args]!r}\n'
