@@ -74,6 +74,9 @@ setuptools.setup(
                     # The PyTorch twin of `python -m benchmarks.run` (benchmarks/README.md).
                     'benchmarks': ['torch>=2.4'],
                     # The `tcia` build as an Apache Beam pipeline (README: at scale).
-                    'beam': ['apache-beam>=2.77']},
+                    'beam': ['apache-beam>=2.77'],
+                    # `tfds build` as typed: tensorflow-datasets 4.9.10's script imports these at
+                    # start-up (and TensorFlow, which is installed for its hardware).
+                    'tfds-cli': ['apache-beam>=2.77', 'mlcroissant>=1.1.1']},
     cmdclass={'build_py': BuildPyWithoutTests},
 )

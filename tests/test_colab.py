@@ -172,11 +172,21 @@ def test_the_notebook_runs_headless(venv, tmp_path):
 
 
 def test_the_build_commands_build_the_synthetic_and_the_tcia_configs(venv, dummy_truth, tmp_path):
-  """`tfds build` as typed where TensorFlow is installed (Colab's GPU runtime), by name and from
-  inside the dataset's folder; `python -m tfds_ispy2.build`, its TensorFlow-free twin, where it is
-  not (the TPU runtime). The `tcia` build reads the shipped dummy download end to end."""
-  build = ([str(pathlib.Path(venv.python).parent / 'tfds'), 'build'] if venv.runtime == 'gpu'
-           else [venv.python, '-m', 'tfds_ispy2.build'])
+  """`python -m tfds_ispy2.build` on the TPU runtime (no TensorFlow); on the GPU runtime, `tfds
+  build` as typed, by name and from inside the dataset's folder, with the `tfds-cli` extra
+  (tensorflow-datasets 4.9.10's `tfds` script imports TensorFlow, Apache Beam and mlcroissant at
+  start-up). The `tcia` build reads the shipped dummy download end to end."""
+  if venv.runtime == 'tpu':
+    build = [venv.python, '-m', 'tfds_ispy2.build']
+  else:
+    build = [str(pathlib.Path(venv.python).parent / 'tfds'), 'build']
+    without_beam = subprocess.run([*build, '--help'], capture_output=True, text=True)
+    assert "No module named 'apache_beam'" in without_beam.stderr  # Gone: README, 'tfds build'.
+    before = _versions(venv.python)
+    _run([venv.python, '-m', 'pip', 'install', '--quiet', f'{venv.tmp / "src"}[tfds-cli]'],
+         timeout=1200)
+    after = _versions(venv.python)
+    assert {n for n in before if before[n] != after[n]} == {'pillow', 'protobuf'}  # As the README says.
   folder = venv.tmp / 'src' / 'tfds_ispy2' / 'ispy2'  # In a clone, as a user types it.
   elsewhere = venv.tmp / 'elsewhere'
   for name, args, cwd in (('by_name', ['ispy2/synthetic_smoke', '--imports=tfds_ispy2'], elsewhere),
