@@ -64,7 +64,27 @@ class TrainMetrics(metrics.Collection):
 
 
 class Diverged(RuntimeError):
-  """The loss or a gradient became non-finite: the run stops at the end of that epoch."""
+  """The run diverged (non-finite, or exploding while finite): it stops at the end of that epoch."""
+
+
+# A finite run that explodes stops as a non-finite one does: whether it turns non-finite depends on
+# the CPU's arithmetic (one learning rate gave NaN on an AVX-512 CPU, and on an AVX2 CPU a finite
+# loss of 1e12 with every validation prediction at 0 or 1).
+EXPLODED_LOSS_RATIO = 100.0
+SATURATED = 1e-6  # A probability this close to 0 or 1: a logit beyond +-13.8.
+
+
+def explosion(loss: float, first_loss: float | None, val_probs: np.ndarray) -> str | None:
+  """Why an epoch shows an exploding run (its mean training loss and validation predictions), or
+  None. `first_loss`: the first epoch's loss, None in the first epoch."""
+  if not np.all(np.isfinite(val_probs)):  # Finite steps can still leave parameters at inf.
+    return 'the validation predictions are not finite'
+  if first_loss is not None and loss > EXPLODED_LOSS_RATIO * first_loss:
+    return (f'the training loss ({loss:.3g}) is over {EXPLODED_LOSS_RATIO:g} times that of the'
+            f' first epoch ({first_loss:.3g})')
+  if np.all(np.minimum(val_probs, 1 - val_probs) < SATURATED):
+    return 'every validation prediction is saturated at 0 or 1'
+  return None
 
 
 @flax.struct.dataclass
@@ -328,15 +348,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       computed = train_metrics.compute()
       first_bad = int(computed.pop('first_nonfinite_step'))
       if first_bad >= 0:
-        manager.wait_until_finished()
-        last_good = manager.latest_step()
-        raise Diverged(
-            f'{config.stage}, fold {config.data.fold}, epoch {epoch}, step {first_bad}: the loss or a'
-            f' gradient is not finite. The last good checkpoint is epoch {last_good or "none"} in'
-            f' {workdir}. Lower learning_rate (now {config.learning_rate:g}) or grad_clip_norm (now'
-            f' {config.grad_clip_norm:g}), or check the inputs; then delete the workdir or resume.')
+        _diverged(config, manager, workdir, f'epoch {epoch}, step {first_bad}: the loss or a'
+                  ' gradient is not finite')
       probs, labels = probabilities(state.params, split.val), cohort.pcr[split.val]
       summary = {f'train_{k}': float(v) for k, v in computed.items()}
+      exploded = explosion(summary['train_loss'], log.value(1, 'train_loss') if epoch > 1 else None,
+                           probs)
+      if exploded:
+        _diverged(config, manager, workdir, f'epoch {epoch}: {exploded}')
       summary.update(val_auroc=float(statistics.auroc(labels, probs)),
                      val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
                      learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
@@ -362,6 +381,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         runs.write_predictions(runs.predictions_path(workdir, split_name),
                                cohort.prediction_rows(rows, probs, config.data.fold))
   return {'best_epoch': best_epoch, 'workdir': workdir}
+
+
+def _diverged(config: ml_collections.ConfigDict, manager, workdir: str, what: str):
+  manager.wait_until_finished()
+  last_good = manager.latest_step()
+  raise Diverged(
+      f'{config.stage}, fold {config.data.fold}, {what}. The last good checkpoint is epoch'
+      f' {last_good or "none"} in {workdir}. Lower learning_rate (now {config.learning_rate:g}) or'
+      f' grad_clip_norm (now {config.grad_clip_norm:g}), or check the inputs; then delete the'
+      ' workdir or resume.')
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=(

@@ -118,17 +118,34 @@ def test_profile_steps_write_a_profiler_trace_and_checkpoints_follow_improvement
   assert json.loads((tmp_path / 'run' / runs.SELECTION_FILE).read_text())['epoch'] in kept
 
 
-def test_a_diverging_run_stops_with_one_message(data_dir, tmp_path):
+@pytest.mark.parametrize('rate, isa', [('1e8', ''), ('1e8', 'AVX2'), ('1e38', ''), ('inf', '')])
+def test_a_diverging_run_stops_with_one_message(data_dir, tmp_path, rate, isa):
+  """However it shows, as the CPU's arithmetic has it (`isa` caps the instructions XLA emits).
+  Here a rate of 1e8 saturates every prediction (finite: an AVX2-only CPU ended such a run with
+  exit 0), 1e38 leaves parameters at inf after finite steps, and inf makes a step non-finite."""
+  env = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') +
+         (f' --xla_cpu_max_isa={isa}' if isa else '')}
   done = subprocess.run(
       [sys.executable, '-m', 'pcrjax.main', '--config=experiments/baseline.py:smoke',
        f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}', '--config.num_epochs=3',
-       '--config.learning_rate=1e8', '--config.grad_clip_norm=1e12'],
-      capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parents[1])
+       f'--config.learning_rate={rate}', f'--config.grad_clip_norm={min(float(rate), 1e38):g}'],
+      capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parents[1], env=env)
   assert done.returncode == 1
   last = done.stderr.strip().splitlines()[-1]
-  assert last.startswith('Diverged: baseline, fold 0, epoch ') and 'not finite' in last, last
-  assert 'Lower learning_rate (now 1e+08)' in last
+  assert last.startswith('Diverged: baseline, fold 0, epoch '), last
+  assert any(why in last for why in ('not finite', 'saturated', 'times that of the first epoch'))
+  assert f'Lower learning_rate (now {float(rate):g})' in last
   assert 'Traceback' not in done.stderr and 'cannot schedule new futures' not in done.stderr
+
+
+def test_an_exploding_loss_or_saturated_predictions_count_as_divergence():
+  calm = np.array([0.2, 0.7, 0.5])
+  assert train.explosion(0.7, None, calm) is None
+  assert train.explosion(60.0, 0.7, calm) is None
+  assert 'over 100 times that of the first epoch (0.7)' in train.explosion(1.4e12, 0.7, calm)
+  assert 'saturated' in train.explosion(0.7, None, np.array([0.0, 1.0, 1 - 1e-7]))
+  assert train.explosion(0.7, None, np.array([0.0, 1.0, 0.99])) is None  # One patient not saturated.
+  assert 'not finite' in train.explosion(0.7, None, np.array([0.5, np.nan]))
 
 
 def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path, small_disk):
