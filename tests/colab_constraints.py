@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 import urllib.request
 
+from packaging.utils import canonicalize_name
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What the notebook test runs in the venv, besides pcrjax.
 NOTEBOOK_TOOLS = ('nbclient', 'ipykernel')
@@ -30,17 +32,13 @@ def path(runtime: str) -> pathlib.Path:
   return ROOT / 'tests' / f'colab-{runtime}-constraints.txt'
 
 
-def normalise(name: str) -> str:
-  return re.sub(r'[-_.]+', '-', name).lower()
-
-
 def read_pins(lines) -> dict[str, str]:
   """{normalised name: 'Name==version'} of the `==` lines (a freeze's URL lines are not on PyPI)."""
   pins = {}
   for line in lines:
     line = line.split('#', 1)[0].strip()
     if re.fullmatch(r'[A-Za-z0-9_.-]+==\S+', line):
-      pins[normalise(line.split('==')[0])] = line
+      pins[canonicalize_name(line.split('==')[0])] = line
   return pins
 
 
@@ -59,7 +57,7 @@ def _resolve(python: str, freeze: dict[str, str], extra: list[str]) -> dict[str,
                     str(tmp / 'report.json'), '-c', str(tmp / 'freeze.txt'), str(ROOT), *extra],
                    check=True)
     report = json.loads((tmp / 'report.json').read_text())
-  return {normalise(item['metadata']['name']): item['metadata']['version']
+  return {canonicalize_name(item['metadata']['name']): item['metadata']['version']
           for item in report['install']}
 
 
@@ -84,7 +82,7 @@ def main():
                            capture_output=True, text=True, check=True).stdout.strip()
   lines = sorted(freeze[name] for name in resolved if name in freeze)
   header = [f"# Colab's {args.runtime.upper()} runtime: the versions of the packages that pcrjax, "
-            'the headless notebook and the tfds CLI need and Colab has.',
+            'the headless notebook and TensorFlow need and Colab has.',
             f'# From {args.source}; written by `python -m tests.colab_constraints` on '
             f'{datetime.date.today()}.',
             f'# python: {version}']

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 from packaging import requirements
+from packaging.utils import canonicalize_name
 
 import tfds_ispy2
 from fake_data import tcia_fixtures
@@ -55,14 +56,14 @@ def floors() -> dict[str, str]:
     requirement = requirements.Requirement(line)
     (spec,) = requirement.specifier
     assert spec.operator == '>=', f'{line}: install_requires holds floors only'
-    pins[colab_constraints.normalise(requirement.name)] = f'{requirement.name}=={spec.version}'
+    pins[canonicalize_name(requirement.name)] = f'{requirement.name}=={spec.version}'
   return pins
 
 
 def _versions(python) -> dict[str, str]:
   listed = json.loads(_run([python, '-m', 'pip', 'list', '--format=json',
                             '--disable-pip-version-check']).stdout)
-  return {colab_constraints.normalise(p['name']): p['version'] for p in listed}
+  return {canonicalize_name(p['name']): p['version'] for p in listed}
 
 
 @dataclasses.dataclass
