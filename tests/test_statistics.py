@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.stats import norm
+from scipy.stats import norm, ttest_rel
 from sklearn.metrics import roc_auc_score
 
 from pcrjax.evidence import statistics
@@ -338,6 +338,69 @@ def test_check_probs_and_labels():
     statistics.check_labels_and_probs([0, 1], [0.2, 0.3, 0.4])
 
 
+# ---------------------------------------------------------------- corrected resampled t-test
+
+
+def test_corrected_ttest_hand_computed():
+  # J = 5 folds of 5-fold CV (n_test/n_train = 1/4): mean 0.02, s² = 0.0026/4 = 0.00065, corrected
+  # variance (1/5 + 1/4) s² = 0.0002925. For 4 degrees of freedom the t CDF is closed-form,
+  # F(t) = 1/2 + (3/8) x (1 − t²/(12 (1 + t²/4))) with x = t / sqrt(1 + t²/4), and t_{0.975,4} is
+  # the textbook 2.7764451.
+  result = statistics.corrected_resampled_ttest([0.02, 0.05, -0.01, 0.04, 0.0],
+                                                test_train_ratio=0.25)
+  se = np.sqrt(0.45 * 0.00065)
+  t = 0.02 / se
+  x = t / np.sqrt(1 + t**2 / 4)
+  p = 2 * (1 - (0.5 + 3 / 8 * x * (1 - t**2 / (12 * (1 + t**2 / 4)))))
+  assert result.df == 4
+  assert result.difference == pytest.approx(0.02, rel=1e-12)
+  assert result.t == pytest.approx(t, rel=1e-12) and t == pytest.approx(1.16941069, rel=1e-8)
+  assert result.p_value == pytest.approx(p, rel=1e-9)
+  half_width = 2.7764451052 * se
+  np.testing.assert_allclose(result.difference_ci, [0.02 - half_width, 0.02 + half_width],
+                             rtol=1e-9)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_corrected_ttest_widens_the_naive_paired_t_test(seed):
+  rng = np.random.default_rng(seed)
+  a = rng.uniform(0.6, 0.8, 15)  # 3 repeats × 5 folds.
+  b = a + rng.normal(0.03, 0.03, 15)
+  naive = ttest_rel(b, a)
+  uncorrected = statistics.corrected_resampled_ttest(b - a, test_train_ratio=0.0)
+  assert uncorrected.p_value == pytest.approx(naive.pvalue, rel=1e-9)
+  assert uncorrected.t == pytest.approx(naive.statistic, rel=1e-9)
+  corrected = statistics.corrected_resampled_ttest(b - a, test_train_ratio=0.25)
+  assert corrected.p_value > naive.pvalue
+  assert corrected.difference == uncorrected.difference
+  # The half-width grows by sqrt((1/J + 1/4) / (1/J)) = sqrt(1 + 15/4).
+  width = lambda r: r.difference_ci[1] - r.difference_ci[0]  # noqa: E731
+  assert width(corrected) == pytest.approx(width(uncorrected) * np.sqrt(1 + 15 / 4), rel=1e-12)
+  assert corrected.difference_ci[0] < uncorrected.difference_ci[0]
+
+
+def test_corrected_ttest_degenerate_cases():
+  with pytest.raises(ValueError, match='J >= 2'):
+    statistics.corrected_resampled_ttest([0.1], test_train_ratio=0.25)
+  with pytest.raises(ValueError, match='J >= 2'):
+    statistics.corrected_resampled_ttest([[0.1, 0.2]], test_train_ratio=0.25)
+  with pytest.raises(ValueError, match='finite'):
+    statistics.corrected_resampled_ttest([0.1, np.nan], test_train_ratio=0.25)
+  with pytest.raises(ValueError, match='test_train_ratio'):
+    statistics.corrected_resampled_ttest([0.1, 0.2], test_train_ratio=-1.0)
+  with pytest.raises(ValueError, match='confidence'):
+    statistics.corrected_resampled_ttest([0.1, 0.2], test_train_ratio=0.25, confidence=1.0)
+  # No variance: all zero is no evidence of a difference; a constant non-zero has no t (NaN),
+  # also when rounding makes the constant unequal in the last bit.
+  same = statistics.corrected_resampled_ttest(np.zeros(6), test_train_ratio=0.25)
+  assert (same.t, same.p_value, same.difference, same.difference_ci) == (0.0, 1.0, 0.0, (0.0, 0.0))
+  for constant_d in (np.full(6, 0.05), 0.05 + np.array([0, 1, 0, -1, 0, 0]) * np.spacing(0.05)):
+    constant = statistics.corrected_resampled_ttest(constant_d, test_train_ratio=0.25)
+    assert constant.difference == pytest.approx(0.05) and constant.df == 5
+    assert np.isnan(constant.t) and np.isnan(constant.p_value)
+    assert np.isnan(constant.difference_ci).all()
+
+
 # ---------------------------------------------------------------- Holm
 
 
@@ -350,6 +413,9 @@ def test_holm_hand_worked():
   np.testing.assert_allclose(statistics.holm([0.02, 0.5, 0.02]), [0.06, 0.5, 0.06], rtol=1e-12)
   assert statistics.holm([0.03]).tolist() == [0.03]
   assert statistics.holm([]).shape == (0,)
+  # A test that could not be done stays NaN and still counts in k.
+  np.testing.assert_allclose(statistics.holm([0.01, np.nan, 0.03]), [0.03, np.nan, 0.06],
+                             rtol=1e-12)
 
 
 @pytest.mark.parametrize('seed', range(3))

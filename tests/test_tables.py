@@ -2,6 +2,7 @@
 subgroups, and the run contract's registry driving tables, figures and the report."""
 
 import csv
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -10,24 +11,31 @@ import zlib
 import ml_collections
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
+from sklearn.metrics import roc_auc_score
 
 from pcrjax import runs
-from pcrjax.evidence import calibration, report, tables
+from pcrjax.evidence import calibration, compare, report, tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _write_model(root, name, *, num_repeats=2, num_folds=2, n=80, seed=0, signal=1.5,
-                 overconfident=False):
-  """Fake predictions of one model in the protocol's layout; returns (labels, subtypes, arms)."""
+                 overconfident=False, fold_seed=None):
+  """Fake predictions of one model in the protocol's layout; returns (labels, subtypes, arms).
+
+  Models of the same `seed` share their patients and folds, as in a run; `fold_seed` draws other
+  folds for the same patients, as a run with another `data.fold_seed` would.
+  """
   rng = np.random.default_rng(seed)
   labels = (rng.random(n) < 0.35).astype(int)
   subtypes = np.array(['HR+/HER2-', 'HR-/HER2-', 'HR-/HER2+'])[rng.integers(0, 3, n)]
   subtypes[:4] = 'HR+/HER2+'  # A subgroup too small for an AUROC.
   arms = np.array(['A', 'B'])[rng.integers(0, 2, n)]
   noise = np.random.default_rng(zlib.crc32(name.encode()))  # Per model, the same in every process.
+  folds_rng = rng if fold_seed is None else np.random.default_rng(fold_seed)
   for repeat in range(num_repeats):
-    fold_of = rng.permutation(n) % num_folds
+    fold_of = folds_rng.permutation(n) % num_folds
     logits = signal * (labels - 0.35) + noise.normal(0, 1, n)
     probs = 1 / (1 + np.exp(-(3 * logits if overconfident else logits)))
     for fold in range(num_folds):
@@ -56,6 +64,11 @@ def test_pooling_over_folds_and_repeats(tmp_path):
   np.testing.assert_array_equal(pred.label, labels[np.argsort([f'P{i:03d}' for i in range(80)])])
   assert pred.prob.shape == (2, 80) and not np.allclose(pred.prob[0], pred.prob[1])
   np.testing.assert_allclose(pred.mean_prob, pred.prob.mean(0))
+  assert pred.fold.shape == (2, 80) and not np.array_equal(pred.fold[0], pred.fold[1])
+  for repeat in range(2):
+    for fold in range(2):
+      ids = _test_ids(tmp_path, repeat, fold, 'baseline')
+      assert set(pred.patient_id[pred.fold[repeat] == fold]) == set(ids)
 
 
 def test_recalibration_is_fitted_on_each_folds_validation_split(tmp_path):
@@ -93,8 +106,7 @@ def test_subgroups_say_too_few_instead_of_a_number(tmp_path):
 def test_pairwise_tests_pair_patients_and_adjust(tmp_path):
   _write_model(tmp_path, 'baseline')
   base = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
-  perfect = tables.Predictions(base.patient_id, base.label, base.subtype, base.arm,
-                               base.label[None].astype(float) * 0.8 + 0.1)
+  perfect = dataclasses.replace(base, prob=np.tile(base.label * 0.8 + 0.1, (2, 1)))
   pairs = tables.pairwise_tests({'baseline': base, 'student': perfect, 'ftv': base,
                                  'teacher': perfect})
   by_pair = {(p['a'], p['b']): p for p in pairs}
@@ -105,9 +117,128 @@ def test_pairwise_tests_pair_patients_and_adjust(tmp_path):
   assert tables.bottom_line(pairs) is first
   assert by_pair[('baseline', 'ftv')]['p'] == 1.0
   assert all(p['p_holm'] >= p['p'] for p in pairs)
-  shuffled = tables.Predictions(base.patient_id, 1 - base.label, base.subtype, base.arm, base.prob)
+  # Per fold: the perfect model has AUROC 1 on every one of the 2 × 2 test folds.
+  base_folds = [roc_auc_score(base.label[base.fold[r] == k], base.prob[r][base.fold[r] == k])
+                for r in range(2) for k in range(2)]
+  assert (first['repeats'], first['folds'], first['fold_df']) == (2, 2, 3)
+  assert first['fold_auroc_b'] == 1.0
+  assert first['fold_difference'] == pytest.approx(1 - np.mean(base_folds), rel=1e-12)
+  assert (first['fold_difference_ci_low'] < first['fold_difference']
+          < first['fold_difference_ci_high'])
+  assert by_pair[('baseline', 'ftv')]['fold_p'] == 1.0
+  assert all(p['fold_p_holm'] >= p['fold_p'] for p in pairs)
+  shuffled = dataclasses.replace(base, label=1 - base.label)
   with pytest.raises(ValueError, match='disagree on the labels'):
     tables.pairwise_tests({'baseline': base, 'student': shuffled})
+  # Other folds: nothing to pair per fold; DeLong still compares the patients.
+  refolded = dataclasses.replace(base, fold=base.fold[:, ::-1])
+  [row] = tables.paired_tests([('baseline', base, 'baseline', refolded)])
+  assert row['p'] == 1.0 and row['p_holm'] == 1.0
+  assert row['fold_p'] is None and row['fold_p_holm'] is None and row['fold_difference'] is None
+
+
+def _test_ids(root, repeat, fold, name):
+  return [p['patient_id'] for p in runs.read_predictions(
+      runs.predictions_path(runs.stage_dir(str(root), repeat, fold, name), 'test'))]
+
+
+def _fold_aurocs(root, name, num_repeats, num_folds):
+  """Each (repeat, fold)'s AUROC on its test patients, by sklearn, straight from the files."""
+  out = []
+  for repeat in range(num_repeats):
+    for fold in range(num_folds):
+      path = runs.predictions_path(runs.stage_dir(str(root), repeat, fold, name), 'test')
+      with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+      out.append(roc_auc_score([int(r['label']) for r in rows], [float(r['prob']) for r in rows]))
+  return np.array(out)
+
+
+def test_per_fold_aurocs_the_corrected_t_test_and_the_bottom_line(tmp_path):
+  """table.csv, pairwise.csv and the bottom line against sklearn and the t-test by hand."""
+  num_repeats, num_folds = 2, 3
+  _write_config(tmp_path, num_repeats=num_repeats, num_folds=num_folds)
+  for name, signal in (('baseline', 1.0), ('student', 2.0), ('ftv', 1.5)):
+    _write_model(tmp_path, name, num_repeats=num_repeats, num_folds=num_folds, signal=signal)
+  report.build(str(tmp_path))
+  with open(tmp_path / 'table.csv') as f:
+    table = {r['name']: r for r in csv.DictReader(f)}
+  folds = {name: _fold_aurocs(tmp_path, name, num_repeats, num_folds) for name in table}
+  for name, row in table.items():
+    aurocs = folds[name]
+    assert int(row['test_folds']) == 6
+    assert float(row['auroc_fold_mean']) == pytest.approx(aurocs.mean(), rel=1e-9)
+    assert float(row['auroc_fold_sd']) == pytest.approx(aurocs.std(ddof=1), rel=1e-9)
+    assert float(row['auroc_fold_min']) == pytest.approx(aurocs.min(), rel=1e-9)
+    assert float(row['auroc_fold_max']) == pytest.approx(aurocs.max(), rel=1e-9)
+
+  with open(tmp_path / 'pairwise.csv') as f:
+    pairs = {(r['a'], r['b']): r for r in csv.DictReader(f)}
+  assert set(pairs) == {('baseline', 'student'), ('baseline', 'ftv'), ('student', 'ftv')}
+  expected = {}
+  for (a, b), row in pairs.items():
+    d = folds[b] - folds[a]
+    se = np.sqrt((1 / 6 + 1 / (num_folds - 1)) * d.var(ddof=1))  # J = 6, n_test/n_train = 1/2.
+    t = d.mean() / se
+    half_width = student_t.ppf(0.975, 5) * se
+    expected[a, b] = {'fold_auroc_a': folds[a].mean(), 'fold_auroc_b': folds[b].mean(),
+                      'fold_difference': d.mean(), 'fold_t': t, 'fold_df': 5,
+                      'fold_p': 2 * student_t.sf(abs(t), 5),
+                      'fold_difference_ci_low': d.mean() - half_width,
+                      'fold_difference_ci_high': d.mean() + half_width}
+    for key, value in expected[a, b].items():
+      assert float(row[key]) == pytest.approx(value, rel=1e-9), (a, b, key)
+    assert (int(row['repeats']), int(row['folds'])) == (num_repeats, num_folds)
+  # Holm over the three per-fold p-values, by its definition.
+  ordered = sorted(pairs, key=lambda pair: expected[pair]['fold_p'])
+  running = 0.0
+  for i, pair in enumerate(ordered):
+    running = min(1.0, max(running, (3 - i) * expected[pair]['fold_p']))
+    assert float(pairs[pair]['fold_p_holm']) == pytest.approx(running, rel=1e-9)
+  assert table['student']['p_vs_baseline_per_fold'] == pairs['baseline', 'student']['fold_p_holm']
+  assert table['baseline']['p_vs_baseline_per_fold'] == ''
+
+  line = next(l for l in (tmp_path / 'report.md').read_text().splitlines()
+              if l.startswith('**Bottom line:**'))
+  pooled = {k: float(v) for k, v in pairs['baseline', 'student'].items()
+            if k in ('auroc_a', 'auroc_b', 'difference', 'difference_ci_low', 'difference_ci_high',
+                     'p', 'p_holm')}
+  fold = expected['baseline', 'student']
+  fold_p_holm = float(pairs['baseline', 'student']['fold_p_holm'])
+  assert line == (
+      '**Bottom line:** on the same 80 patients (T0+T1), the Student (two-stage dual-task) vs the'
+      f" Baseline (single-stage): pooled out-of-fold AUROC {pooled['auroc_b']:.3f} vs"
+      f" {pooled['auroc_a']:.3f}, difference {pooled['difference']:+.3f} (DeLong test: 95 % CI"
+      f" {pooled['difference_ci_low']:+.3f} to {pooled['difference_ci_high']:+.3f},"
+      f" p = {pooled['p']:.3f}); mean AUROC per test fold {fold['fold_auroc_b']:.3f} vs"
+      f" {fold['fold_auroc_a']:.3f}, difference {fold['fold_difference']:+.3f} (corrected resampled"
+      ' t-test over 2 repeats × 3 folds, which also counts the variation between trainings: 95 % CI'
+      f" {fold['fold_difference_ci_low']:+.3f} to {fold['fold_difference_ci_high']:+.3f},"
+      f" p = {fold['fold_p']:.3f}). After Holm's adjustment over the 3 pairwise comparisons:"
+      f" p = {pooled['p_holm']:.3f} (DeLong) and {fold_p_holm:.3f} (t-test).")
+  text = (tmp_path / 'report.md').read_text()
+  assert '| AUROC, mean per fold ± SD (range) over 2 × 3 test folds |' in text
+  student = next(l for l in text.splitlines() if l.startswith('| Student (two-stage dual-task) |'))
+  aurocs = folds['student']
+  assert (f'| {aurocs.mean():.3f} ± {aurocs.std(ddof=1):.3f}'
+          f' ({aurocs.min():.3f}–{aurocs.max():.3f}) |') in student
+
+
+def test_compare_pairs_folds_only_between_runs_that_share_them(tmp_path):
+  runs_dirs = {}
+  for run, fold_seed in (('a', None), ('same', None), ('other', 7)):
+    runs_dirs[run] = tmp_path / run
+    _write_config(runs_dirs[run])
+    _write_model(runs_dirs[run], 'baseline', fold_seed=fold_seed,
+                 signal=1.0 if run == 'a' else 2.0)
+  [same] = compare.compare(str(runs_dirs['a']), str(runs_dirs['same']))
+  [other] = compare.compare(str(runs_dirs['a']), str(runs_dirs['other']))
+  assert same['fold_p'] is not None and same['fold_difference'] > 0
+  # The same predictions on other folds: the same DeLong test, no per-fold one.
+  assert other['fold_p'] is None and (other['difference'], other['p']) == (same['difference'],
+                                                                          same['p'])
+  assert "not paired: the runs' folds differ" in compare.render([other], 'a', 'other')
+  assert f"| {same['fold_p']:.3g} |" in compare.render([same], 'a', 'same')
 
 
 def test_predictions_rows_are_checked():

@@ -99,7 +99,13 @@ def _ci(low, high, digits: int = 3) -> str:
 
 
 def _p(value) -> str:
-  return '' if value is None else f'{value:.2g}' if value < 0.001 else f'{value:.3f}'
+  if value is None:
+    return ''
+  return '—' if np.isnan(value) else f'{value:.2g}' if value < 0.001 else f'{value:.3f}'
+
+
+def _count(n: int, noun: str) -> str:
+  return f'{n} {noun}' + ('' if n == 1 else 's')
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -121,21 +127,32 @@ def banner(config) -> str:
 
 
 def bottom_line(pairs: list[dict], num_pairs: int) -> str:
-  """The paper's comparison in one sentence: the difference, its CI and p."""
+  """The paper's comparison in one sentence: pooled (DeLong) and per fold (corrected t-test)."""
   reference, method = runs.PRIMARY
   pair = tables.bottom_line(pairs)
   if pair is None:
     return (f'**Bottom line:** not available: the run holds no finished {_label(method)} and'
             f' {_label(reference)} to compare.')
-  if pair['difference'] == 0:
+  if pair['difference'] == 0 and pair['fold_difference'] == 0:
     return (f"**Bottom line:** the {_label(method)} and the {_label(reference)} have the same AUROC,"
-            f" {pair['auroc_a']:.3f}, on the same {pair['patients']} patients.")
-  return (f"**Bottom line:** on the same {pair['patients']} patients, the {_label(method)} has"
-          f" AUROC {pair['auroc_b']:.3f} vs {pair['auroc_a']:.3f} for the {_label(reference)}"
-          f" ({runs.model(method).visits}): a difference of {pair['difference']:+.3f} (95 % CI"
-          f" {pair['difference_ci_low']:+.3f} to {pair['difference_ci_high']:+.3f}, DeLong),"
-          f" p = {_p(pair['p'])} ({_p(pair['p_holm'])} after Holm's adjustment over the {num_pairs}"
-          ' pairwise tests).')
+            f" {pair['auroc_a']:.3f} pooled and {pair['fold_auroc_a']:.3f} per fold, on the same"
+            f" {pair['patients']} patients.")
+  if np.isnan(pair['fold_p']):
+    t_test = 'no t-test: every test fold gave the same difference'
+  else:
+    t_test = (f"95 % CI {pair['fold_difference_ci_low']:+.3f} to"
+              f" {pair['fold_difference_ci_high']:+.3f}, p = {_p(pair['fold_p'])}")
+  return (f"**Bottom line:** on the same {pair['patients']} patients"
+          f" ({runs.model(method).visits}), the {_label(method)} vs the {_label(reference)}:"
+          f" pooled out-of-fold AUROC {pair['auroc_b']:.3f} vs {pair['auroc_a']:.3f}, difference"
+          f" {pair['difference']:+.3f} (DeLong test: 95 % CI {pair['difference_ci_low']:+.3f} to"
+          f" {pair['difference_ci_high']:+.3f}, p = {_p(pair['p'])}); mean AUROC per test fold"
+          f" {pair['fold_auroc_b']:.3f} vs {pair['fold_auroc_a']:.3f}, difference"
+          f" {pair['fold_difference']:+.3f} (corrected resampled t-test over"
+          f" {_count(pair['repeats'], 'repeat')} × {pair['folds']} folds, which also counts the"
+          f" variation between trainings: {t_test}). After Holm's adjustment over the {num_pairs}"
+          f" pairwise comparisons: p = {_p(pair['p_holm'])} (DeLong) and"
+          f" {_p(pair['fold_p_holm'])} (t-test).")
 
 
 def design(config, run_dir: str, first: tables.Row) -> str:
@@ -153,7 +170,8 @@ def design(config, run_dir: str, first: tables.Row) -> str:
 
 
 def main_table(config, table: list[tables.Row]) -> str:
-  repeats = config.num_repeats
+  repeats, folds = config.num_repeats, config.data.num_folds
+  reference = _label(runs.PRIMARY[0])
   rows = []
   for r in table:
     if r.degenerate:
@@ -163,18 +181,29 @@ def main_table(config, table: list[tables.Row]) -> str:
       slope = f'{_num(r.calibration_slope, 2)} ({_ci(*r.calibration_slope_ci, 2)})'
     rows.append([
         _label(r.name), r.time_points, f'{_num(r.auroc)} ({_ci(r.ci_low, r.ci_high)})',
+        f'{np.mean(r.auroc_folds):.3f} ± {np.std(r.auroc_folds, ddof=1):.3f}'
+        f' ({min(r.auroc_folds):.3f}–{max(r.auroc_folds):.3f})',
         f'{np.mean(r.auroc_repeats):.3f} ± {np.std(r.auroc_repeats):.3f}'
         f' ({min(r.auroc_repeats):.3f}–{max(r.auroc_repeats):.3f})',
-        _p(r.p_vs_baseline), _num(r.brier), intercept, slope])
+        _p(r.p_vs_baseline), _p(r.p_vs_baseline_per_fold), _num(r.brier), intercept, slope])
   text = _md_table(
-      ['Model', 'Time points', 'AUROC (95 % CI)', f'AUROC of each of {repeats} repeat(s): mean ± SD'
-       ' (range)', f'p vs {_label(runs.PRIMARY[0])} (Holm)', 'Brier', 'Cal. intercept (95 % CI)',
-       'Cal. slope (95 % CI)'], rows)
+      ['Model', 'Time points', 'AUROC, pooled (95 % CI)',
+       f'AUROC, mean per fold ± SD (range) over {repeats} × {folds} test folds',
+       f'AUROC, pooled, of each of {repeats} repeat(s): mean ± SD (range)',
+       f'p vs {reference}, DeLong (Holm)', f'p vs {reference}, per fold (Holm)', 'Brier',
+       'Cal. intercept (95 % CI)', 'Cal. slope (95 % CI)'], rows)
   notes = [
-      f'AUROC and its CI (stratified bootstrap, {config.bootstrap_replicates} replicates, the pROC'
-      ' convention) are of each patient\'s out-of-fold prediction averaged over the repeats; the'
-      ' repeats column shows the spread of the pooled AUROC between repeats. Calibration intercept'
-      ' (ideal 0) and slope (ideal 1) with stratified-bootstrap CIs.']
+      f'Pooled AUROC and its CI (stratified bootstrap, {config.bootstrap_replicates} replicates,'
+      ' the pROC convention) are of each patient\'s out-of-fold prediction averaged over the'
+      f' repeats, pooled over the {folds} fold models: pooling mixes their scales, which can lower'
+      ' the AUROC of a model whose fold models are calibrated differently (a network) and not of'
+      ' one calibrated in every fold (a logistic reference). The AUROC per fold is each fold'
+      ' model\'s AUROC on its own test patients, free of that effect (sample SD over the'
+      ' repeat-folds). The repeats column shows the spread of the pooled AUROC between repeats.'
+      f' p vs {reference}: paired DeLong test of the pooled AUROCs, and corrected resampled t-test'
+      ' (Nadeau & Bengio 2003) of the per-fold AUROCs, each Holm-adjusted over the pairwise'
+      ' comparisons. Calibration intercept (ideal 0) and slope (ideal 1) with stratified-bootstrap'
+      ' CIs.']
   notes += [f'{_label(r.name)}: {runs.model(r.name).note}; not tested against the others.'
             for r in table if not runs.model(r.name).compared]
   return text + '\n\n' + ' '.join(notes)
@@ -193,13 +222,23 @@ def operating_points(operating: list[dict]) -> str:
 
 
 def pairwise(pairs: list[dict]) -> str:
-  text = _md_table(['A', 'B', 'AUROC A', 'AUROC B', 'B − A (95 % CI)', 'z', 'p', 'p (Holm)'], [
-      [_label(p['a']), _label(p['b']), _num(p['auroc_a']), _num(p['auroc_b']),
-       f"{p['difference']:+.3f} ({_ci(p['difference_ci_low'], p['difference_ci_high'])})",
-       f"{p['z']:.2f}", _p(p['p']), _p(p['p_holm'])] for p in pairs])
-  return text + (f'\n\nPaired two-sided DeLong tests on the same patients between every pair of early'
-                 f' (T0+T1) models ({len(pairs)} tests); Holm\'s step-down adjustment controls the'
-                 ' family-wise error rate at 5 %.')
+  rows = [[_label(p['a']), _label(p['b']), _num(p['auroc_a']), _num(p['auroc_b']),
+           f"{p['difference']:+.3f} ({_ci(p['difference_ci_low'], p['difference_ci_high'])})",
+           _p(p['p']), _p(p['p_holm']), _num(p['fold_auroc_a']), _num(p['fold_auroc_b']),
+           f"{p['fold_difference']:+.3f}"
+           f" ({_ci(p['fold_difference_ci_low'], p['fold_difference_ci_high'])})",
+           _p(p['fold_p']), _p(p['fold_p_holm'])] for p in pairs]
+  text = _md_table(['A', 'B', 'Pooled AUROC A', 'Pooled AUROC B', 'B − A (95 % CI)', 'p (DeLong)',
+                    'p (DeLong, Holm)', 'Per-fold AUROC A', 'Per-fold AUROC B', 'B − A (95 % CI)',
+                    'p (t-test)', 'p (t-test, Holm)'], rows)
+  return text + (
+      f'\n\nEvery pair of early (T0+T1) models ({len(pairs)} comparisons), on the same patients.'
+      ' Pooled: paired two-sided DeLong test of the AUROCs of the repeat-averaged out-of-fold'
+      ' predictions. Per fold: the mean over the repeats × folds of the AUROC of each fold model on'
+      ' its test patients, with the corrected resampled t-test (Nadeau & Bengio 2003; J − 1 degrees'
+      ' of freedom, variance (1/J + 1/(K − 1)) s² for J repeat-folds of K-fold cross-validation),'
+      ' which also counts the variation between trainings. Holm\'s step-down adjustment controls'
+      ' the family-wise error rate at 5 % within each test\'s family. z and t: `pairwise.csv`.')
 
 
 def subgroups(groups: list[dict]) -> str:

@@ -1,4 +1,5 @@
-"""ROC statistics for pCR prediction: AUROC, its bootstrap interval, DeLong's test and Holm.
+"""ROC statistics for pCR prediction: AUROC, its bootstrap interval, DeLong's test, the corrected
+resampled t-test over cross-validation folds, and Holm.
 
 Conventions follow the R package pROC (Robin et al. 2011), the usual reference in the clinical
 literature, so that numbers reported here can be compared with R output:
@@ -10,6 +11,9 @@ literature, so that numbers reported here can be compared with R output:
   are resampled separately, so every replicate has both classes.
 * DeLong's variance uses sample covariances with `ddof = 1` as in pROC, computed with the
   O(n log n) midrank algorithm of Sun & Xu (2014).
+* DeLong's test holds the predictions fixed: it sees the sampling of patients, not the randomness
+  of training. The corrected resampled t-test (Nadeau & Bengio 2003) compares per-fold AUROCs over
+  repeated cross-validation, so differences between trainings enter its variance.
 
 The input checks and the stratified bootstrap are public because the calibration, operating-point
 and decision-curve modules share them. Only NumPy and SciPy are used.
@@ -23,6 +27,7 @@ from typing import Callable
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import norm
+from scipy.stats import t as student_t
 
 # Upper bound on replicates × samples held at once in the bootstrap (~32 MiB of float64).
 _MAX_BOOTSTRAP_ELEMENTS = 1 << 22
@@ -295,12 +300,78 @@ def delong_test(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, *,
       difference_ci=(difference - half_width, difference + half_width))
 
 
+@dataclasses.dataclass(frozen=True)
+class CorrectedTTestResult:
+  """Corrected resampled t-test of H0: E[d] == 0 over J paired test sets, d = metric_b − metric_a.
+
+  `difference` is the mean of the J differences and `difference_ci` its t interval with the
+  corrected variance; `t` has `df` = J − 1 degrees of freedom.
+  """
+
+  difference: float
+  difference_ci: tuple[float, float]
+  t: float
+  df: int
+  p_value: float
+
+
+def corrected_resampled_ttest(differences: ArrayLike, *, test_train_ratio: float,
+                              confidence: float = 0.95) -> CorrectedTTestResult:
+  """Nadeau & Bengio's (2003, Machine Learning 52:239) corrected resampled t-test.
+
+  The J test sets of repeated cross-validation overlap in their training sets, so the J paired
+  differences d_j are positively correlated and the naive paired t-test (variance s²/J) is
+  anticonservative. Nadeau & Bengio's correction replaces s²/J by (1/J + n_test/n_train) s²; for
+  r repeats of K-fold cross-validation (J = rK, n_test/n_train = 1/(K − 1)) this is the corrected
+  repeated k-fold test of Bouckaert & Frank (2004, PAKDD, LNCS 3056:3). t = mean(d) / sqrt(that),
+  with J − 1 degrees of freedom; two-sided p; CI mean(d) ± t_{1−α/2, J−1} sqrt(that).
+
+  Args:
+    differences: shape [J], J >= 2: metric of b minus metric of a on each test set.
+    test_train_ratio: n_test / n_train of each split, >= 0 (0 gives the naive paired t-test).
+    confidence: of the interval.
+
+  Returns:
+    The test. When every d_j is the same, the variance is 0 and t undefined: if they are all 0,
+    there is no evidence of a difference (t = 0, p = 1, the interval the point 0, as
+    `delong_test`); otherwise t, p and the interval are NaN.
+
+  Raises:
+    ValueError: if J < 2 (no variance to estimate) or an input is malformed.
+  """
+  _check_confidence(confidence)
+  d = np.asarray(differences, dtype=np.float64)
+  if d.ndim != 1 or d.size < 2:
+    raise ValueError(f'differences must have shape [J] with J >= 2 (a variance needs two test'
+                     f' sets), got {d.shape}')
+  if not np.all(np.isfinite(d)):
+    raise ValueError('differences must be finite')
+  if not (np.isfinite(test_train_ratio) and test_train_ratio >= 0):
+    raise ValueError(f'test_train_ratio must be finite and >= 0, got {test_train_ratio}')
+  df = d.size - 1
+  mean = float(d.mean())
+  # Rounding can leave equal differences (the same change on folds of the same size) unequal.
+  if np.ptp(d) <= 8 * np.finfo(np.float64).eps * np.abs(d).max():
+    if not d.any():
+      return CorrectedTTestResult(difference=0.0, difference_ci=(0.0, 0.0), t=0.0, df=df,
+                                  p_value=1.0)
+    nan = float('nan')
+    return CorrectedTTestResult(difference=mean, difference_ci=(nan, nan), t=nan, df=df,
+                                p_value=nan)
+  se = float(np.sqrt((1.0 / d.size + test_train_ratio) * d.var(ddof=1)))
+  t = mean / se
+  half_width = float(student_t.ppf(0.5 + confidence / 2.0, df)) * se
+  return CorrectedTTestResult(difference=mean, difference_ci=(mean - half_width, mean + half_width),
+                              t=t, df=df, p_value=float(2.0 * student_t.sf(abs(t), df)))
+
+
 def holm(p_values: ArrayLike) -> NDArray[np.float64]:
   """Holm's (1979) step-down adjustment, controlling the family-wise error rate of k tests.
 
   The i-th smallest p-value is multiplied by k − i + 1 (i = 1..k), made non-decreasing in that
   order and capped at 1, so rejecting where the adjusted p < α is Holm's procedure at level α
-  (statsmodels `multipletests(method='holm')`).
+  (statsmodels `multipletests(method='holm')`). A NaN p (a test that could not be done) stays NaN
+  and still counts in k, which keeps the others' adjustment conservative.
   """
   p = np.asarray(p_values, dtype=np.float64)
   if p.ndim != 1:
