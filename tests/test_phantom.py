@@ -1,9 +1,12 @@
 """Physics and biology tests of the synthetic I-SPY2 phantom (tfds_ispy2/ispy2/phantom.py)."""
 
+import dataclasses
+import hashlib
 import time
 
 import numpy as np
 import pytest
+from scipy import integrate, stats
 
 from tfds_ispy2.ispy2 import phantom as ph
 from tfds_ispy2.ispy2 import schema
@@ -313,3 +316,140 @@ def test_render_time_default_spec():
   dt = (time.perf_counter() - t0) / 3
   assert ex['images'].shape == (4, 3, 16, 64, 64)
   assert dt < 0.5, dt
+
+
+# ----------------------------------------------------------------------------- transfer knob
+SYNTHETIC = ph.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0), seed=0)
+SMOKE = ph.PhantomSpec(num_patients=48, shape=(8, 32, 32), spacing_mm=(6.0, 4.0, 4.0))
+TRANSFER = dataclasses.replace(SYNTHETIC, transfer=1.0)
+# sha256 of render_patient's images then tumor_mask bytes, and pCR: the `synthetic` and
+# `synthetic_smoke` cohorts pinned, so that the knob at 0 (or any refactor) cannot move a byte.
+PINNED_RENDERS = {
+    (SYNTHETIC, 0): (1, 'f1fcb22b5e066314b20ec54d3bb2dad69264ab8fa276c6023f4df5bddf916615'),
+    (SYNTHETIC, 5): (0, '0cb9dfd46e0f3bd827cf0826493d754263a0e84ea0fdf0395dc2f40a74af4187'),
+    (SYNTHETIC, 9): (0, '1a1da5e81fbbe937bc6bd98541bf2e72fb17151f9cde38aa8acd00b8f394be2c'),
+    (SMOKE, 0): (1, '9ce17377360f2f02a65d8ec580414ac65a82d787832d33452658b5a3cc86fb43'),
+    (SMOKE, 3): (1, '3df5f869fd483056eeafd51103b61af3673de5044fe533ed6e9784853b15fcea'),
+    (SMOKE, 10): (0, '2c640e278fca3e940699f1e1e129c07d57b77f42baf057ec6a9d51b1b52262da'),
+}
+# The same for every patient's truth (labels, visits, volumes and Ktrans, rounded).
+PINNED_TRUTHS = {
+    (SYNTHETIC, 200): '791807f97d0bc5691ef5cc1dbc73ae480d389fc18930f4c51c5532b07714d37a',
+    (SMOKE, 48): 'a35ed907a643bff53e980b4ba2e08fed9d29e3381bf2b4201ad04a4a3437a8d6',
+}
+
+
+@pytest.fixture(scope='module')
+def transfer_pairs():
+  """(knob off, knob on) truths of the same 1000 patients of the `synthetic_transfer` spec."""
+  return [(ph.simulate_patient(SYNTHETIC, i), ph.simulate_patient(TRANSFER, i))
+          for i in range(1000)]
+
+
+def _auroc(score, y):
+  pos, neg = score[y == 1], score[y == 0]
+  return np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
+
+
+def test_default_cohorts_are_byte_identical_to_the_pinned_ones():
+  for (spec, index), (pcr, digest) in PINNED_RENDERS.items():
+    ex = ph.render_patient(spec, index)
+    got = hashlib.sha256(ex['images'].tobytes())
+    got.update(ex['tumor_mask'].tobytes())
+    assert (ex['pcr'], got.hexdigest()) == (pcr, digest), (spec, index)
+  for (spec, num), digest in PINNED_TRUTHS.items():
+    got = hashlib.sha256()
+    for i in range(num):
+      t = ph.simulate_patient(spec, i)
+      got.update(np.array([t.pcr, t.subtype], np.int64).tobytes())
+      got.update(t.visit_mask.tobytes())
+      got.update(np.round(t.tumor_volume_mm3, 3).tobytes())
+      got.update(np.round(t.ktrans_per_min, 6).tobytes())
+    assert got.hexdigest() == digest, spec
+
+
+def test_transfer_off_carries_no_heterogeneity(transfer_pairs):
+  for off, on in transfer_pairs[:50]:
+    assert off.heterogeneity == 0.0 and off.texture_amplitude == ph.TEXTURE_AMPLITUDE
+    assert on.heterogeneity != 0.0
+  with pytest.raises(ValueError, match='transfer'):
+    ph.PhantomSpec(transfer=1.5)
+
+
+def test_transfer_draws_h_from_its_own_stream(transfer_pairs):
+  """h is one patient trait at any knob setting; the knob consumes none of the other draws."""
+  half = dataclasses.replace(SYNTHETIC, transfer=0.5)
+  for i, (_, on) in enumerate(transfer_pairs[:20]):
+    assert ph.simulate_patient(half, i).heterogeneity == on.heterogeneity
+  same = [(off, on) for off, on in transfer_pairs if off.pcr == on.pcr]
+  assert len(same) > 0.8 * len(transfer_pairs)
+  for off, on in same:
+    for field in ('subtype', 'arm', 'response', 'gain', 'bolus_delay_s'):
+      assert getattr(off, field) == getattr(on, field), field
+    np.testing.assert_array_equal(off.visit_mask, on.visit_mask)
+    np.testing.assert_array_equal(off.texture_k, on.texture_k)
+    # T0 and T1 do not move: the T0 size is fitted to the field of view before the knob's term.
+    np.testing.assert_array_equal(off.tumor_volume_mm3[:2], on.tumor_volume_mm3[:2])
+    np.testing.assert_array_equal(off.ktrans_per_min[:2], on.ktrans_per_min[:2])
+  # Where no floor or field-of-view bound intervenes, T2 moves by exactly the knob's term.
+  shifted = [ph.log_volume_change(on, 2) - ph.log_volume_change(off, 2)
+             + ph.TRANSFER_LOGVOL_T2 * on.heterogeneity
+             for off, on in same if on.visit_mask[2] and not on.pcr
+             and min(off.tumor_volume_mm3[2], on.tumor_volume_mm3[2]) > 2 * ph.MIN_RESIDUAL_MM3]
+  assert np.mean(np.isclose(shifted, 0.0)) > 0.85
+
+
+def test_transfer_knob_biology(transfer_pairs):
+  """h sets much of the T2 change, informs pCR moderately, and hides from T0/T1 means."""
+  truths = [on for _, on in transfer_pairs]
+  h = np.array([t.heterogeneity for t in truths])
+  pcr = np.array([t.pcr for t in truths])
+  subtype = np.array([t.subtype for t in truths])
+  vm = np.array([t.visit_mask for t in truths])
+  vol = np.array([t.tumor_volume_mm3 for t in truths])
+  k = np.array([t.ktrans_per_min for t in truths])
+  assert abs(h.mean()) < 0.1 and 0.9 < h.std() < 1.1
+  assert abs(pcr.mean() - 0.32) < 0.04
+  for s, rate in enumerate(ph.PCR_RATE):
+    assert abs(pcr[subtype == s].mean() - rate) < 0.08, s
+  assert 0.64 <= _auroc(h, pcr) <= 0.74
+  t2 = np.array([ph.log_volume_change(t, 2) for t in truths])
+  ok = vm[:, 2]
+  assert np.corrcoef(h[ok], t2[ok])[0, 1] ** 2 >= 0.3
+  # Within a pCR group, nothing tumour-mean at T0/T1 follows h.
+  for label in (0, 1):
+    rows = (pcr == label) & vm[:, 1]
+    v, kt = np.log(vol[rows, :2]), np.log(k[rows, :2])
+    for name, q in (('log V0', v[:, 0]), ('log K0', kt[:, 0]),
+                    ('T1 volume change', v[:, 1] - v[:, 0]),
+                    ('T1 Ktrans change', kt[:, 1] - kt[:, 0])):
+      assert abs(np.corrcoef(h[rows], q)[0, 1]) < 0.12, (label, name)
+  amp = np.array([t.texture_amplitude for t in truths])
+  lo, hi = ph.TEXTURE_AMPLITUDE_RANGE
+  np.testing.assert_allclose(
+      amp, np.clip(ph.TEXTURE_AMPLITUDE * np.exp(ph.TRANSFER_TEXTURE * h), lo, hi))
+  assert np.mean((amp <= lo) | (amp >= hi)) < 0.05
+
+
+def test_pcr_intercepts_keep_every_subtype_rate():
+  slope = ph.TRANSFER_PCR_LOGIT
+  for a, rate in zip(ph._pcr_intercepts(slope), ph.PCR_RATE):
+    mean, _ = integrate.quad(lambda x: stats.norm.pdf(x) / (1 + np.exp(-a - slope * x)), -12, 12)
+    assert abs(mean - rate) < 1e-9
+
+
+def test_heterogeneity_is_visible_as_enhancement_texture():
+  """Patchier Ktrans and enhancement with h at T0, the tumour-mean Ktrans unchanged."""
+  spec = dataclasses.replace(SPEC, transfer=1.0)
+  rows = []
+  for i in range(16):
+    ex, maps, t = ph.render_patient_maps(spec, i)
+    tm = ex['tumor_mask'][0].astype(bool)
+    kt = maps['ktrans_per_min'][0][tm]
+    np.testing.assert_allclose(kt.mean(), t.ktrans_per_min[0], rtol=0.02)
+    pre, early, _ = ex['images'][0].astype(np.float32)
+    pe = (early - pre)[tm] / pre[tm]
+    rows.append((t.heterogeneity, np.std(np.log(kt)), pe.std() / pe.mean()))
+  h, log_k_spread, pe_cv = np.array(rows).T
+  assert stats.spearmanr(h, log_k_spread)[0] > 0.4
+  assert stats.spearmanr(h, pe_cv)[0] > 0.4
