@@ -9,13 +9,15 @@ import importlib.metadata
 import platform
 import resource
 
-# name -> (visits the network sees, one visit's shape [*spatial, C], whether it learns from a teacher).
+# name -> (visits the network sees, one visit's shape [*spatial, C], whether it regresses a target).
+# C = 3: the default subtraction channels (pre-contrast, early - pre, late - pre).
 CASES = {
     'mip': (2, (32, 32, 3), False),  # Baseline: T0+T1 MIPs (the default representation).
     'mip_teacher': (3, (32, 32, 3), False),  # Stage-1 teacher: T0+T1+T2 MIPs.
-    'student': (2, (32, 32, 3), True),  # Stage-2 student: T0+T1 MIPs + the frozen teacher on T0-T2.
+    'student': (2, (32, 32, 3), True),  # Stage-2 student: T0+T1 MIPs + its precomputed T2 target.
     'volume': (2, (16, 32, 32, 3), False),  # data.representation='volume': 3D crops, D x H x W.
 }
+NUM_KINETICS = 4  # Per visit, beside the images: pcrjax.input_pipeline.KINETICS.
 DEFAULT_BATCH = 16
 POS_WEIGHT = 2.0  # A typical 'balanced' pCR weight (n_neg / n_pos); it does not change the cost.
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU on a GPU.

@@ -4,7 +4,7 @@ Everything is the code a run executes: `train._train_step` (the step's row of th
 gathered and augmented on the device, AdamW, donation, the metrics merged), `train._eval_step`,
 `input_pipeline.device_batch`, on the mesh of every visible device (the batch split over it,
 parameters replicated), with `configs.base_config()`'s hyperparameters and random inputs. The
-student case adds a frozen teacher, as stage 2 does.
+student case adds the regression of a precomputed target, as stage 2 does.
 """
 
 from __future__ import annotations
@@ -29,14 +29,21 @@ def median_seconds(fn, steps: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def _examples(num: int, visits: int, visit_shape, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  return {'images': rng.normal(size=(num, visits) + tuple(visit_shape)).astype(np.float32),
-          'visit_mask': np.ones((num, visits), bool),
-          'clinical': np.zeros((num, input_pipeline.NUM_CLINICAL), np.float32),
-          'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
+def _examples(num: int, visits: int, visit_shape, feature_dim: int, rng: np.random.Generator
+              ) -> dict[str, np.ndarray]:
+  examples = {'images': rng.normal(size=(num, visits) + tuple(visit_shape)).astype(np.float32),
+              'visit_mask': np.ones((num, visits), bool),
+              'kinetics': rng.normal(size=(num, visits, input_pipeline.NUM_KINETICS)).astype(np.float32),
+              'clinical': np.zeros((num, input_pipeline.NUM_CLINICAL), np.float32),
+              'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
+  if feature_dim:
+    examples.update(target=rng.normal(size=(num, feature_dim)).astype(np.float32),
+                    target_mask=np.ones(num, bool))
+  return examples
 
 
-def _model_flops(config, state, args: tuple, teacher, pos_weight, kwargs: dict) -> float | None:
+def _model_flops(config, state, args: tuple, feature_dim: int, pos_weight, kwargs: dict
+                 ) -> float | None:
   """The training step's arithmetic: XLA's cost analysis of the step with `model.conv='native'`.
 
   Not of the step that runs: cost analysis counts a loop's body once, and the patches path runs
@@ -45,10 +52,8 @@ def _model_flops(config, state, args: tuple, teacher, pos_weight, kwargs: dict) 
   """
   native = config.copy_and_resolve_references()
   native.model.conv = 'native'
-  model = train.create_model(native, feature_dim=native.model.lstm_features if teacher else 0)
-  if teacher:
-    teacher = teacher.replace(model=train.create_model(native))
-  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), *args, teacher, pos_weight,
+  model = train.create_model(native, feature_dim=feature_dim)
+  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), *args, pos_weight,
                                      **kwargs).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis['flops']) if analysis and analysis.get('flops') else None
@@ -59,43 +64,36 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   `figures(step_times)` measures the rest (evaluation, pipeline) and returns the case's figures."""
   config = configs.base_config()
   config.model.dtype = dtype
-  visits, visit_shape, with_teacher = common.CASES[case]
+  visits, visit_shape, with_target = common.CASES[case]
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
-  init_rng, dropout_rng, augment_rng, teacher_rng = jax.random.split(jax.random.key(0), 4)
-  loaded_visits = 3 if with_teacher else visits
-  teacher = None
-  if with_teacher:
-    teacher_model = train.create_model(config)
-    teacher = jax.device_put(train.Teacher(
-        model=teacher_model, params=train.init_params(teacher_model, teacher_rng, (3,) + visit_shape),
-        time_points=(0, 1, 2)), replicated)
-  model = train.create_model(config, feature_dim=config.model.lstm_features if with_teacher else 0)
+  init_rng, dropout_rng, augment_rng = jax.random.split(jax.random.key(0), 3)
+  feature_dim = config.model.lstm_features if with_target else 0
+  model = train.create_model(config, feature_dim=feature_dim)
   state = jax.device_put(train.create_train_state(init_rng, config, model, (visits,) + visit_shape,
                                                   steps_per_epoch=100), replicated)
   num_examples = 8 * batch_size
   rng = np.random.default_rng(0)
-  host = _examples(num_examples, loaded_visits, visit_shape, rng)
+  host = _examples(num_examples, visits, visit_shape, feature_dim, rng)
   examples = jax.device_put(host, replicated)
   pos_weight = jax.device_put(jnp.float32(common.POS_WEIGHT), replicated)
   augmentation = input_pipeline.augmentation(config.data)
-  kwargs = dict(augmentation=augmentation, feature_loss_weight=1.0, student_visits=tuple(range(visits)),
-                t2_visit=2 if with_teacher else None)
+  kwargs = dict(augmentation=augmentation, feature_loss_weight=1.0)
   batches = input_pipeline.epoch_batches(num_examples, batch_size=batch_size, seed=0, epoch=1)
   epoch_rows = jax.device_put(batches, sharding.epoch_batch_sharding(mesh))
   epoch_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
 
   args = (epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng)
   start = time.perf_counter()
-  compiled = train._train_step.lower(state, *args, teacher, pos_weight, **kwargs).compile()
+  compiled = train._train_step.lower(state, *args, pos_weight, **kwargs).compile()
   compile_s = time.perf_counter() - start  # Trace and compile.
 
   def step():  # This executable, whatever later traces of the step compile (`benchmarks.pair`).
     nonlocal state
-    state, _ = compiled(state, *args, teacher, pos_weight)
+    state, _ = compiled(state, *args, pos_weight)
     return state
 
-  flops = _model_flops(config, state, args, teacher, pos_weight, kwargs)
+  flops = _model_flops(config, state, args, feature_dim, pos_weight, kwargs)
   jax.block_until_ready(step())
   for _ in range(warmup):
     step()
@@ -108,8 +106,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
                                sharding.batch_sharding(mesh))
 
     def evaluate():
-      return train._eval_step(state.apply_fn, state.params, examples, eval_rows,
-                              visits=tuple(range(visits)))
+      return train._eval_step(state.apply_fn, state.params, examples, eval_rows)
 
     jax.block_until_ready(evaluate())
     eval_s, _ = median_seconds(evaluate, 10)

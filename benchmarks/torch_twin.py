@@ -67,27 +67,32 @@ class ConvLSTM(nn.Module):
 
 
 class PCRNet(nn.Module):
-  """images [B, T, C, *spatial], visit_mask [B, T] -> (pCR logit [B], latent, feature prediction)."""
+  """images [B, T, C, *spatial], visit_mask [B, T], kinetics [B, T, K] -> (pCR logit [B], latent,
+  feature prediction); the head reads the latent, the first visit's K tumour kinetics and each later
+  visit's change from it with its flag (pcrjax.models.kinetics_features)."""
 
   def __init__(self, dims: int, cin: int, encoder_features, lstm_features: int, kernel_size: int,
-               dropout_rate: float, normalization: str, feature_dim: int = 0):
+               dropout_rate: float, normalization: str, visits: int, feature_dim: int = 0):
     super().__init__()
     self.encoder = VisitEncoder(dims, cin, encoder_features, normalization)
     self.convlstm = ConvLSTM(dims, encoder_features[-1], lstm_features, kernel_size)
     self.dropout = nn.Dropout(dropout_rate)
-    self.pcr_head = nn.Linear(lstm_features, 1)
+    self.pcr_head = nn.Linear(lstm_features + common.NUM_KINETICS + (visits - 1) * (common.NUM_KINETICS + 1), 1)
     self.feature_head = nn.Sequential(
         nn.Linear(lstm_features, lstm_features), nn.ReLU(),
         nn.Linear(lstm_features, feature_dim)) if feature_dim else None
 
-  def forward(self, images, visit_mask):
+  def forward(self, images, visit_mask, kinetics):
     b, t = images.shape[:2]
     encoded = self.encoder(images.flatten(0, 1))
     encoded = encoded.unflatten(0, (b, t))
     h = self.convlstm(encoded, visit_mask)
     latent = h.mean(dim=tuple(range(2, h.ndim)))
     features = self.feature_head(latent) if self.feature_head is not None else None
-    return self.pcr_head(self.dropout(latent))[:, 0], latent, features
+    present = visit_mask.float()[..., None]
+    change = (kinetics[:, 1:] - kinetics[:, :1]) * present[:, 1:]
+    head_input = torch.cat([self.dropout(latent), kinetics[:, 0], change.flatten(1), present[:, 1:, 0]], 1)
+    return self.pcr_head(head_input)[:, 0], latent, features
 
 
 def flax_param_count(config, input_shape, feature_dim: int) -> int:
@@ -101,26 +106,23 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   """(step, figures) as `jax_step.prepare_case`: the twin's step, warmed up; its figures."""
   config = configs.base_config()
   m = config.model
-  visits, visit_shape, with_teacher = common.CASES[case]
+  visits, visit_shape, with_target = common.CASES[case]
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.manual_seed(0)
 
-  def network(feature_dim=0):
-    return PCRNet(len(visit_shape) - 1, visit_shape[-1], tuple(m.encoder_features), m.lstm_features,
-                  m.kernel_size, m.dropout_rate, m.normalization, feature_dim).to(device)
-
-  feature_dim = m.lstm_features if with_teacher else 0
-  model = network(feature_dim).train()
-  teacher = network().eval() if with_teacher else None
+  feature_dim = m.lstm_features if with_target else 0
+  model = PCRNet(len(visit_shape) - 1, visit_shape[-1], tuple(m.encoder_features), m.lstm_features,
+                 m.kernel_size, m.dropout_rate, m.normalization, visits, feature_dim).to(device).train()
   params = sum(p.numel() for p in model.parameters())
   flax_params = flax_param_count(config, (visits,) + visit_shape, feature_dim)
   assert params == flax_params, f'{case}: torch has {params} params, flax {flax_params}'
   # optax.adamw's defaults (b1 0.9, b2 0.999, eps 1e-8, decoupled decay), after global-norm clipping.
   opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
   forward = torch.compile(model) if compile_model else model
-  loaded = 3 if with_teacher else visits
-  images = torch.randn((batch_size, loaded, visit_shape[-1]) + visit_shape[:-1], device=device)
-  visit_mask = torch.ones((batch_size, loaded), dtype=torch.bool, device=device)
+  images = torch.randn((batch_size, visits, visit_shape[-1]) + visit_shape[:-1], device=device)
+  visit_mask = torch.ones((batch_size, visits), dtype=torch.bool, device=device)
+  kinetics = torch.randn((batch_size, visits, common.NUM_KINETICS), device=device)
+  target = torch.randn((batch_size, feature_dim), device=device)
   labels = (torch.arange(batch_size, device=device) % 2).float()
   pos_weight = torch.tensor(common.POS_WEIGHT, device=device)
   autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
@@ -128,12 +130,10 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   def step():
     opt.zero_grad(set_to_none=True)
     with autocast:
-      logits, _, features = forward(images[:, :visits], visit_mask[:, :visits])
+      logits, _, features = forward(images, visit_mask, kinetics)
       loss = F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=pos_weight)
-      if teacher is not None:
-        with torch.no_grad():
-          target = teacher(images, visit_mask)[1]
-        loss = loss + F.mse_loss(features.float(), target.float())
+      if features is not None:
+        loss = loss + F.mse_loss(features.float(), target)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
     opt.step()

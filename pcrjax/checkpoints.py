@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: the latest two (to resume) and the best on validation AUROC (to use).
+"""Orbax checkpoints of a run: the latest two (to resume) and the best on validation AUROC (to use),
+smoothed over a few epochs.
 
 A checkpoint's step is the number of finished epochs. Items are saved separately (params, opt_state)
 so that stage 2 can restore a teacher's `params` alone, read-only. A damaged checkpoint (truncated,
@@ -19,7 +20,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from pcrjax import runs
 
-SELECTION_METRIC = 'val_auroc'
+SELECTION_METRIC = 'val_auroc_smoothed'  # pcrjax.train.smoothed
 
 
 def _selection_metric(metrics: dict) -> float:

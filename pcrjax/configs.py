@@ -15,11 +15,12 @@ import pathlib
 import jax
 import ml_collections
 
-from pcrjax import models, runs
+from pcrjax import input_pipeline, models, runs
 from tfds_ispy2.ispy2 import schema
 
 STAGES = tuple(m.name for m in runs.networks_in_training_order()) + ('protocol',)
 REPRESENTATIONS = ('mip', 'volume')
+DUAL_TARGETS = ('latent', 'logit', 'kinetics')
 CLASS_WEIGHTINGS = ('balanced', 'none')
 CALIBRATIONS = ('none', 'platt', 'temperature')
 T2 = schema.VISITS.index('T2')
@@ -40,6 +41,9 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   data.fold_seed = 0
   data.val_fraction = 0.2  # Inner validation split of the training fold, for model selection.
   data.representation = 'mip'  # 'mip': 2D MIPs per visit; 'volume': 3D tumour-centred crop.
+  # What each voxel carries: 'kinetic' (pre-contrast, PE early, PE late, SER) or 'subtraction'
+  # (pre-contrast, early - pre, late - pre); see pcrjax.input_pipeline.CHANNELS.
+  data.channels = 'subtraction'
   # Tumour-centred crop, D x H x W voxels; 'mip' projects through all slices of the H x W crop.
   data.crop_size = (8, 16, 16) if smoke else (16, 32, 32)
   data.time_points = runs.model('baseline').time_points
@@ -53,7 +57,8 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.lstm_features = 16 if smoke else 32
   model.kernel_size = 3
   model.dropout_rate = 0.0  # On the latent, before the pCR head (measured: 0.3 hurts, README).
-  model.clinical_inputs = False  # Feed HR and HER2 status to the pCR head beside the image latent.
+  model.clinical_inputs = False  # A pCR logit offset per HR/HER2 subtype (from the fold's log-odds).
+  model.tumour_kinetics = True  # The head also reads each visit's FTV and mean PE, SER (README).
   model.normalization = 'none'  # In the visit encoder: 'none' or 'group' (GroupNorm; README).
   model.conv = 'auto'  # 'native', 'patches' (matrix products: fast on XLA:CPU), 'auto' (README).
   model.dtype = 'float32'  # Compute dtype: 'bfloat16' for GPU/TPU (XLA:CPU runs it slowly).
@@ -70,10 +75,17 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   # A checkpoint when validation AUROC improves (the best is kept for selection), every
   # `checkpoint_every_epochs` (to resume from) and at the end: each one costs ~30 ms and CPU time.
   config.checkpoint_every_epochs = 10
+  # The epoch selected is the last of the `selection_window` epochs with the best mean validation
+  # AUROC (1: the single best epoch).
+  config.selection_window = 1
   config.profile_steps = 0  # > 0: a JAX profiler trace of that many steps in <workdir>/profile.
 
   config.teacher_workdir = ''  # Stage 2 (student) only: the workdir of this fold's teacher.
   config.feature_loss_weight = 1.0  # lambda of the student's T2-feature regression.
+  # Stage 2 only: what the student regresses besides pCR (pcrjax.train.feature_targets).
+  config.dual_task = dual = ml_collections.ConfigDict()
+  dual.target = 'latent'  # 'latent' (the teacher's T2 latent), 'logit' or 'kinetics' (T2 - T0 FTV/PE/SER).
+  dual.standardise = True  # Each target dimension to zero mean, unit variance on the training fold.
   return config
 
 
@@ -88,6 +100,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.stage in STAGES, 'stage', f'must be one of {STAGES}')
   check(data.representation in REPRESENTATIONS, 'data.representation',
         f'must be one of {REPRESENTATIONS}')
+  check(data.channels in input_pipeline.CHANNELS, 'data.channels',
+        f'must be one of {tuple(input_pipeline.CHANNELS)}')
+  check(config.dual_task.target in DUAL_TARGETS, 'dual_task.target', f'must be one of {DUAL_TARGETS}')
   check(data.num_folds >= 2, 'data.num_folds', 'k-fold cross-validation needs at least 2 folds')
   check(0 <= data.fold < data.num_folds, 'data.fold', f'must be in [0, {data.num_folds})')
   check(0 < data.val_fraction < 0.5, 'data.val_fraction', 'must be in (0, 0.5)')
@@ -106,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.num_epochs >= 1, 'num_epochs', 'must be >= 1')
   check(config.profile_steps >= 0, 'profile_steps', 'must be >= 0')
   check(config.checkpoint_every_epochs >= 1, 'checkpoint_every_epochs', 'must be >= 1')
+  check(config.selection_window >= 1, 'selection_window', 'must be >= 1')
   check(0 <= config.warmup_epochs < config.num_epochs, 'warmup_epochs', 'must be in [0, num_epochs)')
   check(config.learning_rate > 0, 'learning_rate', 'must be > 0')
   check(config.class_weighting in CLASS_WEIGHTINGS, 'class_weighting',
@@ -127,7 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(T2 in tps, 'data.time_points', 'the teacher (stage 1) must see T2')
   if config.stage in ('baseline', 'student'):
     check(max(tps) < T2, 'data.time_points', f'{config.stage} is an early prediction: T0/T1 only')
-  if config.stage == 'student':
+  if config.stage == 'student' and config.dual_task.target != 'kinetics':
     check(bool(config.teacher_workdir), 'teacher_workdir',
           'stage 2 needs the workdir of a finished stage-1 run: first run'
           ' `python -m pcrjax.main --config=experiments/stage1.py --workdir=TEACHER_DIR`, then pass'

@@ -78,8 +78,8 @@ def voi(mask: np.ndarray) -> np.ndarray | None:
   return mask > 0 if (mask == schema.VOI).any() else None
 
 
-def ftv_per_visit(record: dict) -> np.ndarray:
-  """FTV in mm^3 of each of the 4 visits of one dataset record (float [4], NaN for a missing visit).
+def ftv_masks(record: dict) -> np.ndarray:
+  """The FTV voxels (bool [4, D, H, W]) of each visit of one dataset record; none at a missing visit.
 
   A visit with its own VOI (an Analysis Mask) has I-SPY's FTV: its tumour voxels, the mask's. Any
   other visit's FTV comes from its images, inside the VOI of the latest earlier visit that had
@@ -90,18 +90,23 @@ def ftv_per_visit(record: dict) -> np.ndarray:
   images = np.asarray(record['images'])
   visit_mask = np.asarray(record['visit_mask'], bool)
   masks = np.asarray(record['tumor_mask'])
-  spacing = np.asarray(record['spacing_mm'], np.float64)
-  roi = roi_from_mask(masks[0] == schema.TUMOUR, spacing)
-  voxel_mm3 = float(np.prod(spacing))
-  ftv = np.full(len(visit_mask), np.nan)
+  roi = roi_from_mask(masks[0] == schema.TUMOUR, record['spacing_mm'])
+  out = np.zeros(masks.shape, bool)
   for v in np.flatnonzero(visit_mask):
     own = voi(masks[v])
     if own is None:
-      ftv[v] = ftv_mask(*images[v], roi=roi).sum() * voxel_mm3
+      out[v] = ftv_mask(*images[v], roi=roi)
     else:
       roi = own
-      ftv[v] = (masks[v] == schema.TUMOUR).sum() * voxel_mm3
-  return ftv
+      out[v] = masks[v] == schema.TUMOUR
+  return out
+
+
+def ftv_per_visit(record: dict) -> np.ndarray:
+  """FTV in mm^3 of each of the 4 visits of one dataset record (float [4], NaN for a missing visit)."""
+  voxel_mm3 = float(np.prod(np.asarray(record['spacing_mm'], np.float64)))
+  ftv = ftv_masks(record).sum(axis=(1, 2, 3)) * voxel_mm3
+  return np.where(np.asarray(record['visit_mask'], bool), ftv, np.nan)
 
 
 def ftv_features(ftv: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from pcrjax import runs
+from pcrjax import ftv, runs
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
 from tfds_ispy2.ispy2 import schema
 
@@ -121,19 +121,66 @@ def normalise(images: np.ndarray, visit_mask: np.ndarray) -> np.ndarray:
   return images / max(float(scale), 1e-6)
 
 
-NUM_CHANNELS = 3  # to_channels: pre-contrast, early - pre, late - pre.
+# What each visit's voxels carry, by `data.channels`. 'subtraction': the pre-contrast image and the
+# two subtraction images, in the patient's units. 'kinetic': the ratios radiologists read, which
+# cancel what changes from visit to visit without the tumour changing (receiver gain, coil
+# sensitivity): percent enhancement PE = (S1 - S0) / S0 at the early and the late phase (as a
+# fraction), and the signal enhancement ratio SER = (S1 - S0) / (S2 - S0) of enhancing voxels
+# (SER > 1: washout, the malignant pattern; 0 where PE < 70 %, the FTV threshold).
+CHANNELS = {
+    'subtraction': ('pre', 'early - pre', 'late - pre'),
+    'kinetic': ('pre', 'PE early', 'PE late', 'SER'),
+}
+# S0 is floored at this fraction of the patient's scale (air and suppressed fat would divide by
+# noise), and the ratios are clipped to what enhancing tissue shows.
+S0_FLOOR = 0.1
+PE_RANGE = (-1.0, 5.0)
+ENHANCING_PE = 0.7
+SER_MAX = 3.0
+# Per visit, from its FTV voxels: log FTV (cm^3, floored at 0.1) and the mean of each kinetic map.
+KINETICS = ('log FTV (cm3)', 'mean PE early', 'mean PE late', 'mean SER')
+NUM_KINETICS = len(KINETICS)
+_FTV_FLOOR_CM3 = 0.1
 
 
 def visit_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """[*spatial, C] of one visit as `represent` gives it: the H x W MIP or the D x H x W crop."""
   d, h, w = (int(s) for s in data.crop_size)
-  return ((h, w) if data.representation == 'mip' else (d, h, w)) + (NUM_CHANNELS,)
+  return ((h, w) if data.representation == 'mip' else (d, h, w)) + (len(CHANNELS[data.channels]),)
 
 
-def to_channels(images: np.ndarray) -> np.ndarray:
-  """[V, 3 phases, *spatial] -> [V, *spatial, 3]: pre-contrast and the two subtraction images."""
+def kinetic_maps(images: np.ndarray) -> np.ndarray:
+  """[V, 3 phases, *spatial] (normalised) -> [V, 3, *spatial]: PE early, PE late and SER per voxel."""
   pre, early, late = images[:, 0], images[:, 1], images[:, 2]
-  return np.stack([pre, early - pre, late - pre], axis=-1)
+  s0 = np.maximum(pre, S0_FLOOR)
+  washin, late_gain = early - pre, late - pre
+  pe_early = np.clip(washin / s0, *PE_RANGE)
+  pe_late = np.clip(late_gain / s0, *PE_RANGE)
+  enhancing = washin >= ENHANCING_PE * s0
+  # washin / SER_MAX floors the denominator: SER <= SER_MAX, and no division by zero or a negative.
+  ser = np.where(enhancing, washin / np.maximum(late_gain, np.maximum(washin, 1e-6) / SER_MAX), 0.0)
+  return np.stack([pe_early, pe_late, ser], axis=1)
+
+
+def to_channels(images: np.ndarray, channels: str = 'subtraction') -> np.ndarray:
+  """[V, 3 phases, *spatial] (normalised) -> [V, *spatial, C], C = len(CHANNELS[channels])."""
+  pre, early, late = images[:, 0], images[:, 1], images[:, 2]
+  if channels == 'subtraction':
+    return np.stack([pre, early - pre, late - pre], axis=-1)
+  return np.moveaxis(np.concatenate([pre[:, None], kinetic_maps(images)], axis=1), 1, -1)
+
+
+def tumour_kinetics(images: np.ndarray, ftv_voxels: np.ndarray, spacing_mm) -> np.ndarray:
+  """[V, NUM_KINETICS] per visit (KINETICS) from normalised images [V, 3, D, H, W] and the FTV voxels
+  [V, D, H, W] (pcrjax.ftv.ftv_masks): what the I-SPY biomarker and the kinetic literature read,
+  handed to the networks' head with `model.tumour_kinetics`. A visit without FTV voxels: the
+  floored volume and zero kinetics."""
+  maps = kinetic_maps(images)
+  count = ftv_voxels.sum(axis=(1, 2, 3))
+  means = (maps * ftv_voxels[:, None]).sum(axis=(2, 3, 4)) / np.maximum(count, 1)[:, None]
+  cm3 = count * float(np.prod(np.asarray(spacing_mm, np.float64))) / 1000.0
+  return np.concatenate([np.log(np.maximum(cm3, _FTV_FLOOR_CM3))[:, None], means], axis=1).astype(
+      np.float32)
 
 
 def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -153,19 +200,22 @@ def crop_around(volume: np.ndarray, centre: np.ndarray, size) -> np.ndarray:
   return padded[index]
 
 
-def represent(record: dict, *, time_points, representation: str, crop_size) -> dict[str, np.ndarray]:
-  """One patient record -> {'images': [T, *spatial, 3] float32, 'visit_mask': [T] bool, 'tumour':
-  [T, *spatial] bool (the tumour voxels in the same crop: for display and attribution checks)}.
+def represent(record: dict, *, time_points, representation: str, crop_size,
+              channels: str = 'subtraction') -> dict[str, np.ndarray]:
+  """One patient record -> {'images': [T, *spatial, C] float32, 'visit_mask': [T] bool, 'tumour':
+  [T, *spatial] bool (the tumour voxels in the same crop: for display and attribution checks),
+  'kinetics': [T, NUM_KINETICS] float32 (`tumour_kinetics`, from the whole volume)}.
 
   Each visit is cropped around its own tumour (a missing mask: the T0 tumour, then the volume centre),
   which aligns the visits on the tumour. `volume`: the [D, H, W] = `crop_size` crop. `mip`: maximum
   intensity projections through all slices of the in-plane crop `crop_size[1:]` (axial MIPs, as
-  radiologists read subtraction MIPs).
+  radiologists read subtraction MIPs), of each channel computed in 3D first.
   """
   time_points = list(time_points)
-  images = np.asarray(record['images'], np.float32)
   visit_mask = np.asarray(record['visit_mask'], bool)
-  channels = to_channels(normalise(images, visit_mask))[time_points]  # [T, D, H, W, 3]
+  images = normalise(np.asarray(record['images'], np.float32), visit_mask)
+  kinetics = tumour_kinetics(images, ftv.ftv_masks(record), record['spacing_mm'])[time_points]
+  channels = to_channels(images, channels)[time_points]  # [T, D, H, W, C]
   masks = np.asarray(record['tumor_mask'])
   centre_t0 = tumour_centre(masks[0], (np.array(masks.shape[1:]) - 1) / 2)
   size = tuple(crop_size)
@@ -177,7 +227,8 @@ def represent(record: dict, *, time_points, representation: str, crop_size) -> d
                      for t, c in zip(time_points, centres)])
   if representation == 'mip':
     crops, tumour = crops.max(axis=1), tumour.max(axis=1)
-  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points], 'tumour': tumour}
+  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points], 'tumour': tumour,
+          'kinetics': kinetics}
 
 
 def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float) -> jax.Array:
@@ -223,7 +274,9 @@ def augmentation(data: ml_collections.ConfigDict) -> Augmentation | None:
 def device_batch(examples: dict[str, jax.Array], rows: jax.Array, key: jax.Array,
                  augmentation: Augmentation | None) -> dict[str, jax.Array]:
   """The training batch of `rows` (indices into `examples`), gathered and augmented on the device."""
-  batch = {name: examples[name][rows] for name in ('images', 'visit_mask', 'clinical', 'label')}
+  batch = {name: examples[name][rows]
+           for name in ('images', 'visit_mask', 'clinical', 'kinetics', 'label', 'target')
+           if name in examples}
   if augmentation is not None:
     batch['images'] = augment(batch['images'], key, max_shift=augmentation.max_shift,
                               intensity_jitter=augmentation.intensity_jitter)
@@ -255,7 +308,8 @@ class _Represent(grain.transforms.Map):
 
 def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict
                   ) -> dict[str, np.ndarray]:
-  """The model inputs of source rows `rows`, stacked: images, visit_mask, clinical, label, row.
+  """The model inputs of source rows `rows`, stacked: images, visit_mask, kinetics, clinical, label,
+  row.
 
   Every visit of every patient of the source is decoded and represented (in `data.read_threads`
   threads) once per process and representation, then kept: the inputs are small next to the stored
@@ -263,10 +317,11 @@ def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections
   patients.
   """
   represented = _represented(source, int(data.read_threads), representation=data.representation,
-                             crop_size=tuple(int(s) for s in data.crop_size))
+                             crop_size=tuple(int(s) for s in data.crop_size), channels=data.channels)
   rows, visits = np.asarray(rows), list(data.time_points)
   return {'images': represented['images'][rows][:, visits],
           'visit_mask': represented['visit_mask'][rows][:, visits],
+          'kinetics': represented['kinetics'][rows][:, visits],
           'clinical': cohort.receptors[rows], 'label': cohort.pcr[rows].astype(np.int32),
           'row': rows.astype(np.int32)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import json
 import os
 
 import ml_collections
@@ -119,6 +120,10 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
                       threads=int(config.data.read_threads))
   inputs = references.features(cohort, ftv_mm3,
                                references.phantom_truth(config.data, cohort.patient_id))
+  facts_path = os.path.join(workdir, runs.COHORT_FACTS_FILE)
+  if not os.path.exists(facts_path):
+    with runs.atomic_open(facts_path) as f:
+      json.dump({'t2_explained_r2': references.t2_explained(config.data, cohort.patient_id)}, f)
   stratum = folds.strata(cohort.pcr, cohort.subtype)
   for spec in runs.MODELS:
     if spec.kind != runs.REFERENCE or (spec.synthetic_only and spec.name not in inputs):

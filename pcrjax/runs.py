@@ -8,7 +8,7 @@ re-reported on any machine.
 
 A protocol workdir:
 
-    config.json  code_version.txt  ftv.csv
+    config.json  code_version.txt  ftv.csv  cohort_facts.json
     repeat_<r>/fold_<k>/<model>/   one stage's workdir: config.json, metrics.jsonl, checkpoints/,
                                    selection.json (networks), predictions_val.csv,
                                    predictions_test.csv (written last: the stage is finished)
@@ -101,6 +101,7 @@ METRICS_FILE = 'metrics.jsonl'
 SELECTION_FILE = 'selection.json'  # The epoch chosen on validation, and its metric.
 CHECKPOINTS_DIR = 'checkpoints'
 FTV_TABLE_FILE = 'ftv.csv'
+COHORT_FACTS_FILE = 'cohort_facts.json'  # What the protocol measured of the cohort itself.
 LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, started}.
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
 

@@ -53,6 +53,44 @@ def test_volume_crop_is_centred_on_each_visits_tumour(source_and_cohort):
     np.testing.assert_allclose(out['images'][t], manual)
 
 
+def test_kinetic_channels_are_ratios_that_a_visits_gain_does_not_change(source_and_cohort):
+  source, cohort, _ = source_and_cohort
+  record = dict(source[int(np.flatnonzero(cohort.visit_mask[:, 1])[0])])
+  kwargs = dict(time_points=(0, 1), representation='volume', crop_size=(4, 12, 12), channels='kinetic')
+  out = input_pipeline.represent(record, **kwargs)
+  assert out['images'].shape == (2, 4, 12, 12, len(input_pipeline.CHANNELS['kinetic']))
+  images = np.asarray(record['images'], np.float32)
+  gained = images.copy()
+  gained[1] *= 1.25  # T1's receiver gain: the same tissue reads 25 % brighter.
+  # A floor in the patient's units moves with the gain only where S0 is near it (air): compare
+  # where S0 is well above it.
+  changed = input_pipeline.represent({**record, 'images': gained.astype(np.float16)}, **kwargs)
+  tissue = out['images'][1, ..., 0] > 3 * input_pipeline.S0_FLOOR
+  # SER is set where PE early passes ENHANCING_PE: float16 rounding may flip a voxel right at it.
+  clear = tissue & (np.abs(out['images'][1, ..., 1] - input_pipeline.ENHANCING_PE) > 0.05)
+  for channel, where in ((1, tissue), (2, tissue), (3, clear)):  # PE early, PE late, SER.
+    np.testing.assert_allclose(changed['images'][1, ..., channel][where], out['images'][1, ..., channel][where],
+                               rtol=2e-2, atol=2e-2)
+  assert (out['images'][1, ..., 3][clear] > 0).any()
+  # The subtraction images scale with the gain instead.
+  kwargs['channels'] = 'subtraction'
+  a, b = (input_pipeline.represent(r, **kwargs)['images'][1, ..., 1]
+          for r in (record, {**record, 'images': gained.astype(np.float16)}))
+  assert np.abs(b).sum() > 1.2 * np.abs(a).sum()
+
+
+def test_tumour_kinetics_are_the_ftv_voxels_volume_and_mean_kinetics():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.5, 1.0, (2, 3, 4, 6, 6)).astype(np.float32)
+  images[:, 1] = images[:, 0] * 2.0  # PE early 1.0 everywhere.
+  images[:, 2] = images[:, 0] * 1.5  # PE late 0.5: SER 2.
+  ftv = np.zeros((2, 4, 6, 6), bool)
+  ftv[0, 1:3, 2:4, 2:4] = True  # 8 voxels
+  got = input_pipeline.tumour_kinetics(images, ftv, spacing_mm=(2.0, 5.0, 5.0))
+  np.testing.assert_allclose(got[0], [np.log(8 * 50 / 1000), 1.0, 0.5, 2.0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], [np.log(0.1), 0, 0, 0])  # No FTV voxels: floored, zero means.
+
+
 def test_crop_around_pads_at_the_border():
   volume = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6, 1)
   crop = input_pipeline.crop_around(volume, np.array([0.0, 0.0, 0.0]), (3, 5, 5))

@@ -165,15 +165,32 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert not np.array_equal(out['logit'], reference['logit'])  # It did compute in bfloat16.
 
 
-def test_clinical_inputs_reach_the_pcr_head_only_when_asked():
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 8, 8, 3)), jnp.float32)
-  visit_mask = jnp.ones((2, 2), bool)
-  hr_positive, her2_positive = jnp.array([[1., 0.], [1., 0.]]), jnp.array([[0., 1.], [0., 1.]])
+def test_each_subtype_adds_its_own_offset_to_the_logit_only_when_asked():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 8, 8, 3)), jnp.float32)
+  visit_mask = jnp.ones((4, 2), bool)
+  receptors = jnp.array([[0., 0.], [1., 0.], [0., 1.], [1., 1.]])  # Cells 0, 1, 2, 3.
+  np.testing.assert_array_equal(models.receptor_cells(receptors), np.eye(4))
+  same_image = jnp.broadcast_to(images[:1], images.shape)
   for clinical_inputs in (False, True):
     model = models.PCRNet(encoder_features=(4,), lstm_features=4, clinical_inputs=clinical_inputs)
-    params = model.init(jax.random.key(1), images, visit_mask, hr_positive, train=False)['params']
-    a, b = (model.apply({'params': params}, images, visit_mask, c, train=False)
-            for c in (hr_positive, her2_positive))
-    np.testing.assert_array_equal(a['latent'], b['latent'])  # The image latent never reads them.
-    assert params['pcr_head']['kernel'].shape == (4 + 2 * clinical_inputs, 1)
-    assert np.array_equal(a['logit'], b['logit']) != clinical_inputs
+    params = model.init(jax.random.key(1), same_image, visit_mask, receptors, train=False)['params']
+    assert ('subtype_offset' in params) == clinical_inputs
+    if clinical_inputs:
+      params['subtype_offset']['kernel'] = jnp.array([[0.], [1.], [-2.], [0.5]])
+    out = model.apply({'params': params}, same_image, visit_mask, receptors, train=False)
+    want = [0., 1., -2., 0.5] if clinical_inputs else [0., 0., 0., 0.]
+    np.testing.assert_allclose(out['logit'] - out['logit'][0], want, atol=1e-5)
+    np.testing.assert_array_equal(out['latent'], jnp.broadcast_to(out['latent'][:1], (4, 4)))
+
+
+def test_the_head_reads_the_tumour_kinetics_of_present_visits_only():
+  images = jnp.zeros((2, 2, 8, 8, 3))
+  kinetics = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 4)), jnp.float32)
+  model = models.PCRNet(encoder_features=(4,), lstm_features=4, tumour_kinetics=True)
+  mask = jnp.array([[True, True], [True, False]])
+  params = model.init(jax.random.key(0), images, mask, jnp.zeros((2, 2)), kinetics, train=False)['params']
+  assert params['pcr_head']['kernel'].shape == (4 + 4 + (4 + 1), 1)
+  logit = lambda k: model.apply({'params': params}, images, mask, jnp.zeros((2, 2)), k, train=False)['logit']
+  changed_t1 = kinetics.at[:, 1].add(1.0)
+  assert logit(changed_t1)[0] != logit(kinetics)[0]  # T1 present: read.
+  assert logit(changed_t1)[1] == logit(kinetics)[1]  # T1 missing: ignored.

@@ -81,7 +81,7 @@ def test_saliency_is_larger_inside_the_tumour(model_dir, data_dir):
     except ValueError:  # No T1.
       continue
     inputs = predict.model_inputs(patient, ensemble)
-    maps = predict.saliency_maps(ensemble, inputs['images'], patient.clinical)
+    maps = predict.saliency_maps(ensemble, inputs, patient.clinical)
     assert maps.shape == inputs['tumour'].shape and np.isfinite(maps).all()
     tumour = inputs['tumour'][0]  # T0: every patient has a tumour there.
     if tumour.any() and (~tumour).sum() >= tumour.sum():

@@ -22,6 +22,7 @@ _SCRIPT = textwrap.dedent('''
     rng = np.random.default_rng(0)
     host = {'images': rng.normal(size=(32, 2, 16, 16, 3)).astype(np.float32),
             'visit_mask': np.ones((32, 2), bool), 'clinical': np.zeros((32, 2), np.float32),
+            'kinetics': rng.normal(size=(32, 2, 4)).astype(np.float32),
             'label': (np.arange(32) % 2).astype(np.int32), 'row': np.arange(32, dtype=np.int32)}
     results = {}
     for devices in (1, 2, 4):
@@ -38,12 +39,11 @@ _SCRIPT = textwrap.dedent('''
       for _ in range(len(epoch_rows)):
         state, metrics = train._train_step(
             state, jax.device_put(train.TrainMetrics.empty(), replicated), examples, epoch_rows,
-            keys[0], keys[1], None, jax.device_put(jnp.float32(2.0), replicated),
-            augmentation=input_pipeline.augmentation(config.data), feature_loss_weight=1.0,
-            student_visits=(0, 1), t2_visit=None)
+            keys[0], keys[1], jax.device_put(jnp.float32(2.0), replicated),
+            augmentation=input_pipeline.augmentation(config.data), feature_loss_weight=1.0)
         losses.append(float(metrics.compute()['loss']))
       assert len(state.params['pcr_head']['kernel'].sharding.device_set) == devices
-      eval_fn = functools.partial(train._eval_step, state.apply_fn, visits=(0, 1))
+      eval_fn = functools.partial(train._eval_step, state.apply_fn)
       probs = train.predict(eval_fn, state.params, examples, np.arange(30), batch_size=8,
                             put=functools.partial(jax.device_put, device=sharding.batch_sharding(mesh)))
       results[devices] = {'losses': losses, 'probs': probs.tolist()}

@@ -15,10 +15,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from sklearn import linear_model
 
 from experiments import baseline, stage1, stage2
-from pcrjax import checkpoints, input_pipeline, protocol, runs, train
+from pcrjax import checkpoints, input_pipeline, models, protocol, runs, sharding, train
 from pcrjax.evidence import compare, report
+from tfds_ispy2.ispy2 import schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,58 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
   predictions = runs.read_predictions(os.path.join(student_dir, 'predictions_test.csv'))
   assert predictions and all(0 <= p['prob'] <= 1 for p in predictions)
   assert {p['fold'] for p in predictions} == {0}
+
+  # The targets: clean inputs, one row per patient, standardised on the training patients with T2.
+  config = _config(stage2, data_dir, teacher_workdir=teacher_dir)
+  source, cohort = input_pipeline.load_source(config.data), input_pipeline.load_cohort(config.data)
+  train_rows = np.arange(0, len(cohort), 2)
+  mesh = sharding.make_mesh()
+  has_t2 = cohort.visit_mask[:, 2]
+  fit = train_rows[has_t2[train_rows]]
+  for target, width in (('latent', config.model.lstm_features), ('logit', 1),
+                        ('kinetics', input_pipeline.NUM_KINETICS)):
+    config.dual_task.target = target
+    assert train.feature_dim(config) == width
+    for standardise in (True, False):
+      config.dual_task.standardise = standardise
+      got = train.feature_targets(config, source, cohort, train_rows, mesh)
+      assert got['target'].shape == (len(cohort), width)
+      np.testing.assert_array_equal(got['target_mask'], has_t2)
+      assert not got['target'][~has_t2].any()
+      if standardise:
+        np.testing.assert_allclose(got['target'][fit].mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(got['target'][fit].std(0), 1, atol=1e-4)
+      elif target == 'latent':
+        assert np.abs(got['target']).max() <= 1 and got['target'][fit].std(0).min() < 0.5
+
+
+def test_the_head_starts_at_the_training_patients_logistic_model(data_dir):
+  config = _config(baseline, data_dir)
+  config.model.clinical_inputs = True
+  rng = np.random.default_rng(0)
+  n = 200
+  examples = {'kinetics': rng.normal(size=(n, 2, 4)).astype(np.float32),
+              'visit_mask': np.c_[np.ones(n, bool), rng.random(n) > 0.2],
+              'clinical': schema.RECEPTORS[rng.integers(0, 4, n)],
+              'label': (rng.random(n) < 0.35).astype(np.int32)}
+  rows = np.arange(0, n, 2)
+  start = train.head_start(config, examples, rows, latent_dim=3)
+  kernel = start['pcr_head']['kernel'][:, 0]
+  assert kernel.shape == (3 + 4 + 5,) and not kernel[:3].any()  # The latent starts unread.
+  present = examples['visit_mask'][:, 1:].astype(np.float32)
+  change = (examples['kinetics'][:, 1] - examples['kinetics'][:, 0]) * present
+  head_in = np.c_[examples['kinetics'][:, 0], change, present]
+  cells = np.asarray(models.receptor_cells(examples['clinical']))
+  logit = head_in @ kernel[3:] + start['pcr_head']['bias'][0] + cells @ start['subtype_offset']['kernel'][:, 0]
+  # The same model as sklearn's on the standardised inputs, fitted on the training rows alone.
+  x = np.c_[head_in, cells][rows]
+  keep = x.std(0) > 1e-8
+  scaled = lambda z: (z[:, keep] - x[:, keep].mean(0)) / x[:, keep].std(0)
+  want = linear_model.LogisticRegression(class_weight='balanced', max_iter=1000).fit(
+      scaled(x), examples['label'][rows]).decision_function(scaled(np.c_[head_in, cells]))
+  np.testing.assert_allclose(logit, want, rtol=1e-4, atol=1e-4)
+  config.model.clinical_inputs = config.model.tumour_kinetics = False
+  assert train.head_start(config, examples, rows, latent_dim=3) == {}
 
 
 def test_student_refuses_a_missing_or_mismatched_teacher(data_dir, tmp_path):

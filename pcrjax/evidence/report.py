@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import os
 
 import markdown_it
@@ -164,12 +165,24 @@ def design(config, run_dir: str, first: tables.Row) -> str:
       ' training patients of each fold and selected on an inner validation split of them;'
       f' {repeats} repeat(s) (fold seeds {config.data.fold_seed}..{config.data.fold_seed + repeats - 1},'
       f' init seeds {config.seed}..{config.seed + repeats - 1}); representation'
-      f' `{config.data.representation}`; post-hoc calibration: {config.calibration}. Trained with code'
+      f' `{config.data.representation}`, channels `{config.data.channels}`; the pCR head reads'
+      f' {_head_inputs(config)}; the student regresses `{config.dual_task.target}`'
+      f' ({"standardised, " if config.dual_task.standardise else ""}λ = {config.feature_loss_weight:g});'
+      f' post-hoc calibration: {config.calibration}. Trained with code'
       f' {runs.recorded_code_version(run_dir)}; report built with {runs.code_version()}; the exact'
       ' config is `config.json` (and at the end of report.html).')
 
 
-def main_table(config, table: list[tables.Row]) -> str:
+def _head_inputs(config) -> str:
+  inputs = ['the image latent']
+  if config.model.tumour_kinetics:
+    inputs.append('each visit\'s tumour kinetics (FTV, mean PE and SER)')
+  if config.model.clinical_inputs:
+    inputs.append('a per-subtype (HR/HER2) offset')
+  return ', '.join(inputs)
+
+
+def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
   repeats, folds = config.num_repeats, config.data.num_folds
   reference = _label(runs.PRIMARY[0])
   rows = []
@@ -206,7 +219,21 @@ def main_table(config, table: list[tables.Row]) -> str:
       ' CIs.']
   notes += [f'{_label(r.name)}: {runs.model(r.name).note}; not tested against the others.'
             for r in table if not runs.model(r.name).compared]
+  explained = cohort_facts(run_dir).get('t2_explained_r2')
+  if explained is not None and any(r.name == 'oracle' for r in table):
+    notes.append(f'The oracle\'s T0/T1 truth explains R² = {explained:.2f} of the true T2 log-volume'
+                 ' change (linear model, 5-fold cross-validated): the share of the later shrinkage'
+                 ' that the early visits hold, and so the most a student regressing T2 could learn.')
   return text + '\n\n' + ' '.join(notes)
+
+
+def cohort_facts(run_dir: str) -> dict:
+  """What the protocol measured of the cohort (`runs.COHORT_FACTS_FILE`); {} where it did not."""
+  path = os.path.join(run_dir, runs.COHORT_FACTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def operating_points(operating: list[dict]) -> str:
@@ -269,7 +296,7 @@ def render(config, run_dir, table, pairs, operating, groups) -> str:
       banner(config),
       bottom_line(pairs, len(pairs)),
       design(config, run_dir, table[0]),
-      '## Main table\n\n' + main_table(config, table),
+      '## Main table\n\n' + main_table(config, run_dir, table),
       '## Discrimination and calibration\n\n' + _figure('roc.png') + '\n\n' + _figure('calibration.png'),
       '## Clinical usefulness\n\n' + _figure('decision_curve.png') + '\n\n### Operating points\n\n'
       + operating_points(operating),

@@ -41,12 +41,6 @@ def abstract_params(config: ml_collections.ConfigDict, visit_shape: tuple[int, .
   return model, jax.eval_shape(lambda rng: train.init_params(model, rng, input_shape), jax.random.key(0))
 
 
-def _feature_dim(directory: str) -> int:
-  """The student's feature head regresses its teacher's latent: lstm_features of the teacher."""
-  config = runs.read_config(directory)
-  return runs.read_config(config.teacher_workdir).model.lstm_features if config.teacher_workdir else 0
-
-
 def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate: str | None = None) -> dict:
   """Writes MODEL_DIR; returns its model.json contents."""
   run_dir, out_dir = os.path.abspath(run_dir), os.path.abspath(out_dir)
@@ -69,7 +63,7 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
   members = []
   for (repeat, fold), directory in directories.items():
     config = runs.read_config(directory)
-    feature_dim = _feature_dim(directory)
+    feature_dim = train.feature_dim(config)
     _, like = abstract_params(config, input_pipeline.visit_shape(config.data), feature_dim)
     manager = checkpoints.create_manager(directory, read_only=True)
     epoch = runs.selected_epoch(directory) or manager.best_step()
@@ -94,7 +88,9 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
           'target_spacing_mm': list(schema.DEFAULT_SPACING_MM),
           'record_crop_shape': list(schema.DEFAULT_CROP_SHAPE),
           'normalisation': 'all visits and phases / the 99th percentile of T0 pre-contrast',
-          'channels': ['pre', 'early - pre', 'late - pre'],
+          'channels': first.data.channels,
+          'channel_names': list(input_pipeline.CHANNELS[first.data.channels]),
+          'tumour_kinetics': list(input_pipeline.KINETICS) if first.model.tumour_kinetics else [],
           'clinical_inputs': bool(first.model.clinical_inputs)},
       'members': members,
       'evidence': _evidence(run_dir, model_name),

@@ -115,7 +115,7 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
   record = input_pipeline.load_source(data)[int(rows[0])]
   if hr is None and her2 is None:
     hr, her2 = (int(x) for x in schema.RECEPTORS[record['subtype']])
-  arrays = {k: np.asarray(record[k]) for k in ('images', 'visit_mask', 'tumor_mask')}
+  arrays = {k: np.asarray(record[k]) for k in ('images', 'visit_mask', 'tumor_mask', 'spacing_mm')}
   warnings = ([f'{schema.VISITS[v]} found and ignored: the model predicts from T0 and T1.'
                for v in range(schema.NUM_VISITS) if arrays['visit_mask'][v] and v not in USED_VISITS])
   for v in USED_VISITS:
@@ -131,35 +131,42 @@ def model_inputs(patient: Patient, ensemble: Ensemble) -> dict[str, np.ndarray]:
   """images [T, *spatial, C] (the patient as the members were trained on it) and its tumour crop."""
   p = ensemble.preprocessing
   return input_pipeline.represent(patient.record, time_points=USED_VISITS,
-                                  representation=p['representation'], crop_size=p['crop_size'])
+                                  representation=p['representation'], crop_size=p['crop_size'],
+                                  channels=p['channels'])
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logit(model, params, images, clinical):
+def _logit(model, params, images, clinical, kinetics):
   return model.apply({'params': params}, images[None], jnp.ones((1, images.shape[0]), bool),
-                     clinical[None], train=False)['logit'][0]
+                     clinical[None], kinetics[None], train=False)['logit'][0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def integrated_gradients(model, params, images, clinical):
-  """Attribution of the logit to each input value, from an all-zero input (Sundararajan et al. 2017)."""
+def integrated_gradients(model, params, images, clinical, kinetics):
+  """Attribution of the logit to each image value, from an all-zero image (Sundararajan et al. 2017);
+  the tumour kinetics and clinical inputs stay as they are."""
   alphas = (jnp.arange(SALIENCY_STEPS) + 0.5) / SALIENCY_STEPS
-  grad = jax.grad(lambda x: _logit(model, params, x, clinical))
+  grad = jax.grad(lambda x: _logit(model, params, x, clinical, kinetics))
   mean_grad = jnp.mean(jax.vmap(lambda a: grad(a * images))(alphas), axis=0)
   return images * mean_grad
 
 
-def saliency_maps(ensemble: Ensemble, images: np.ndarray, clinical: np.ndarray) -> np.ndarray:
+def saliency_maps(ensemble: Ensemble, inputs: dict[str, np.ndarray], clinical: np.ndarray) -> np.ndarray:
   """[T, H, W]: |attribution| summed over channels (and depth), averaged over the members."""
-  maps = np.mean([np.asarray(integrated_gradients(ensemble.model, p, jnp.asarray(images), jnp.asarray(clinical)))
+  images, kinetics = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics'))
+  maps = np.mean([np.asarray(integrated_gradients(ensemble.model, p, images, jnp.asarray(clinical),
+                                                  kinetics))
                   for p in ensemble.params], axis=0)
   maps = np.abs(maps).sum(axis=-1)
   return maps.sum(axis=1) if maps.ndim == 4 else maps  # volume: [T, D, H, W] -> [T, H, W].
 
 
 def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
-  x, clinical = jnp.asarray(model_inputs(patient, ensemble)['images']), jnp.asarray(patient.clinical)
-  raw = [float(jax.nn.sigmoid(_logit(ensemble.model, p, x, clinical))) for p in ensemble.params]
+  inputs = model_inputs(patient, ensemble)
+  x, kinetics = jnp.asarray(inputs['images']), jnp.asarray(inputs['kinetics'])
+  clinical = jnp.asarray(patient.clinical)
+  raw = [float(jax.nn.sigmoid(_logit(ensemble.model, p, x, clinical, kinetics)))
+         for p in ensemble.params]
   calibrated = [float(c(np.array([r]))[0]) for c, r in zip(ensemble.calibrators, raw)]
   d = ensemble.description
   return {
@@ -181,16 +188,17 @@ def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
 # --- Writing. ------------------------------------------------------------------------------------
 
 
-def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray) -> str:
+def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channel: str) -> str:
+  """Per visit, `channel` (channel 1 of the representation) beside the saliency."""
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
   fig, axes = plt.subplots(len(USED_VISITS), 2, figsize=(6, 3 * len(USED_VISITS)), dpi=110, squeeze=False)
   for row, v in enumerate(USED_VISITS):
-    enhancement = images[row, ..., 1]  # early - pre
+    enhancement = images[row, ..., 1]
     enhancement = enhancement.max(axis=0) if enhancement.ndim == 3 else enhancement
     mask = tumour[row].max(axis=0) if tumour[row].ndim == 3 else tumour[row]
-    for col, (title, picture) in enumerate((('early - pre (MIP)', enhancement), ('saliency', maps[row]))):
+    for col, (title, picture) in enumerate(((f'{channel} (MIP)', enhancement), ('saliency', maps[row]))):
       ax = axes[row, col]
       ax.imshow(picture, cmap='gray' if col == 0 else 'inferno')
       ax.contour(mask > 0.5, levels=[0.5], colors='cyan', linewidths=0.8)
@@ -208,8 +216,8 @@ def write_outputs(out_dir: str, result: dict, patient: Patient, ensemble: Ensemb
   with runs.atomic_open(os.path.join(out_dir, 'prediction.json')) as f:
     json.dump(result, f, indent=2)
   inputs = model_inputs(patient, ensemble)
-  png = _figure_png(inputs['images'], inputs['tumour'],
-                    saliency_maps(ensemble, inputs['images'], patient.clinical))
+  png = _figure_png(inputs['images'], inputs['tumour'], saliency_maps(ensemble, inputs, patient.clinical),
+                    ensemble.preprocessing['channel_names'][1])
   e = ensemble.description['evidence']
   s = result['spread']
   warnings = ''.join(f'<li>{html.escape(w)}</li>' for w in result['warnings'])
