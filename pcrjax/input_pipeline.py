@@ -274,9 +274,8 @@ def augmentation(data: ml_collections.ConfigDict) -> Augmentation | None:
 def device_batch(examples: dict[str, jax.Array], rows: jax.Array, key: jax.Array,
                  augmentation: Augmentation | None) -> dict[str, jax.Array]:
   """The training batch of `rows` (indices into `examples`), gathered and augmented on the device."""
-  batch = {name: examples[name][rows]
-           for name in ('images', 'visit_mask', 'clinical', 'kinetics', 'label', 'target')
-           if name in examples}
+  names = ('images', 'visit_mask', 'clinical', 'kinetics', 'label', 'target', 'target_mask')
+  batch = {name: examples[name][rows] for name in names if name in examples}
   if augmentation is not None:
     batch['images'] = augment(batch['images'], key, max_shift=augmentation.max_shift,
                               intensity_jitter=augmentation.intensity_jitter)

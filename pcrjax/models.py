@@ -264,8 +264,9 @@ def kinetics_features(kinetics: jax.Array, visit_mask: jax.Array) -> jax.Array:
   kinetics, each later visit's change from it (0 where the visit is missing) and its flag.
 
   Changes, not levels: the response is the change, and an L2 penalty (the head's logistic start,
-  weight decay) then shrinks what varies little between patients, not the response (measured with
-  the logistic start alone, 5 folds: AUROC 0.75 vs 0.73 on the levels).
+  weight decay) then shrinks what varies little between patients, not the response (the logistic
+  start alone on `ispy2/synthetic`'s 5 inner validation splits: mean AUROC 0.749 vs 0.737 on the
+  levels).
   """
   present = visit_mask.astype(kinetics.dtype)[..., None]
   change = (kinetics[:, 1:] - kinetics[:, :1]) * present[:, 1:]
