@@ -86,6 +86,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.dual_task = dual = ml_collections.ConfigDict()
   dual.target = 'latent'  # 'latent' (the teacher's T2 latent), 'logit' or 'kinetics' (T2 - T0 FTV/PE/SER).
   dual.standardise = True  # Each target dimension to zero mean, unit variance on the training fold.
+  dual.reads_prediction = False  # The student's pCR head also reads its prediction of the target.
   return config
 
 

@@ -294,9 +294,9 @@ class PCRNet(nn.Module):
   for the teacher that is its "T2 latent", the student's regression target. The pCR head reads the
   latent and, with `tumour_kinetics`, the tumour kinetics (volume and mean kinetics of the FTV
   voxels, pcrjax.input_pipeline.KINETICS) of the first visit and their change at each later one. With `clinical_inputs`, each
-  subtype (HR, HER2 combination) adds its own offset to the logit; the trainer initialises the
-  offsets to the training patients' log-odds, as a gradient step from zero would take the whole
-  run to find them. The latent, and so the student's regression target, stays the image's.
+  subtype (HR, HER2 combination) adds its own offset to the logit; the trainer starts them, and the
+  kinetics' weights, at the training fold's logistic model (pcrjax.train.head_start). With
+  `reads_prediction`, the student's pCR logit also reads its own prediction of the T2 target. The latent, and so the student's regression target, stays the image's.
   `dtype` is the compute dtype of the encoder and the ConvLSTM (params stay float32; the heads and
   the loss run in float32).
   """
@@ -306,6 +306,7 @@ class PCRNet(nn.Module):
   kernel_size: int = 3
   dropout_rate: float = 0.0
   feature_dim: int = 0  # > 0: add the feature-regression head (the student).
+  reads_prediction: bool = False  # The pCR head also reads the feature head's prediction.
   clinical_inputs: bool = False
   tumour_kinetics: bool = False
   normalization: str = 'none'
@@ -336,8 +337,12 @@ class PCRNet(nn.Module):
       cells = receptor_cells(clinical.astype(jnp.float32))
       logit += nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
                         name='subtype_offset')(cells)[:, 0]
-    outputs = {'logit': logit, 'latent': latent}
+    outputs = {'latent': latent}
     if self.feature_dim:
       x = nn.relu(nn.Dense(self.lstm_features, name='feature_hidden')(latent))
       outputs['feature_pred'] = nn.Dense(self.feature_dim, name='feature_head')(x)
+      if self.reads_prediction:  # The predicted T2 (standardised: unit scale), read from 0.
+        logit += nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
+                          name='prediction_head')(outputs['feature_pred'])[:, 0]
+    outputs['logit'] = logit
     return outputs

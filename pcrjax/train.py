@@ -101,6 +101,7 @@ def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> mod
   m = config.model
   return _model(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
                 kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
+                reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
                 clinical_inputs=m.clinical_inputs, tumour_kinetics=m.tumour_kinetics,
                 normalization=m.normalization, conv=m.conv, dtype=m.dtype)
 

@@ -194,3 +194,18 @@ def test_the_head_reads_the_tumour_kinetics_of_present_visits_only():
   changed_t1 = kinetics.at[:, 1].add(1.0)
   assert logit(changed_t1)[0] != logit(kinetics)[0]  # T1 present: read.
   assert logit(changed_t1)[1] == logit(kinetics)[1]  # T1 missing: ignored.
+
+
+def test_the_students_head_reads_its_own_prediction_only_when_asked():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 8, 8, 3)), jnp.float32)
+  args = (images, jnp.ones((3, 2), bool), jnp.zeros((3, 2)))
+  for reads in (False, True):
+    model = models.PCRNet(encoder_features=(4,), lstm_features=4, feature_dim=5, reads_prediction=reads)
+    params = model.init(jax.random.key(0), *args, train=False)['params']
+    assert ('prediction_head' in params) == reads
+    out = model.apply({'params': params}, *args, train=False)
+    if reads:  # Starts unread (0), then adds w . prediction to the logit.
+      w = jnp.arange(5.0)[:, None]
+      moved = model.apply({'params': {**params, 'prediction_head': {'kernel': w}}}, *args, train=False)
+      np.testing.assert_allclose(moved['logit'] - out['logit'], out['feature_pred'] @ w[:, 0], rtol=1e-5,
+                                 atol=1e-6)
