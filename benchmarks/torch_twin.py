@@ -77,9 +77,10 @@ class PCRNet(nn.Module):
     self.encoder = VisitEncoder(dims, cin, encoder_features, normalization)
     self.convlstm = ConvLSTM(dims, encoder_features[-1], lstm_features, kernel_size)
     self.dropout = nn.Dropout(dropout_rate)
-    self.pcr_head = nn.Linear(lstm_features + common.NUM_KINETICS + (visits - 1) * (common.NUM_KINETICS + 1), 1)
+    measured = common.NUM_KINETICS + (visits - 1) * (common.NUM_KINETICS + 1)
+    self.pcr_head = nn.Linear(lstm_features + measured, 1)
     self.feature_head = nn.Sequential(
-        nn.Linear(lstm_features, lstm_features), nn.ReLU(),
+        nn.Linear(lstm_features + measured, lstm_features), nn.ReLU(),
         nn.Linear(lstm_features, feature_dim)) if feature_dim else None
 
   def forward(self, images, visit_mask, kinetics):
@@ -88,10 +89,12 @@ class PCRNet(nn.Module):
     encoded = encoded.unflatten(0, (b, t))
     h = self.convlstm(encoded, visit_mask)
     latent = h.mean(dim=tuple(range(2, h.ndim)))
-    features = self.feature_head(latent) if self.feature_head is not None else None
     present = visit_mask.float()[..., None]
     change = (kinetics[:, 1:] - kinetics[:, :1]) * present[:, 1:]
-    head_input = torch.cat([self.dropout(latent), kinetics[:, 0], change.flatten(1), present[:, 1:, 0]], 1)
+    measured = torch.cat([kinetics[:, 0], change.flatten(1), present[:, 1:, 0]], 1)
+    seen = torch.cat([latent, measured], 1)
+    features = self.feature_head(seen) if self.feature_head is not None else None
+    head_input = torch.cat([self.dropout(latent), measured], 1)
     return self.pcr_head(head_input)[:, 0], latent, features
 
 

@@ -330,8 +330,11 @@ class PCRNet(nn.Module):
         encoded, visit_mask)
     latent = hidden[:, -1].astype(jnp.float32).mean(axis=tuple(range(1, 1 + spatial_dims)))
     head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(latent)
+    seen = latent  # What the feature head reads: all that the student sees at T0/T1.
     if self.tumour_kinetics:
-      head_input = jnp.concatenate([head_input, kinetics_features(kinetics, visit_mask)], axis=-1)
+      measured = kinetics_features(kinetics, visit_mask)
+      head_input = jnp.concatenate([head_input, measured], axis=-1)
+      seen = jnp.concatenate([latent, measured], axis=-1)
     logit = nn.Dense(1, name='pcr_head')(head_input)[:, 0]
     if self.clinical_inputs:
       cells = receptor_cells(clinical.astype(jnp.float32))
@@ -339,7 +342,7 @@ class PCRNet(nn.Module):
                         name='subtype_offset')(cells)[:, 0]
     outputs = {'latent': latent}
     if self.feature_dim:
-      x = nn.relu(nn.Dense(self.lstm_features, name='feature_hidden')(latent))
+      x = nn.relu(nn.Dense(self.lstm_features, name='feature_hidden')(seen))
       outputs['feature_pred'] = nn.Dense(self.feature_dim, name='feature_head')(x)
       if self.reads_prediction:  # The predicted T2 (standardised: unit scale), read from 0.
         logit += nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
