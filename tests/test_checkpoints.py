@@ -24,7 +24,7 @@ def test_round_trip_keeps_latest_and_best(tmp_path):
   for epoch, state in states.items():
     state = state.replace(opt_state=state.tx.update(state.params, state.opt_state, state.params)[1])
     states[epoch] = state
-    checkpoints.save(manager, epoch, state, {'val_auroc': aurocs[epoch]})
+    checkpoints.save(manager, epoch, state, {checkpoints.SELECTION_METRIC: aurocs[epoch]})
   manager.wait_until_finished()
   assert sorted(manager.all_steps()) == [2, 3, 4]  # The two latest and the best.
   assert manager.best_step() == 2 and manager.latest_step() == 4
@@ -57,7 +57,7 @@ def test_a_damaged_latest_or_best_falls_back_with_one_line(tmp_path, how, caplog
   manager = checkpoints.create_manager(str(tmp_path))
   states = {epoch: _state(epoch) for epoch in (1, 2, 3, 4)}
   for epoch, auroc in ((1, 0.6), (2, 0.9), (3, 0.7), (4, 0.65)):
-    checkpoints.save(manager, epoch, states[epoch], {'val_auroc': auroc})
+    checkpoints.save(manager, epoch, states[epoch], {checkpoints.SELECTION_METRIC: auroc})
   manager.wait_until_finished()
   assert sorted(manager.all_steps()) == [2, 3, 4]  # The two latest and the best.
   _damage(tmp_path / 'checkpoints' / '4' / 'params', how)

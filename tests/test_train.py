@@ -160,12 +160,15 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, monkeypa
 
 
 def test_profile_steps_write_a_profiler_trace_and_checkpoints_follow_improvement(data_dir, tmp_path):
-  config = _config(baseline, data_dir, num_epochs=4, profile_steps=2, checkpoint_every_epochs=3)
+  config = _config(baseline, data_dir, num_epochs=4, profile_steps=2, checkpoint_every_epochs=3,
+                   selection_window=2)
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
   lines = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  best = [line['epoch'] for line in lines
-          if line['val_auroc'] > max([-1.0] + [p['val_auroc'] for p in lines[:line['epoch'] - 1]])]
+  aurocs = [line['val_auroc'] for line in lines]
+  smoothed = [np.mean(aurocs[max(0, e - 1):e + 1]) for e in range(len(lines))]  # Trailing window 2.
+  np.testing.assert_allclose([line['val_auroc_smoothed'] for line in lines], smoothed)
+  best = [e + 1 for e in range(len(lines)) if smoothed[e] > max([-1.0] + smoothed[:e])]
   saved_ever = set(best) | {3, 4}  # Improvements, every third epoch, the last one.
   kept = {int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()}
   assert kept <= saved_ever and 4 in kept  # The latest and the best survive the policy.
