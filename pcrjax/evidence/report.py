@@ -165,21 +165,24 @@ def design(config, run_dir: str, first: tables.Row) -> str:
       ' training patients of each fold and selected on an inner validation split of them;'
       f' {repeats} repeat(s) (fold seeds {config.data.fold_seed}..{config.data.fold_seed + repeats - 1},'
       f' init seeds {config.seed}..{config.seed + repeats - 1}); representation'
-      f' `{config.data.representation}`, channels `{config.data.channels}`; the pCR head reads'
-      f' {_head_inputs(config)}; the student regresses `{config.dual_task.target}`'
-      f' ({"standardised, " if config.dual_task.standardise else ""}λ = {config.feature_loss_weight:g});'
-      f' post-hoc calibration: {config.calibration}. Trained with code'
+      f' `{config.data.representation}`, channels `{config.data.get("channels", "subtraction")}`;'
+      f' {_networks(config)}; post-hoc calibration: {config.calibration}. Trained with code'
       f' {runs.recorded_code_version(run_dir)}; report built with {runs.code_version()}; the exact'
       ' config is `config.json` (and at the end of report.html).')
 
 
-def _head_inputs(config) -> str:
+def _networks(config) -> str:
+  """What the networks' heads read and what the student regresses. A workdir written before these
+  fields existed had the image latent alone and the teacher's raw latent."""
+  model, dual = config.get('model', {}), config.get('dual_task', {})
   inputs = ['the image latent']
-  if config.model.tumour_kinetics:
-    inputs.append('each visit\'s tumour kinetics (FTV, mean PE and SER)')
-  if config.model.clinical_inputs:
+  if model.get('tumour_kinetics', False):
+    inputs.append('the tumour kinetics (FTV, mean PE and SER) at T0 and their change')
+  if model.get('clinical_inputs', False):
     inputs.append('a per-subtype (HR/HER2) offset')
-  return ', '.join(inputs)
+  standardised = 'standardised, ' if dual.get('standardise', False) else ''
+  return (f'the pCR head reads {", ".join(inputs)}; the student regresses'
+          f' `{dual.get("target", "latent")}` ({standardised}λ = {config.get("feature_loss_weight", 1.0):g})')
 
 
 def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
