@@ -17,7 +17,6 @@ CASES = {
     'student': (2, (32, 32, 3), True),  # Stage-2 student: T0+T1 MIPs + its precomputed T2 target.
     'volume': (2, (16, 32, 32, 3), False),  # data.representation='volume': 3D crops, D x H x W.
 }
-NUM_KINETICS = 4  # Per visit, beside the images: pcrjax.input_pipeline.KINETICS.
 DEFAULT_BATCH = 16
 POS_WEIGHT = 2.0  # A typical 'balanced' pCR weight (n_neg / n_pos); it does not change the cost.
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU on a GPU.

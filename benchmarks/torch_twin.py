@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from pcrjax import configs, train
+from pcrjax import configs, input_pipeline, train
 
 
 def conv(dims: int, cin: int, cout: int, k: int, stride: int = 1, bias: bool = True) -> nn.Module:
@@ -77,7 +77,7 @@ class PCRNet(nn.Module):
     self.encoder = VisitEncoder(dims, cin, encoder_features, normalization)
     self.convlstm = ConvLSTM(dims, encoder_features[-1], lstm_features, kernel_size)
     self.dropout = nn.Dropout(dropout_rate)
-    measured = common.NUM_KINETICS + (visits - 1) * (common.NUM_KINETICS + 1)
+    measured = input_pipeline.NUM_KINETICS + (visits - 1) * (input_pipeline.NUM_KINETICS + 1)
     self.pcr_head = nn.Linear(lstm_features + measured, 1)
     self.feature_head = nn.Sequential(
         nn.Linear(lstm_features + measured, lstm_features), nn.ReLU(),
@@ -124,7 +124,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   forward = torch.compile(model) if compile_model else model
   images = torch.randn((batch_size, visits, visit_shape[-1]) + visit_shape[:-1], device=device)
   visit_mask = torch.ones((batch_size, visits), dtype=torch.bool, device=device)
-  kinetics = torch.randn((batch_size, visits, common.NUM_KINETICS), device=device)
+  kinetics = torch.randn((batch_size, visits, input_pipeline.NUM_KINETICS), device=device)
   target = torch.randn((batch_size, feature_dim), device=device)
   labels = (torch.arange(batch_size, device=device) % 2).float()
   pos_weight = torch.tensor(common.POS_WEIGHT, device=device)

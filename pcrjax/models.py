@@ -288,17 +288,17 @@ def receptor_cells(clinical: jax.Array) -> jax.Array:
 
 
 class PCRNet(nn.Module):
-  """Predicts pCR (a logit) from a patient's visits; optionally also a teacher's latent vector.
+  """Predicts pCR (a logit) from a patient's visits; the student also predicts its T2 target.
 
-  The latent is the ConvLSTM's hidden state after the last visit, average-pooled over space;
-  for the teacher that is its "T2 latent", the student's regression target. The pCR head reads the
-  latent and, with `tumour_kinetics`, the tumour kinetics (volume and mean kinetics of the FTV
-  voxels, pcrjax.input_pipeline.KINETICS) of the first visit and their change at each later one. With `clinical_inputs`, each
-  subtype (HR, HER2 combination) adds its own offset to the logit; the trainer starts them, and the
-  kinetics' weights, at the training fold's logistic model (pcrjax.train.head_start). With
-  `reads_prediction`, the student's pCR logit also reads its own prediction of the T2 target. The latent, and so the student's regression target, stays the image's.
-  `dtype` is the compute dtype of the encoder and the ConvLSTM (params stay float32; the heads and
-  the loss run in float32).
+  The latent is the ConvLSTM's hidden state after the last visit, average-pooled over space; for
+  the teacher that is its "T2 latent", one of the student's possible regression targets. The pCR
+  head reads the latent and, with `tumour_kinetics`, the tumour kinetics (volume and mean kinetics
+  of the FTV voxels, pcrjax.input_pipeline.KINETICS) of the first visit and their change at each
+  later one. With `clinical_inputs`, each subtype (HR, HER2 combination) adds its own offset to the
+  logit; the trainer starts them, and the kinetics' weights, at the training fold's logistic model
+  (pcrjax.train.head_start). With `reads_prediction`, the student's pCR logit also reads its own
+  prediction of the target. The latent itself is the image's alone. `dtype` is the compute dtype of
+  the encoder and the ConvLSTM (params stay float32; the heads and the loss run in float32).
   """
 
   encoder_features: Sequence[int] = (16, 32, 32)
