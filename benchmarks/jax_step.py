@@ -34,6 +34,7 @@ def _examples(num: int, visits: int, visit_shape, feature_dim: int, rng: np.rand
   examples = {'images': rng.normal(size=(num, visits) + tuple(visit_shape)).astype(np.float32),
               'visit_mask': np.ones((num, visits), bool),
               'kinetics': rng.normal(size=(num, visits, input_pipeline.NUM_KINETICS)).astype(np.float32),
+              'tumour': rng.random((num, visits) + tuple(visit_shape)[:-1]) < 0.1,
               'clinical': np.zeros((num, input_pipeline.NUM_CLINICAL), np.float32),
               'label': (np.arange(num) % 2).astype(np.int32), 'row': np.arange(num, dtype=np.int32)}
   if feature_dim:

@@ -40,6 +40,10 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   data.fold = 0
   data.fold_seed = 0
   data.val_fraction = 0.2  # Inner validation split of the training fold, for model selection.
+  # > 0: train without part `inner_part` of the training fold cut in `inner_parts` stratified parts,
+  # and test on it (a cross-fitted teacher, `dual_task.cross_fit`; set by the student, not by hand).
+  data.inner_parts = 0
+  data.inner_part = 0
   data.representation = 'mip'  # 'mip': 2D MIPs per visit; 'volume': 3D tumour-centred crop.
   # What each voxel carries: 'kinetic' (pre-contrast, PE early, PE late, SER) or 'subtraction'
   # (pre-contrast, early - pre, late - pre); see pcrjax.input_pipeline.CHANNELS.
@@ -59,6 +63,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.dropout_rate = 0.0  # On the latent, before the pCR head (measured: 0.3 hurts, README).
   model.clinical_inputs = False  # A pCR logit offset per HR/HER2 subtype (from the fold's log-odds).
   model.tumour_kinetics = True  # The head also reads each visit's FTV and mean PE, SER (README).
+  model.pooling = 'mean'  # The latent over space: 'mean', or 'tumour' (weighted by the tumour mask).
   model.normalization = 'none'  # In the visit encoder: 'none' or 'group' (GroupNorm; README).
   model.conv = 'auto'  # 'native', 'patches' (matrix products: fast on XLA:CPU), 'auto' (README).
   model.dtype = 'float32'  # Compute dtype: 'bfloat16' for GPU/TPU (XLA:CPU runs it slowly).
@@ -87,6 +92,12 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   dual.target = 'latent'  # 'latent' (the teacher's T2 latent), 'logit' or 'kinetics' (T2 - T0 FTV/PE/SER).
   dual.standardise = True  # Each target dimension to zero mean, unit variance on the training fold.
   dual.reads_prediction = False  # The student's pCR head also reads its prediction of the target.
+  # K >= 2: the training patients' latent/logit targets come from K teachers cross-fitted on the
+  # training fold (each trained without 1/K of it), so that no target carries its own label.
+  dual.cross_fit = 0
+  # Candidate lambdas: a student per value, the one best on the inner validation split is kept
+  # (empty: `feature_loss_weight` alone).
+  dual.lambda_grid = ()
   return config
 
 
@@ -115,6 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(len(config.model.encoder_features) >= 1 and all(f > 0 for f in config.model.encoder_features),
         'model.encoder_features', 'must be positive channel counts')
   check(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', 'must be in [0, 1)')
+  check(config.model.pooling in models.POOLINGS, 'model.pooling', f'must be one of {models.POOLINGS}')
   check(config.model.conv in models.CONVS, 'model.conv', f'must be one of {models.CONVS}')
   check(config.model.dtype in models.DTYPES, 'model.dtype', f'must be one of {models.DTYPES}')
   check(config.model.normalization in models.NORMALIZATIONS, 'model.normalization',
@@ -128,6 +140,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.class_weighting in CLASS_WEIGHTINGS, 'class_weighting',
         f'must be one of {CLASS_WEIGHTINGS}')
   check(config.feature_loss_weight >= 0, 'feature_loss_weight', 'must be >= 0')
+  check(all(w >= 0 for w in config.dual_task.lambda_grid), 'dual_task.lambda_grid',
+        'must be lambdas >= 0')
+  check(config.dual_task.cross_fit == 0 or (config.dual_task.cross_fit >= 2
+                                            and config.dual_task.target != 'kinetics'),
+        'dual_task.cross_fit', 'must be 0 (the fold\'s teacher) or a number of parts >= 2, with a'
+        ' teacher\'s target (latent or logit)')
+  check(data.inner_parts == 0 or 0 <= data.inner_part < data.inner_parts, 'data.inner_part',
+        f'must be in [0, data.inner_parts={data.inner_parts})')
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     check(config[field] > 0 and config[field] % devices == 0, field,

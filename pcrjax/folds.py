@@ -57,6 +57,17 @@ def split_fold(patient_ids, stratum: np.ndarray, *, num_folds: int, fold: int, s
   return FoldSplit(train=np.sort(rest[~is_val]), val=np.sort(rest[is_val]), test=np.sort(test))
 
 
+def hold_out_part(split: FoldSplit, patient_ids, stratum: np.ndarray, *, parts: int, part: int,
+                  seed: int) -> FoldSplit:
+  """Cross-fitting inside a fold: its training patients cut in `parts` stratified parts; part `part`
+  is the test set, the other parts train, validation is the fold's. A model trained on it predicts
+  part `part` without having seen those patients' labels."""
+  train = split.train[np.argsort(np.asarray(patient_ids)[split.train], kind='stable')]
+  held_out = np.zeros(len(train), bool)
+  held_out[_stratified_splits(parts, seed, train, stratum[train])[part][1]] = True
+  return FoldSplit(train=np.sort(train[~held_out]), val=split.val, test=np.sort(train[held_out]))
+
+
 def _with_both_classes(is_val: np.ndarray, pcr: np.ndarray, *, fold: int, seed: int) -> np.ndarray:
   """The holdout, with a patient of each class in it and in training (validation AUROC selects the
   epoch): a small cohort's stratified quota can leave a class out; one patient is then swapped in.

@@ -231,22 +231,31 @@ def represent(record: dict, *, time_points, representation: str, crop_size,
           'kinetics': kinetics}
 
 
-def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float,
+            tumour: jax.Array | None = None):
   """A random left-right flip, in-plane shift and intensity scale per patient, the same for its visits.
 
   images: [B, T, *spatial, C], the two axes before the channels in-plane (H, W). Left-right flips are
   anatomically plausible (either breast); the shift (zero fill) stands for positioning, the scale
-  for receiver gain. Nothing here changes the contrast between visits.
+  for receiver gain. Nothing here changes the contrast between visits. With `tumour` ([B, T,
+  *spatial] masks of the same crops), returns (images, tumour), the masks flipped and shifted with
+  their images.
   """
   batch = images.shape[0]
   flip_key, shift_key, scale_key = jax.random.split(key, 3)
   per_patient = (batch,) + (1,) * (images.ndim - 1)
   flip = jax.random.bernoulli(flip_key, 0.5, (batch,)).reshape(per_patient)
-  images = jnp.where(flip, images[..., ::-1, :], images)
   shifts = jax.random.randint(shift_key, (batch, 2), -max_shift, max_shift + 1)
-  images = jax.vmap(functools.partial(_shift_in_plane, max_shift=max_shift))(images, shifts)
+  shift = jax.vmap(functools.partial(_shift_in_plane, max_shift=max_shift))
+
+  def move(x):
+    return shift(jnp.where(flip, x[..., ::-1, :], x), shifts)
+
   scale = jnp.exp(intensity_jitter * jax.random.normal(scale_key, (batch,)))
-  return images * scale.reshape(per_patient).astype(images.dtype)
+  images = move(images) * scale.reshape(per_patient).astype(images.dtype)
+  if tumour is None:
+    return images
+  return images, move(tumour[..., None])[..., 0]
 
 
 def _shift_in_plane(images: jax.Array, shift: jax.Array, *, max_shift: int) -> jax.Array:
@@ -274,11 +283,13 @@ def augmentation(data: ml_collections.ConfigDict) -> Augmentation | None:
 def device_batch(examples: dict[str, jax.Array], rows: jax.Array, key: jax.Array,
                  augmentation: Augmentation | None) -> dict[str, jax.Array]:
   """The training batch of `rows` (indices into `examples`), gathered and augmented on the device."""
-  names = ('images', 'visit_mask', 'clinical', 'kinetics', 'label', 'target', 'target_mask')
+  names = ('images', 'visit_mask', 'clinical', 'kinetics', 'tumour', 'label', 'target',
+           'target_mask')
   batch = {name: examples[name][rows] for name in names if name in examples}
   if augmentation is not None:
-    batch['images'] = augment(batch['images'], key, max_shift=augmentation.max_shift,
-                              intensity_jitter=augmentation.intensity_jitter)
+    batch['images'], batch['tumour'] = augment(
+        batch['images'], key, max_shift=augmentation.max_shift,
+        intensity_jitter=augmentation.intensity_jitter, tumour=batch['tumour'])
   return batch
 
 
@@ -307,8 +318,8 @@ class _Represent(grain.transforms.Map):
 
 def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict
                   ) -> dict[str, np.ndarray]:
-  """The model inputs of source rows `rows`, stacked: images, visit_mask, kinetics, clinical, label,
-  row.
+  """The model inputs of source rows `rows`, stacked: images, visit_mask, kinetics, tumour, clinical,
+  label, row.
 
   Every visit of every patient of the source is decoded and represented (in `data.read_threads`
   threads) once per process and representation, then kept: the inputs are small next to the stored
@@ -321,6 +332,7 @@ def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections
   return {'images': represented['images'][rows][:, visits],
           'visit_mask': represented['visit_mask'][rows][:, visits],
           'kinetics': represented['kinetics'][rows][:, visits],
+          'tumour': represented['tumour'][rows][:, visits],
           'clinical': cohort.receptors[rows], 'label': cohort.pcr[rows].astype(np.int32),
           'row': rows.astype(np.int32)}
 

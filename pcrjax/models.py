@@ -287,11 +287,25 @@ def receptor_cells(clinical: jax.Array) -> jax.Array:
   return jnp.stack(cells, axis=-1)
 
 
+POOLINGS = ('mean', 'tumour')
+
+
+def tumour_weights(tumour: jax.Array, spatial: Sequence[int], floor: float = 0.01) -> jax.Array:
+  """[B, T, *input spatial] tumour masks -> [B, *spatial] pooling weights: the share of each
+  position of the ConvLSTM's grid covered by the tumour at any visit, plus `floor` (so that a
+  patient whose mask is empty pools every position alike, as 'mean' does)."""
+  footprint = tumour.astype(jnp.float32).max(axis=1)
+  share = jax.image.resize(footprint, footprint.shape[:1] + tuple(spatial), 'linear', antialias=True)
+  return jnp.clip(share, 0.0, 1.0) + floor
+
+
 class PCRNet(nn.Module):
   """Predicts pCR (a logit) from a patient's visits; the student also predicts its T2 target.
 
-  The latent is the ConvLSTM's hidden state after the last visit, average-pooled over space; for
-  the teacher that is its "T2 latent", one of the student's possible regression targets. The pCR
+  The latent is the ConvLSTM's hidden state after the last visit, pooled over space: averaged
+  (`pooling='mean'`), or weighted by the tumour's footprint over the visits (`'tumour'`,
+  `tumour_weights`), which makes it describe the tumour rather than the breast around it; for the
+  teacher that is its "T2 latent", one of the student's possible regression targets. The pCR
   head reads the latent and, with `tumour_kinetics`, the tumour kinetics (volume and mean kinetics
   of the FTV voxels, pcrjax.input_pipeline.KINETICS) of the first visit and their change at each
   later one. With `clinical_inputs`, each subtype (HR, HER2 combination) adds its own offset to the
@@ -309,15 +323,18 @@ class PCRNet(nn.Module):
   reads_prediction: bool = False  # The pCR head also reads the feature head's prediction.
   clinical_inputs: bool = False
   tumour_kinetics: bool = False
+  pooling: str = 'mean'
   normalization: str = 'none'
   conv: str = 'auto'
   dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, images: jax.Array, visit_mask: jax.Array, clinical: jax.Array,
-               kinetics: jax.Array | None = None, *, train: bool) -> dict[str, Any]:
+               kinetics: jax.Array | None = None, tumour: jax.Array | None = None, *,
+               train: bool) -> dict[str, Any]:
     """images: [B, T, *spatial, C]; visit_mask: [B, T] bool; clinical: [B, K] (read only with
-    `clinical_inputs`); kinetics: [B, T, NUM_KINETICS] (read only with `tumour_kinetics`)."""
+    `clinical_inputs`); kinetics: [B, T, NUM_KINETICS] (read only with `tumour_kinetics`); tumour:
+    [B, T, *spatial] masks in the images' crops (read only with `pooling='tumour'`)."""
     batch, visits = images.shape[:2]
     dtype = jnp.dtype(self.dtype)
     encoded = encode_visits(images.reshape((batch * visits,) + images.shape[2:]).astype(dtype),
@@ -328,7 +345,13 @@ class PCRNet(nn.Module):
     hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, self.conv, dtype,
                       name='convlstm')(
         encoded, visit_mask)
-    latent = hidden[:, -1].astype(jnp.float32).mean(axis=tuple(range(1, 1 + spatial_dims)))
+    last = hidden[:, -1].astype(jnp.float32)
+    space = tuple(range(1, 1 + spatial_dims))
+    if self.pooling == 'tumour':
+      weights = tumour_weights(tumour, last.shape[1:-1])[..., None]
+      latent = (last * weights).sum(axis=space) / weights.sum(axis=space)
+    else:
+      latent = last.mean(axis=space)
     head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(latent)
     seen = latent  # What the feature head reads: all that the student sees at T0/T1.
     if self.tumour_kinetics:

@@ -12,6 +12,10 @@ A protocol workdir:
     repeat_<r>/fold_<k>/<model>/   one stage's workdir: config.json, metrics.jsonl, checkpoints/,
                                    selection.json (networks), predictions_val.csv,
                                    predictions_test.csv (written last: the stage is finished)
+      teacher/cross_fit/part_<k>/  a teacher trained without part k of the fold's training
+                                   patients (dual_task.cross_fit): their out-of-sample targets
+      student/lambda_<w>/          a candidate of dual_task.lambda_grid; the best on validation is
+                                   copied into student/, lambda_choice.json says which and why
     predictions_oof_<model>.csv    each patient's repeat-averaged out-of-fold prediction
     table.csv, report.md, ...      the evidence (pcrjax.evidence.report)
 """
@@ -102,6 +106,7 @@ SELECTION_FILE = 'selection.json'  # The epoch chosen on validation, and its met
 CHECKPOINTS_DIR = 'checkpoints'
 FTV_TABLE_FILE = 'ftv.csv'
 COHORT_FACTS_FILE = 'cohort_facts.json'  # What the protocol measured of the cohort itself.
+LAMBDA_CHOICE_FILE = 'lambda_choice.json'  # The candidates' validation metrics, the lambda kept.
 LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, started}.
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
 
@@ -113,6 +118,24 @@ def task_dir(workdir: str, repeat: int, fold: int) -> str:
 
 def stage_dir(workdir: str, repeat: int, fold: int, model_name: str) -> str:
   return os.path.join(task_dir(workdir, repeat, fold), model_name)
+
+
+def cross_fit_dir(teacher_dir: str, part: int) -> str:
+  return os.path.join(teacher_dir, 'cross_fit', f'part_{part}')
+
+
+def lambda_dir(student_dir: str, weight: float) -> str:
+  return os.path.join(student_dir, f'lambda_{weight:g}')
+
+
+def adopt_run(candidate: str, directory: str) -> None:
+  """Makes the finished run in `candidate` the run in `directory`: its checkpoints, metrics,
+  selection and predictions (the test predictions last: then `directory` is finished)."""
+  shutil.rmtree(os.path.join(directory, CHECKPOINTS_DIR), ignore_errors=True)
+  shutil.copytree(os.path.join(candidate, CHECKPOINTS_DIR), os.path.join(directory, CHECKPOINTS_DIR))
+  for name in (METRICS_FILE, SELECTION_FILE) + tuple(
+      os.path.basename(predictions_path(candidate, split)) for split in SPLITS):
+    shutil.copyfile(os.path.join(candidate, name), os.path.join(directory, name))
 
 
 def predictions_path(directory: str, split: str) -> str:
@@ -156,12 +179,18 @@ def write_selection(directory: str, *, epoch: int, metric: str, value: float) ->
     json.dump({'epoch': int(epoch), 'metric': metric, 'value': float(value)}, f)
 
 
-def selected_epoch(directory: str) -> int | None:
+def read_selection(directory: str) -> dict | None:
+  """{'epoch', 'metric', 'value'} of a finished network run; None before it is written."""
   path = os.path.join(directory, SELECTION_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)['epoch']
+    return json.load(f)
+
+
+def selected_epoch(directory: str) -> int | None:
+  selection = read_selection(directory)
+  return selection and selection['epoch']
 
 
 # --- Predictions. ----------------------------------------------------------------------------------

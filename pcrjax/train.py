@@ -103,7 +103,8 @@ def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> mod
                 kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
                 reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
                 clinical_inputs=m.clinical_inputs, tumour_kinetics=m.tumour_kinetics,
-                normalization=m.normalization, conv=m.conv, dtype=m.dtype)
+                pooling=m.pooling, normalization=m.normalization, conv=m.conv,
+                dtype=m.dtype)
 
 
 @functools.cache
@@ -123,7 +124,9 @@ def init_params(model: models.PCRNet, rng: jax.Array, input_shape: tuple[int, ..
   visit_mask = jnp.ones((1, input_shape[0]), bool)
   clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
   kinetics = jnp.zeros((1, input_shape[0], input_pipeline.NUM_KINETICS), jnp.float32)
-  return model.init({'params': rng}, images, visit_mask, clinical, kinetics, train=False)['params']
+  tumour = jnp.zeros(images.shape[:-1], bool)
+  return model.init({'params': rng}, images, visit_mask, clinical, kinetics, tumour,
+                    train=False)['params']
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -180,7 +183,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
 
   def loss_fn(params):
     outputs = state.apply_fn({'params': params}, batch['images'], batch['visit_mask'],
-                             batch['clinical'], batch['kinetics'], train=True, rngs={'dropout': rng})
+                             batch['clinical'], batch['kinetics'], batch['tumour'], train=True,
+                             rngs={'dropout': rng})
     bce = weighted_bce(outputs['logit'], batch['label'], pos_weight).mean()
     feature_loss = jnp.zeros(())
     if 'target' in batch:
@@ -204,7 +208,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
 def eval_outputs(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array) -> dict:
   """The model's outputs (logit, latent) for the examples at `rows`."""
   return apply_fn({'params': params}, examples['images'][rows], examples['visit_mask'][rows],
-                  examples['clinical'][rows], examples['kinetics'][rows], train=False)
+                  examples['clinical'][rows], examples['kinetics'][rows], examples['tumour'][rows],
+                  train=False)
 
 
 def eval_step(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
@@ -230,9 +235,11 @@ TEACHER_MUST_MATCH = ('data.dataset', 'data.num_folds', 'data.fold', 'data.fold_
                       'data.val_fraction', 'data.representation', 'data.crop_size', 'data.channels')
 
 
-def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]) -> Teacher:
-  """The best params of the finished stage-1 run in `config.teacher_workdir`, read-only."""
-  teacher_dir = os.path.abspath(config.teacher_workdir)
+def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...],
+                 teacher_dir: str = '') -> Teacher:
+  """The best params of the finished stage-1 run in `teacher_dir` (default: `config.teacher_workdir`),
+  read-only."""
+  teacher_dir = os.path.abspath(teacher_dir or config.teacher_workdir)
   how = (f'train it first: python -m pcrjax.main --config=experiments/stage1.py --workdir={teacher_dir}'
          f' --config.data.fold={config.data.fold}')
   config_path = os.path.join(teacher_dir, runs.CONFIG_FILE)
@@ -277,6 +284,10 @@ def feature_targets(config: ml_collections.ConfigDict, source, cohort: input_pip
 
   `config.dual_task.target`: 'latent' (the frozen teacher's T2 latent), 'logit' (its pCR logit) or
   'kinetics' (the change of the T2 tumour kinetics from T0, from the images alone: no teacher).
+  With `dual_task.cross_fit`, a training patient's teacher target comes from the cross-fitted
+  teacher that did not train on it (`cross_fitted_teachers`): the fold's teacher has fitted the
+  training patients' labels, and its latent of them carries those labels, which the student would
+  then learn to regress from T0/T1 as if they were visible there.
   Computed once, on clean (unaugmented) inputs, so that the target is a property of the patient,
   not of an augmented view. With `dual_task.standardise`, each dimension is centred and scaled by
   the training patients' statistics, so that every dimension weighs the same in the MSE, whatever
@@ -291,15 +302,10 @@ def feature_targets(config: ml_collections.ConfigDict, source, cohort: input_pip
     kinetics = input_pipeline.load_examples(source, cohort, rows, data)['kinetics']
     raw = kinetics[:, 1] - kinetics[:, 0]
   else:
-    teacher = load_teacher(config, input_pipeline.visit_shape(config.data))
-    data.time_points = teacher.time_points
-    replicated = sharding.replicated(mesh)
-    examples = sharding.put(input_pipeline.load_examples(source, cohort, rows, data), replicated)
-    outputs = functools.partial(_eval_outputs, teacher.model.apply, output=dual.target)
-    raw = predict(outputs, sharding.put(teacher.params, replicated), examples, rows,
-                  batch_size=config.eval_batch_size,
-                  put=functools.partial(sharding.put, sharding=sharding.batch_sharding(mesh)))
-    raw = raw.reshape(len(rows), -1)
+    raw = _teacher_outputs(config, source, cohort, mesh, config.teacher_workdir)
+    for part, teacher_dir in enumerate(cross_fitted_teachers(config)):
+      held_out = data_split(runs.read_config(teacher_dir), cohort).test
+      raw[held_out] = _teacher_outputs(config, source, cohort, mesh, teacher_dir)[held_out]
   mask = cohort.visit_mask[:, configs.T2]
   fit = train_rows[mask[train_rows]]
   mean, std = raw[fit].mean(axis=0), raw[fit].std(axis=0)
@@ -309,6 +315,42 @@ def feature_targets(config: ml_collections.ConfigDict, source, cohort: input_pip
   if dual.standardise:
     raw = (raw - mean) / np.maximum(std, 1e-6)
   return {'target': np.where(mask[:, None], raw, 0.0).astype(np.float32), 'target_mask': mask}
+
+
+def _teacher_outputs(config, source, cohort: input_pipeline.Cohort, mesh, teacher_dir: str
+                     ) -> np.ndarray:
+  """[N, D]: the teacher's `dual_task.target` output of every patient, on clean inputs."""
+  teacher = load_teacher(config, input_pipeline.visit_shape(config.data), teacher_dir)
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.time_points = teacher.time_points
+  rows = np.arange(len(cohort))
+  replicated = sharding.replicated(mesh)
+  examples = sharding.put(input_pipeline.load_examples(source, cohort, rows, data), replicated)
+  outputs = functools.partial(_eval_outputs, teacher.model.apply, output=config.dual_task.target)
+  raw = predict(outputs, sharding.put(teacher.params, replicated), examples, rows,
+                batch_size=config.eval_batch_size,
+                put=functools.partial(sharding.put, sharding=sharding.batch_sharding(mesh)))
+  return np.array(raw).reshape(len(rows), -1)  # A writable copy: cross-fitting fills in rows.
+
+
+def cross_fitted_teachers(config: ml_collections.ConfigDict) -> list[str]:
+  """The `dual_task.cross_fit` teachers of the student's fold, trained where not finished yet.
+
+  Each is the fold's teacher (its config.json) trained without one of K stratified parts of the
+  fold's training patients (`data.inner_parts`), in <teacher workdir>/cross_fit/part_<k>: shared by
+  every student of that teacher (the lambda candidates, a resumed run).
+  """
+  teachers = []
+  for part in range(config.dual_task.cross_fit):
+    teacher_config = runs.read_config(config.teacher_workdir)
+    teacher_config.data.inner_parts, teacher_config.data.inner_part = config.dual_task.cross_fit, part
+    directory = runs.cross_fit_dir(os.path.abspath(config.teacher_workdir), part)
+    if not runs.is_finished(directory):
+      logging.info('Cross-fitting teacher %d/%d of fold %d.', part + 1, config.dual_task.cross_fit,
+                   config.data.fold)
+      train_and_evaluate(teacher_config, directory)
+    teachers.append(directory)
+  return teachers
 
 
 def head_start(config: ml_collections.ConfigDict, examples: dict[str, np.ndarray], rows: np.ndarray,
@@ -357,6 +399,50 @@ def head_start(config: ml_collections.ConfigDict, examples: dict[str, np.ndarray
 # --- The loop. ------------------------------------------------------------------------------------
 
 
+def data_split(config: ml_collections.ConfigDict, cohort: input_pipeline.Cohort) -> folds.FoldSplit:
+  """The run's train / validation / test patients: its fold, or a part of it (`data.inner_parts`)."""
+  data = config.data
+  stratum = folds.strata(cohort.pcr, cohort.subtype)
+  split = folds.split_fold(cohort.patient_id, stratum, num_folds=data.num_folds, fold=data.fold,
+                           seed=data.fold_seed, val_fraction=data.val_fraction)
+  if data.inner_parts:
+    split = folds.hold_out_part(split, cohort.patient_id, stratum, parts=data.inner_parts,
+                                part=data.inner_part, seed=data.fold_seed + 3)
+  return split
+
+
+def choose_feature_weight(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """lambda (`feature_loss_weight`) chosen on the inner validation split.
+
+  A student per candidate of `dual_task.lambda_grid`, in <workdir>/lambda_<w>, each with its epoch
+  selected as any run's; the candidate whose selected epoch has the best validation metric (the
+  first in the grid's order on a tie) becomes this run: its checkpoints, metrics, selection and
+  predictions are copied here, config.json gets its lambda, lambda_choice.json every candidate's
+  metric. The test patients play no part in the choice.
+  """
+  scores = {}
+  for weight in config.dual_task.lambda_grid:
+    candidate = ml_collections.ConfigDict(config.to_dict())
+    candidate.feature_loss_weight, candidate.dual_task.lambda_grid = float(weight), ()
+    directory = runs.lambda_dir(workdir, weight)
+    if not runs.is_finished(directory):
+      train_and_evaluate(candidate, directory)
+    scores[float(weight)] = runs.read_selection(directory)['value']
+  chosen = max(scores, key=scores.get)
+  logging.info('lambda %g chosen on validation (%s).', chosen,
+               ', '.join(f'{w:g}: {v:.4f}' for w, v in scores.items()))
+  if sharding.is_primary():
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.feature_loss_weight = chosen
+    runs.write_config(workdir, config)
+    with runs.atomic_open(os.path.join(workdir, runs.LAMBDA_CHOICE_FILE)) as f:
+      json.dump({'metric': checkpoints.SELECTION_METRIC, 'chosen': chosen,
+                 'candidates': [{'lambda': w, 'value': v} for w, v in scores.items()]}, f, indent=2)
+    runs.adopt_run(runs.lambda_dir(workdir, chosen), workdir)
+  return {'best_epoch': runs.selected_epoch(workdir), 'workdir': workdir, 'lambda': chosen}
+
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains one stage on one fold, then predicts its validation and test patients with the best epoch."""
   configs.validate(config)
@@ -364,6 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = sharding.is_primary()  # Of several processes (jax.distributed), one writes the files.
   if primary:
     runs.write_config(workdir, config)
+  if config.stage == 'student' and config.dual_task.lambda_grid:
+    return choose_feature_weight(config, workdir)
 
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
@@ -371,9 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   source = input_pipeline.load_source(config.data)
   cohort = input_pipeline.load_cohort(config.data)
-  split = folds.split_fold(
-      cohort.patient_id, folds.strata(cohort.pcr, cohort.subtype), num_folds=config.data.num_folds,
-      fold=config.data.fold, seed=config.data.fold_seed, val_fraction=config.data.val_fraction)
+  split = data_split(config, cohort)
   logging.info('%s, fold %d/%d: %d train, %d val, %d test patients; %d devices in %d process(es).',
                config.stage, config.data.fold, config.data.num_folds, len(split.train),
                len(split.val), len(split.test), jax.device_count(), jax.process_count())

@@ -99,6 +99,18 @@ def test_crop_around_pads_at_the_border():
   assert crop[0].sum() == 0 and crop[:, :2].sum() == 0 and crop[:, :, :2].sum() == 0
 
 
+def test_augmentation_moves_the_tumour_masks_with_their_images():
+  rng = np.random.default_rng(1)
+  tumour = jnp.asarray(rng.random((6, 2, 8, 8)) < 0.3)
+  images = jnp.where(tumour[..., None], 1.0, 0.0) * jnp.ones((1, 1, 1, 1, 3))
+  moved, moved_tumour = input_pipeline.augment(images, jax.random.key(3), max_shift=2,
+                                               intensity_jitter=0.1, tumour=tumour)
+  assert moved_tumour.dtype == jnp.bool_
+  np.testing.assert_array_equal(moved[..., 0] > 0, moved_tumour)
+  np.testing.assert_array_equal(moved, input_pipeline.augment(
+      images, jax.random.key(3), max_shift=2, intensity_jitter=0.1))  # The images as without masks.
+
+
 def test_augmentation_treats_all_visits_alike_and_is_deterministic_per_key():
   visit = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
   images = jnp.asarray(np.stack([np.stack([visit, visit])] * 6))  # [B=6, T=2, H, W, C]

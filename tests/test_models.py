@@ -151,6 +151,25 @@ def test_a_batch_on_several_devices_is_convolved_at_once(monkeypatch):
   assert 'scan[' not in str(jax.make_jaxpr(lambda x: models.patches_conv(x, kernel, (1, 1), 'SAME'))(x))
 
 
+def test_tumour_pooling_weighs_the_latent_by_the_tumour_footprint():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 16, 16, 3)), jnp.float32)
+  args = (images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), None)
+  mean = models.PCRNet(encoder_features=(4, 8), lstm_features=6)
+  tumour_pooled = models.PCRNet(encoder_features=(4, 8), lstm_features=6, pooling='tumour')
+  params = mean.init(jax.random.key(0), *args, train=False)['params']
+  latent = lambda model, mask: model.apply({'params': params}, *args, mask, train=False)['latent']
+  everywhere, nowhere = jnp.ones((2, 2, 16, 16), bool), jnp.zeros((2, 2, 16, 16), bool)
+  # A mask that covers all, or nothing, pools every position alike.
+  np.testing.assert_allclose(latent(tumour_pooled, everywhere), latent(mean, None), atol=1e-6)
+  np.testing.assert_allclose(latent(tumour_pooled, nowhere), latent(mean, None), atol=1e-6)
+  # A tumour in one corner at T0 only (gone at T1): its footprint's positions dominate.
+  corner = nowhere.at[:, 0, :6, :6].set(True)
+  weights = models.tumour_weights(corner, (4, 4))
+  assert weights.shape == (2, 4, 4) and weights[:, 0, 0].min() > 0.9
+  assert np.allclose(weights[:, 3, 3], 0.01)
+  assert not np.allclose(latent(tumour_pooled, corner), latent(mean, None), atol=1e-3)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   images = jnp.ones((2, 2, 8, 8, 3))
   model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, dtype='bfloat16')

@@ -92,6 +92,66 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
         assert np.abs(got['target']).max() <= 1 and got['target'][fit].std(0).min() < 0.5
 
 
+def test_cross_fitted_teachers_and_lambda_chosen_on_validation(data_dir, tmp_path):
+  teacher_dir, student_dir = str(tmp_path / 'teacher'), str(tmp_path / 'student')
+  train.train_and_evaluate(_config(stage1, data_dir), teacher_dir)
+  config = _config(stage2, data_dir, teacher_workdir=teacher_dir)
+  config.dual_task.cross_fit, config.dual_task.lambda_grid = 2, (0.5, 2.0)
+  train.train_and_evaluate(config, student_dir)
+
+  # Each cross-fitted teacher tests on one part of the fold's training patients and trains on
+  # the rest; the parts cover the training patients once.
+  cohort = input_pipeline.load_cohort(config.data)
+  fold = train.data_split(config, cohort)
+  parts = []
+  for part in range(2):
+    part_dir = runs.cross_fit_dir(teacher_dir, part)
+    assert runs.is_finished(part_dir)
+    split = train.data_split(runs.read_config(part_dir), cohort)
+    np.testing.assert_array_equal(split.val, fold.val)
+    assert not set(split.train) & set(split.test)
+    assert set(split.train) | set(split.test) == set(fold.train)
+    assert {p['patient_id'] for p in runs.read_predictions(runs.predictions_path(part_dir, 'test'))
+            } == set(cohort.patient_id[split.test])
+    parts.append(split.test)
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), fold.train)
+
+  # A training patient's target is the output of the teacher that did not see it; the others' are
+  # the fold teacher's.
+  config.dual_task.standardise, config.dual_task.lambda_grid = False, ()
+  source, mesh = input_pipeline.load_source(config.data), sharding.make_mesh()
+  crossed = train.feature_targets(config, source, cohort, fold.train, mesh)['target']
+  config.dual_task.cross_fit = 0
+  plain = train.feature_targets(config, source, cohort, fold.train, mesh)['target']
+  outside = np.setdiff1d(np.arange(len(cohort)), fold.train)
+  np.testing.assert_array_equal(crossed[outside], plain[outside])
+  has_t2 = cohort.visit_mask[:, 2]
+  assert not np.allclose(crossed[fold.train][has_t2[fold.train]],
+                         plain[fold.train][has_t2[fold.train]])
+
+  # lambda: the candidate with the best validation metric became the run.
+  with open(os.path.join(student_dir, runs.LAMBDA_CHOICE_FILE)) as f:
+    choice = json.load(f)
+  values = {c['lambda']: c['value'] for c in choice['candidates']}
+  assert set(values) == {0.5, 2.0}
+  for weight, value in values.items():
+    assert value == runs.read_selection(runs.lambda_dir(student_dir, weight))['value']
+  assert choice['chosen'] == max(values, key=values.get)
+  chosen_dir = runs.lambda_dir(student_dir, choice['chosen'])
+  assert runs.read_config(student_dir).feature_loss_weight == choice['chosen']
+  for split_name in runs.SPLITS:
+    assert (pathlib.Path(runs.predictions_path(student_dir, split_name)).read_text()
+            == pathlib.Path(runs.predictions_path(chosen_dir, split_name)).read_text())
+  jax.tree.map(np.testing.assert_array_equal, _best_params(student_dir), _best_params(chosen_dir))
+
+  # Run again, nothing trains again.
+  before = _tree_digest(tmp_path)
+  config.dual_task.cross_fit, config.dual_task.lambda_grid = 2, (0.5, 2.0)
+  config.dual_task.standardise = True
+  train.train_and_evaluate(config, student_dir)
+  assert _tree_digest(tmp_path) == before
+
+
 def test_the_head_starts_at_the_training_patients_logistic_model(data_dir):
   config = _config(baseline, data_dir)
   config.model.clinical_inputs = True

@@ -136,26 +136,26 @@ def model_inputs(patient: Patient, ensemble: Ensemble) -> dict[str, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logit(model, params, images, clinical, kinetics):
+def _logit(model, params, images, clinical, kinetics, tumour):
   return model.apply({'params': params}, images[None], jnp.ones((1, images.shape[0]), bool),
-                     clinical[None], kinetics[None], train=False)['logit'][0]
+                     clinical[None], kinetics[None], tumour[None], train=False)['logit'][0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def integrated_gradients(model, params, images, clinical, kinetics):
+def integrated_gradients(model, params, images, clinical, kinetics, tumour):
   """Attribution of the logit to each image value, from an all-zero image (Sundararajan et al. 2017);
-  the tumour kinetics and clinical inputs stay as they are."""
+  the tumour kinetics, tumour mask and clinical inputs stay as they are."""
   alphas = (jnp.arange(SALIENCY_STEPS) + 0.5) / SALIENCY_STEPS
-  grad = jax.grad(lambda x: _logit(model, params, x, clinical, kinetics))
+  grad = jax.grad(lambda x: _logit(model, params, x, clinical, kinetics, tumour))
   mean_grad = jnp.mean(jax.vmap(lambda a: grad(a * images))(alphas), axis=0)
   return images * mean_grad
 
 
 def saliency_maps(ensemble: Ensemble, inputs: dict[str, np.ndarray], clinical: np.ndarray) -> np.ndarray:
   """[T, H, W]: |attribution| summed over channels (and depth), averaged over the members."""
-  images, kinetics = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics'))
+  images, kinetics, tumour = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour'))
   maps = np.mean([np.asarray(integrated_gradients(ensemble.model, p, images, jnp.asarray(clinical),
-                                                  kinetics))
+                                                  kinetics, tumour))
                   for p in ensemble.params], axis=0)
   maps = np.abs(maps).sum(axis=-1)
   return maps.sum(axis=1) if maps.ndim == 4 else maps  # volume: [T, D, H, W] -> [T, H, W].
@@ -163,9 +163,9 @@ def saliency_maps(ensemble: Ensemble, inputs: dict[str, np.ndarray], clinical: n
 
 def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
   inputs = model_inputs(patient, ensemble)
-  x, kinetics = jnp.asarray(inputs['images']), jnp.asarray(inputs['kinetics'])
+  x, kinetics, tumour = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour'))
   clinical = jnp.asarray(patient.clinical)
-  raw = [float(jax.nn.sigmoid(_logit(ensemble.model, p, x, clinical, kinetics)))
+  raw = [float(jax.nn.sigmoid(_logit(ensemble.model, p, x, clinical, kinetics, tumour)))
          for p in ensemble.params]
   calibrated = [float(c(np.array([r]))[0]) for c, r in zip(ensemble.calibrators, raw)]
   d = ensemble.description
