@@ -75,6 +75,9 @@ setuptools.setup(
                     'benchmarks': ['torch>=2.4'],
                     # The `tcia` build as an Apache Beam pipeline (README: at scale).
                     'beam': ['apache-beam>=2.77'],
+                    # `python -m tfds_ispy2.download`: the first idc-index whose series index has
+                    # SOPClassUID (idc-index-data 23.9.0), which the Analysis Mask rule reads.
+                    'download': ['idc-index>=0.11.13'],
                     # `tfds build` as typed: tensorflow-datasets 4.9.10's script imports these at
                     # start-up (and TensorFlow, which is installed for its hardware).
                     'tfds-cli': ['apache-beam>=2.77', 'mlcroissant>=1.1.1']},

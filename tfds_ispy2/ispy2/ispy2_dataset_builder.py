@@ -86,24 +86,34 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = 'synthetic'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 For the `tcia` config only (the synthetic configs need nothing).
-1. From The Cancer Imaging Archive, collection "I-SPY 2 Breast Dynamic Contrast Enhanced MRI Trial
-   (ISPY2)", https://doi.org/10.7937/TCIA.D8Z0-9T85, download with the NBIA Data Retriever, for the
-   patients you want and visits T0-T3, the series
+1. Fetch the series from NCI Imaging Data Commons, which mirrors the collection in public buckets
+   (no account), with the `download` extra (pip install '.[download]'):
+     python -m tfds_ispy2.download --out=<manual_dir> --dry_run  # patients, series, GB per visit
+     python -m tfds_ispy2.download --out=<manual_dir>            # fetches; rerun it to resume
+   For the visits the method uses (T0-T2; --visits=T0,T1,T2,T3 adds T3) it fetches each study's
+   "original DCE" and "Analysis Mask" series of the patients with a T0 DCE series (IDC v25: 1,100
+   patients, 5,854 series, 395 GB) into
+     <manual_dir>/<collection_id>/<PatientID>/<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/
+   (tfds_ispy2/download.py; the transfer itself is not exercised by the tests, which run offline).
+   Or from The Cancer Imaging Archive, collection "I-SPY 2 Breast Dynamic Contrast Enhanced MRI
+   Trial (ISPY2)", https://doi.org/10.7937/TCIA.D8Z0-9T85, download with the NBIA Data Retriever,
+   for the patients you want and visits T0-T3, the series
      "ISPY2: VOLSER: uni-lateral cropped: original DCE"  (or "... bi-lateral: original DCE")
      "ISPY2: VOLSER: uni-lateral cropped: Analysis Mask" (or "... bi-lateral: Analysis Mask")
-   ("ACRIN-6698: VOLSER: ..." for ACRIN-6698 patients) in the downloader's "Descriptive Directory
-   Name" layout:
-     <manual_dir>/ISPY2/<PatientID>/<study folder>/<series folder>/*.dcm
+   (the same descriptions in the collection ACRIN-6698, https://doi.org/10.7937/tcia.kk02-6d95,
+   for its I-SPY2 patients) in the downloader's "Descriptive Directory Name" layout:
+     <manual_dir>/<collection>/<PatientID>/<study folder>/<series folder>/*.dcm
    The Analysis Mask (SEG SOP class, 8-bit exclusion flags) holds the radiologist's VOI and I-SPY's
    functional tumour volume (FTV): the crop centres on the FTV (on the VOI after a complete
    response) and the FTV reference uses its volume. A visit without one falls back to the largest
    PE >= 70 % region, inside the VOI of an earlier visit's mask when there is one, else over the
    whole field of view (where an enhancing node or vessel can be larger than the tumour); the
    record then holds no VOI and build_report.json says "pe70_in_voi" or "pe70" for that visit.
-2. From the same collection page, download the clinical spreadsheet
-   ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx (columns Patient_ID, Arm, HR, HER2, pCR, ...) and, where
-   TCIA ids differ from I-SPY2 research ids (ACRIN-6698 patients),
-   Full-Collection-Ancillary-Patient-Information-file.xlsx, and put both anywhere under <manual_dir>.
+2. From the collection's page on TCIA (the link above; IDC's series index holds no labels),
+   download the clinical spreadsheet ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx (columns
+   Patient_ID, Arm, HR, HER2, pCR, ...) and, where TCIA ids differ from I-SPY2 research ids
+   (ACRIN-6698 patients), Full-Collection-Ancillary-Patient-Information-file.xlsx, and put both
+   anywhere under <manual_dir>.
 3. Build: the default <manual_dir> is <data_dir>/downloads/manual (override with --manual_dir).
 Patients without a pCR label, and patients or visits that cannot be read, are skipped and listed
 with their reason in build_report.json beside the dataset, which also says per visit which mask was
