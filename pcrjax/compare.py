@@ -5,6 +5,7 @@
 
 from absl import app, flags
 
+from pcrjax import console
 from pcrjax.evidence import compare
 
 flags.DEFINE_string('a', None, 'The first protocol workdir.')
@@ -16,7 +17,9 @@ flags.mark_flags_as_required(['a', 'b'])
 def main(argv):
   del argv
   args = flags.FLAGS
-  text = compare.render(compare.compare(args.a, args.b), args.a, args.b)
+  console.setup()
+  with console.one_line_errors(FileNotFoundError, ValueError):
+    text = compare.render(compare.compare(args.a, args.b), args.a, args.b)
   print(text)
   if args.output:
     with open(args.output, 'w') as f:

@@ -7,7 +7,7 @@ What the directory holds: pcrjax.inference.export (and the README).
 
 from absl import app, flags
 
-from pcrjax import runs
+from pcrjax import console, runs
 from pcrjax.inference import export
 
 FLAGS = flags.FLAGS
@@ -20,11 +20,11 @@ flags.DEFINE_enum('calibration', None, ['none', 'platt', 'temperature'],
 
 def main(argv):
   del argv
-  with runs.exit_in_one_line_if_disk_full():  # Also once the except below has re-raised it.
-    try:
-      export.export(FLAGS.run, FLAGS.out, model_name=FLAGS.model, calibrate=FLAGS.calibration)
-    except (FileNotFoundError, ValueError) as e:
-      raise app.UsageError(str(e)) from None
+  console.setup()
+  with runs.exit_in_one_line_if_disk_full(), console.one_line_errors(FileNotFoundError, ValueError):
+    description = export.export(FLAGS.run, FLAGS.out, model_name=FLAGS.model,
+                                calibrate=FLAGS.calibration)
+  print(f"{FLAGS.out}: the {FLAGS.model}'s {len(description['members'])} fold models, exported.")
 
 
 if __name__ == '__main__':

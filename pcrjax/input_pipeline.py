@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
-from pcrjax import ftv, runs
+from pcrjax import console, ftv, runs
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
 from tfds_ispy2.ispy2 import schema
 
@@ -36,7 +35,8 @@ def load_source(data: ml_collections.ConfigDict, *, with_images: bool = True):
   """
   builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format='array_record')
   if not builder.is_prepared():
-    logging.info('Building %s into %s (first use; later runs reuse it).', data.dataset, builder.data_dir)
+    console.say(f'Building {data.dataset} into {builder.data_dir} (first use; later runs reuse'
+                ' it).')
     builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
         manual_dir=data.manual_dir or None))
   decoders = None if with_images else {

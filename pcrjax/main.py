@@ -4,11 +4,13 @@ A config with `stage = 'protocol'` runs the paper's whole comparison (pcrjax.pro
 stage trains one model on one fold (pcrjax.train). `--config` also takes an experiment's name
 (`--config=paper_table:smoke`), which needs no clone. `--helpconfig` lists the config's fields with
 their values; `--config.<field>=<value>` overrides one.
+
+The console shows the protocol's progress bar and one line per finished training, or a single
+training's epochs; everything else is in <workdir>/log.txt (pcrjax.console).
 """
 
 import contextlib
 import difflib
-import logging as std_logging
 import os
 import re
 import sys
@@ -17,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pcrjax import configs, parallel, protocol, runs, sharding, train
+from pcrjax import configs, console, parallel, protocol, runs, sharding, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
@@ -25,6 +27,12 @@ config_flags.DEFINE_config_file(
     'config', None, 'An experiment: a file (experiments/<x>.py) or the name of one shipped with'
     ' pcrjax (<x>), then optionally :smoke.', lock_config=True)
 flags.DEFINE_bool('helpconfig', False, 'List every field of --config with its value, and exit.')
+flags.DEFINE_bool('epoch_lines', None,
+                  "A training's line per epoch (and its other progress lines) on the console; by"
+                  ' default on for a single training, off for the protocol, which shows one line'
+                  ' per training. Either way they are in <workdir>/log.txt (and each protocol'
+                  " training's log.txt); absl's --verbosity=0 shows every INFO line on the console,"
+                  " the libraries' too.")
 flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'pcrjax', 'xla'),
                     "JAX's persistent compilation cache ('' = off): a later run of the same shapes"
                     ' loads its compiled steps instead of compiling them again.')
@@ -75,17 +83,6 @@ def _check_overrides(argv: list[str]) -> None:
       raise ValueError(f'--config.{field}: no such config field; {hint} (--helpconfig lists them)')
 
 
-def _quiet_library_info(record) -> bool:
-  """Keeps Orbax's and TFDS's per-file INFO lines out of the run log (their warnings stay), and
-  Orbax's tracebacks of a full disk from its writer threads (main names the file in one line)."""
-  if not any(f'/{library}/' in record.pathname for library in ('orbax', 'tensorflow_datasets')):
-    return True
-  error = record.exc_info[1] if record.exc_info else None
-  if runs.disk_full_path(error) or runs.disk_full_path(Exception(record.getMessage())):
-    return False
-  return record.levelno >= std_logging.WARNING
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -94,13 +91,19 @@ def main(argv):
     for name, value in configs.fields(config).items():
       print(f'{name}={value!r}')
     return
-  logging.get_absl_handler().addFilter(_quiet_library_info)
+  protocol_task = config.protocol_task if config.stage == 'protocol' else -1
+  # A protocol task's console is its log (a parallel protocol's child writes it into the task's
+  # directory, a job array into the job's output): pcrjax's own INFO lines too.
+  epoch_lines = config.stage != 'protocol' if FLAGS.epoch_lines is None else FLAGS.epoch_lines
+  console.setup(own_info=protocol_task >= 0, training_lines=epoch_lines or protocol_task >= 0,
+                hold=protocol_task < 0)
+  primary = True
   if FLAGS.distributed:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if jax.process_index():  # Process 0 logs the run; the others only their warnings and errors.
+    primary = sharding.is_primary()
+    if not primary:  # Process 0 logs the run; the others only their warnings and errors.
       logging.set_verbosity(logging.WARNING)
-  protocol_task = config.protocol_task if config.stage == 'protocol' else -1
   if config.stage == 'protocol' and config.parallel_trainings > 1:
     # The coordinator trains nothing: its children get the accelerators (and their memory).
     jax.config.update('jax_platforms', 'cpu')
@@ -112,22 +115,30 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   logging.info('Config:\n%s', config)
+  # A protocol task (one job of an array) locks its own directory, not the shared workdir; of
+  # several processes training together, process 0 holds the lock and writes the log.
+  writes_workdir = protocol_task < 0 and primary
   try:
     with (runs.exit_in_one_line_if_disk_full(
         then=' (or choose another --workdir); it resumes from the last checkpoint written whole'),
-          # A protocol task (one job of an array) locks its own directory, not the shared workdir;
-          # of several processes training together, process 0 holds the lock.
-          contextlib.nullcontext() if protocol_task >= 0 or not sharding.is_primary()
-          else runs.workdir_lock(FLAGS.workdir)):
-      if config.stage == 'protocol':
-        protocol.run(config, FLAGS.workdir)
-      else:
-        train.train_and_evaluate(config, FLAGS.workdir)
-  except (runs.WorkdirInUse, parallel.TaskFailed) as e:
-    sys.exit(f'FATAL {e}')
-  except train.Diverged as e:
-    logging.error('Diverged: %s', e)
-    sys.exit(f'Diverged: {e}')
+          runs.workdir_lock(FLAGS.workdir) if writes_workdir else contextlib.nullcontext(),
+          # Opened once the workdir is ours: a second run on it stops without writing there.
+          console.log_to(os.path.join(os.path.abspath(FLAGS.workdir), runs.LOG_FILE))
+          if writes_workdir else contextlib.nullcontext(),
+          console.one_line_errors(parallel.TaskFailed)):
+      try:
+        if config.stage == 'protocol':
+          protocol.run(config, FLAGS.workdir)
+        else:
+          train.train_and_evaluate(config, FLAGS.workdir)
+          if primary:
+            console.say(f'{config.stage}, fold {config.data.fold}:'
+                        f' {protocol.training_result(FLAGS.workdir)}; its predictions are in'
+                        f' {FLAGS.workdir}.')
+      except train.Diverged as e:
+        console.stop(f'Diverged: {e}')
+  except runs.WorkdirInUse as e:
+    console.stop(f'FATAL {e}')
 
 
 if __name__ == '__main__':

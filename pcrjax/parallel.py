@@ -20,8 +20,6 @@ import jax
 
 from pcrjax import runs
 
-LOG_FILE = 'log.txt'  # Each task's output, in its task directory.
-
 
 class TaskFailed(RuntimeError):
   """A child stopped with an error; the message is its last line and where its log is."""
@@ -70,7 +68,7 @@ def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -
         task = pending.pop(0)
         directory = runs.task_dir(workdir, *divmod(task, num_folds))
         os.makedirs(directory, exist_ok=True)
-        log = open(os.path.join(directory, LOG_FILE), 'w')
+        log = open(os.path.join(directory, runs.LOG_FILE), 'a')
         command = [sys.executable, '-m', 'pcrjax.main', f'--config=workdir:{workdir}',
                    f'--workdir={workdir}', f'--config.protocol_task={task}',
                    f'--compilation_cache={cache or ""}']

@@ -16,13 +16,15 @@ import contextlib
 import csv
 import json
 import os
+import time
 
 import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
 
-from pcrjax import folds, ftv, input_pipeline, parallel, references, runs, sharding, train
+from pcrjax import (console, folds, ftv, input_pipeline, parallel, references, runs, sharding,
+                    train, wall_time)
 from pcrjax.evidence import report, tables
 from tfds_ispy2.ispy2 import schema
 
@@ -55,15 +57,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
 
   With `config.protocol_task` >= 0 it trains that task alone and returns [] (a job of a job
   array; a last run without it fits the references and builds the report). A progress bar with an
-  ETA counts the trainings, the reference fits of a repeat as one.
+  ETA counts the trainings, the reference fits of a repeat as one; a line says each training's
+  result, and the last one where the wall time went (runs.WALL_TIME_FILE, in the report too).
   """
   workdir = os.path.abspath(workdir)
+  started, clock = time.time(), wall_time.Clock(excludes_trainings=False)
   protocol_config = ml_collections.ConfigDict(config.to_dict())
   protocol_config.protocol_task = -1  # The workdir's config is the protocol's, not one job's.
   if sharding.is_primary():
     runs.write_config(workdir, protocol_config)
     runs.record_code_version(workdir)
   input_pipeline.load_cohort(config.data)  # Built once, before any training.
+  clock.lap('dataset_build')
   if config.protocol_task >= 0:
     train_task(config, workdir, config.protocol_task)
     return []
@@ -72,19 +77,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   with tqdm.tqdm(total=num_tasks * len(networks) + config.num_repeats, unit='training') as bar:
     if config.parallel_trainings > 1:
       bar.set_description(f'trainings, {config.parallel_trainings} at a time')
-      for _ in parallel.run_tasks(workdir, num_tasks, config.data.num_folds,
-                                  config.parallel_trainings):
+      for task in parallel.run_tasks(workdir, num_tasks, config.data.num_folds,
+                                     config.parallel_trainings):
+        repeat, fold = divmod(task, config.data.num_folds)
+        for spec in networks:
+          console.say(f'{spec.name}, repeat {repeat} fold {fold}: '
+                      + training_result(runs.stage_dir(workdir, repeat, fold, spec.name)))
         bar.update(len(networks))
     else:
       for task in range(num_tasks):
         train_task(config, workdir, task, bar=bar)
+    clock.lap('trainings')
     if not sharding.is_primary():  # Of several processes training together, one writes the rest.
       return []
     for repeat in range(config.num_repeats):
       bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} reference models')
       fit_reference_models(repeat_config(config, repeat), workdir, repeat)
       bar.update()
-  return report.build(workdir)
+    clock.lap('reference_fits')
+  wall_time.record_protocol(workdir, clock, started=started)  # For the report's facts.
+  table = report.build(workdir)
+  clock.lap('report')
+  spent = wall_time.record_protocol(workdir, clock, started=started)
+  console.say(f'The protocol: {wall_time.describe(spent)}.')
+  return table
 
 
 def train_task(config: ml_collections.ConfigDict, workdir: str, task: int, bar=None) -> None:
@@ -102,14 +118,31 @@ def _train_networks(config, workdir, repeat, fold, bar) -> None:
     if bar is not None:
       bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} fold {fold} {spec.name}')
     directory = runs.stage_dir(workdir, repeat, fold, spec.name)
-    if runs.is_finished(directory):
-      logging.info('repeat %d fold %d %s: finished earlier, skipped.', repeat, fold, spec.name)
-    else:
+    earlier, primary = runs.is_finished(directory), sharding.is_primary()
+    if not earlier:
       logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
                    config.data.num_folds, spec.name)
-      train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
+      # Its own log: every line while it trains (its epochs', too).
+      with (console.log_to(os.path.join(directory, runs.LOG_FILE)) if primary
+            else contextlib.nullcontext()):
+        train.train_and_evaluate(stage_config(config, spec.name, repeat, fold, workdir), directory)
+    if primary:
+      console.say(f'{spec.name}, repeat {repeat} fold {fold}: {training_result(directory)}'
+                  + (' (finished earlier)' if earlier else ''))
     if bar is not None:
       bar.update()
+
+
+def training_result(directory: str) -> str:
+  """A finished training in a few words: its epochs, the one selected on validation, and the
+  seconds it took (its runs.TIMING_FILE, its lambda candidates' with them)."""
+  config, selection = runs.read_config(directory), runs.read_selection(directory)
+  window = config.selection_window
+  mean = f' (mean of {window} epochs)' if window > 1 else ''
+  seconds = wall_time.training_seconds(directory)
+  took = f', {wall_time.format_seconds(seconds)}' if seconds is not None else ''
+  return (f'{config.num_epochs} epochs, epoch {selection["epoch"]} selected, validation AUROC'
+          f' {selection["value"]:.3f}{mean}{took}')
 
 
 def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat: int) -> None:

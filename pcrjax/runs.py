@@ -8,9 +8,10 @@ re-reported on any machine.
 
 A protocol workdir:
 
-    config.json  code_version.txt  ftv.csv  cohort_facts.json
+    config.json  code_version.txt  ftv.csv  cohort_facts.json  log.txt  wall_time.json
     repeat_<r>/fold_<k>/<model>/   one stage's workdir: config.json, metrics.jsonl, checkpoints/,
-                                   selection.json (networks), predictions_val.csv,
+                                   selection.json (networks), log.txt, timing.json,
+                                   predictions_val.csv,
                                    predictions_test.csv (written last: the stage is finished)
       teacher/cross_fit/part_<k>/  a teacher trained without part k of the fold's training
                                    patients (dual_task.cross_fit): their out-of-sample targets
@@ -108,6 +109,11 @@ FTV_TABLE_FILE = 'ftv.csv'
 COHORT_FACTS_FILE = 'cohort_facts.json'  # What the protocol measured of the cohort itself.
 LAMBDA_CHOICE_FILE = 'lambda_choice.json'  # The candidates' validation metrics, the lambda kept.
 LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, started}.
+# The log of what ran in a directory, appended to by each run: the main command's in its workdir,
+# each protocol training's in its stage directory, a parallel protocol task's output in its task's.
+LOG_FILE = 'log.txt'
+TIMING_FILE = 'timing.json'  # A training's wall time per phase (pcrjax.wall_time).
+WALL_TIME_FILE = 'wall_time.json'  # The protocol's last run's wall time per phase.
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
 
 

@@ -26,7 +26,8 @@ from flax.training import train_state
 from sklearn import linear_model
 from sklearn import metrics as sk_metrics
 
-from pcrjax import checkpoints, configs, folds, input_pipeline, models, runs, sharding
+from pcrjax import (checkpoints, configs, console, folds, input_pipeline, models, runs, sharding,
+                    wall_time)
 from pcrjax.evidence import statistics
 
 TrainState = train_state.TrainState
@@ -347,7 +348,7 @@ def cross_fitted_teachers(config: ml_collections.ConfigDict) -> list[str]:
     directory = runs.cross_fit_dir(os.path.abspath(config.teacher_workdir), part)
     if not runs.is_finished(directory):
       logging.info('Cross-fitting teacher %d/%d of fold %d.', part + 1, config.dual_task.cross_fit,
-                   config.data.fold)
+                   config.data.fold, extra=console.TRAINING_LINE)
       train_and_evaluate(teacher_config, directory)
     teachers.append(directory)
   return teachers
@@ -430,7 +431,7 @@ def choose_feature_weight(config: ml_collections.ConfigDict, workdir: str) -> di
     scores[float(weight)] = runs.read_selection(directory)['value']
   chosen = max(scores, key=scores.get)
   logging.info('lambda %g chosen on validation (%s).', chosen,
-               ', '.join(f'{w:g}: {v:.4f}' for w, v in scores.items()))
+               ', '.join(f'{w:g}: {v:.4f}' for w, v in scores.items()), extra=console.TRAINING_LINE)
   if sharding.is_primary():
     config = ml_collections.ConfigDict(config.to_dict())
     config.feature_loss_weight = chosen
@@ -444,7 +445,8 @@ def choose_feature_weight(config: ml_collections.ConfigDict, workdir: str) -> di
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains one stage on one fold, then predicts its validation and test patients with the best epoch."""
+  """Trains one stage on one fold, then predicts its validation and test patients with the best
+  epoch. Its wall time per phase (pcrjax.wall_time) lands in runs.TIMING_FILE."""
   configs.validate(config)
   workdir = os.path.abspath(workdir)
   primary = sharding.is_primary()  # Of several processes (jax.distributed), one writes the files.
@@ -453,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.stage == 'student' and config.dual_task.lambda_grid:
     return choose_feature_weight(config, workdir)
 
+  clock = wall_time.Clock()
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
   put_rows = functools.partial(sharding.put, sharding=sharding.batch_sharding(mesh))
@@ -462,11 +465,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   split = data_split(config, cohort)
   logging.info('%s, fold %d/%d: %d train, %d val, %d test patients; %d devices in %d process(es).',
                config.stage, config.data.fold, config.data.num_folds, len(split.train),
-               len(split.val), len(split.test), jax.device_count(), jax.process_count())
+               len(split.val), len(split.test), jax.device_count(), jax.process_count(),
+               extra=console.TRAINING_LINE)
 
   # Every patient goes to the device once (one shape for every fold: one compilation); a step
   # gathers and augments its batch there, by source row.
   host_examples = input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), config.data)
+  clock.lap('data')
   if config.stage == 'student':
     host_examples.update(feature_targets(config, source, cohort, split.train, mesh))
   model = create_model(config, feature_dim=feature_dim(config))
@@ -475,21 +480,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = len(split.train) // config.batch_size
   rng = jax.random.fold_in(jax.random.key(config.seed), config.data.fold)
   init_rng, dropout_rng, augment_rng = jax.random.split(rng, 3)
+  clock.lap('setup')
   state = create_train_state(init_rng, config, model, input_shape, steps_per_epoch)
+  clock.lap('compile')
   start = head_start(config, host_examples, split.train, config.model.lstm_features)
   state = state.replace(params=flax.core.copy(state.params, start))
   state = sharding.put(state, replicated)
   with checkpoints.managed(workdir) as manager, contextlib.ExitStack() as cleanup:
+    clock.lap('setup')
     state, start_epoch = checkpoints.restore_latest(manager, state)
     if start_epoch:
-      logging.info('Resuming from epoch %d in %s.', start_epoch, workdir)
+      logging.info('Resuming from epoch %d in %s.', start_epoch, workdir,
+                   extra=console.TRAINING_LINE)
       state = state.replace(step=sharding.put(np.int32(start_epoch * steps_per_epoch), replicated))
+    clock.lap('checkpoints')
 
     examples = sharding.put(host_examples, replicated)
+    clock.lap('data')
     pos_weight = sharding.put(np.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
     step_kwargs = dict(augmentation=input_pipeline.augmentation(config.data),
                        feature_loss_weight=float(config.feature_loss_weight))
-    eval_fn = functools.partial(_eval_step, state.apply_fn)
+    eval_fn = clock.first_call(functools.partial(_eval_step, state.apply_fn), before='validation')
+    train_step_fn = clock.first_call(_train_step, before='steps')
     put_epoch_rows = functools.partial(sharding.put, sharding=sharding.epoch_batch_sharding(mesh))
     empty_metrics = sharding.put(TrainMetrics.empty(), replicated)
 
@@ -500,6 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_auroc = log.best(checkpoints.SELECTION_METRIC)
     profiler = _Profiler(workdir, config.profile_steps if primary else 0)
     cleanup.callback(profiler.stop)
+    clock.lap('setup')
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       started = time.time()
       # The epoch's batches go to the device at once; each step takes its own row there and merges
@@ -509,11 +522,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_metrics = empty_metrics
       for _ in range(steps_per_epoch):
         profiler.before_step()
-        state, train_metrics = _train_step(state, train_metrics, examples, epoch_rows, dropout_rng,
-                                           augment_rng, pos_weight, **step_kwargs)
+        state, train_metrics = train_step_fn(state, train_metrics, examples, epoch_rows,
+                                             dropout_rng, augment_rng, pos_weight, **step_kwargs)
         profiler.after_step(state)
       computed = train_metrics.compute()
-      first_bad = int(computed.pop('first_nonfinite_step'))
+      first_bad = int(computed.pop('first_nonfinite_step'))  # Waits for the epoch's last step.
+      clock.lap('steps')
       if first_bad >= 0:
         _diverged(config, manager, workdir, f'epoch {epoch}, step {first_bad}: the loss or a'
                   ' gradient is not finite')
@@ -531,17 +545,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
                      epoch_seconds=time.time() - started)
       selection = summary[checkpoints.SELECTION_METRIC]
+      clock.lap('validation')
       if (selection > best_auroc or epoch % config.checkpoint_every_epochs == 0
           or epoch == config.num_epochs):
         checkpoints.save(manager, epoch, state, {checkpoints.SELECTION_METRIC: selection})
       best_auroc = max(best_auroc, selection)
+      clock.lap('checkpoints')
       log.write(epoch, int(state.step), summary)
       logging.info('epoch %d/%d: %s', epoch, config.num_epochs,
-                   ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
+                   ', '.join(f'{k}={v:.4g}' for k, v in summary.items()),
+                   extra=console.TRAINING_LINE)
+      clock.lap('logs')
     profiler.stop()
     manager.wait_until_finished()
 
     params, best_epoch = checkpoints.restore_best_params(manager, state.params)
+    clock.lap('checkpoints')
     if primary:
       runs.write_selection(workdir, epoch=best_epoch, metric=checkpoints.SELECTION_METRIC,
                            value=log.value(best_epoch, checkpoints.SELECTION_METRIC))
@@ -551,6 +570,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if primary:
         runs.write_predictions(runs.predictions_path(workdir, split_name),
                                cohort.prediction_rows(rows, probs, config.data.fold))
+    clock.lap('validation')
+  clock.lap('checkpoints')  # Closing the manager.
+  clock.finish(workdir if primary else None,
+               steps=(config.num_epochs - start_epoch) * steps_per_epoch,
+               devices=f'{jax.device_count()} {jax.default_backend()} device(s)')
   return {'best_epoch': best_epoch, 'workdir': workdir}
 
 

@@ -126,7 +126,7 @@ def test_kill_9_anywhere_then_the_same_command_gives_the_same_results(tcia_run, 
   rng = np.random.default_rng(0)
   moments = [  # (where, when it holds, how long after it to kill)
       ('the TCIA build', lambda log: 'ispy2/tcia:' in log, rng.uniform(0.5, 2.0)),
-      ('a training', lambda log: 'training the ' in log, rng.uniform(0.0, 2.0)),
+      ('a training', lambda log: 'fold 0 baseline' in log, rng.uniform(0.0, 2.0)),  # The bar's.
       ('a checkpoint write', lambda log: bool(glob.glob(str(workdir / '*/*/*/checkpoints/*-tmp*'))), 0.0),
       ('the FTV fit', lambda log: 'reference models' in log, rng.uniform(0.0, 0.3)),
       ('the report', lambda _: (workdir / 'table.csv').exists(), rng.uniform(0.0, 1.0)),

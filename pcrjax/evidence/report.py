@@ -13,11 +13,12 @@ import csv
 import html
 import json
 import os
+import time
 
 import markdown_it
 import numpy as np
 
-from pcrjax import runs
+from pcrjax import runs, wall_time
 from pcrjax.evidence import plots, tables
 
 # Figure files, in the order the report shows them, and their captions.
@@ -35,6 +36,7 @@ FIGURES = {
 
 def build(run_dir: str) -> list[tables.Row]:
   """Writes every evidence file of `run_dir` and returns the main table."""
+  started = time.perf_counter()
   run_dir = os.path.abspath(run_dir)
   config = runs.read_config(run_dir)
   predictions = tables.load_run(run_dir)
@@ -61,7 +63,8 @@ def build(run_dir: str) -> list[tables.Row]:
   plots.learning_curves(figure('learning_curves.png'), run_dir, num_repeats=config.num_repeats,
                         num_folds=config.data.num_folds)
 
-  markdown = render(config, run_dir, table, pairs, operating, groups)
+  spent = wall_time.read_protocol(run_dir, report_seconds=time.perf_counter() - started)
+  markdown = render(config, run_dir, table, pairs, operating, groups, spent)
   with runs.atomic_open(os.path.join(run_dir, 'report.md')) as f:
     f.write(markdown)
   with runs.atomic_open(os.path.join(run_dir, 'report.html')) as f:
@@ -185,6 +188,18 @@ def _networks(config) -> str:
           f' `{dual.get("target", "latent")}` ({standardised}λ = {config.get("feature_loss_weight", 1.0):g})')
 
 
+def where_the_time_went(spent: dict | None) -> str:
+  """The protocol's wall time by phase (pcrjax.wall_time), a paragraph of its own; '' for a run
+  from before it was kept."""
+  if spent is None:
+    return ''
+  return ("\n\nWhere the time went in the protocol's last run: "
+          f'{wall_time.describe(spent)}. Compile is the first call of each training\'s'
+          " initialisation and steps (tracing and XLA's compilation, or a cache's copy); training"
+          " steps run until the epoch's metrics are read back. `wall_time.json` and each"
+          " training's `timing.json` hold the seconds.")
+
+
 def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
   repeats, folds = config.num_repeats, config.data.num_folds
   reference = _label(runs.PRIMARY[0])
@@ -292,13 +307,14 @@ def _figure(name: str) -> str:
   return f'![{FIGURES[name]}]({name})\n\n*{FIGURES[name]}*'
 
 
-def render(config, run_dir, table, pairs, operating, groups) -> str:
-  """report.md: the sections in the order a reviewer reads them."""
+def render(config, run_dir, table, pairs, operating, groups, spent: dict | None = None) -> str:
+  """report.md: the sections in the order a reviewer reads them; `spent`: the protocol's wall
+  time (wall_time.read_protocol)."""
   sections = [
       '# pCR prediction from early DCE-MRI: two-stage dual-task vs single-stage',
       banner(config),
       bottom_line(pairs, len(pairs)),
-      design(config, run_dir, table[0]),
+      design(config, run_dir, table[0]) + where_the_time_went(spent),
       '## Main table\n\n' + main_table(config, run_dir, table),
       '## Discrimination and calibration\n\n' + _figure('roc.png') + '\n\n' + _figure('calibration.png'),
       '## Clinical usefulness\n\n' + _figure('decision_curve.png') + '\n\n### Operating points\n\n'
