@@ -101,7 +101,9 @@ Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
 * ``folder_visit``: no usable StudyDescription (absent at T0, ``BREAST MRI`` later), no CTTP;
   study folders ``...-ISPY2MRIT<v>-...`` -> visits from the folder names.
 * ``truncated_file``: one pre-contrast slice of T2 cut in half (header intact, pixels short) ->
-  T2 missing (``unreadable_dicom``: a reason the contract does not name), T0/T1 fine.
+  T2 missing (``unreadable_dicom``: a reason the contract does not name), T0/T1 fine.  (The
+  fault ``truncated_last`` cuts the series' last file instead, where an interrupted download
+  stops: a phase the reader does not use, so only a reader that checks every file sees it.)
 * ``junk_file``: a non-DICOM ``1-999.dcm`` text file inside the T0 DCE folder -> ignore it
   silently, patient fine.
 * ``missing_slice``: in T1 the first post-contrast phase that is not a chosen one lacks its
@@ -127,7 +129,18 @@ one CPU (most of it pydicom encoding ~3500 files, ~2 ms each).
 :data:`DUMMY_CASES` is a 6-patient, ~530-file tree for the TFDS ``dummy_data/``
 (``python -m fake_data.tcia_fixtures OUT --dummy``).
 
+Real sizes and vendors: ``Case(size='real')`` writes a visit on the grid of a real series
+(:data:`REAL_GRIDS`: uni-lateral 256 x 256 x 88 slices, 616 files / ~90 MB at 7 phases, ~15 s;
+bi-lateral 384 x 512 x 256 slices, 1,792 files / ~700 MB, the collection's upper end, ~1.5 min
+and ~3 GB of memory), the phantom's maps resampled onto it (its edges extended), rendered and
+written one phase at a time (each phase's noise its own stream); such trees are for temporary
+directories (``python -m benchmarks.build``, one real-size test), never the repository.
+``Case(vendor=...)`` writes the DCE slices in a scanner's header layout (:data:`VENDORS`: which
+tags say the phase and its time, the rescale, a realistic load of private elements);
+:data:`VENDOR_CASES` holds one fixture-size patient per vendor.
+
 Public API: :class:`Case`, :data:`DEFAULT_CASES`, :data:`DUMMY_CASES`, :data:`FIXTURE_SPEC`,
+:data:`VENDOR_CASES`, :data:`VENDORS` (:class:`Layout`), :data:`REAL_GRIDS`,
 :class:`PatientTruth` (per-patient expectations), :func:`write_tcia_tree`,
 :func:`write_clinical_sheet`, :func:`write_ancillary_sheet`, :func:`render_dce_series`,
 :func:`choose_phases`, :func:`volser_codes`, :func:`set_bitflag_mask`, :data:`MASK_LEGEND`
@@ -140,8 +153,9 @@ import dataclasses
 import datetime
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -158,6 +172,7 @@ __all__ = [
     'PHI_STRINGS', 'CLINICAL_SHEET_NAME', 'ANCILLARY_SHEET_NAME', 'CLINICAL_COLUMNS',
     'SEG_SOP_CLASS_UID', 'FAULTS', 'DUMMY_CASES', 'MASK_FORMS', 'MASK_LEGEND', 'MASK_LEGEND_TAG',
     'PE_BIT', 'SER_BIT', 'BACKGROUND_BIT', 'VOI_BIT', 'volser_codes', 'set_bitflag_mask',
+    'Layout', 'VENDORS', 'VENDOR_CASES', 'REAL_GRIDS',
 ]
 
 CLINICAL_SHEET_NAME = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
@@ -178,8 +193,16 @@ REFERRING = 'Hibbert^Julius'
 OPERATOR = 'Flanders^Maude'
 PHI_STRINGS = (PATIENT_NAME, 'Doe', INSTITUTION, REFERRING, OPERATOR, '742 Evergreen Terrace')
 
-FAULTS = ('truncated_file', 'junk_file', 'missing_slice', 'two_phases', 'no_dce', 'corrupt_seg',
-          'no_seg', 'duplicate_visit', 'unknown_study')
+FAULTS = ('truncated_file', 'truncated_last', 'junk_file', 'missing_slice', 'two_phases', 'no_dce',
+          'corrupt_seg', 'no_seg', 'duplicate_visit', 'unknown_study')
+
+# DCE grids of real series ((D, H, W) voxels of (dz, dy, dx) mm; W is one breast's columns, a
+# bi-lateral series has twice as many), for ``Case.size == 'real'``.  Uni-lateral: 256 x 256 x 88
+# slices (the collection's cropped series are 256 x 256, 80-100 slices; 7 phases: 616 files,
+# ~ 90 MB); bi-lateral: 384 x 512 x 256 slices, the upper end of the collection (7 phases: 1,792
+# files, ~ 700 MB).  The phantom is rendered on its coarse grid and its maps resampled (labels
+# nearest, the rest linear, the edges extended) onto these larger fields of view.
+REAL_GRIDS = {'uni': ((88, 256, 256), (2.0, 0.7, 0.7)), 'bi': ((256, 384, 256), (0.8, 0.7, 0.7))}
 
 MASK_FORMS = ('bitflags', 'bitflags_per_frame', 'bitflags_no_legend', 'seg', 'seg_excluded')
 # The collection's Analysis Mask: per voxel an OR of exclusion bits (0 = FTV); the private Mask
@@ -197,6 +220,58 @@ _SEG_EXTRA_BELOW, _SEG_EXTRA_ABOVE = 1, 3
 _NODE_RADIUS_MM = 13.0
 _STUDY_STYLES = ('ISPY2MRIT{v}', 'ISPY2_MRI_T{v}', 'ISPY2 MRI T{v}', 'MRI T{v}')
 _NO_TOKEN_DESCRIPTION = 'MR BREAST BILATERAL W WO CONTRAST'
+
+
+# ----------------------------------------------------------------------------- vendors
+class Layout(NamedTuple):
+  """How a scanner writes a DCE series' headers: what says the phase and its time, the scaling,
+  and the private elements it leaves (numbers and codes, no PHI) around the standard ones."""
+
+  manufacturer: str | None  # None: drawn per patient (the fixtures' own layout)
+  model: str
+  temporal_position: bool  # TemporalPositionIdentifier + NumberOfTemporalPositions
+  trigger: str | None  # TriggerTime: 'phase' (the phase's start, ms), 'zero' (0 everywhere), None
+  acquisition: str  # AcquisitionTime: 'phase' (each phase's start) or 'series' (the series' start)
+  rescale: tuple[float, float] | None  # (RescaleSlope, RescaleIntercept), or none written
+  private: tuple  # ((group, private creator, ((element, VR, value), ...)), ...)
+
+
+def _private_block(group: int, creator: str, count: int, blobs: Sequence[int] = ()) -> tuple:
+  """A private block of ``count`` short values and OB blobs of ``blobs`` bytes (text padded to an
+  even length): what a header parser must step over, at about a real scanner's size."""
+  kinds = (('SS', lambda i: i % 7 - 3), ('DS', lambda i: f'{i * 0.125:g}'),
+           ('LO', lambda i: f'PARAM_{i:03d}'), ('SL', lambda i: i * 1009), ('US', lambda i: i),
+           ('FL', lambda i: i / 8.0))
+  elements = [(0x01 + i, kinds[i % 6][0], kinds[i % 6][1](i)) for i in range(count)]
+  text = b'sKSpace.lBaseResolution = 256\nsSliceArray.asSlice[0].dThickness = 2.0\n'
+  elements += [(0x80 + n, 'OB', (text * (size // len(text) + 1))[:size + size % 2])
+               for n, size in enumerate(blobs)]
+  return group, creator, tuple(elements)
+
+
+# The three vendors of the collection (patients: GE 703, Siemens 269, Philips 134).  GE says the
+# phase by TemporalPositionIdentifier and its time by TriggerTime, with one AcquisitionTime for
+# the series and no rescale; Siemens has neither TemporalPositionIdentifier nor TriggerTime, only
+# the AcquisitionTime of each phase (and its CSA headers, ~22 kB); Philips writes
+# TemporalPositionIdentifier, TriggerTime 0 on every slice, the AcquisitionTime of each phase,
+# RescaleSlope / Intercept and its private MR scale slope / intercept (2005,100E / 100D), which
+# give the 'floating point' values that a reader of displayed values does not use.
+VENDORS = {
+    'GE': Layout('GE MEDICAL SYSTEMS', 'DISCOVERY MR750', True, 'phase', 'series', None, (
+        _private_block(0x0009, 'GEMS_IDEN_01', 6),
+        _private_block(0x0019, 'GEMS_ACQU_01', 60),
+        _private_block(0x0021, 'GEMS_RELA_01', 30),
+        _private_block(0x0043, 'GEMS_PARM_01', 40, (1024, 2048)))),
+    'Siemens': Layout('SIEMENS', 'Skyra', False, None, 'phase', None, (
+        _private_block(0x0019, 'SIEMENS MR HEADER', 16),
+        _private_block(0x0029, 'SIEMENS CSA HEADER', 4, (6144, 16384)),
+        _private_block(0x0051, 'SIEMENS MR HEADER', 12))),
+    'Philips': Layout('Philips Medical Systems', 'Achieva dStream', True, 'zero', 'phase',
+                      (2.36264, 0.0), (
+        _private_block(0x2001, 'Philips Imaging DD 001', 50),
+        (0x2005, 'Philips MR Imaging DD 001', ((0x0D, 'FL', 0.0), (0x0E, 'FL', 0.0123457))),
+        _private_block(0x2005, 'Philips MR Imaging DD 002', 60, (1536,)))),
+}
 
 
 # ----------------------------------------------------------------------------- cases
@@ -239,6 +314,12 @@ class Case:
       ``str_float`` ('1.0'), ``text`` (Positive/Negative, Yes/No).
     faults: ``((fault, visit), ...)`` with fault in :data:`FAULTS`.
     study_style: index into the StudyDescription spellings (``ISPY2MRIT0``, ``ISPY2_MRI_T0``, ...).
+    size: ``fixture`` (the phantom's coarse grid: small, fast trees) or ``real`` (the DCE grid of a
+      real series, :data:`REAL_GRIDS`: uni-lateral, or bi-lateral when ``laterality == 'bi'``;
+      written one phase at a time, so that a 700 MB series never sits in memory whole).
+    vendor: None (the fixtures' own layout, set by ``temporal_position`` and ``rescale``) or
+      ``GE``, ``Siemens``, ``Philips``: that scanner's header layout (:data:`VENDORS`), which
+      then decides the timing tags, the rescale and the private elements.
   """
   name: str
   tcia_id: str
@@ -261,6 +342,8 @@ class Case:
   label_style: str = 'int'
   faults: tuple[tuple[str, int], ...] = ()
   study_style: int = 0
+  size: str = 'fixture'
+  vendor: str | None = None
 
   def __post_init__(self):
     if not 2 <= self.num_phases <= 12:
@@ -285,6 +368,12 @@ class Case:
         raise ValueError(f'{self.name}: fault {(fault, v)}')
     if 0 not in self.visits:
       raise ValueError(f'{self.name}: T0 must be written')
+    if self.size not in ('fixture', 'real') or (self.size == 'real' and self.visit_spacing):
+      raise ValueError(f'{self.name}: size {self.size!r} (a real-size case has one grid)')
+    if self.vendor is not None and (self.vendor not in VENDORS or self.rescale is not None
+                                    or not self.temporal_position):
+      raise ValueError(f'{self.name}: vendor {self.vendor!r} (its layout sets the timing tags'
+                       ' and the rescale)')
 
   def has(self, fault: str, visit: int) -> bool:
     return (fault, visit) in self.faults
@@ -292,6 +381,14 @@ class Case:
   @property
   def prefix(self) -> str:
     return 'ACRIN-6698' if self.tcia_id.startswith('ACRIN') else 'ISPY2'
+
+  @property
+  def layout(self) -> Layout:
+    """How the DCE slices' headers say time and scale: the vendor's, or the fixtures' own."""
+    if self.vendor is not None:
+      return VENDORS[self.vendor]
+    return Layout(None, 'DISCOVERY MR750', self.temporal_position, 'phase', 'phase',
+                  self.rescale, ())
 
 
 DEFAULT_CASES: tuple[Case, ...] = (
@@ -350,6 +447,12 @@ DUMMY_CASES: tuple[Case, ...] = (
     dataclasses.replace(_BY_NAME['node'], visits=(0, 1)),
     _BY_NAME['not_in_sheet'],
 )
+
+# One fixture-size patient per vendor layout (:data:`VENDORS`), T0 and T1: each must be read with
+# its own timing tags and scaling (e.g. Philips' TriggerTime 0 must not make every phase time 0).
+VENDOR_CASES: tuple[Case, ...] = tuple(
+    Case(f'vendor_{vendor.lower()}', f'ISPY2-10050{n}', 100500 + n, index, visits=(0, 1),
+         vendor=vendor) for n, (vendor, index) in enumerate(zip(VENDORS, (6, 7, 9))))
 
 # ----------------------------------------------------------------------------- ground truth
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -560,6 +663,8 @@ def _phantom_grid_coords(grid: _Grid):
 
 # ----------------------------------------------------------------------------- physics
 _MAP_KEYS = ('labels', 'ktrans_per_min', 've', 'vp', 't10_s', 'bias')
+_RESAMPLE_SLICES = 16  # slices of a resampled grid per map_coordinates call
+_PHYSICS_SLICES = 32  # slices of a phase per signal-equation slab
 _M0_BY_LABEL = np.zeros(8)
 for _name, _code in phantom.LABELS.items():
   if _name not in ('air', 'fat'):
@@ -571,7 +676,9 @@ def _visit_maps(maps: dict, v: int) -> dict:
 
 
 def _resample_maps(vm: dict, spec: phantom.PhantomSpec, shape, spacing) -> dict:
-  """The phantom maps of one visit on another grid with the same centre and axes."""
+  """The phantom maps of one visit on another grid with the same centre and axes (beyond the
+  phantom's field of view its edge values go on); a few slices at a time, so that the coordinates
+  of a real-size grid never sit in memory whole."""
   grid = _Grid(tuple(shape), tuple(spacing), np.zeros(3), np.eye(3))
   z, y, x = _phantom_grid_coords(grid)
   d0, h0, w0 = spec.shape
@@ -579,50 +686,122 @@ def _resample_maps(vm: dict, spec: phantom.PhantomSpec, shape, spacing) -> dict:
   kz = z / dz0 + (d0 - 1) / 2
   jy = y / dy0 + (h0 - 1) / 2
   ix = x / dx0 + (w0 - 1) / 2
-  coords = np.stack(np.meshgrid(kz, jy, ix, indexing='ij'))
-  out = {}
-  for key, arr in vm.items():
-    order = 0 if key == 'labels' else 1
-    out[key] = ndimage.map_coordinates(arr.astype(np.float32) if order else arr, coords,
-                                       order=order, mode='nearest')
-    out[key] = out[key].astype(arr.dtype)
+  out = {key: np.empty(tuple(shape), arr.dtype) for key, arr in vm.items()}
+  for start in range(0, len(kz), _RESAMPLE_SLICES):
+    coords = np.stack(np.meshgrid(kz[start:start + _RESAMPLE_SLICES], jy, ix, indexing='ij'))
+    for key, arr in vm.items():
+      order = 0 if key == 'labels' else 1
+      out[key][start:start + _RESAMPLE_SLICES] = ndimage.map_coordinates(
+          arr.astype(np.float32) if order else arr, coords, order=order, mode='nearest')
   return out
 
 
-def _mirror_maps(vm: dict) -> dict:
-  """Contralateral breast for a bilateral FOV: the mirror image with the tumour made fat."""
-  out = {k: np.flip(a, axis=-1).copy() for k, a in vm.items()}
-  tum = np.isin(out['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
-  out['labels'][tum] = phantom.LABELS['fat']
-  out['ktrans_per_min'][tum] = 0.0
+def _bilateral_maps(vm: dict) -> dict:
+  """The maps of a bi-lateral field of view: the contralateral breast (the mirror image, its
+  tumour made fat) beside the imaged one, built in place (a real-size canvas has 50 M voxels)."""
+  out = {k: np.concatenate([np.flip(a, axis=-1), a], axis=-1) for k, a in vm.items()}
+  mirror = (slice(None),) * (out['labels'].ndim - 1) + (slice(0, vm['labels'].shape[-1]),)
+  tum = np.isin(out['labels'][mirror], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+  out['labels'][mirror][tum] = phantom.LABELS['fat']
+  out['ktrans_per_min'][mirror][tum] = 0.0
   return out
+
+
+class _Physics:
+  """One visit's maps ready for the signal equation: the noise-free signal of any phase.
+
+  A phase is computed in slabs of slices (each with the PSF's reach of neighbours), so that the
+  float64 temporaries of a real-size bi-lateral field of view (50 M voxels) stay small; the
+  Gaussian PSF is separable and the rest pointwise: the result is the whole volume's, bit for bit.
+  """
+
+  def __init__(self, vm: dict, truth, times_s: np.ndarray):
+    self.maps = vm
+    self.fat_pre = float(phantom.spgr_signal(phantom.M0_REL['fat'] * truth.fat_residual,
+                                             phantom.T10_S['fat'] * truth.t10_scale))
+    self.times = np.asarray(times_s, np.float64)
+    self.delay_s = truth.bolus_delay_s
+    self.gain = np.float32(truth.gain)
+    self.sigma = np.float32(truth.noise_sigma)
+
+  def clean(self, p: int) -> np.ndarray:
+    """Phase p (float32 [D, H, W]): Tofts + SPGR (fat: its suppressed residual), PSF, bias, gain."""
+    depth = self.maps['labels'].shape[0]
+    halo = int(4.0 * phantom._PSF_SIGMA_VOX + 0.5)  # gaussian_filter's reach (truncate 4)
+    out = np.empty(self.maps['labels'].shape, np.float32)
+    for start in range(0, depth, _PHYSICS_SLICES):
+      stop = min(start + _PHYSICS_SLICES, depth)
+      lo, hi = max(start - halo, 0), min(stop + halo, depth)
+      m = {k: a[lo:hi] for k, a in self.maps.items()}
+      lab = m['labels'].astype(np.int64)
+      t10 = np.where(m['t10_s'] > 0, m['t10_s'], 1.0).astype(np.float64)
+      c = 0.0 if p == 0 else phantom.tofts_concentration(
+          self.times[p:p + 1], m['ktrans_per_min'], m['ve'], m['vp'], delay_s=self.delay_s)[0]
+      s = np.where(lab == phantom.LABELS['fat'], self.fat_pre,
+                   phantom.spgr_signal(_M0_BY_LABEL[lab], t10, c))
+      s = ndimage.gaussian_filter(s.astype(np.float32), phantom._PSF_SIGMA_VOX, mode='constant')
+      out[start:stop] = s[start - lo:stop - lo] * (m['bias'][start - lo:stop - lo].astype(
+          np.float32) * self.gain)
+    return out
+
+  def rician(self, clean: np.ndarray, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """|clean + sigma (n1 + i n2)|, computed in the noise arrays' memory (which it overwrites)."""
+    n1 *= self.sigma
+    n1 += clean
+    np.square(n1, out=n1)
+    n2 *= self.sigma
+    np.square(n2, out=n2)
+    n1 += n2
+    return np.sqrt(n1, out=n1)
 
 
 def _signals(vm: dict, truth, times_s: np.ndarray, rng: np.random.Generator | None):
   """Noise-free and noisy signal [n_phases, D, H, W] (float32) of one visit's maps."""
-  lab = vm['labels'].astype(np.int64)
-  m0 = _M0_BY_LABEL[lab]
-  fat = lab == phantom.LABELS['fat']
-  t10 = np.where(vm['t10_s'] > 0, vm['t10_s'], 1.0).astype(np.float64)
-  fat_pre = float(phantom.spgr_signal(phantom.M0_REL['fat'] * truth.fat_residual,
-                                      phantom.T10_S['fat'] * truth.t10_scale))
-  times = np.asarray(times_s, np.float64)
-  conc = phantom.tofts_concentration(times[1:], vm['ktrans_per_min'], vm['ve'], vm['vp'],
-                                     delay_s=truth.bolus_delay_s) if len(times) > 1 else []
-  scale = vm['bias'].astype(np.float32) * np.float32(truth.gain)
-  clean = np.empty((len(times),) + lab.shape, np.float32)
-  for p in range(len(times)):
-    c = 0.0 if p == 0 else conc[p - 1]
-    s = np.where(fat, fat_pre, phantom.spgr_signal(m0, t10, c))
-    s = ndimage.gaussian_filter(s.astype(np.float32), phantom._PSF_SIGMA_VOX, mode='constant')
-    clean[p] = s * scale
+  physics = _Physics(vm, truth, times_s)
+  clean = np.stack([physics.clean(p) for p in range(len(physics.times))])
   if rng is None:
     return clean, clean
-  sigma = np.float32(truth.noise_sigma)
   n1 = rng.standard_normal(clean.shape, dtype=np.float32)
   n2 = rng.standard_normal(clean.shape, dtype=np.float32)
-  noisy = np.sqrt((clean + sigma * n1) ** 2 + (sigma * n2) ** 2)
-  return clean, noisy
+  return clean, physics.rician(clean, n1, n2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Phases:
+  """A DCE series' values phase by phase ([D, H, W] each; only the last ``width`` columns when
+  set): arrays already rendered (fixture size), or rendered when indexed (real size: one phase in
+  memory at a time, each phase's noise from its own stream)."""
+
+  render: Callable[[int], np.ndarray]
+  count: int
+  width: int | None = None
+
+  @classmethod
+  def of(cls, arrays: np.ndarray) -> _Phases:
+    return cls(arrays.__getitem__, len(arrays))
+
+  @classmethod
+  def lazy(cls, physics: _Physics, noise: Callable[[int], np.random.Generator] | None) -> _Phases:
+    """Noise-free phases (``noise`` None), or noisy with ``noise(p)`` the stream of phase p."""
+    def render(p):
+      clean = physics.clean(p)
+      if noise is None:
+        return clean
+      rng = noise(p)
+      n1 = rng.standard_normal(clean.shape, dtype=np.float32)
+      return physics.rician(clean, n1, rng.standard_normal(clean.shape, dtype=np.float32))
+    return cls(render, len(physics.times))
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, p: int) -> np.ndarray:
+    values = self.render(p)
+    return values if self.width is None else values[..., -self.width:]
+
+  def last_columns(self, width: int) -> _Phases:
+    """The imaged breast of a bi-lateral field of view."""
+    return dataclasses.replace(self, width=width)
 
 
 def render_dce_series(spec: phantom.PhantomSpec, index: int, visit: int, times_s, *,
@@ -707,7 +886,8 @@ def _patient_header(ds: Dataset, case: Case, phi: dict, study: _Study):
 def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_uid: str,
                  series_number: int, description: str, n_phases: int | None, derived: bool,
                  rescale) -> Dataset:
-  """The elements shared by the slices of one series (per-slice ones: :func:`_set_slice`)."""
+  """The elements shared by the slices of one series (per-slice ones: :func:`_set_slice`), the
+  layout's private elements included."""
   ds = Dataset()
   ds.file_meta = _file_meta(MRImageStorage)
   ds.ImageType = (['DERIVED', 'SECONDARY', 'OTHER'] if derived
@@ -753,6 +933,10 @@ def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_ui
     ds.RescaleIntercept = _ds(rescale[1])
     ds.RescaleSlope = _ds(rescale[0])
     ds.RescaleType = 'US'
+  for group, creator, elements in case.layout.private:
+    block = ds.private_block(group, creator, create=True)
+    for element, vr, value in elements:
+      block.add_new(element, vr, value)
   return ds
 
 
@@ -780,37 +964,50 @@ def _to_stored(values: np.ndarray, rescale) -> np.ndarray:
   return np.clip(np.round((values - intercept) / slope), 0, 65535).astype('<u2')
 
 
+def _read_back(stored: np.ndarray, rescale) -> np.ndarray:
+  """The values a reader gets from written slices: the stored integers, rescaled."""
+  slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+  return stored * slope + intercept
+
+
 @dataclasses.dataclass
 class _WrittenSeries:
   dir: Path
   series_uid: str
   files: list            # per phase: list of (k, path)
   pre_uids: dict         # slice k -> SOPInstanceUID of the pre-contrast slice
+  stored: dict           # phase -> stored integers [D, H, W] of the phases asked to keep
 
 
 def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, grid: _Grid,
-                     volumes: np.ndarray, times_s: np.ndarray | None, *, seed: int,
-                     series_key: str, series_number: int, description: str,
-                     temporal_position: bool, rescale, skip=(), reverse=False) -> _WrittenSeries:
-  """Single-frame MR slices of ``volumes`` [n_phases, D, H, W] (float, rescaled units)."""
+                     volumes: np.ndarray | _Phases, times_s: np.ndarray | None, *, seed: int,
+                     series_key: str, series_number: int, description: str, layout: Layout,
+                     skip=(), reverse=False, keep=()) -> _WrittenSeries:
+  """Single-frame MR slices of ``volumes`` [n_phases][D, H, W] (float, rescaled units), one phase
+  at a time, with the timing tags of ``layout`` (a derived series: none); keeps the stored
+  integers of the phases ``keep``."""
   series_dir.mkdir(parents=True, exist_ok=True)
   derived = times_s is None
-  n_phases = volumes.shape[0]
+  n_phases = len(volumes)
   series_uid = _uid(seed, case.tcia_id, study.label, series_key)
-  temporal = temporal_position and not derived
+  temporal = layout.temporal_position and not derived
   ds = _mr_template(case, phi, study, grid, series_uid=series_uid, series_number=series_number,
                     description=description, n_phases=n_phases if temporal else None,
-                    derived=derived, rescale=rescale)
-  stored = _to_stored(volumes, rescale)
+                    derived=derived, rescale=layout.rescale)
   ks = grid.sorted_ks()
   if reverse:
     ks = ks[::-1]
   normal = grid.normal
-  result = _WrittenSeries(series_dir, series_uid, [], {})
+  result = _WrittenSeries(series_dir, series_uid, [], {}, {})
   instance = 0
   for p in range(n_phases):
+    stored = _to_stored(volumes[p], layout.rescale)
+    if p in keep:
+      result.stored[p] = stored
     t = 0.0 if derived else float(times_s[p])
-    acq = study.time_s + 300.0 + t
+    acq = study.time_s + 300.0 + (t if layout.acquisition == 'phase' else 0.0)
+    trigger = {'phase': round(t * 1000.0), 'zero': 0, None: None}[None if derived else
+                                                                 layout.trigger]
     phase_files = []
     for k in ks:
       if (p, k) in skip:
@@ -818,10 +1015,9 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
       instance += 1
       ipp = grid.ipp(k)
       sop_uid = _uid(seed, case.tcia_id, study.label, series_key, p, k)
-      _set_slice(ds, sop_uid=sop_uid, acq_s=acq,
-                 trigger_ms=None if derived else round(t * 1000.0), instance=instance,
+      _set_slice(ds, sop_uid=sop_uid, acq_s=acq, trigger_ms=trigger, instance=instance,
                  ipp=ipp, slice_location=float(ipp @ normal),
-                 phase=p + 1 if temporal else None, pixels=stored[p, k].tobytes())
+                 phase=p + 1 if temporal else None, pixels=stored[k].tobytes())
       path = series_dir / f'1-{instance:03d}.dcm'
       pydicom.dcmwrite(path, ds, enforce_file_format=True)
       phase_files.append((k, path))
@@ -847,17 +1043,24 @@ def volser_codes(pre: np.ndarray, early: np.ndarray, late: np.ndarray,
   the VOI, PE = 100 (S1 - S0) / S0 >= 70 %, SER >= 0 and >= 4 of the 26 neighbours passing the
   first two.  The flags are hierarchical, which gives exactly the values seen in the collection
   (0x00, 0x01, 0x02, 0x11 and the same | 0x20): below background is flagged background and PE,
-  else a failed PE is flagged PE, else SER; bit 32 marks every voxel outside the VOI.
+  else a failed PE is flagged PE, else SER; bit 32 marks every voxel outside the VOI.  Computed
+  in slabs of slices (with the neighbours' slice on each side), bit for bit the whole volume's.
   """
-  pre, early, late = (np.asarray(a, np.float64) for a in (pre, early, late))
-  background = 0.6 * float(np.percentile(pre[voi], 95))
-  bright = pre >= background
-  enhancing = (pre > 0) & (early - pre >= 0.7 * pre)
-  passing = bright & enhancing
-  neighbours = ndimage.convolve(passing.astype(np.uint8), _NEIGHBOURS, mode='constant')
-  kept = passing & (neighbours >= 4) & ((early - pre) * (late - pre) >= 0)
-  codes = np.select([~bright, ~enhancing, ~kept], [BACKGROUND_BIT | PE_BIT, PE_BIT, SER_BIT], 0)
-  return (codes | np.where(voi, 0, VOI_BIT)).astype(np.uint8), background
+  background = 0.6 * float(np.percentile(np.asarray(pre, np.float64)[voi], 95))
+  codes = np.empty(np.shape(pre), np.uint8)
+  depth = codes.shape[0]
+  for start in range(0, depth, _PHYSICS_SLICES):
+    stop = min(start + _PHYSICS_SLICES, depth)
+    lo, hi = max(start - 1, 0), min(stop + 1, depth)
+    s0, s1, s2 = (np.asarray(a[lo:hi], np.float64) for a in (pre, early, late))
+    bright = s0 >= background
+    enhancing = (s0 > 0) & (s1 - s0 >= 0.7 * s0)
+    passing = bright & enhancing
+    neighbours = ndimage.convolve(passing.astype(np.uint8), _NEIGHBOURS, mode='constant')
+    kept = passing & (neighbours >= 4) & ((s1 - s0) * (s2 - s0) >= 0)
+    slab = np.select([~bright, ~enhancing, ~kept], [BACKGROUND_BIT | PE_BIT, PE_BIT, SER_BIT], 0)
+    codes[start:stop] = (slab | np.where(voi[lo:hi], 0, VOI_BIT))[start - lo:stop - lo]
+  return codes, background
 
 
 def _voi_box(tumour: np.ndarray, center_kji: np.ndarray) -> np.ndarray:
@@ -1236,6 +1439,11 @@ def _study_for(case: Case, v: int, label: str, seed: int, rng, base_date: dateti
 
 def _visit_grid(case: Case, spec: phantom.PhantomSpec, v: int, center: np.ndarray,
                 axes: np.ndarray) -> _Grid:
+  """The DCE grid of visit v (a bi-lateral series: this grid's canvas): the phantom's, a real
+  series', or the phantom's field of view at the visit's own spacing."""
+  if case.size == 'real':
+    shape, spacing = REAL_GRIDS['bi' if case.laterality == 'bi' else 'uni']
+    return _Grid(shape, spacing, center, axes)
   spacing = dict(case.visit_spacing).get(v)
   if spacing is None:
     return _Grid(tuple(spec.shape), tuple(float(s) for s in spec.spacing_mm), center, axes)
@@ -1276,8 +1484,9 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
              weight=_ds(round(float(rng.uniform(50, 110)), 1)),
              manufacturer=('GE MEDICAL SYSTEMS', 'SIEMENS', 'Philips Medical Systems')[
                  int(rng.integers(3))],
-             model='DISCOVERY MR750', field=('1.5', '3')[int(rng.integers(2))],
+             model=case.layout.model, field=('1.5', '3')[int(rng.integers(2))],
              site=f'SITE{int(rng.integers(1, 30)):02d}')
+  phi['manufacturer'] = case.layout.manufacturer or phi['manufacturer']
   patient_dir = coll / case.tcia_id
 
   visits_written = [v for v in case.visits if truth.visit_mask[v]]
@@ -1329,24 +1538,30 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       vm, node = _with_node(vm, grid, case.node_mm, truth)
     bilateral = case.laterality == 'bi' or (case.laterality == 'both' and v in case.both_visits
                                             and kind == 'main')
+    tumour = np.isin(vm['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+    fov_maps = vm  # the maps of the DCE field of view
     if bilateral:
       canvas = grid.canvas()
-      mirror = _mirror_maps(vm)
-      cmaps = {k: np.concatenate([mirror[k], vm[k]], axis=-1) for k in vm}
+      fov_maps = _bilateral_maps(vm)
+    del vm
     n_phases = case.num_phases
     if kind == 'duplicate_visit':
       n_phases = max(3, case.num_phases - 2)
     if kind == 'main' and case.has('two_phases', v):
       n_phases = 2
     times = _phase_times(_rng(seed, case.tcia_id, label, 'times'), n_phases, case.phase_schedule)
-    noise_rng = _rng(seed, case.tcia_id, label, 'noise')
-    if bilateral:
-      clean_c, noisy_c = _signals(cmaps, truth, times, noise_rng)
-      w = grid.shape[2]
-      clean, noisy = clean_c[..., -w:], noisy_c[..., -w:]
+    chosen = choose_phases(times)
+    if case.size == 'real':  # one phase at a time, each with its own noise stream
+      physics = _Physics(fov_maps, truth, times)
+      clean_c = _Phases.lazy(physics, None)
+      noisy_c = _Phases.lazy(physics, lambda p, label=label: _rng(
+          seed, case.tcia_id, label, 'noise', p))
     else:
-      clean, noisy = _signals(vm, truth, times, noise_rng)
-    tumour = np.isin(vm['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+      clean_c, noisy_c = map(_Phases.of, _signals(fov_maps, truth, times,
+                                                  _rng(seed, case.tcia_id, label, 'noise')))
+    clean, noisy = clean_c, noisy_c
+    if bilateral:
+      clean, noisy = clean_c.last_columns(grid.shape[2]), noisy_c.last_columns(grid.shape[2])
 
     no_dce = kind == 'main' and case.has('no_dce', v)
     write_bi = bilateral and not no_dce
@@ -1358,23 +1573,20 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       sdir = study_dir / _series_folder(number + 1, desc, rng)
       series['bi'] = (canvas, _write_mr_series(
           sdir, case, phi, study, canvas, noisy_c, times, seed=seed, series_key='dce-bi',
-          series_number=number + 1, description=desc, temporal_position=case.temporal_position,
-          rescale=case.rescale, reverse=case.orientation == 'flipped'),
-          desc, _read_back(noisy_c, case.rescale))
+          series_number=number + 1, description=desc, layout=case.layout,
+          reverse=case.orientation == 'flipped', keep=chosen), desc)
     if write_uni:
       desc = _series_desc(case, 'uni', 'original DCE')
       sdir = study_dir / _series_folder(number + 3, desc, rng)
       skip = set()
       if kind == 'main' and case.has('missing_slice', v):
-        chosen = set(choose_phases(times))
         p_skip = next(p for p in range(1, n_phases) if p not in chosen)
         skip = {(p_skip, grid.shape[0] // 2)}
         applied.append(('missing_slice', v))
       series['uni'] = (grid, _write_mr_series(
           sdir, case, phi, study, grid, noisy, times, seed=seed, series_key='dce-uni',
-          series_number=number + 3, description=desc, temporal_position=case.temporal_position,
-          rescale=case.rescale, skip=skip, reverse=case.orientation == 'flipped'), desc,
-          _read_back(noisy, case.rescale))
+          series_number=number + 3, description=desc, layout=case.layout, skip=skip,
+          reverse=case.orientation == 'flipped', keep=chosen), desc)
     derived_kinds = [k for k, dv in case.derived if dv == v and kind == 'main']
     if no_dce and 'SER' not in derived_kinds:
       derived_kinds.append('SER')
@@ -1390,7 +1602,7 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       n_der = number + (7 if dk == 'SER' else 8)
       _write_mr_series(study_dir / _series_folder(n_der, desc, rng), case, phi, study, g,
                        vol, None, seed=seed, series_key=f'derived-{dk}', series_number=n_der,
-                       description=desc, temporal_position=False, rescale=None)
+                       description=desc, layout=case.layout._replace(rescale=None))
     if no_dce:
       applied.append(('no_dce', v))
 
@@ -1403,13 +1615,14 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       for lat in ('bi', 'uni'):
         if lat not in series:
           continue
-        g, ws, _, values = series[lat]
+        g, ws, _ = series[lat]
         if lat == 'bi':
           tum = np.concatenate([np.zeros_like(tumour), tumour], axis=-1)
         else:
           tum = tumour
         voi = _voi_box(tum, _center_kji(truth, v, spec, g, lat == 'bi'))
-        codes, background = volser_codes(*values[list(choose_phases(times))], voi)
+        codes, background = volser_codes(
+            *(_read_back(ws.stored[p], case.layout.rescale) for p in chosen), voi)
         desc = _series_desc(case, lat, 'Analysis Mask')
         n_seg = number + (40 if lat == 'bi' else 41)
         path = study_dir / _series_folder(n_seg, desc, rng) / '1-1.dcm'
@@ -1427,11 +1640,14 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     # Faults on files of the chosen series.
     chosen_lat = 'uni' if 'uni' in series else ('bi' if 'bi' in series else None)
     if kind == 'main' and chosen_lat is not None:
-      _, ws, _, _ = series[chosen_lat]
+      _, ws, _ = series[chosen_lat]
       if case.has('truncated_file', v):
         k, path = ws.files[0][len(ws.files[0]) // 2]
         _truncate_in_pixels(path)
         applied.append(('truncated_file', v))
+      if case.has('truncated_last', v):
+        _truncate_in_pixels(ws.files[-1][-1][1])  # the last written: where a download stops
+        applied.append(('truncated_last', v))
       if case.has('junk_file', v):
         (ws.dir / '1-999.dcm').write_bytes(
             b'NBIA Data Retriever manifest fragment - not a DICOM file\r\n' * 8)
@@ -1452,12 +1668,12 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     if chosen_lat is None:
       reasons[v] = 'no_dce_series'
       continue
-    g, ws, desc, _ = series[chosen_lat]
+    g, ws, desc = series[chosen_lat]
     affines[v] = _phantom_affine(spec, grid)
     dce_dirs[v] = rel(ws.dir)
     dce_desc[v] = desc
     geometry[v] = g.sitk_geometry()
-    if case.has('truncated_file', v):
+    if case.has('truncated_file', v) or case.has('truncated_last', v):
       reasons[v] = 'unreadable_dicom'
     elif case.has('missing_slice', v):
       reasons[v] = 'missing_slices'
@@ -1466,9 +1682,8 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     else:
       reasons[v] = None
       visit_mask[v] = True
-      idx = choose_phases(times)
-      phase_idx[v] = idx
-      phase_times[v] = times[list(idx)]
+      phase_idx[v] = chosen
+      phase_times[v] = times[list(chosen)]
       all_times[v] = times.astype(np.float32)
     if not visit_mask[v]:
       continue
@@ -1516,12 +1731,6 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       mask_paths=tuple(mask_paths), study_reports=tuple(reports),
       faults_applied=tuple(applied), phi=tuple(dict.fromkeys(phi_strings)))
   return result, sheet_rows
-
-
-def _read_back(volumes: np.ndarray, rescale) -> np.ndarray:
-  """The values a reader gets from written slices: the stored integers, rescaled."""
-  slope, intercept = rescale if rescale is not None else (1.0, 0.0)
-  return _to_stored(volumes, rescale) * slope + intercept
 
 
 def _with_node(vm: dict, grid: _Grid, centre_mm, truth) -> tuple[dict, np.ndarray]:

@@ -78,15 +78,15 @@ def _check_room(manager: ocp.CheckpointManager, epoch: int, tree) -> None:
 def restore_state(manager: ocp.CheckpointManager, epoch: int, state):
   """`state` with params and optimiser state from checkpoint `epoch` (same shardings as `state`)."""
   restored = manager.restore(epoch, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(state.params)),
-      opt_state=ocp.args.StandardRestore(_abstract(state.opt_state))))
+      params=ocp.args.StandardRestore(abstract(state.params)),
+      opt_state=ocp.args.StandardRestore(abstract(state.opt_state))))
   return state.replace(params=restored.params, opt_state=restored.opt_state)
 
 
 def restore_params(manager: ocp.CheckpointManager, epoch: int, like):
   """Only the `params` item of checkpoint `epoch`, shaped and placed like `like`."""
   return manager.restore(epoch, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(like)))).params
+      params=ocp.args.StandardRestore(abstract(like)))).params
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
@@ -115,5 +115,16 @@ def _drop_damaged(manager: ocp.CheckpointManager, epoch: int, error: Exception, 
   manager.delete(epoch)
 
 
-def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def abstract(tree):
+  """Shapes, dtypes and placements to restore `tree`'s like into. A leaf without a placement (from
+  `jax.eval_shape`) goes to this process's first device: Orbax would otherwise use the sharding
+  the checkpoint was written with, and a model trained on 2 devices would not load on 1."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(x):
+    struct = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(struct, 'sharding', None) is None:
+      struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=here)
+    return struct
+
+  return jax.tree.map(leaf, tree)

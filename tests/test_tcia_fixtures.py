@@ -470,6 +470,64 @@ def test_visit_tokens(tree, headers):
   assert {f.split('-')[3] for _, _, f in seen[folder]} == {f'ISPY2MRIT{v}' for v in range(4)}
 
 
+# ----------------------------------------------------------------------------- vendors
+def _seconds(tm):
+  return int(tm[:2]) * 3600 + int(tm[2:4]) * 60 + float(tm[4:])
+
+
+def test_vendor_layouts_say_phase_time_and_scale_as_the_scanners_do(vendor_tree):
+  """GE: TemporalPositionIdentifier and TriggerTime per phase, one AcquisitionTime, no rescale;
+  Siemens: only the AcquisitionTime of each phase; Philips: TriggerTime 0 everywhere, the
+  AcquisitionTime of each phase, a rescale and its private scale slope; each with its private
+  elements."""
+  root, truths = vendor_tree
+  assert sorted(t.case.vendor for t in truths.values()) == sorted(fx.VENDORS)
+  for truth in truths.values():
+    layout = fx.VENDORS[truth.case.vendor]
+    for v in (0, 1):
+      times = truth.all_phase_times_s[v]
+      files = sorted((Path(root) / truth.dce_dirs[v]).glob('*.dcm'))
+      headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
+                       key=lambda ds: int(ds.InstanceNumber))
+      per_phase = len(headers) // len(times)
+      phase = [(int(ds.InstanceNumber) - 1) // per_phase for ds in headers]
+      assert {ds.Manufacturer for ds in headers} == {layout.manufacturer}
+      assert {'TemporalPositionIdentifier' in ds for ds in headers} == {layout.temporal_position}
+      assert {'NumberOfTemporalPositions' in ds for ds in headers} == {layout.temporal_position}
+      trigger = [float(ds.TriggerTime) / 1000.0 if 'TriggerTime' in ds else None for ds in headers]
+      expected = {'phase': [times[p] for p in phase], 'zero': [0.0] * len(phase),
+                  None: [None] * len(phase)}[layout.trigger]
+      np.testing.assert_allclose(np.array(trigger, float), np.array(expected, float), atol=1e-3)
+      acq = np.array([_seconds(ds.AcquisitionTime) for ds in headers])
+      since = acq - acq[0]
+      np.testing.assert_allclose(since, [times[p] if layout.acquisition == 'phase' else 0.0
+                                         for p in phase], atol=1e-3)
+      if layout.rescale is None:
+        assert not any('RescaleSlope' in ds for ds in headers)
+      else:
+        assert {(float(ds.RescaleSlope), float(ds.RescaleIntercept)) for ds in headers} == {
+            layout.rescale}
+      for group, creator, elements in layout.private:
+        block = headers[0].private_block(group, creator)
+        assert [(e, block[e].VR) for e, _, _ in elements] == [(e, vr) for e, vr, _ in elements]
+  philips = next(t for t in truths.values() if t.case.vendor == 'Philips')
+  ds = pydicom.dcmread(next((Path(root) / philips.dce_dirs[0]).glob('*.dcm')))
+  assert ds.private_block(0x2005, 'Philips MR Imaging DD 001')[0x0E].value == pytest.approx(
+      0.0123457)  # the MR scale slope: a reader of displayed values leaves it alone
+
+
+def test_case_options_are_checked():
+  base = CASES['standard']
+  with pytest.raises(ValueError, match='vendor'):
+    dataclasses.replace(base, vendor='Toshiba')
+  with pytest.raises(ValueError, match='its layout sets'):
+    dataclasses.replace(base, vendor='GE', rescale=(2.0, 0.0))
+  with pytest.raises(ValueError, match='one grid'):
+    dataclasses.replace(CASES['spacing'], size='real')
+  assert dataclasses.replace(base, vendor='Siemens').layout == fx.VENDORS['Siemens']
+  assert base.layout.rescale is None and CASES['acrin'].layout.rescale == (1.0, -50.0)
+
+
 # ----------------------------------------------------------------------------- sheets
 def test_clinical_sheet_reads_back(tree):
   import openpyxl

@@ -6,9 +6,11 @@ known physical positions, so that geometry errors show up as misplaced or resize
 """
 
 import json
+import logging
 import os
 import pickle
 import random
+import shutil
 from typing import NamedTuple
 
 import highdicom as hd
@@ -21,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from fake_data import tcia_fixtures
-from tfds_ispy2.ispy2 import schema
-from tfds_ispy2.ispy2 import tcia
+from tfds_ispy2.ispy2 import dicom_scan, schema
+from tfds_ispy2.ispy2 import tcia, tcia_build
 
 PHI = {'PatientName': 'Doe^Jane', 'PatientBirthDate': '19610203', 'StudyDate': '19990517',
        'SeriesDate': '19990517', 'InstitutionName': 'Sunnybrook Secret Hospital',
@@ -812,8 +814,9 @@ def _date_variants(texts):
   return out
 
 
-def test_fixture_tree_end_to_end(tcia_tree):
-  root, truths = tcia_tree
+@pytest.mark.parametrize('tree', ['tcia_tree', 'vendor_tree'])
+def test_fixture_tree_end_to_end(tree, request):
+  root, truths = request.getfixturevalue(tree)
   patients, issues = tcia.discover(root)
   clinical = tcia.read_clinical(root)
   assert sorted(patients) == sorted(truths)
@@ -875,3 +878,117 @@ def test_fixture_tree_end_to_end(tcia_tree):
   phi = _date_variants([p for t in truths.values() for p in t.phi]
                       + list(tcia_fixtures.PHI_STRINGS))
   assert not [(p, s) for s in texts for p in phi if p in s]
+
+
+def test_each_vendor_layout_is_read_by_its_own_tags(vendor_tree):
+  """Phases and their times from the tags each scanner fills: Philips' TriggerTime of 0 on every
+  slice must not make every phase time 0 (then early and late would both be phase 1)."""
+  root, truths = vendor_tree
+  patients, _ = tcia.discover(root)
+  source = {'GE': 'TemporalPositionIdentifier', 'Siemens': 'AcquisitionTime',
+            'Philips': 'TemporalPositionIdentifier'}
+  for pid, truth in truths.items():
+    arrays, issues, meta = tcia.read_images(patients[pid])
+    assert issues == [] and meta['phase_source'][:2] == [source[truth.case.vendor]] * 2
+    assert meta['phase_indices'][:2] == truth.phase_indices[:2].tolist()
+    np.testing.assert_allclose(arrays['phase_times_s'], truth.phase_times_s, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the header walker
+def _pydicom_only(monkeypatch):
+  """Every header through pydicom, as for a transfer syntax dicom_scan does not walk."""
+  def unsupported(*args, **kwargs):
+    raise dicom_scan.Unsupported('pydicom, for this test')
+  monkeypatch.setattr(dicom_scan, 'read_header', unsupported)
+
+
+PYDICOM_FILES = ('CT_small.dcm', 'MR_small.dcm', 'MR_small_implicit.dcm', 'MR_small_bigendian.dcm',
+                 'MR_small_expb.dcm', 'MR_small_RLE.dcm', 'MR_small_padded.dcm', 'MR_truncated.dcm')
+
+
+def test_the_header_walker_reads_what_pydicom_reads(tcia_tree, vendor_tree, monkeypatch):
+  """scan_file, read_slice_header and the pixels agree with pydicom's reading of the same files:
+  the fixtures' explicit-VR slices of every layout, their masks (sequences of undefined length),
+  and pydicom's own MR and CT files (implicit VR, big endian and RLE: left to pydicom)."""
+  files = [str(p) for p in sorted(vendor_tree[0].rglob('*.dcm'))]
+  files += [str(p) for p in sorted(tcia_tree[0].rglob('*Analysis Mask*/*.dcm'))]
+  files += [pydicom.data.get_testdata_file(name) for name in PYDICOM_FILES]
+  slices = [f for f in files if 'original DCE' in f or 'MR_small' in f]
+  fast = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in slices])
+  left = [os.path.basename(h.path) for h in fast[1] if h.pixels is None]
+  assert left == ['MR_small_bigendian.dcm', 'MR_small_expb.dcm', 'MR_small_RLE.dcm',
+                  'MR_small_padded.dcm']  # big endian, compressed, longer than a frame: pydicom
+  with pytest.raises(tcia.VisitError, match='MR_truncated.dcm: pixel data unreadable .PixelData'
+                     ' cut short: the file holds 8130 of its 8192 bytes.'):
+    tcia.read_slice_header(pydicom.data.get_testdata_file('MR_truncated.dcm'))
+  pixels = [tcia._read_pixels(h) for h in fast[1]]
+  with monkeypatch.context() as m:
+    _pydicom_only(m)
+    slow = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in slices])
+  assert fast[0] == slow[0]
+  assert [h._replace(pixels=None) for h in fast[1]] == slow[1]
+  for header, values in zip(slow[1], pixels):
+    np.testing.assert_array_equal(values, tcia._read_pixels(header), err_msg=header.path)
+  small = [p for h, p in zip(slices, pixels) if 'MR_small' in h]
+  for values in small[1:]:  # one image in every encoding
+    np.testing.assert_array_equal(values, small[0])
+
+
+@pytest.mark.parametrize('signed', [0, 1])
+def test_pixels_are_masked_to_bits_stored_and_rescaled_as_pydicom_does(tmp_path, signed):
+  ds = _dataset('ISPY2-100001', generate_uid(), generate_uid())
+  ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+  ds.PixelSpacing, ds.Rows, ds.Columns = [1, 1], 2, 3
+  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, signed
+  ds.RescaleSlope, ds.RescaleIntercept = '1.5', '-7'
+  ds.PixelData = np.array([0x0FFF, 0xF001, 0x0800, 0x1234, 0x0000, 0x8FFF], '<u2').tobytes()
+  _save(ds, str(tmp_path / 'x.dcm'))
+  header = tcia.read_slice_header(str(tmp_path / 'x.dcm'))
+  assert header.pixels == tcia.PixelRef(header.pixels.offset, '<i2' if signed else '<u2', 12,
+                                        (1.5, -7.0))
+  expected = pydicom.pixels.apply_rescale(pydicom.dcmread(tmp_path / 'x.dcm').pixel_array, ds)
+  np.testing.assert_array_equal(tcia._read_pixels(header), expected.astype(np.float32))
+
+
+def test_dicom_without_a_dce_series_is_refused_in_one_line(tmp_path):
+  """Real MR and CT files (pydicom's), none a DCE series: discover says so, in one line."""
+  for name in PYDICOM_FILES:
+    shutil.copy(pydicom.data.get_testdata_file(name), tmp_path)
+  with pytest.raises(ValueError) as info:
+    tcia.discover(tmp_path)
+  message = str(info.value)
+  assert message.startswith(f'no DCE series under {str(tmp_path)!r}: 8 DICOM files in 2 series'
+                            ' (CT 1, MR 1) of 2 patient(s), none an MR series described as'
+                            ' "original DCE"; expected <manual_dir>/')
+  assert '\n' not in message
+
+
+def test_a_real_size_series_cut_short_is_reported_in_one_line(tmp_path, caplog):
+  """A real-size uni-lateral visit (256 x 256, 88 slices, 7 phases: 616 files) whose last file a
+  download cut short (an unused phase: every file's length is checked): the build's one line
+  names the patient, the file and PixelData, as for a small series."""
+  case = tcia_fixtures.Case('real_cut', 'ISPY2-100600', 100600, 6, visits=(0,), size='real',
+                            vendor='GE', faults=(('truncated_last', 0),))
+  truth = tcia_fixtures.write_tcia_tree(tmp_path / 'manual', [case])[case.tcia_id]
+  dce = sorted((tmp_path / 'manual' / truth.dce_dirs[0]).glob('*.dcm'))
+  first = pydicom.dcmread(dce[0], stop_before_pixels=True)
+  assert len(dce) == 616 and (first.Rows, first.Columns) == (256, 256)
+  last = max(dce, key=lambda p: int(p.stem.split('-')[1]))
+  assert last.stat().st_size < dce[0].stat().st_size - 60000
+  starts = [float(pydicom.dcmread(dce[88 * p], stop_before_pixels=True).TriggerTime)
+            for p in range(7)]
+  assert max(tcia.choose_phases(starts, 150e3, 450e3)) < 6  # the last phase is not one used
+  patients, _ = tcia.discover(tmp_path / 'manual')
+  job = (patients[case.tcia_id], tcia.read_clinical(tmp_path / 'manual').get(case.tcia_id),
+         tcia.TciaSpec(), str(tmp_path))
+  report = tcia_build.BuildReport(found=1, issues=[])
+  with caplog.at_level(logging.WARNING):
+    report.add(tcia_build.summarise(tcia_build.process(job, skips_are_fatal=False)))
+  [line] = [r.getMessage() for r in caplog.records]
+  assert line.startswith(f'ispy2/tcia: skipped patient {case.tcia_id}: no_t0 ({case.tcia_id}:'
+                         ' T0 corrupt_file: ')
+  assert f'/{last.name}: pixel data unreadable (PixelData cut short: the file holds ' in line
+  assert 'of its 131072 bytes)' in line and '\n' not in line
+  assert report.skipped == [{'patient_id': case.tcia_id, 'reason': 'no_t0',
+                             'detail': line[line.index('(') + 1:-1]}]

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from pcrjax import input_pipeline, runs
+from pcrjax import checkpoints, input_pipeline, runs
 from pcrjax.inference import export
 from pcrjax.evidence import calibration
 from tfds_ispy2.ispy2 import schema, tcia
@@ -61,7 +61,8 @@ def load_model(model_dir: str) -> Ensemble:
     config = runs.read_config(member_dir)
     model, like = export.abstract_params(config, input_pipeline.visit_shape(config.data), member['feature_dim'])
     with ocp.StandardCheckpointer() as checkpointer:
-      params.append(checkpointer.restore(os.path.join(member_dir, export.PARAMS_DIR), like))
+      params.append(checkpointer.restore(os.path.join(member_dir, export.PARAMS_DIR),
+                                         checkpoints.abstract(like)))
     calibrators.append(calibration.Calibrator.from_dict(member['calibrator']))
   return Ensemble(description=description, model=model, params=params, calibrators=calibrators)
 

@@ -17,6 +17,7 @@ import os
 
 import loky
 import tensorflow_datasets as tfds
+from absl import logging
 
 from tfds_ispy2.ispy2 import phantom, schema, tcia, tcia_build
 
@@ -188,6 +189,10 @@ def _process_pool() -> loky.ProcessPoolExecutor:
   loky starts each worker by fork + exec (not a fork of the caller, which may already run JAX's
   threads) and, unlike multiprocessing's 'spawn', does not re-import the caller's `__main__`: a build
   runs the same from a guarded script, a guard-less one, stdin or a notebook. The workers run
-  functions of importable modules (not of this one, which `tfds build` imports by file path).
+  functions of importable modules (not of this one, which `tfds build` imports by file path). How
+  many: $ISPY2_WORKERS, else as many as the cores and the available memory allow
+  (`tcia_build.pool_size`).
   """
-  return loky.ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8)))
+  workers, why = tcia_build.pool_size()
+  logging.info('ispy2: %d worker processes (%s)', workers, why)
+  return loky.ProcessPoolExecutor(workers)

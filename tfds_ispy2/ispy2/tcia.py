@@ -11,7 +11,13 @@ Pure functions (no TFDS, no JAX) so that the builder can run them in worker proc
 * :func:`process_patient` turns one patient into an example of ``schema.features``:
   pre/early/late phases and, per visit, the functional tumour volume (FTV) inside the
   radiologist's VOI, resampled by geometry onto an axis-aligned LPS grid and cropped around the
-  tumour (the VOI when the FTV is empty).
+  tumour (the VOI when the FTV is empty); its metadata says where the CPU time went
+  (:class:`StageTimer`).
+
+Headers are read by `dicom_scan` (a struct walk over the elements, pydicom for what it does not
+walk), once per file: a slice's header gives its geometry, its phase and where its pixels lie, so
+the three phases used are read straight into arrays, and every file's length is checked against
+its PixelData (a download cut short) without reading the phases that are not used.
 
 The conventions (visit tokens, series choice, phase choice, geometry, inverse analysis mask,
 PE >= 70 % fallback, clinical columns) are those of the shared `ispy2/tcia` contract. Privacy: no
@@ -30,6 +36,8 @@ import functools
 import operator
 import os
 import re
+import struct
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -39,20 +47,24 @@ import numpy as np
 import openpyxl
 import pydicom
 import pydicom.config
+import pydicom.datadict
 import pydicom.filereader
+import pydicom.multival
 import pydicom.pixels
 import SimpleITK as sitk
 from scipy import ndimage
 
-from tfds_ispy2.ispy2 import schema
+from tfds_ispy2.ispy2 import dicom_scan, schema
 
 __all__ = [
     'TciaSpec', 'Skip', 'VisitError', 'Issue', 'VisitFiles', 'PatientFiles', 'ClinicalRecord',
-    'FileHeader', 'SliceHeader', 'Grid', 'MaskError', 'AnalysisMask', 'discover', 'scan_file',
+    'FileHeader', 'SliceHeader', 'PixelRef', 'Grid', 'MaskError', 'AnalysisMask', 'StageTimer',
+    'discover', 'scan_file',
     'study_visit', 'laterality', 'read_clinical', 'process_patient', 'read_slice_header',
     'split_phases', 'phase_times', 'choose_phases', 'sort_slices', 'check_phases', 'load_volume',
     'target_grid', 'resample', 'read_analysis_mask', 'mask_codes', 'pe70_mask', 'grown_box',
-    'centroid_mm', 'crop', 'CLINICAL_FILE', 'ANCILLARY_FILE', 'MASK_SOURCES', 'MASK_LEGEND_TAG',
+    'centroid_mm', 'crop', 'resample_crop', 'CLINICAL_FILE', 'ANCILLARY_FILE', 'MASK_SOURCES',
+    'MASK_LEGEND_TAG',
     'DOCUMENTED_BITS',
 ]
 
@@ -203,22 +215,67 @@ def _read_until(path: str, last_tag: int) -> pydicom.Dataset:
     return pydicom.filereader.read_partial(f, stop_when=lambda tag, vr, length: tag > last_tag)
 
 
+# Character sets whose text `dicom_scan` decodes itself (the default repertoire is ASCII); any
+# other one is left to pydicom.
+_CHARSETS = {'': 'latin-1', 'ISO_IR 6': 'latin-1', 'ISO_IR 100': 'latin-1', 'ISO_IR 192': 'utf-8'}
+_CHARSET_TAG = 0x00080005
+
+
+def _fast_value(header: dicom_scan.Header, tag: int, kind: str, charset: str):
+  if kind == 'us':
+    return header.us(tag)
+  if kind == 'numbers':
+    return header.numbers(tag)
+  return _text(header.text(tag, charset))
+
+
+def _pydicom_value(value, kind: str):
+  if kind == 'us':
+    return None if value is None else int(value)
+  if kind == 'numbers':
+    if value is None or value == '':
+      return None
+    return tuple(float(x) for x in (
+        value if isinstance(value, pydicom.multival.MultiValue) else [value]))
+  return _text(value)
+
+
+def _header_values(path: str, fields: dict[str, str],
+                   through: int) -> tuple[dict | None, dicom_scan.Header | None]:
+  """The values of ``fields`` (keyword -> 'text', 'numbers' or 'us') among the elements up to
+  ``through``, and the walked header (None when pydicom had to read it); (None, None) when the
+  file is not DICOM. `dicom_scan` walks the header; what it does not read, pydicom does."""
+  tags = {k: pydicom.datadict.tag_for_keyword(k) for k in fields}
+  try:
+    header = dicom_scan.read_header(path, [*tags.values(), _CHARSET_TAG], through)
+    if header is None:
+      return None, None
+    charset = _CHARSETS[header.text(_CHARSET_TAG) or '']
+    return {k: _fast_value(header, tags[k], kind, charset) for k, kind in fields.items()}, header
+  except (dicom_scan.Unsupported, KeyError, ValueError, UnicodeDecodeError, struct.error):
+    pass  # another transfer syntax or character set, or a damaged file: pydicom's turn
+  with _quiet():
+    ds = _read_until(path, through)
+    return {k: _pydicom_value(ds.get(k), kind) for k, kind in fields.items()}, None
+
+
+_FILE_FIELDS = ('PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'SOPClassUID',
+                'StudyDescription', 'SeriesDescription', 'ClinicalTrialTimePointID')
+
+
 def scan_file(path: str) -> FileHeader | str | None:
   """Header summary of one file; None if it is not DICOM (no DICM preamble); else an error name.
 
   Top-level and picklable so that a builder can map it over a process pool (see `discover`).
   """
   try:
-    with open(path, 'rb') as f:
-      if f.read(132)[128:] != b'DICM':
-        return None
-    with _quiet():
-      ds = _read_until(path, 0x0020000E)  # SeriesInstanceUID: the last attribute needed
-      header = FileHeader(*(_text(ds.get(k)) for k in (
-          'PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'SOPClassUID',
-          'StudyDescription', 'SeriesDescription', 'ClinicalTrialTimePointID')))
+    # SeriesInstanceUID (0020,000E): the last attribute needed.
+    values, _ = _header_values(path, dict.fromkeys(_FILE_FIELDS, 'text'), 0x0020000E)
   except Exception as e:  # noqa: BLE001 -- any parse failure is a corrupt file, reported by name
     return type(e).__name__
+  if values is None:
+    return None
+  header = FileHeader(*(values[k] for k in _FILE_FIELDS))
   if not (header.patient_id and header.study_uid and header.series_uid):
     return 'incomplete header (no PatientID, StudyInstanceUID or SeriesInstanceUID)'
   return header
@@ -373,6 +430,17 @@ def discover(manual_dir: str | os.PathLike,
   if not num_dicom:
     raise ValueError(f'no DICOM file (DICM preamble) under {root!r}: found {_found(paths)};'
                      f' expected {LAYOUT}.')
+  found = [s for by_study in studies.values() for study in by_study.values()
+           for s in study.series.values()]
+  if not any(_is_dce(s) for s in found):  # e.g. another collection's CT or MR series
+    modalities = collections.Counter(
+        s.modality if re.fullmatch(r'[A-Z0-9_ ]{1,16}', s.modality) else 'other' for s in found)
+    unreadable = sum(i.reason == 'corrupt_file' for i in issues)
+    raise ValueError(
+        f'no DCE series under {root!r}: {num_dicom} DICOM files'
+        + (f' ({unreadable} unreadable)' if unreadable else '') + f' in {len(found)} series ('
+        + ', '.join(f'{m} {n}' for m, n in modalities.most_common()) + f') of {len(studies)}'
+        f' patient(s), none an MR series described as "original DCE"; expected {LAYOUT}.')
   patients = {}
   for pid in sorted(studies):
     patients[pid], more = _patient_files(pid, studies[pid], root)
@@ -491,8 +559,18 @@ def read_clinical(manual_dir: str | os.PathLike) -> dict[str, ClinicalRecord]:
 
 
 # ============================================================================= slices and phases
+class PixelRef(NamedTuple):
+  """Where a slice's stored pixels lie in its file (native little-endian data) and how to turn
+  them into values, as pydicom's ``pixel_array`` and ``apply_rescale`` would."""
+
+  offset: int
+  dtype: str  # of the stored values: '<u2', '<i2', 'u1' or 'i1'
+  bits_stored: int
+  rescale: tuple[float, float] | None  # (RescaleSlope, RescaleIntercept) when both are present
+
+
 class SliceHeader(NamedTuple):
-  """Geometry and timing of one single-frame DCE slice."""
+  """Geometry and timing of one single-frame DCE slice (and, when read, where its pixels are)."""
 
   path: str
   position: tuple[float, float, float]  # ImagePositionPatient
@@ -502,12 +580,13 @@ class SliceHeader(NamedTuple):
   temporal_position: int | None = None
   trigger_time_ms: float | None = None
   acquisition_time_s: float | None = None
+  pixels: PixelRef | None = None  # None: pydicom decodes them (compressed, or not walked)
 
 
-def _number(ds, keyword: str) -> float | None:
+def _float(text: str) -> float | None:
   try:
-    return float(ds.get(keyword))
-  except (TypeError, ValueError):
+    return float(text)
+  except ValueError:
     return None
 
 
@@ -521,24 +600,58 @@ def _seconds(tm) -> float | None:
   return int(whole[:2]) * 3600 + int(whole[2:4]) * 60 + float(f'{whole[4:6]}.{frac or 0}')
 
 
+_SLICE_FIELDS = {'ImagePositionPatient': 'numbers', 'ImageOrientationPatient': 'numbers',
+                 'PixelSpacing': 'numbers', 'Rows': 'us', 'Columns': 'us',
+                 'TemporalPositionIdentifier': 'text', 'TriggerTime': 'text',
+                 'AcquisitionTime': 'text', 'SamplesPerPixel': 'us', 'NumberOfFrames': 'text',
+                 'BitsAllocated': 'us', 'BitsStored': 'us', 'PixelRepresentation': 'us',
+                 'RescaleSlope': 'text', 'RescaleIntercept': 'text', 'ModalityLUTSequence': 'text'}
+
+
+def _pixel_ref(values: dict, header: dicom_scan.Header | None, path: str) -> PixelRef | None:
+  """Where the native pixels of a walked slice lie; None when pydicom must decode them (another
+  transfer syntax, several frames or samples, a modality LUT). VisitError when the file ends before
+  its pixel data does (a download cut short): checked for every slice, not only the phases used."""
+  if header is None or header.pixel_offset is None or header.pixel_length is None:
+    return None
+  bits, stored, signed = (values[k] for k in ('BitsAllocated', 'BitsStored',
+                                               'PixelRepresentation'))
+  if (values['SamplesPerPixel'] not in (None, 1) or values['NumberOfFrames'] not in ('', '1')
+      or header.values.get(pydicom.datadict.tag_for_keyword('ModalityLUTSequence')) is not None
+      or bits not in (8, 16) or signed not in (0, 1) or not 0 < (stored or bits) <= bits):
+    return None
+  expected = values['Rows'] * values['Columns'] * bits // 8
+  if header.pixel_length not in (expected, expected + 1):  # + 1: odd-length padding
+    return None  # pydicom says what is wrong with it
+  have = header.file_size - header.pixel_offset
+  if have < expected:
+    raise VisitError('corrupt_file', f'{_name(path)}: pixel data unreadable (PixelData cut short:'
+                     f' the file holds {max(have, 0)} of its {expected} bytes)')
+  slope, intercept = values['RescaleSlope'], values['RescaleIntercept']
+  return PixelRef(header.pixel_offset, ('<' if bits == 16 else '') + 'ui'[signed] + str(bits // 8),
+                  stored or bits, (float(slope), float(intercept)) if slope and intercept else None)
+
+
 def read_slice_header(path: str) -> SliceHeader:
-  """Header of one DCE slice (no pixels); VisitError if unreadable or without geometry."""
+  """Header of one DCE slice, with where its pixels lie (not the pixels); VisitError if it is
+  unreadable, has no geometry or is cut short."""
   try:
-    with _quiet():
-      ds = _read_until(path, 0x00280030)  # PixelSpacing: the last attribute needed
-      ipp, iop, spacing = (ds.get(k) for k in (
-          'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing'))
-      if ipp is None or iop is None or spacing is None or len(ipp) != 3 or len(iop) != 6:
-        raise VisitError('missing_geometry', f'{_name(path)}: no ImagePositionPatient,'
-                         ' ImageOrientationPatient or PixelSpacing')
-      tpi = _number(ds, 'TemporalPositionIdentifier')
-      return SliceHeader(
-          path=path, position=tuple(map(float, ipp)), orientation=tuple(map(float, iop)),
-          pixel_spacing=(float(spacing[0]), float(spacing[1])),
-          shape=(int(ds.Rows), int(ds.Columns)),
-          temporal_position=None if tpi is None else int(tpi),
-          trigger_time_ms=_number(ds, 'TriggerTime'),
-          acquisition_time_s=_seconds(ds.get('AcquisitionTime')))
+    values, header = _header_values(path, _SLICE_FIELDS, dicom_scan.PIXEL_DATA)
+    if values is None:
+      raise ValueError('not a DICOM file')
+    ipp, iop, spacing = (values[k] for k in (
+        'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing'))
+    if ipp is None or iop is None or spacing is None or len(ipp) != 3 or len(iop) != 6:
+      raise VisitError('missing_geometry', f'{_name(path)}: no ImagePositionPatient,'
+                       ' ImageOrientationPatient or PixelSpacing')
+    tpi = _float(values['TemporalPositionIdentifier'])
+    return SliceHeader(
+        path=path, position=ipp, orientation=iop, pixel_spacing=(spacing[0], spacing[1]),
+        shape=(int(values['Rows']), int(values['Columns'])),
+        temporal_position=None if tpi is None else int(tpi),
+        trigger_time_ms=_float(values['TriggerTime']),
+        acquisition_time_s=_seconds(values['AcquisitionTime']),
+        pixels=_pixel_ref(values, header, path))
   except VisitError:
     raise
   except Exception as e:  # noqa: BLE001 -- a broken header makes the visit unusable
@@ -548,30 +661,37 @@ def read_slice_header(path: str) -> SliceHeader:
 def split_phases(slices: Sequence[SliceHeader]) -> tuple[list[list[SliceHeader]], str]:
   """Slices per temporal phase, in acquisition order, and the attribute that split them.
 
-  TemporalPositionIdentifier when every slice has it, else distinct TriggerTime values, else
-  distinct AcquisitionTime values (else one phase).
+  The first of TemporalPositionIdentifier, TriggerTime and AcquisitionTime that every slice has
+  and that takes more than one value (GE writes one AcquisitionTime for the whole series, Philips
+  TriggerTime 0 on every slice); else one phase.
   """
-  for field, name in (('temporal_position', 'TemporalPositionIdentifier'),
-                      ('trigger_time_ms', 'TriggerTime'),
-                      ('acquisition_time_s', 'AcquisitionTime')):
-    if slices and all(getattr(s, field) is not None for s in slices):
-      groups = collections.defaultdict(list)
-      for s in slices:
-        groups[round(getattr(s, field), 3)].append(s)
+  present = [(field, name) for field, name in (
+      ('temporal_position', 'TemporalPositionIdentifier'), ('trigger_time_ms', 'TriggerTime'),
+      ('acquisition_time_s', 'AcquisitionTime'))
+             if slices and all(getattr(s, field) is not None for s in slices)]
+  for field, name in present:
+    groups = collections.defaultdict(list)
+    for s in slices:
+      groups[round(getattr(s, field), 3)].append(s)
+    if len(groups) > 1:
       return [groups[k] for k in sorted(groups)], name
-  return [list(slices)], 'none'
+  return [list(slices)], present[0][1] if present else 'none'
 
 
 def phase_times(phases: Sequence[Sequence[SliceHeader]]) -> np.ndarray:
-  """Seconds after the first (pre-contrast) phase: TriggerTime, else AcquisitionTime."""
+  """Seconds after the first (pre-contrast) phase: from TriggerTime, else AcquisitionTime, the first
+  that every slice has and that differs between the phases (see `split_phases`)."""
   for field, scale in (('trigger_time_ms', 1e-3), ('acquisition_time_s', 1.0)):
     if all(getattr(s, field) is not None for p in phases for s in p):
       starts = np.array([min(getattr(s, field) for s in p) for p in phases], np.float64) * scale
+      if len(phases) > 1 and np.all(starts == starts[0]):
+        continue
       times = starts - starts[0]
       if field == 'acquisition_time_s':
         times[times < 0] += 86400.0  # acquisition across midnight
       return times
-  raise VisitError('no_phase_times', 'DCE slices have neither TriggerTime nor AcquisitionTime')
+  raise VisitError('no_phase_times', 'DCE slices have no TriggerTime or AcquisitionTime that'
+                   ' differs between phases')
 
 
 def choose_phases(times: Sequence[float], early_s: float = 150.0,
@@ -639,8 +759,24 @@ def check_phases(phases: Sequence[Sequence[SliceHeader]]) -> tuple[list[list[Sli
 
 
 def _read_pixels(header: SliceHeader) -> np.ndarray:
-  """Rescaled pixels of one slice (float32); VisitError when truncated or unreadable."""
+  """Rescaled pixels of one slice (float32); VisitError when truncated or unreadable.
+
+  Native pixels are read at their offset (no second parse of the header), masked to BitsStored
+  and rescaled in float64 as pydicom does; anything else is pydicom's to decode.
+  """
+  ref = header.pixels
   try:
+    if ref is not None:
+      stored = np.empty(header.shape, ref.dtype)
+      dicom_scan.read_pixels(header.path, ref.offset, stored)
+      bits = 8 * stored.itemsize
+      if ref.bits_stored < bits:  # the unused high bits: cleared, or the sign extended
+        shift = bits - ref.bits_stored
+        stored = (stored << shift) >> shift if stored.dtype.kind == 'i' else (
+            stored & ((1 << ref.bits_stored) - 1))
+      if ref.rescale is None:
+        return stored.astype(np.float32)
+      return (stored * ref.rescale[0] + ref.rescale[1]).astype(np.float32)
     with _quiet():
       ds = pydicom.dcmread(header.path)
       pixels = pydicom.pixels.apply_rescale(ds.pixel_array, ds)
@@ -654,16 +790,20 @@ def _read_pixels(header: SliceHeader) -> np.ndarray:
 
 
 def load_volume(stack: Sequence[SliceHeader], slice_spacing: float) -> sitk.Image:
-  """One phase as a SimpleITK image in LPS (see `_stack_image`)."""
-  return _stack_image(np.stack([_read_pixels(s) for s in stack]), stack, slice_spacing)
+  """One phase as a SimpleITK image in LPS (see `_stack_image`), filled slice by slice."""
+  array = np.empty((len(stack),) + stack[0].shape, np.float32)
+  for k, s in enumerate(stack):
+    array[k] = _read_pixels(s)
+  return _stack_image(array, stack, slice_spacing)
 
 
-def _stack_image(array: np.ndarray, stack: Sequence[SliceHeader],
+def _stack_image(array: np.ndarray | None, stack: Sequence[SliceHeader],
                  slice_spacing: float) -> sitk.Image:
   """[slice, row, column] pixels of a sorted stack as an LPS image: origin = first IPP,
-  direction (row, column, normal)."""
+  direction (row, column, normal); without ``array``, an image of bytes with that geometry."""
   row, col, normal = _axes(stack[0].orientation)
-  image = sitk.GetImageFromArray(array)
+  image = sitk.GetImageFromArray(array) if array is not None else sitk.Image(
+      [stack[0].shape[1], stack[0].shape[0], len(stack)], sitk.sitkUInt8)
   image.SetOrigin(stack[0].position)
   image.SetSpacing((stack[0].pixel_spacing[1], stack[0].pixel_spacing[0], slice_spacing))
   image.SetDirection(np.column_stack([row, col, normal]).ravel().tolist())
@@ -792,14 +932,16 @@ def _bitflag_mask(ds: pydicom.Dataset, name: str) -> AnalysisMask:
                              0) or _VOI_BIT
   stack = _frame_stack(ds, name)
   values = ds.pixel_array.reshape((len(stack),) + stack[0].shape)
-  found = np.unique(values)
+  found = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
   unexplained = [f'0x{v:02x}' for v in found.tolist() if v & ~known]
   if unexplained:
     raise MaskError('mask_unrecognised', f'{name}: 8-bit values {", ".join(unexplained[:8])}'
                     f' are not made of the bits of its Mask Legend or the documented ones'
                     f' ({", ".join(map(str, sorted({**DOCUMENTED_BITS, **legend})))})')
-  codes = np.where(values == 0, _FTV, np.where(values & voi_bit, _OUTSIDE_VOI, _IN_VOI))
-  return _mask_from_frames('bitflags', codes.astype(np.uint8), stack, name)
+  codes = np.full(values.shape, _IN_VOI, np.uint8)  # uint8 throughout: 50 M voxels bi-laterally
+  codes[(values & voi_bit) != 0] = _OUTSIDE_VOI
+  codes[values == 0] = _FTV
+  return _mask_from_frames('bitflags', codes, stack, name)
 
 
 def _mask_from_frames(form: str, codes: np.ndarray, frames: Sequence[SliceHeader],
@@ -907,30 +1049,72 @@ def centroid_mm(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
   return grid.to_physical(np.argwhere(mask).mean(0))
 
 
+def _window(size_zyx: Sequence[int], grid: Grid, centre_xyz: np.ndarray,
+            shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+  """(the [z, y, x] slices of an array of ``size_zyx`` on ``grid``, the window's) of the
+  ``shape`` window nearest to centred on ``centre_xyz`` (within half a voxel); None when it
+  misses the array."""
+  start = np.round(grid.to_index(centre_xyz) - (np.asarray(shape) - 1) / 2.0).astype(int)
+  src, dst = [], []
+  for s, n, size in zip(start, shape, size_zyx):
+    lo, hi = max(s, 0), min(s + n, size)
+    if hi <= lo:
+      return None
+    src.append(slice(lo, hi))
+    dst.append(slice(lo - s, hi - s))
+  return tuple(src), tuple(dst)
+
+
 def crop(array: np.ndarray, grid: Grid, centre_xyz: np.ndarray,
          shape: Sequence[int]) -> np.ndarray:
   """The [D, H, W] window of ``shape`` voxels of ``grid`` nearest to centred on ``centre_xyz``
   (within half a voxel), zero-padded outside ``array`` (its last three axes)."""
-  start = np.round(grid.to_index(centre_xyz) - (np.asarray(shape) - 1) / 2.0).astype(int)
   out = np.zeros(array.shape[:-3] + tuple(shape), array.dtype)
-  src, dst = [], []
-  for s, n, size in zip(start, shape, array.shape[-3:]):
-    lo, hi = max(s, 0), min(s + n, size)
-    if hi <= lo:
-      return out
-    src.append(slice(lo, hi))
-    dst.append(slice(lo - s, hi - s))
-  out[(..., *dst)] = array[(..., *src)]
+  if window := _window(array.shape[-3:], grid, centre_xyz, shape):
+    out[(..., *window[1])] = array[(..., *window[0])]
+  return out
+
+
+def resample_crop(image: sitk.Image, grid: Grid, centre_xyz: np.ndarray,
+                  shape: Sequence[int]) -> np.ndarray:
+  """``crop(resample(image, grid), grid, centre_xyz, shape)``, resampling only the window's
+  voxels (a real-size field of view has ten times as many)."""
+  out = np.zeros(tuple(shape), np.float32)
+  if window := _window(grid.size[::-1], grid, centre_xyz, shape):
+    src, dst = window
+    out[dst] = resample(image, Grid(tuple(grid.to_physical([s.start for s in src]).tolist()),
+                                    grid.spacing, tuple(s.stop - s.start for s in src[::-1])))
   return out
 
 
 # ============================================================================= one patient
+class StageTimer:
+  """CPU seconds spent per stage of reading one patient (this process's, all its threads: what a
+  core pays, whatever else shares the machine): returned in its metadata, so that a build report
+  (and `python -m benchmarks.build`) says where the time goes."""
+
+  STAGES = ('headers', 'pixels', 'resample', 'mask', 'crop')
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(self.STAGES, 0.0)
+
+  @contextlib.contextmanager
+  def __call__(self, stage: str):
+    start = time.process_time()
+    try:
+      yield
+    finally:
+      self.seconds[stage] += time.process_time() - start
+
+
 @dataclasses.dataclass
 class _Visit:
-  """One visit on its own full target grid, before cropping."""
+  """One visit: its tumour on its own full target grid, its images in the crop around it."""
 
   grid: Grid
-  images: np.ndarray  # float32 [3, z, y, x]
+  centre: np.ndarray  # the crop's centre, LPS mm
+  empty_t0: str | None  # at T0 without a tumour voxel: what the crop was centred on
+  images: np.ndarray  # float32 [3, *crop_shape]
   codes: np.ndarray  # uint8 [z, y, x]: the record's tumor_mask codes (schema.TUMOUR, schema.VOI, 0)
   voi: np.ndarray | None  # bool [z, y, x]: the VOI used (the visit's mask's, or carried over)
   voi_image: sitk.Image | None  # the VOI of the visit's own mask, to carry to later visits
@@ -943,59 +1127,88 @@ class _Visit:
   issues: list[tuple[str, str]]
 
 
-def _tumour_mask(seg: str | None, grid: Grid, images: np.ndarray, background: float,
-                 carried: sitk.Image | None, spec: TciaSpec) -> dict:
-  """The visit's tumour (the fields of `_Visit` after ``images``), in order of preference:
-
-  the FTV of its Analysis Mask, inside that mask's VOI; else PE >= 70 % inside the VOI carried
-  over from an earlier visit (its box grown by ``spec.voi_margin_mm``: the patient is
-  repositioned between visits); else PE >= 70 % over the field of view.
-  """
-  issues = []
-  if seg is not None:
-    try:
+def _analysis_mask_tumour(seg: str | None, grid: Grid,
+                          timer: StageTimer) -> tuple[dict | None, list[tuple[str, str]]]:
+  """The visit's tumour from its Analysis Mask (the fields of `_Visit` after ``codes``): the FTV
+  inside the mask's VOI; None when there is no usable mask (the issues say why)."""
+  if seg is None:
+    return None, []
+  try:
+    with timer('mask'):
       mask = read_analysis_mask(seg)
-    except MaskError as e:  # an unusable mask falls back to PE >= 70 %
-      issues.append((e.reason, f'{e.detail}; using PE >= 70 %'))
-    else:
-      codes = mask_codes(mask, grid)
-      voi = (codes == _FTV) | (codes == _IN_VOI)
-      if voi.any():
-        return dict(codes=np.where(voi, codes, 0).astype(np.uint8), voi=voi,
-                    voi_image=sitk.BinaryThreshold(mask.codes, _FTV, _IN_VOI, 1, 0),
-                    mask_source=f'analysis_mask_{mask.form}', mask_ftv_mm3=mask.ftv_mm3,
-                    issues=issues)
-      issues.append(('mask_outside_image', f'{_name(seg)}: its VOI does not overlap the DCE'
-                     ' series; using PE >= 70 %'))
+  except MaskError as e:  # an unusable mask falls back to PE >= 70 %
+    return None, [(e.reason, f'{e.detail}; using PE >= 70 %')]
+  with timer('resample'):
+    codes = mask_codes(mask, grid)
+  voi = (codes == _FTV) | (codes == _IN_VOI)
+  if not voi.any():
+    return None, [('mask_outside_image', f'{_name(seg)}: its VOI does not overlap the DCE series;'
+                   ' using PE >= 70 %')]
+  return dict(codes=np.where(voi, codes, 0).astype(np.uint8), voi=voi,
+              voi_image=sitk.BinaryThreshold(mask.codes, _FTV, _IN_VOI, 1, 0),
+              mask_source=f'analysis_mask_{mask.form}', mask_ftv_mm3=mask.ftv_mm3), []
+
+
+def _pe70_tumour(grid: Grid, images: np.ndarray, background: float, carried: sitk.Image | None,
+                 spec: TciaSpec, timer: StageTimer) -> dict:
+  """Without a usable Analysis Mask: PE >= 70 % inside the VOI carried over from an earlier
+  visit (its box grown by ``spec.voi_margin_mm``: the patient is repositioned between visits),
+  else over the field of view (``images``: pre and early on the full grid)."""
   voi = None
-  if carried is not None:
-    voi = grown_box(resample(carried, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0, grid,
-                    spec.voi_margin_mm)
-    voi = voi if voi.any() else None  # the carried VOI misses this visit's field of view
-  return dict(codes=pe70_mask(images[0], images[1], background, voi).astype(np.uint8), voi=voi,
-              voi_image=None, mask_source='pe70' if voi is None else 'pe70_in_voi',
-              mask_ftv_mm3=None, issues=issues)
+  with timer('mask'):
+    if carried is not None:
+      voi = grown_box(resample(carried, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0,
+                      grid, spec.voi_margin_mm)
+      voi = voi if voi.any() else None  # the carried VOI misses this visit's field of view
+    codes = pe70_mask(images[0], images[1], background, voi).astype(np.uint8)
+  return dict(codes=codes, voi=voi, voi_image=None,
+              mask_source='pe70' if voi is None else 'pe70_in_voi', mask_ftv_mm3=None)
 
 
-def _load_visit(files: VisitFiles, spec: TciaSpec, carried: sitk.Image | None) -> _Visit:
-  """Headers -> phases -> pre/early/late volumes -> target grid -> tumour (VisitError if bad)."""
-  phases, phase_source = split_phases([read_slice_header(p) for p in files.dce])
-  stacks, slice_spacing = check_phases(phases)
-  times = phase_times(stacks)
-  chosen = choose_phases(times, spec.early_s, spec.late_s)
-  grid = background = None
-  volumes = {}
-  for i in sorted(set(chosen)):
-    volume = load_volume(stacks[i], slice_spacing)
-    if grid is None:  # the pre phase defines the grid and the background threshold
-      grid = target_grid(volume, spec.target_spacing_mm)
-      background = 0.6 * float(np.percentile(sitk.GetArrayViewFromImage(volume), 95))
-    volumes[i] = resample(volume, grid)
+def _load_visit(files: VisitFiles, spec: TciaSpec, carried: sitk.Image | None, timer: StageTimer,
+                centre_of: Callable[[np.ndarray, np.ndarray | None, Grid],
+                                    tuple[np.ndarray, str | None]]) -> _Visit:
+  """Headers -> phases -> target grid -> tumour -> crop of pre/early/late (VisitError if bad).
+
+  Every file's header is read once (with where its pixels lie); only the three phases used are
+  read, one at a time. The target grid is the series' geometry's, and the Analysis Mask is read
+  before any phase (a bi-lateral mask and phase are 50 M voxels each). With a usable mask the
+  tumour, and so the crop, is known from the grid alone, and each phase is resampled in the crop
+  only; without one, PE >= 70 % needs the pre and early phases over the whole field of view.
+  ``centre_of(codes, voi, grid)`` gives the crop's centre (`_crop_centre`).
+  """
+  with timer('headers'):
+    phases, phase_source = split_phases([read_slice_header(p) for p in files.dce])
+    stacks, slice_spacing = check_phases(phases)
+    times = phase_times(stacks)
+    chosen = choose_phases(times, spec.early_s, spec.late_s)
+  with timer('resample'):
+    grid = target_grid(_stack_image(None, stacks[0], slice_spacing), spec.target_spacing_mm)
+  tumour, issues = _analysis_mask_tumour(files.seg, grid, timer)
+  shape = tuple(spec.crop_shape)
+  centre = empty_t0 = background = None
+  if tumour is not None:
+    with timer('crop'):
+      centre, empty_t0 = centre_of(tumour['codes'], tumour['voi'], grid)
+  cropped = {}
+  for i in sorted(set(chosen)):  # the pre phase first: it sets the background threshold
+    with timer('pixels'):
+      volume = load_volume(stacks[i], slice_spacing)
+    with timer('resample'):
+      if background is None:
+        background = 0.6 * float(np.percentile(sitk.GetArrayViewFromImage(volume), 95))
+      cropped[i] = (resample_crop(volume, grid, centre, shape) if centre is not None
+                    else resample(volume, grid))
     del volume
-  images = np.stack([volumes[i] for i in chosen])
-  return _Visit(grid=grid, images=images, phases=chosen, times=times[list(chosen)],
-                num_phases=len(stacks), phase_source=phase_source,
-                **_tumour_mask(files.seg, grid, images, background, carried, spec))
+  if tumour is None:
+    tumour = _pe70_tumour(grid, [cropped[i] for i in chosen[:2]], background, carried, spec, timer)
+    with timer('crop'):
+      centre, empty_t0 = centre_of(tumour['codes'], tumour['voi'], grid)
+      cropped = {i: crop(full, grid, centre, shape) for i, full in cropped.items()}
+  return _Visit(grid=grid, centre=centre, empty_t0=empty_t0,
+                images=np.stack([cropped[i] for i in chosen]), phases=chosen,
+                times=times[list(chosen)], num_phases=len(stacks), phase_source=phase_source,
+                issues=issues, **tumour)
 
 
 def _check_labels(pid: str, clinical: ClinicalRecord | None) -> ClinicalRecord:
@@ -1012,14 +1225,16 @@ def _check_labels(pid: str, clinical: ClinicalRecord | None) -> ClinicalRecord:
 
 
 def _visit_or_issue(pid: str, v: int, files: VisitFiles | None, spec: TciaSpec,
-                    carried: sitk.Image | None, issues: list[Issue]) -> _Visit | None:
+                    carried: sitk.Image | None, issues: list[Issue], timer: StageTimer,
+                    t0_centre: np.ndarray | None) -> _Visit | None:
   """The visit, or None with an issue recorded; at T0 a failure skips the patient instead."""
   if files is None:
     if v == 0:
       raise Skip('no_t0', f'{pid}: no T0 study with a DCE series')
     return None  # discover reported why (no study, unknown visit, no DCE series)
   try:
-    visit = _load_visit(files, spec, carried)
+    visit = _load_visit(files, spec, carried, timer, functools.partial(
+        _crop_centre, v, t0_centre=t0_centre))
   except Exception as e:  # noqa: BLE001 -- a failing visit is missing, not a failed build
     if not isinstance(e, VisitError):
       e = VisitError('visit_error', f'{type(e).__name__}: {_masked(str(e))[:160]}')
@@ -1028,25 +1243,26 @@ def _visit_or_issue(pid: str, v: int, files: VisitFiles | None, spec: TciaSpec,
     issues.append(Issue(pid, v, e.reason, e.detail))
     return None
   issues.extend(Issue(pid, v, reason, detail) for reason, detail in visit.issues)
+  if visit.empty_t0:
+    issues.append(Issue(pid, 0, 'empty_t0_mask',
+                        f'no tumour voxel at T0; crop centred on {visit.empty_t0}'))
   return visit
 
 
-def _crop_centre(pid: str, v: int, visit: _Visit, t0_centre: np.ndarray | None,
-                 issues: list[Issue]) -> np.ndarray:
+def _crop_centre(v: int, codes: np.ndarray, voi: np.ndarray | None, grid: Grid, *,
+                 t0_centre: np.ndarray | None) -> tuple[np.ndarray, str | None]:
   """The tumour's centroid; if empty (a complete response), the VOI's; without a VOI the T0
-  crop centre (T0 itself: the image centre)."""
-  centre = centroid_mm(visit.codes == schema.TUMOUR, visit.grid)
+  crop centre (T0 itself: the image centre). And, at T0 without a tumour voxel, what it is."""
+  centre = centroid_mm(codes == schema.TUMOUR, grid)
   if centre is not None:
-    return centre
-  voi = None if visit.voi is None else centroid_mm(visit.voi, visit.grid)
-  if v == 0:
-    where = 'its VOI' if voi is not None else 'the image'
-    issues.append(Issue(pid, 0, 'empty_t0_mask', f'no tumour voxel at T0; crop centred on {where}'))
+    return centre, None
+  voi = None if voi is None else centroid_mm(voi, grid)
+  empty_t0 = ('its VOI' if voi is not None else 'the image') if v == 0 else None
   if voi is not None:
-    return voi
+    return voi, empty_t0
   if v > 0:
-    return t0_centre
-  return visit.grid.to_physical((np.asarray(visit.grid.size[::-1]) - 1) / 2.0)
+    return t0_centre, None
+  return grid.to_physical((np.asarray(grid.size[::-1]) - 1) / 2.0), empty_t0
 
 
 _META_KEYS = ('mask_source', 'phase_indices', 'phase_times_s', 'num_phases', 'phase_source',
@@ -1081,7 +1297,7 @@ def read_images(patient: PatientFiles, spec: TciaSpec = TciaSpec(),
   latest Analysis Mask is carried over to later visits that have none. Visits not in `visits` are
   left missing. ``images`` holds the record's image fields (images, visit_mask, tumor_mask,
   spacing_mm, phase_times_s); ``metadata`` maps each key of `_visit_meta` to a list over T0..T3
-  (None: visit missing).
+  (None: visit missing), and ``stage_cpu_s`` to the CPU seconds per `StageTimer` stage.
   """
   pid = patient.patient_id
   shape = tuple(spec.crop_shape)
@@ -1092,18 +1308,19 @@ def read_images(patient: PatientFiles, spec: TciaSpec = TciaSpec(),
   metas: list[dict | None] = [None] * schema.NUM_VISITS
   issues: list[Issue] = []
   t0_centre = carried = None
+  timer = StageTimer()
   for v, files in enumerate(patient.visits):
     if v not in visits:
       continue
-    visit = _visit_or_issue(pid, v, files, spec, carried, issues)
+    visit = _visit_or_issue(pid, v, files, spec, carried, issues, timer, t0_centre)
     if visit is None:
       continue
     carried = visit.voi_image if visit.voi_image is not None else carried
-    centre = _crop_centre(pid, v, visit, t0_centre, issues)
+    centre = visit.centre
     t0_centre = centre if v == 0 else t0_centre
-    pixels = crop(visit.images, visit.grid, centre, shape)
-    images[v] = np.clip(pixels, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
-    masks[v] = crop(visit.codes, visit.grid, centre, shape)
+    with timer('crop'):
+      images[v] = np.clip(visit.images, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+      masks[v] = crop(visit.codes, visit.grid, centre, shape)
     visit_mask[v] = True
     times[v] = visit.times
     metas[v] = _visit_meta(visit, files, centre)
@@ -1114,7 +1331,9 @@ def read_images(patient: PatientFiles, spec: TciaSpec = TciaSpec(),
       'spacing_mm': np.asarray(spec.target_spacing_mm, np.float32),
       'phase_times_s': times,
   }
-  return arrays, issues, {k: [m[k] if m else None for m in metas] for k in _META_KEYS}
+  meta = {k: [m[k] if m else None for m in metas] for k in _META_KEYS}
+  meta['stage_cpu_s'] = {k: round(t, 4) for k, t in timer.seconds.items()}
+  return arrays, issues, meta
 
 
 def process_patient(patient: PatientFiles, clinical: ClinicalRecord | None,

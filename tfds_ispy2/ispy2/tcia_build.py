@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 
 import tqdm
 from absl import logging
@@ -17,6 +18,50 @@ from absl import logging
 from tfds_ispy2.ispy2 import tcia, tcia_cache
 
 REPORT_FILE = 'build_report.json'
+WORKERS_ENV = 'ISPY2_WORKERS'  # the user's pool size; unset: `pool_size` chooses
+# A worker's peak resident memory on the largest series of the collection (bi-lateral, 1,792
+# files, 768 MB: 0.77 GB measured by `python -m benchmarks.build`), with margin for larger
+# matrices; and what the building process itself keeps beside its workers (TFDS's writer).
+WORKER_BYTES = 3 << 29  # 1.5 GiB
+MAIN_BYTES = 1 << 30
+
+
+def available_memory() -> int | None:
+  """Bytes this process may still use: MemAvailable (else the free pages), capped by a cgroup v2
+  limit (a container's, which /proc/meminfo does not show); None when the system says nothing."""
+  available = None
+  try:
+    with open('/proc/meminfo') as f:
+      available = next(int(line.split()[1]) * 1024 for line in f
+                       if line.startswith('MemAvailable:'))
+  except (OSError, StopIteration, ValueError):
+    try:
+      available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+      pass
+  try:
+    with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
+      limit, used = f.read().strip(), int(g.read())
+    if limit != 'max':
+      available = min(available or int(limit), int(limit) - used)
+  except (OSError, ValueError):
+    pass
+  return available
+
+
+def pool_size(cores: int | None = None, available: int | None = None) -> tuple[int, str]:
+  """(worker processes, why) for a local build: $ISPY2_WORKERS when set; else one per core, as
+  many as the available memory holds at `WORKER_BYTES` each (beside `MAIN_BYTES`), at least one:
+  a build on many cores and little memory never runs out of it on the largest series."""
+  if os.environ.get(WORKERS_ENV):
+    return max(1, int(os.environ[WORKERS_ENV])), f'${WORKERS_ENV}'
+  cores = cores or os.cpu_count() or 1
+  available = available_memory() if available is None else available
+  if available is None:
+    return cores, f'{cores} cores (available memory unknown)'
+  by_memory = max(1, (available - MAIN_BYTES) // WORKER_BYTES)
+  return min(cores, by_memory), (f'{cores} cores, {available / 2**30:.1f} GiB available at'
+                                 f' {WORKER_BYTES / 2**30:.1f} GiB per worker')
 
 
 @dataclasses.dataclass
@@ -49,6 +94,8 @@ class BuildReport:
         'issues_by_reason': dict(collections.Counter(i['reason'] for i in self.issues)),
         'visits_by_mask_source': {**dict.fromkeys(tcia.MASK_SOURCES, 0), **collections.Counter(
             source for w in self.written for source in w['mask_source'] if source)},
+        'cpu_s_by_stage': {stage: round(sum(w['stage_cpu_s'][stage] for w in self.written), 3)
+                           for stage in tcia.StageTimer.STAGES},
         'skipped': self.skipped,
         'issues': self.issues,
         'written': self.written,
