@@ -23,6 +23,7 @@ _SCRIPT = textwrap.dedent('''
     host = {'images': rng.normal(size=(32, 2, 16, 16, 3)).astype(np.float32),
             'visit_mask': np.ones((32, 2), bool), 'clinical': np.zeros((32, 2), np.float32),
             'kinetics': rng.normal(size=(32, 2, 4)).astype(np.float32),
+            'tumour': rng.random((32, 2, 16, 16)) < 0.1,
             'label': (np.arange(32) % 2).astype(np.int32), 'row': np.arange(32, dtype=np.int32)}
     results = {}
     for devices in (1, 2, 4):

@@ -306,14 +306,7 @@ def test_tcia_build_on_beam_gives_the_local_records_and_report(tcia_tree, tcia_b
   for pid, record in records.items():
     for key in FEATURES - {'patient_id'}:
       np.testing.assert_array_equal(record[key], local[pid][key], err_msg=f'{pid} {key}')
-  report, local_report = (_untimed(json.loads((pathlib.Path(b.data_dir) / 'build_report.json')
+  report, local_report = (build_steps.untimed(json.loads((pathlib.Path(b.data_dir) / 'build_report.json')
                                                .read_text())) for b in (builder, local_builder))
   assert report == local_report and pipelines == [1]
 
-
-def _untimed(report):
-  """A build report without its timings (CPU seconds per stage: this run's, not the data's)."""
-  del report['cpu_s_by_stage']
-  for written in report['written']:
-    del written['stage_cpu_s']
-  return report

@@ -106,6 +106,15 @@ class BuildReport:
                  len(self.written), len(self.skipped), summary['skips_by_reason'], path)
 
 
+def untimed(report: dict) -> dict:
+  """A build report (build_report.json) less its CPU seconds per stage: what two builds of the
+  same files agree on, however and wherever they ran."""
+  report = dict(report, written=[{k: v for k, v in w.items() if k != 'stage_cpu_s'}
+                                 for w in report['written']])
+  del report['cpu_s_by_stage']
+  return report
+
+
 def process(job, skips_are_fatal: bool) -> tuple[str, tuple]:
   """(patient id, outcome) of one job (tcia_cache.process_patient_cached); a skip raises if fatal."""
   pid = job[0].patient_id
