@@ -23,8 +23,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from pcrjax import (console, folds, ftv, input_pipeline, parallel, references, runs, sharding,
-                    train, wall_time)
+from pcrjax import (console, ftv, input_pipeline, parallel, references, runs, sharding, train,
+                    wall_time)
 from pcrjax.evidence import report, tables
 from tfds_ispy2.ispy2 import schema
 
@@ -157,7 +157,6 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
   if not os.path.exists(facts_path):
     with runs.atomic_open(facts_path) as f:
       json.dump({'t2_explained_r2': references.t2_explained(config.data, cohort.patient_id)}, f)
-  stratum = folds.strata(cohort.pcr, cohort.subtype)
   for spec in runs.MODELS:
     if spec.kind != runs.REFERENCE or (spec.synthetic_only and spec.name not in inputs):
       continue
@@ -165,9 +164,9 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
       directory = runs.stage_dir(workdir, repeat, fold, spec.name)
       if runs.is_finished(directory):
         continue
-      split = folds.split_fold(cohort.patient_id, stratum, num_folds=config.data.num_folds,
-                               fold=fold, seed=config.data.fold_seed,
-                               val_fraction=config.data.val_fraction)
+      fold_config = ml_collections.ConfigDict(config.to_dict())
+      fold_config.data.fold = fold
+      split = train.data_split(fold_config, cohort)  # The networks' patients of that fold.
       fit_rows = np.concatenate([split.train, split.val])  # No epochs to select: fit on both.
       model = references.logistic_model().fit(inputs[spec.name][fit_rows], cohort.pcr[fit_rows])
       os.makedirs(directory, exist_ok=True)

@@ -341,9 +341,9 @@ def cross_fitted_teachers(config: ml_collections.ConfigDict) -> list[str]:
   fold's training patients (`data.inner_parts`), in <teacher workdir>/cross_fit/part_<k>: shared by
   every student of that teacher (the lambda candidates, a resumed run).
   """
-  teachers = []
+  teachers, fold_teacher = [], runs.read_config(config.teacher_workdir)
   for part in range(config.dual_task.cross_fit):
-    teacher_config = runs.read_config(config.teacher_workdir)
+    teacher_config = ml_collections.ConfigDict(fold_teacher.to_dict())
     teacher_config.data.inner_parts, teacher_config.data.inner_part = config.dual_task.cross_fit, part
     directory = runs.cross_fit_dir(os.path.abspath(config.teacher_workdir), part)
     if not runs.is_finished(directory):
