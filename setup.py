@@ -66,7 +66,7 @@ setuptools.setup(
     + ['pcrjax.experiments'],
     package_dir={'pcrjax.experiments': 'experiments'},
     # dummy_data/**/.*: the tree's .DS_Store, clutter that the reader must skip.
-    package_data={'tfds_ispy2.ispy2': ['README.md', 'CITATIONS.bib', 'checksums.tsv',
+    package_data={'tfds_ispy2.ispy2': ['README.md', 'CITATIONS.bib', 'TAGS.txt', 'checksums.tsv',
                                        'dummy_data/**/*', 'dummy_data/**/.*']},
     install_requires=REQUIREMENTS,
     extras_require={'test': ['pytest==9.2.0', 'wheel==0.45.1', 'jupytext==1.19.6', 'nbclient==0.11.0',

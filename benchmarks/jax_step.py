@@ -1,7 +1,7 @@
 """The JAX half: pcrjax's own jitted training step, evaluation and input pipeline, timed on one case.
 
-Everything is the code a run executes: `train._train_step` (the step's row of the epoch's batches,
-gathered and augmented on the device, AdamW, donation, the metrics merged), `train._eval_step`,
+Everything is the code a run executes: `train.train_step` (the step's row of the epoch's batches,
+gathered and augmented on the device, AdamW, donation, the metrics merged), `train.eval_step`,
 `input_pipeline.device_batch`, on the mesh of every visible device (the batch split over it,
 parameters replicated), with `configs.base_config()`'s hyperparameters and random inputs. The
 student case adds the regression of a precomputed target, as stage 2 does.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from pcrjax import configs, input_pipeline, sharding, train
+from pcrjax import configs, input_pipeline, models, sharding, train
 
 
 def median_seconds(fn, steps: int) -> tuple[float, list[float]]:
@@ -43,26 +43,25 @@ def _examples(num: int, visits: int, visit_shape, feature_dim: int, rng: np.rand
   return examples
 
 
-def _model_flops(config, state, args: tuple, feature_dim: int, pos_weight, kwargs: dict
-                 ) -> float | None:
+def _model_flops(model: models.PCRNet, state, args: tuple, pos_weight, kwargs: dict) -> float | None:
   """The training step's arithmetic: XLA's cost analysis of the step with `model.conv='native'`.
 
   Not of the step that runs: cost analysis counts a loop's body once, and the patches path runs
   batches larger than its budget in a loop of chunks (and recomputes their forward); native
   convolutions are the model's multiply-adds, counted without the padding, once, as MFU counts them.
   """
-  native = config.copy_and_resolve_references()
-  native.model.conv = 'native'
-  model = train.create_model(native, feature_dim=feature_dim)
-  analysis = train._train_step.lower(state.replace(apply_fn=model.apply), *args, pos_weight,
-                                     **kwargs).cost_analysis()
+  native = model.clone(conv='native')
+  analysis = train.train_step.lower(state.replace(apply_fn=native.apply), *args, pos_weight,
+                                    **kwargs).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis['flops']) if analysis and analysis.get('flops') else None
 
 
-def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float32'):
+def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float32',
+                 model_fields: dict | None = None):
   """(step, figures): `step()` runs one training step to completion (compiled and warmed up here);
-  `figures(step_times)` measures the rest (evaluation, pipeline) and returns the case's figures."""
+  `figures(step_times)` measures the rest (evaluation, pipeline) and returns the case's figures.
+  `model_fields`: PCRNet fields that replace the config's network's (`benchmarks.pair`'s variants)."""
   config = configs.base_config()
   config.model.dtype = dtype
   visits, visit_shape, with_target = common.CASES[case]
@@ -70,7 +69,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
   replicated = sharding.replicated(mesh)
   init_rng, dropout_rng, augment_rng = jax.random.split(jax.random.key(0), 3)
   feature_dim = config.model.lstm_features if with_target else 0
-  model = train.create_model(config, feature_dim=feature_dim)
+  model = models.build(config, feature_dim, devices=mesh.size).clone(**(model_fields or {}))
   state = jax.device_put(train.create_train_state(init_rng, config, model, (visits,) + visit_shape,
                                                   steps_per_epoch=100), replicated)
   num_examples = 8 * batch_size
@@ -86,7 +85,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
 
   args = (epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng)
   start = time.perf_counter()
-  compiled = train._train_step.lower(state, *args, pos_weight, **kwargs).compile()
+  compiled = train.train_step.lower(state, *args, pos_weight, **kwargs).compile()
   compile_s = time.perf_counter() - start  # Trace and compile.
 
   def step():  # This executable, whatever later traces of the step compile (`benchmarks.pair`).
@@ -94,7 +93,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
     state, _ = compiled(state, *args, pos_weight)
     return state
 
-  flops = _model_flops(config, state, args, feature_dim, pos_weight, kwargs)
+  flops = _model_flops(model, state, args, pos_weight, kwargs)
   jax.block_until_ready(step())
   for _ in range(warmup):
     step()
@@ -107,7 +106,7 @@ def prepare_case(case: str, *, batch_size: int, warmup: int, dtype: str = 'float
                                sharding.batch_sharding(mesh))
 
     def evaluate():
-      return train._eval_step(state.apply_fn, state.params, examples, eval_rows)
+      return train.eval_step(state.apply_fn, state.params, examples, eval_rows)
 
     jax.block_until_ready(evaluate())
     eval_s, _ = median_seconds(evaluate, 10)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from pcrjax import configs, input_pipeline, train
+from pcrjax import configs, input_pipeline, models
 
 
 def conv(dims: int, cin: int, cout: int, k: int, stride: int = 1, bias: bool = True) -> nn.Module:
@@ -99,8 +99,7 @@ class PCRNet(nn.Module):
 
 
 def flax_param_count(config, input_shape, feature_dim: int) -> int:
-  model = train.create_model(config, feature_dim=feature_dim)
-  shapes = jax.eval_shape(lambda rng: train.init_params(model, rng, input_shape), jax.random.key(0))
+  shapes = models.abstract_params(models.build(config, feature_dim), input_shape)
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
 
 

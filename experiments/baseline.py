@@ -7,7 +7,4 @@ from pcrjax import configs
 
 
 def get_config(arg: str | None = None):
-  config = configs.base_config(smoke=arg == 'smoke')
-  config.stage = 'baseline'
-  config.data.time_points = (0, 1)
-  return config
+  return configs.stage_config('baseline', smoke=arg == 'smoke')

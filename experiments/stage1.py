@@ -7,7 +7,4 @@ from pcrjax import configs
 
 
 def get_config(arg: str | None = None):
-  config = configs.base_config(smoke=arg == 'smoke')
-  config.stage = 'teacher'
-  config.data.time_points = (0, 1, 2)
-  return config
+  return configs.stage_config('teacher', smoke=arg == 'smoke')

@@ -9,9 +9,7 @@ from pcrjax import configs
 
 
 def get_config(arg: str | None = None):
-  config = configs.base_config(smoke=arg == 'smoke')
-  config.stage = 'student'
-  config.data.time_points = (0, 1)
+  config = configs.stage_config('student', smoke=arg == 'smoke')
   config.feature_loss_weight = 1.0
   config.teacher_workdir = ''  # Required: set with --config.teacher_workdir=DIR.
   return config

@@ -3,7 +3,7 @@
 python -m pcrjax.main --config=workdir:WORKDIR --workdir=WORKDIR
 
 reruns WORKDIR exactly as it was started (`--config.<field>=` still overrides); the protocol starts
-its parallel trainings this way (`--config.protocol_task=T`).
+its parallel trainings this way (`--config.protocol.task=T`).
 """
 
 from pcrjax import runs

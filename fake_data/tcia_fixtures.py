@@ -1,7 +1,8 @@
 """TCIA-like I-SPY2 DICOM download trees rendered from the phantom, for tests of `ispy2/tcia`.
 
 The `tcia` config of the `ispy2` TFDS dataset reads a user's I-SPY2 download from TCIA
-(`tfds_ispy2/ispy2/tcia.py`; this module and the reader follow the same shared contract).
+(the package `tfds_ispy2/ispy2/tcia/`; this module and the reader follow the same shared
+contract).
 Nobody can ship real patients in a test suite, so this module writes a *fake download* of the
 same shape: ``<root>/ISPY2/<PatientID>/<study folder>/<series folder>/1-NNN.dcm`` plus the
 clinical xlsx sheets, for the reader's unit tests and for the TFDS ``dummy_data/``.  Every pixel
@@ -44,7 +45,7 @@ written in one of two forms (``Case.mask``):
   and derivation image; dimension index = (segment, plane); empty frames omitted, so frames are
   not planes x segments; frames bit-packed by ``pydicom.pixels.pack_bits``); highdicom's own
   reader gets the same FTV back (tested).  highdicom's ``Segmentation`` constructor is not used
-  (~0.1 s per SEG, with the extra planes beyond the source series).
+  (slow for a tree's many masks, and these masks have planes beyond their source series).
 
 Every mask covers *more* slices than its DCE series, asymmetrically (1 plane below, 3 above,
 outside the VOI), so a reader that centre-crops instead of resampling by geometry is off by one
@@ -124,15 +125,15 @@ Cases (:data:`DEFAULT_CASES`; ``name``: what it is -> what the reader must do):
 The tree also holds non-DICOM files a reader must ignore: ``LICENSE``, ``ISPY2/.DS_Store``,
 the two xlsx sheets; the clinical sheet has rows for 3 patients that are not downloaded.
 
-Size: the default tree is 24 patients, 62 studies, ~3500 files, ~21 MB, written in ~8 s on
-one CPU (most of it pydicom encoding ~3500 files, ~2 ms each).
+Size: the default tree is 24 patients, 62 studies, ~3500 files, ~21 MB; writing it is mostly
+pydicom encoding the files.
 :data:`DUMMY_CASES` is a 6-patient, ~530-file tree for the TFDS ``dummy_data/``
 (``python -m fake_data.tcia_fixtures OUT --dummy``).
 
 Real sizes and vendors: ``Case(size='real')`` writes a visit on the grid of a real series
-(:data:`REAL_GRIDS`: uni-lateral 256 x 256 x 88 slices, 616 files / ~90 MB at 7 phases, ~15 s;
-bi-lateral 384 x 512 x 256 slices, 1,792 files / ~700 MB, the collection's upper end, ~1.5 min
-and ~3 GB of memory), the phantom's maps resampled onto it (its edges extended), rendered and
+(:data:`REAL_GRIDS`: uni-lateral 256 x 256 x 88 slices, 616 files / ~90 MB at 7 phases;
+bi-lateral 384 x 512 x 256 slices, 1,792 files / ~700 MB, the collection's upper end, which
+takes GBs of memory to write), the phantom's maps resampled onto it (its edges extended), rendered and
 written one phase at a time (each phase's noise its own stream); such trees are for temporary
 directories (``python -m benchmarks.build``, one real-size test), never the repository.
 ``Case(vendor=...)`` writes the DCE slices in a scanner's header layout (:data:`VENDORS`: which

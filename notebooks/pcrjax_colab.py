@@ -68,7 +68,7 @@ config = configs.load('paper_table:smoke')
 config.data.data_dir = os.environ.get('TFDS_DATA_DIR', '/content/tensorflow_datasets')
 config.num_epochs = NUM_EPOCHS
 config.warmup_epochs = min(config.warmup_epochs, NUM_EPOCHS - 1)
-config.num_repeats = NUM_REPEATS
+config.protocol.num_repeats = NUM_REPEATS
 configs.validate(config)
 cohort = input_pipeline.read_cohort(input_pipeline.load_source(config.data, with_images=False))
 print(f'{len(cohort)} patients, {int(cohort.pcr.sum())} with pCR')
@@ -85,7 +85,7 @@ for stage in ('teacher', 'student'):
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
 for stage in ('teacher', 'student'):
-  with open(os.path.join(runs.stage_dir(WORKDIR, 0, 0, stage), 'metrics.jsonl')) as f:
+  with open(os.path.join(runs.stage_dir(WORKDIR, 0, 0, stage), runs.METRICS_FILE)) as f:
     epochs = [json.loads(line) for line in f]
   for ax, key in zip(axes, ('train_loss', 'val_auroc')):
     ax.plot([e['epoch'] for e in epochs], [e[key] for e in epochs], marker='o', label=stage)
@@ -101,7 +101,7 @@ display(Image(png.getvalue()))
 
 # %%
 table = protocol.run(config, WORKDIR)
-with open(os.path.join(WORKDIR, 'report.md')) as f:
+with open(os.path.join(WORKDIR, runs.REPORT_FILE)) as f:
   display(Markdown(f.read()))
 
 # %% [markdown]

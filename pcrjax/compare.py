@@ -6,7 +6,7 @@
 from absl import app, flags
 
 from pcrjax import console
-from pcrjax.evidence import compare
+from pcrjax.evidence import run_comparison
 
 flags.DEFINE_string('a', None, 'The first protocol workdir.')
 flags.DEFINE_string('b', None, 'The second protocol workdir.')
@@ -19,7 +19,7 @@ def main(argv):
   args = flags.FLAGS
   console.setup()
   with console.one_line_errors(FileNotFoundError, ValueError):
-    text = compare.render(compare.compare(args.a, args.b), args.a, args.b)
+    text = run_comparison.render(run_comparison.compare(args.a, args.b), args.a, args.b)
   print(text)
   if args.output:
     with open(args.output, 'w') as f:

@@ -1,8 +1,9 @@
 """Defaults shared by the experiment configs, and the checks every config passes before a run.
 
-The experiment files in experiments/ start from `base_config` and set what makes them what they are
-(stage, time points, lambda), so that a reader sees in one place how the stages differ. An install
-ships them as `pcrjax.experiments`, so that `--config=NAME` needs no clone (`experiment_file`).
+The experiment files in experiments/ start from `base_config` (a network's, from its stage in the
+run contract: `stage_config`) and set what else makes them what they are, so that a reader sees in
+one place how the experiments differ. An install ships them as `pcrjax.experiments`, so that
+`--config=NAME` needs no clone (`experiment_file`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import jax
 import ml_collections
 
 from pcrjax import input_pipeline, models, runs
+from pcrjax.evidence import calibration
 from tfds_ispy2.ispy2 import schema
 
 STAGES = tuple(m.name for m in runs.networks_in_training_order()) + ('protocol',)
 REPRESENTATIONS = ('mip', 'volume')
 DUAL_TARGETS = ('latent', 'logit', 'kinetics')
 CLASS_WEIGHTINGS = ('balanced', 'none')
-CALIBRATIONS = ('none', 'platt', 'temperature')
 T2 = schema.VISITS.index('T2')
 
 
@@ -60,7 +61,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.encoder_features = (8, 16) if smoke else (16, 32, 32)
   model.lstm_features = 16 if smoke else 32
   model.kernel_size = 3
-  model.dropout_rate = 0.0  # On the latent, before the pCR head (measured: 0.3 hurts, README).
+  model.dropout_rate = 0.0  # On the latent, before the pCR head (README: why none).
   model.clinical_inputs = False  # A pCR logit offset per HR/HER2 subtype (from the fold's log-odds).
   model.tumour_kinetics = True  # The head also reads each visit's FTV and mean PE, SER (README).
   model.pooling = 'mean'  # The latent over space: 'mean', or 'tumour' (weighted by the tumour mask).
@@ -78,7 +79,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.class_weighting = 'balanced'  # Positive-class weight n_neg / n_pos in the BCE.
 
   # A checkpoint when validation AUROC improves (the best is kept for selection), every
-  # `checkpoint_every_epochs` (to resume from) and at the end: each one costs ~30 ms and CPU time.
+  # `checkpoint_every_epochs` (to resume from) and at the end: each one costs wall and CPU time.
   config.checkpoint_every_epochs = 10
   # The epoch selected is the last of the `selection_window` epochs with the best mean validation
   # AUROC (1: the single best epoch).
@@ -98,6 +99,32 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   # Candidate lambdas: a student per value, the one best on the inner validation split is kept
   # (empty: `feature_loss_weight` alone).
   dual.lambda_grid = ()
+  return config
+
+
+def stage_config(stage: str, smoke: bool = False) -> ml_collections.ConfigDict:
+  """`base_config` of one network of the run contract: its stage and the visits it sees."""
+  config = base_config(smoke)
+  config.stage = stage
+  config.data.time_points = runs.model(stage).time_points
+  return config
+
+
+def protocol_config(smoke: bool = False) -> ml_collections.ConfigDict:
+  """`base_config` of the whole protocol; its own fields are under `config.protocol`, which each
+  network's config drops (pcrjax.protocol.stage_config)."""
+  config = base_config(smoke)
+  config.stage = 'protocol'
+  config.protocol = protocol = ml_collections.ConfigDict()
+  protocol.bootstrap_replicates = 2000
+  # Repeated cross-validation: new folds and initialisation per repeat (x the training time).
+  protocol.num_repeats = 2 if smoke else 1
+  # Or one of calibration.FITS, fitted on each fold's validation split.
+  protocol.calibration = calibration.NONE
+  # Trainings of several folds at once, each in its own process (on GPUs: its own share of them).
+  protocol.parallel_trainings = 1
+  # >= 0: train only task t = repeat * num_folds + fold (a job of a cluster's job array), then stop.
+  protocol.task = -1
   return config
 
 
@@ -153,18 +180,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config[field] > 0 and config[field] % devices == 0, field,
           f'must be a positive multiple of the {devices} devices the batch is sharded over')
   if config.stage == 'protocol':
-    check(config.num_repeats >= 1, 'num_repeats', 'must be >= 1')
-    check(config.calibration in CALIBRATIONS, 'calibration', f'must be one of {CALIBRATIONS}')
-    check(config.bootstrap_replicates >= 100, 'bootstrap_replicates', 'must be >= 100')
-    check(config.parallel_trainings >= 1, 'parallel_trainings', 'must be >= 1')
-    num_tasks = config.num_repeats * config.data.num_folds
-    check(-1 <= config.protocol_task < num_tasks, 'protocol_task',
+    protocol = config.protocol
+    check(protocol.num_repeats >= 1, 'protocol.num_repeats', 'must be >= 1')
+    check(protocol.calibration in calibration.METHODS, 'protocol.calibration',
+          f'must be one of {calibration.METHODS}')
+    check(protocol.bootstrap_replicates >= 100, 'protocol.bootstrap_replicates', 'must be >= 100')
+    check(protocol.parallel_trainings >= 1, 'protocol.parallel_trainings', 'must be >= 1')
+    num_tasks = protocol.num_repeats * config.data.num_folds
+    check(-1 <= protocol.task < num_tasks, 'protocol.task',
           f'must be -1 (all) or a task in [0, {num_tasks}) (repeat * num_folds + fold)')
-  if config.stage == 'teacher':
-    check(T2 in tps, 'data.time_points', 'the teacher (stage 1) must see T2')
-  if config.stage in ('baseline', 'student'):
+    return
+  spec = runs.model(config.stage)
+  if spec.is_teacher:
+    check(T2 in tps, 'data.time_points', f'the {config.stage} (stage 1) must see T2')
+  if spec.early_predictor:
     check(max(tps) < T2, 'data.time_points', f'{config.stage} is an early prediction: T0/T1 only')
-  if config.stage == 'student' and config.dual_task.target != 'kinetics':
+  if spec.teacher and config.dual_task.target != 'kinetics':
     check(bool(config.teacher_workdir), 'teacher_workdir',
           'stage 2 needs the workdir of a finished stage-1 run: first run'
           ' `python -m pcrjax.main --config=experiments/stage1.py --workdir=TEACHER_DIR`, then pass'

@@ -26,7 +26,7 @@ import tqdm
 from absl import flags, logging
 
 import tfds_ispy2
-from pcrjax import runs
+from pcrjax import fileio
 
 # `extra=` of a training's progress lines (its patients, a resumption, each epoch): on the console
 # when the main command shows them (`--epoch_lines`, by default for a single training).
@@ -105,7 +105,7 @@ class _AroundBars:
 
 def _disk_full(record: std_logging.LogRecord) -> bool:
   error = record.exc_info[1] if record.exc_info else None
-  return bool(runs.disk_full_path(error) or runs.disk_full_path(Exception(record.getMessage())))
+  return bool(fileio.disk_full_path(error) or fileio.disk_full_path(Exception(record.getMessage())))
 
 
 def setup(*, own_info: bool = False, training_lines: bool = False, hold: bool = False) -> None:
@@ -180,10 +180,10 @@ for _function in ('say', 'stop'):
 def one_line_errors(*errors: type[BaseException]):
   """Ends the command with `FATAL <message>` for the `errors` that the user's data or files cause:
   no traceback, no usage text (that is for flag errors). A full disk passes through, for
-  runs.exit_in_one_line_if_disk_full to name the file."""
+  fileio.exit_in_one_line_if_disk_full to name the file."""
   try:
     yield
   except errors as e:
-    if runs.disk_full_path(e):
+    if fileio.disk_full_path(e):
       raise
     stop(f'FATAL {e}')

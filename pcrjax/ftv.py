@@ -19,11 +19,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from tfds_ispy2.ispy2 import schema
+from tfds_ispy2.ispy2 import geometry, schema
 
 # I-SPY2 enrols tumours >= 2.5 cm (~ 8 cm^3); a baseline FTV under 0.1 cm^3 is a failed segmentation,
 # not a small tumour. Flooring FTV0 there keeps log FTV0 finite and the relative change bounded.
 FTV0_FLOOR_MM3 = 100.0
+# Without a radiologist's VOI, the T0 tumour's box grown by this stands in for it: it also holds a
+# shrinking, slightly misregistered tumour at a later visit, as a radiologist's VOI would.
+T0_BOX_MARGIN_MM = 10.0
 
 _NEIGHBOURS = np.ones((3, 3, 3), np.uint8)
 _NEIGHBOURS[1, 1, 1] = 0  # count the 26 neighbours, not the voxel itself
@@ -54,24 +57,6 @@ def ftv_mask(pre: np.ndarray, early: np.ndarray, late: np.ndarray, *, roi: np.nd
   return candidates & (neighbours >= min_neighbours) & ser_nonnegative & roi
 
 
-def roi_from_mask(mask: np.ndarray, spacing_mm, margin_mm: float = 10.0) -> np.ndarray:
-  """The bounding box of ``mask`` grown by ``margin_mm`` per side: a stand-in for the radiologist's VOI.
-
-  An empty mask gives the whole volume (no VOI is known; same as ``roi=None``).
-  """
-  mask = np.asarray(mask, bool)
-  roi = np.zeros(mask.shape, bool)
-  voxels = np.argwhere(mask)
-  if not len(voxels):
-    roi[...] = True
-    return roi
-  pad = np.ceil(margin_mm / np.asarray(spacing_mm, np.float64)).astype(int)
-  lo = np.maximum(voxels.min(0) - pad, 0)
-  hi = np.minimum(voxels.max(0) + pad + 1, mask.shape)
-  roi[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
-  return roi
-
-
 def voi(mask: np.ndarray) -> np.ndarray | None:
   """The radiologist's VOI (bool [D, H, W]) in one visit's tumor_mask; None without one."""
   mask = np.asarray(mask)
@@ -83,14 +68,14 @@ def ftv_masks(record: dict) -> np.ndarray:
 
   A visit with its own VOI (an Analysis Mask) has I-SPY's FTV: its tumour voxels, the mask's. Any
   other visit's FTV comes from its images, inside the VOI of the latest earlier visit that had
-  one, else inside the T0 tumour's box grown by 10 mm: a visit's own tumour mask would leak the
-  response (it is empty after pCR), while the T0 box grown by 10 mm also holds a shrinking,
-  slightly misregistered tumour, as a radiologist's VOI would.
+  one, else inside the T0 tumour's box grown by `T0_BOX_MARGIN_MM` (the whole volume without a T0
+  tumour): a visit's own tumour mask would leak the response (it is empty after pCR).
   """
   images = np.asarray(record['images'])
   visit_mask = np.asarray(record['visit_mask'], bool)
   masks = np.asarray(record['tumor_mask'])
-  roi = roi_from_mask(masks[0] == schema.TUMOUR, record['spacing_mm'])
+  roi = geometry.grown_box(masks[0] == schema.TUMOUR, record['spacing_mm'], T0_BOX_MARGIN_MM)
+  roi = roi if roi.any() else None
   out = np.zeros(masks.shape, bool)
   for v in np.flatnonzero(visit_mask):
     own = voi(masks[v])

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from pcrjax import console, ftv, runs
 from tfds_ispy2.ispy2 import ispy2_dataset_builder  # noqa: F401  (registers the `ispy2` builder)
-from tfds_ispy2.ispy2 import schema
+from tfds_ispy2.ispy2 import geometry, schema
 
 NUM_CLINICAL = schema.RECEPTORS.shape[1]
 
@@ -185,19 +185,11 @@ def tumour_kinetics(images: np.ndarray, ftv_voxels: np.ndarray, spacing_mm) -> n
 
 def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
   """The centroid of the tumour (FTV) voxels; after a complete response, of the radiologist's VOI."""
-  voxels = np.argwhere(mask == schema.TUMOUR)
-  if not len(voxels):
-    voxels = np.argwhere(mask == schema.VOI)
-  return voxels.mean(axis=0) if len(voxels) else fallback
-
-
-def crop_around(volume: np.ndarray, centre: np.ndarray, size) -> np.ndarray:
-  """A [*size, C] crop of a [D, H, W, C] volume centred on `centre`, zero-padded at the borders."""
-  starts = [int(round(c - (s - 1) / 2)) for c, s in zip(centre, size)]
-  pad = [(max(0, -st), max(0, st + s - n)) for st, s, n in zip(starts, size, volume.shape)]
-  padded = np.pad(volume, pad + [(0, 0)])
-  index = tuple(slice(st + p[0], st + p[0] + s) for st, s, p in zip(starts, size, pad))
-  return padded[index]
+  for code in (schema.TUMOUR, schema.VOI):
+    centre = geometry.centroid(mask == code)
+    if centre is not None:
+      return centre
+  return fallback
 
 
 def represent(record: dict, *, time_points, representation: str, crop_size,
@@ -222,8 +214,8 @@ def represent(record: dict, *, time_points, representation: str, crop_size,
   if representation == 'mip':
     size = (channels.shape[1],) + size[1:]
   centres = [tumour_centre(masks[t], centre_t0) for t in time_points]
-  crops = np.stack([crop_around(visit, c, size) for visit, c in zip(channels, centres)])
-  tumour = np.stack([crop_around((masks[t] == schema.TUMOUR)[..., None], c, size)[..., 0]
+  crops = np.stack([geometry.crop(visit, c, size) for visit, c in zip(channels, centres)])
+  tumour = np.stack([geometry.crop(masks[t] == schema.TUMOUR, c, size)
                      for t, c in zip(time_points, centres)])
   if representation == 'mip':
     crops, tumour = crops.max(axis=1), tumour.max(axis=1)

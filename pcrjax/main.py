@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pcrjax import configs, console, parallel, protocol, runs, sharding, train
+from pcrjax import configs, console, fileio, parallel, protocol, runs, sharding, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, predictions and reports.')
@@ -91,7 +91,7 @@ def main(argv):
     for name, value in configs.fields(config).items():
       print(f'{name}={value!r}')
     return
-  protocol_task = config.protocol_task if config.stage == 'protocol' else -1
+  protocol_task = config.protocol.task if config.stage == 'protocol' else -1
   # A protocol task's console is its log (a parallel protocol's child writes it into the task's
   # directory, a job array into the job's output): pcrjax's own INFO lines too.
   epoch_lines = config.stage != 'protocol' if FLAGS.epoch_lines is None else FLAGS.epoch_lines
@@ -104,7 +104,7 @@ def main(argv):
     primary = sharding.is_primary()
     if not primary:  # Process 0 logs the run; the others only their warnings and errors.
       logging.set_verbosity(logging.WARNING)
-  if config.stage == 'protocol' and config.parallel_trainings > 1:
+  if config.stage == 'protocol' and config.protocol.parallel_trainings > 1:
     # The coordinator trains nothing: its children get the accelerators (and their memory).
     jax.config.update('jax_platforms', 'cpu')
   if FLAGS.compilation_cache:
@@ -119,9 +119,10 @@ def main(argv):
   # several processes training together, process 0 holds the lock and writes the log.
   writes_workdir = protocol_task < 0 and primary
   try:
-    with (runs.exit_in_one_line_if_disk_full(
+    with (fileio.exit_in_one_line_if_disk_full(
         then=' (or choose another --workdir); it resumes from the last checkpoint written whole'),
-          runs.workdir_lock(FLAGS.workdir) if writes_workdir else contextlib.nullcontext(),
+          fileio.workdir_lock(runs.lock_path(FLAGS.workdir)) if writes_workdir
+          else contextlib.nullcontext(),
           # Opened once the workdir is ours: a second run on it stops without writing there.
           console.log_to(os.path.join(os.path.abspath(FLAGS.workdir), runs.LOG_FILE))
           if writes_workdir else contextlib.nullcontext(),
@@ -137,7 +138,7 @@ def main(argv):
                         f' {FLAGS.workdir}.')
       except train.Diverged as e:
         console.stop(f'Diverged: {e}')
-  except runs.WorkdirInUse as e:
+  except fileio.WorkdirInUse as e:
     console.stop(f'FATAL {e}')
 
 

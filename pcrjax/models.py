@@ -2,7 +2,8 @@
 
 Baseline (T0+T1), teacher (T0+T1+T2) and student (T0+T1, plus a head that regresses the teacher's
 T2 latent) differ only in the visits they are fed and in `feature_dim`. Works on 2D MIPs and 3D crops
-alike: the number of spatial dimensions is read from the input.
+alike: the number of spatial dimensions is read from the input. `build` makes a run's network from
+its config, `init_params` and `abstract_params` its parameters and their shapes.
 """
 
 from __future__ import annotations
@@ -15,124 +16,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+import ml_collections
+
+from pcrjax import input_pipeline, ops
 
 
 NORMALIZATIONS = ('none', 'group')
-# How every convolution is computed: 'native' (lax.conv_general_dilated), 'patches' (patches_conv),
+# How every convolution is computed: 'native' (lax.conv_general_dilated), 'patches' (ops.PatchesConv),
 # or 'auto': patches on the CPU backend, native elsewhere (cuDNN and TPU convolutions are fast).
 CONVS = ('auto', 'native', 'patches')
 DTYPES = ('float32', 'bfloat16')
-
-
-# The most bytes of patches gathered at once: a larger batch is convolved (and the visit encoder run)
-# in chunks of examples, each gathered, multiplied and, backwards, re-gathered while it is still in
-# the cache. Counted as k^d * C values per output (blocked rows, below, gather fewer: a bound). The
-# `volume` training step, budgets against each other compiled side by side in one process (AMD EPYC,
-# 2 cores): 32 MiB 1.17x, 8 MiB 0.83x, 4 MiB 0.76x, 2 MiB 0.75x the 16 MiB step (one visit image per
-# encoder chunk from 8 MiB on; the ConvLSTM's products in chunks of 4 images at 4 MiB); `mip`
-# unchanged (0.99x at 8 and at 4 MiB, where its second convolution runs in two chunks).
-MAX_PATCH_BYTES = 4 << 20
-
-
-def patches_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None,
-                 max_patch_bytes=None):
-  """A convolution as one matrix product over its patches: same outputs and gradients, fast on XLA:CPU.
-
-  XLA:CPU runs the input gradient of a strided convolution (an lhs-dilated convolution) on an
-  unoptimised loop (jax-ml/jax#31662: a 3x3x3 stride-2 conv, batch 32, 16 -> 32 features, takes
-  51 ms forward but 3.4 s for its input gradient), and convolutions with few input channels (the
-  3 phases of a visit) slowly. Here the patches are gathered with strided slices, one spatial axis
-  at a time (k shifted copies concatenated on the channel axis, so each copy moves whole rows of
-  channels; two outputs per row where rows would be short), and multiplied by the kernel viewed as
-  a [prod(k) * C, F] matrix; the gradients are pads, adds and matrix products. The gathers are
-  memory-bound, so a batch whose patches exceed `max_patch_bytes` (default MAX_PATCH_BYTES) is
-  convolved in chunks of examples (`lax.map`, the patches rematerialised for the backward pass
-  rather than stored). A drop-in for lax.conv_general_dilated as flax's nn.Conv calls it, for
-  channels-last layouts without dilation or feature groups.
-  """
-  spatial_dims = lhs.ndim - 2
-  if (feature_group_count != 1 or any(d != 1 for d in lhs_dilation or ())
-      or any(d != 1 for d in rhs_dilation or ())):
-    raise ValueError('patches_conv supports neither dilation nor feature groups.')
-  kernel_size = rhs.shape[:spatial_dims]
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:-1], kernel_size, window_strides, padding)
-  out_shape = [(size + sum(pad) - k) // s + 1
-               for size, pad, k, s in zip(lhs.shape[1:-1], padding, kernel_size, window_strides)]
-  example_patch_bytes = math.prod(out_shape) * math.prod(rhs.shape[:-1]) * lhs.dtype.itemsize
-  chunk = _examples_per_chunk(lhs.shape[0], example_patch_bytes, max_patch_bytes)
-  product = functools.partial(_patches_product, rhs=rhs, window_strides=window_strides,
-                              padding=padding, precision=precision)
-  if chunk == lhs.shape[0]:
-    return product(lhs)
-  out = lax.map(jax.checkpoint(product), lhs.reshape((-1, chunk) + lhs.shape[1:]))
-  return out.reshape((lhs.shape[0],) + out.shape[2:])
-
-
-def _examples_per_chunk(num_examples: int, example_patch_bytes: int, max_patch_bytes: int | None) -> int:
-  """The largest divisor of num_examples whose patches fit max_patch_bytes (at least 1).
-
-  All of them on several devices: the batch is sharded over the devices, and the chunks' reshape
-  would reshard it (the `mip` step on 4 forced host devices: 36 -> 87 ms).
-  """
-  if jax.device_count() > 1:
-    return num_examples
-  limit = max(1, (MAX_PATCH_BYTES if max_patch_bytes is None else max_patch_bytes) // example_patch_bytes)
-  return max(d for d in range(1, min(num_examples, limit) + 1) if num_examples % d == 0)
-
-
-# Patches rows shorter than this (the first convolution's few input channels: 27 x 3 values in 3D)
-# make a memory-bound product; such a convolution computes two neighbouring outputs per row.
-MIN_PATCH_ROW = 128
-
-
-def _patches_product(lhs, *, rhs, window_strides, padding, precision):
-  """patches_conv of one chunk: gather the patches, then one 2D matrix product.
-
-  Where a patch row would be short (< MIN_PATCH_ROW values) and the last spatial axis has stride 1,
-  each row covers `block` = 2 neighbouring outputs along it (k + 1 taps; the kernel matrix, zero
-  where a tap misses an output, is [.., k + 1, C] x [2 * F]): fewer bytes gathered per output and
-  a wider product (the training step, blocked against unblocked, compiled side by side in one
-  process: `volume` 0.89x, `mip` 0.93x; blocking every stride-1 convolution made `mip` slower, its
-  ConvLSTM's rows being long already).
-  """
-  spatial_dims = lhs.ndim - 2
-  kernel_size = rhs.shape[:spatial_dims]
-  x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
-  last, features = spatial_dims - 1, rhs.shape[-1]
-  block = 2 if window_strides[last] == 1 and math.prod(rhs.shape[:-1]) < MIN_PATCH_ROW else 1
-  if block > 1:
-    k = kernel_size[last]
-    out_last = x.shape[last + 1] - k + 1
-    blocks = -(-out_last // block)
-    x = jnp.pad(x, [(0, 0)] * (last + 1) + [(0, blocks * block - out_last), (0, 0)])
-    x = _shifted_copies(x, k + block - 1, block, last)
-    # Output p of a block reads taps p .. p + k - 1 of its k + block - 1.
-    no_pad = [(0, 0)] * rhs.ndim
-    rhs = jnp.stack([jnp.pad(rhs, no_pad[:last] + [(p, block - 1 - p)] + no_pad[:2]) for p in range(block)],
-                    axis=-2)
-  # Innermost axis first: the channels end up ordered (k_0, ..., k_{d-1}, C), the kernel's row order.
-  for axis in reversed(range(last if block > 1 else spatial_dims)):
-    x = _shifted_copies(x, kernel_size[axis], window_strides[axis], axis)
-  # A 2D product: its kernel gradient is then one [K, M] x [M, F] product; contracting the N-D
-  # patches over all their leading axes was ~15 % slower on the 2D steps (paired benchmark runs).
-  out = jnp.dot(x.reshape(-1, x.shape[-1]), rhs.reshape(-1, block * features), precision=precision)
-  out = out.reshape(x.shape[:-2] + (x.shape[-2] * block, features))
-  return lax.slice_in_dim(out, 0, out_last, axis=last + 1) if block > 1 else out
-
-
-def _shifted_copies(x, taps: int, stride: int, axis: int):
-  """x [N, *spatial, C] -> [N, .., out, .., taps * C]: copy i starts at i on spatial `axis`, `stride` apart.
-
-  Stacked on a new axis before the channels, then merged with them (the same bytes as concatenating
-  on the channel axis, which XLA:CPU fuses less well: the training step, one against the other
-  compiled side by side in one process, `volume` 0.94-0.95x, `mip` 0.99-1.01x).
-  """
-  out = (x.shape[axis + 1] - taps) // stride + 1
-  copies = [lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis=axis + 1) for i in range(taps)]
-  return jnp.stack(copies, axis=-2).reshape(copies[0].shape[:-1] + (-1,))
 
 
 def resolve_conv(conv: str) -> str:
@@ -142,9 +35,9 @@ def resolve_conv(conv: str) -> str:
   return conv
 
 
-def conv_fn(conv: str):
-  """The convolution function for nn.Conv's `conv_general_dilated` (None: flax's own)."""
-  return patches_conv if resolve_conv(conv) == 'patches' else None
+def _conv_general_dilated(conv: str, max_patch_bytes: int, devices: int) -> ops.PatchesConv | None:
+  """nn.Conv's `conv_general_dilated` for `conv`: an ops.PatchesConv, or None (flax's own)."""
+  return ops.PatchesConv(max_patch_bytes, devices) if resolve_conv(conv) == 'patches' else None
 
 
 _ENCODER_KERNEL = 3
@@ -176,7 +69,7 @@ class VisitEncoder(nn.Module):
 
   features: Sequence[int]
   normalization: str = 'none'
-  conv: str = 'auto'
+  patches: ops.PatchesConv | None = None  # How the convolutions are computed (None: natively).
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -186,7 +79,7 @@ class VisitEncoder(nn.Module):
     for features, stride in _encoder_layers(self.features):
       x = nn.Conv(features, (_ENCODER_KERNEL,) * spatial_dims, strides=(stride,) * spatial_dims,
                   use_bias=self.normalization == 'none', dtype=self.dtype,
-                  conv_general_dilated=conv_fn(self.conv))(x)
+                  conv_general_dilated=self.patches)(x)
       if self.normalization == 'group':
         x = nn.GroupNorm(num_groups=min(8, features), dtype=self.dtype)(x)
       x = nn.relu(x)
@@ -203,15 +96,15 @@ class _EncoderChunk(VisitEncoder):
 def encode_visits(x: jax.Array, *, name: str, **encoder_fields) -> jax.Array:
   """VisitEncoder(**encoder_fields) on x [N, *spatial, C], in chunks of images on the patches path.
 
-  Where a layer's patches for the whole batch exceed MAX_PATCH_BYTES (the `volume` crops), the
+  Where a layer's patches for the whole batch exceed the patches' budget (the `volume` crops), the
   encoder runs image chunk by image chunk (nn.scan, rematerialised for the backward pass), so that
   each layer's patches, outputs and gradients stay in the cache; the parameters (shared across the
   chunks) and the results are those of one VisitEncoder over the batch.
   """
-  num_images = x.shape[0]
-  if resolve_conv(encoder_fields.get('conv', 'auto')) == 'patches':
+  num_images, patches = x.shape[0], encoder_fields.get('patches')
+  if patches is not None:
     image_bytes = _encoder_patches_per_image(x.shape[1:], encoder_fields['features']) * x.dtype.itemsize
-    chunk = _examples_per_chunk(num_images, image_bytes, None)
+    chunk = patches.examples_per_chunk(num_images, image_bytes)
   else:
     chunk = num_images
   if chunk == num_images:
@@ -229,21 +122,20 @@ class ConvLSTM(nn.Module):
   arranged for speed: the input-to-gates convolution runs once over every visit (one large matrix
   product), the hidden-to-gates one (bias-free: ih's bias is the gates' bias) only from the second
   visit on, the state before the first being zero. The loop over the (few) visits is a Python loop,
-  so it is unrolled: a rolled loop makes the convolution gradients 25-100x slower on the CPU backend
-  (jax-ml/jax#12868; measured here with nn.scan, 2D batch 8, 128x128x3, 16 features: 13.7 s per
-  step rolled, 0.54 s unrolled).
+  so it is unrolled: a rolled loop makes the convolution gradients many times slower on the CPU
+  backend (jax-ml/jax#12868).
   """
 
   features: int
   kernel_size: Sequence[int]
-  conv: str = 'auto'
+  patches: ops.PatchesConv | None = None  # How the convolutions are computed (None: natively).
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, visit_mask: jax.Array) -> jax.Array:
     """x: [B, T, *spatial, C], visit_mask: [B, T] -> hidden states [B, T, *spatial, features]."""
     conv = functools.partial(nn.Conv, 4 * self.features, self.kernel_size, dtype=self.dtype,
-                             conv_general_dilated=conv_fn(self.conv))
+                             conv_general_dilated=self.patches)
     input_gates = conv(name='ih')(x)  # nn.Conv folds the visit axis into the batch.
     hidden_gates = conv(use_bias=False, name='hh')
     c = h = jnp.zeros(x.shape[:1] + x.shape[2:-1] + (self.features,), self.dtype)
@@ -264,9 +156,8 @@ def kinetics_features(kinetics: jax.Array, visit_mask: jax.Array) -> jax.Array:
   kinetics, each later visit's change from it (0 where the visit is missing) and its flag.
 
   Changes, not levels: the response is the change, and an L2 penalty (the head's logistic start,
-  weight decay) then shrinks what varies little between patients, not the response (the logistic
-  start alone on `ispy2/synthetic`'s 5 inner validation splits: mean AUROC 0.749 vs 0.737 on the
-  levels).
+  weight decay) then shrinks what varies little between patients, not the response (README: the
+  kinetics as T0 level + change).
   """
   present = visit_mask.astype(kinetics.dtype)[..., None]
   change = (kinetics[:, 1:] - kinetics[:, :1]) * present[:, 1:]
@@ -313,6 +204,8 @@ class PCRNet(nn.Module):
   (pcrjax.train.head_start). With `reads_prediction`, the student's pCR logit also reads its own
   prediction of the target. The latent itself is the image's alone. `dtype` is the compute dtype of
   the encoder and the ConvLSTM (params stay float32; the heads and the loss run in float32).
+  `max_patch_bytes` and `devices` set the patches path's chunks (ops.PatchesConv). The defaults are
+  configs.base_config()'s.
   """
 
   encoder_features: Sequence[int] = (16, 32, 32)
@@ -322,10 +215,12 @@ class PCRNet(nn.Module):
   feature_dim: int = 0  # > 0: add the feature-regression head (the student).
   reads_prediction: bool = False  # The pCR head also reads the feature head's prediction.
   clinical_inputs: bool = False
-  tumour_kinetics: bool = False
+  tumour_kinetics: bool = True
   pooling: str = 'mean'
   normalization: str = 'none'
   conv: str = 'auto'
+  max_patch_bytes: int = ops.MAX_PATCH_BYTES
+  devices: int = 1  # The devices a batch is split over (the mesh's size).
   dtype: str = 'float32'
 
   @nn.compact
@@ -337,14 +232,14 @@ class PCRNet(nn.Module):
     [B, T, *spatial] masks in the images' crops (read only with `pooling='tumour'`)."""
     batch, visits = images.shape[:2]
     dtype = jnp.dtype(self.dtype)
+    patches = _conv_general_dilated(self.conv, self.max_patch_bytes, self.devices)
     encoded = encode_visits(images.reshape((batch * visits,) + images.shape[2:]).astype(dtype),
                             features=self.encoder_features, normalization=self.normalization,
-                            conv=self.conv, dtype=dtype, name='encoder')
+                            patches=patches, dtype=dtype, name='encoder')
     encoded = encoded.reshape((batch, visits) + encoded.shape[1:])
     spatial_dims = encoded.ndim - 3
-    hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, self.conv, dtype,
-                      name='convlstm')(
-        encoded, visit_mask)
+    hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, patches=patches,
+                      dtype=dtype, name='convlstm')(encoded, visit_mask)
     last = hidden[:, -1].astype(jnp.float32)
     space = tuple(range(1, 1 + spatial_dims))
     if self.pooling == 'tumour':
@@ -372,3 +267,51 @@ class PCRNet(nn.Module):
                           name='prediction_head')(outputs['feature_pred'])[:, 0]
     outputs['logit'] = logit
     return outputs
+
+
+# --- A run's network. -----------------------------------------------------------------------------
+
+
+def build(config: ml_collections.ConfigDict, feature_dim: int = 0, *, devices: int = 1) -> PCRNet:
+  """The network of `config.model`; feature_dim > 0 adds the student's feature head (and, with
+  `dual_task.reads_prediction`, its read by the pCR head); `devices`: those its batches are split
+  over."""
+  m = config.model
+  return _network(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
+                  kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
+                  reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
+                  clinical_inputs=m.clinical_inputs, tumour_kinetics=m.tumour_kinetics,
+                  pooling=m.pooling, normalization=m.normalization, conv=m.conv, devices=devices,
+                  dtype=m.dtype)
+
+
+@functools.cache
+def _network(**fields) -> PCRNet:
+  """One instance per architecture in a process: a jitted step takes the model's `apply` (and the
+  optimizer) as static arguments, so the protocol's trainings of one network share its compiled
+  step and evaluation only if they share these objects (otherwise each training retraces them)."""
+  return PCRNet(**fields)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'input_shape'))
+def init_params(model: PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
+  """input_shape: [T, *spatial, C] of one patient. Jitted: one compilation (kept by the persistent
+  cache) instead of one per initialiser and layer, slow eagerly on a CPU; the same values."""
+  images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  visit_mask = jnp.ones((1, input_shape[0]), bool)
+  clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
+  kinetics = jnp.zeros((1, input_shape[0], input_pipeline.NUM_KINETICS), jnp.float32)
+  tumour = jnp.zeros(images.shape[:-1], bool)
+  return model.init({'params': rng}, images, visit_mask, clinical, kinetics, tumour,
+                    train=False)['params']
+
+
+def patient_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """[T, *spatial, C]: one patient's images as `data` (a config's) represents them."""
+  return (len(data.time_points),) + tuple(input_pipeline.visit_shape(data))
+
+
+def abstract_params(model: PCRNet, input_shape: tuple[int, ...]):
+  """The shapes and dtypes of the model's params, computing nothing: what a checkpoint restores into."""
+  return jax.eval_shape(functools.partial(init_params, model, input_shape=tuple(input_shape)),
+                        jax.random.key(0))

@@ -1,6 +1,6 @@
 """The protocol's tasks (pcrjax.protocol.train_task) in parallel child processes.
 
-Each child is `python -m pcrjax.main --config=workdir:W --workdir=W --config.protocol_task=T`: the
+Each child is `python -m pcrjax.main --config=workdir:W --workdir=W --config.protocol.task=T`: the
 protocol's own config, read back from W/config.json, for one task. On GPUs every child sees its own
 share of them (CUDA_VISIBLE_DEVICES); on CPUs the children share the cores and keep the parent's
 device count (so each training computes exactly what the sequential protocol computes). A TPU host
@@ -40,12 +40,13 @@ def child_environments(num_parallel: int) -> list[dict[str, str]]:
   """One environment per slot: on GPUs, its own share of them; elsewhere the parent's."""
   platform, count = _platform()
   if platform == 'tpu':
-    raise ValueError('parallel_trainings > 1: a TPU host runs one process; keep parallel_trainings=1'
+    raise ValueError('protocol.parallel_trainings > 1: a TPU host runs one process; keep it at 1'
                      ' (its trainings then use every TPU core).')
   if platform != 'gpu':
     return [dict(os.environ) for _ in range(num_parallel)]
   if count < num_parallel:
-    raise ValueError(f'parallel_trainings={num_parallel} needs as many GPUs; {count} found.')
+    raise ValueError(f'protocol.parallel_trainings={num_parallel} needs as many GPUs; {count}'
+                     ' found.')
   visible = os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(map(str, range(count)))).split(',')
   share = count // num_parallel
   return [{**os.environ, 'CUDA_VISIBLE_DEVICES': ','.join(visible[s * share:(s + 1) * share])}
@@ -70,7 +71,7 @@ def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -
         os.makedirs(directory, exist_ok=True)
         log = open(os.path.join(directory, runs.LOG_FILE), 'a')
         command = [sys.executable, '-m', 'pcrjax.main', f'--config=workdir:{workdir}',
-                   f'--workdir={workdir}', f'--config.protocol_task={task}',
+                   f'--workdir={workdir}', f'--config.protocol.task={task}',
                    f'--compilation_cache={cache or ""}']
         running[slot] = (task, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                 env=slots[slot]), log)

@@ -4,14 +4,14 @@
     python -m pcrjax.predict --model=MODEL_DIR --dicom=FOLDER_OF_PATIENTS --out=OUT   # one CSV row each
     python -m pcrjax.predict --model=MODEL_DIR --record=ispy2/synthetic:SYN-00001 --out=OUT
 
-What is read, how, and what is written: pcrjax.inference.predict (and the README). A patient that
+What is read, how, and what is written: pcrjax.inference.serving (and the README). A patient that
 cannot be predicted ends the command with one line (-v 0 shows the libraries' INFO lines as well).
 """
 
 from absl import app, flags
 
-from pcrjax import console, runs
-from pcrjax.inference import predict
+from pcrjax import console, fileio, runs
+from pcrjax.inference import serving
 from tfds_ispy2.ispy2 import tcia
 
 FLAGS = flags.FLAGS
@@ -31,28 +31,28 @@ def main(argv):
   console.setup()
   hr = None if FLAGS.hr is None else int(FLAGS.hr)
   her2 = None if FLAGS.her2 is None else int(FLAGS.her2)
-  with (runs.exit_in_one_line_if_disk_full(),
+  with (fileio.exit_in_one_line_if_disk_full(),
         console.one_line_errors(FileNotFoundError, ValueError, tcia.Skip)):
-    ensemble = predict.load_model(FLAGS.model)
+    ensemble = serving.load_model(FLAGS.model)
     if FLAGS.record:
-      patient = predict.read_record_patient(FLAGS.record, ensemble, data_dir=FLAGS.data_dir, hr=hr,
+      patient = serving.read_record_patient(FLAGS.record, ensemble, data_dir=FLAGS.data_dir, hr=hr,
                                             her2=her2)
     else:
       patients, _ = tcia.discover(FLAGS.dicom)
       if len(patients) > 1:
-        rows = predict.predict_folder(patients, ensemble, FLAGS.out, hr=hr, her2=her2)
+        rows = serving.predict_folder(patients, ensemble, FLAGS.out, hr=hr, her2=her2)
         failed = sum(r['status'] != 'ok' for r in rows)
-        print(f'{len(rows) - failed} of {len(rows)} patients predicted; predictions.csv in'
-              f' {FLAGS.out}')
+        print(f'{len(rows) - failed} of {len(rows)} patients predicted;'
+              f' {runs.BATCH_PREDICTIONS_FILE} in {FLAGS.out}')
         return
       if not patients:
         raise ValueError(f'{FLAGS.dicom}: no patient with a DCE series found.')
-      patient = predict.read_dicom_patient(next(iter(patients.values())), ensemble, hr=hr,
+      patient = serving.read_dicom_patient(next(iter(patients.values())), ensemble, hr=hr,
                                            her2=her2)
-    result = predict.predict_patient(patient, ensemble)
-    predict.write_outputs(FLAGS.out, result, patient, ensemble)
+    result = serving.predict_patient(patient, ensemble)
+    serving.write_outputs(FLAGS.out, result, patient, ensemble)
   print(f"{result['patient_id']}: pCR probability {result['probability']:.3f}"
-        f" (sd {result['spread']['sd']:.3f}); {FLAGS.out}/prediction.html")
+        f" (sd {result['spread']['sd']:.3f}); {FLAGS.out}/{runs.PREDICTION_PAGE_FILE}")
 
 
 if __name__ == '__main__':

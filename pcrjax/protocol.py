@@ -5,7 +5,7 @@ Each fold's teacher is trained on that fold's training patients only, and that f
 learns from it; a teacher that had seen the test patients would leak their labels. The reference
 models (pcrjax.references) are fitted on the same training patients. Each repeat draws new
 folds and a new initialisation (seeds + repeat). Finished stages are skipped, so an interrupted
-protocol resumes where it stopped. The evidence is built by pcrjax.evidence.report from the
+protocol resumes where it stopped. The evidence is built by pcrjax.evidence.run_report from the
 predictions files alone.
 """
 
@@ -23,9 +23,9 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from pcrjax import (console, ftv, input_pipeline, parallel, references, runs, sharding, train,
-                    wall_time)
-from pcrjax.evidence import report, tables
+from pcrjax import (console, fileio, ftv, input_pipeline, parallel, references, runs, sharding,
+                    train, wall_time)
+from pcrjax.evidence import run_report, tables
 from tfds_ispy2.ispy2 import schema
 
 
@@ -41,9 +41,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fol
                  workdir: str) -> ml_collections.ConfigDict:
   """The protocol's config turned into one network's config on one fold of one repeat."""
   cfg = repeat_config(config, repeat)
-  for protocol_only in ('bootstrap_replicates', 'num_repeats', 'calibration', 'parallel_trainings',
-                        'protocol_task'):
-    del cfg[protocol_only]
+  del cfg['protocol']
   spec = runs.model(stage)
   cfg.stage = stage
   cfg.data.fold = fold
@@ -55,7 +53,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, repeat: int, fol
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   """Trains and fits whatever is not finished yet, then builds the report; returns the main table.
 
-  With `config.protocol_task` >= 0 it trains that task alone and returns [] (a job of a job
+  With `config.protocol.task` >= 0 it trains that task alone and returns [] (a job of a job
   array; a last run without it fits the references and builds the report). A progress bar with an
   ETA counts the trainings, the reference fits of a repeat as one; a line says each training's
   result, and the last one where the wall time went (runs.WALL_TIME_FILE, in the report too).
@@ -63,22 +61,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
   workdir = os.path.abspath(workdir)
   started, clock = time.time(), wall_time.Clock(excludes_trainings=False)
   protocol_config = ml_collections.ConfigDict(config.to_dict())
-  protocol_config.protocol_task = -1  # The workdir's config is the protocol's, not one job's.
+  protocol_config.protocol.task = -1  # The workdir's config is the protocol's, not one job's.
   if sharding.is_primary():
     runs.write_config(workdir, protocol_config)
     runs.record_code_version(workdir)
   input_pipeline.load_cohort(config.data)  # Built once, before any training.
   clock.lap('dataset_build')
-  if config.protocol_task >= 0:
-    train_task(config, workdir, config.protocol_task)
+  protocol = config.protocol
+  if protocol.task >= 0:
+    train_task(config, workdir, protocol.task)
     return []
   networks = runs.networks_in_training_order()
-  num_tasks = config.num_repeats * config.data.num_folds
-  with tqdm.tqdm(total=num_tasks * len(networks) + config.num_repeats, unit='training') as bar:
-    if config.parallel_trainings > 1:
-      bar.set_description(f'trainings, {config.parallel_trainings} at a time')
+  num_tasks = protocol.num_repeats * config.data.num_folds
+  with tqdm.tqdm(total=num_tasks * len(networks) + protocol.num_repeats, unit='training') as bar:
+    if protocol.parallel_trainings > 1:
+      bar.set_description(f'trainings, {protocol.parallel_trainings} at a time')
       for task in parallel.run_tasks(workdir, num_tasks, config.data.num_folds,
-                                     config.parallel_trainings):
+                                     protocol.parallel_trainings):
         repeat, fold = divmod(task, config.data.num_folds)
         for spec in networks:
           console.say(f'{spec.name}, repeat {repeat} fold {fold}: '
@@ -90,13 +89,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[tables.Row]:
     clock.lap('trainings')
     if not sharding.is_primary():  # Of several processes training together, one writes the rest.
       return []
-    for repeat in range(config.num_repeats):
+    for repeat in range(protocol.num_repeats):
       bar.set_description(f'training {bar.n + 1}/{bar.total}: repeat {repeat} reference models')
       fit_reference_models(repeat_config(config, repeat), workdir, repeat)
       bar.update()
     clock.lap('reference_fits')
   wall_time.record_protocol(workdir, clock, started=started)  # For the report's facts.
-  table = report.build(workdir)
+  table = run_report.build(workdir)
   clock.lap('report')
   spent = wall_time.record_protocol(workdir, clock, started=started)
   console.say(f'The protocol: {wall_time.describe(spent)}.')
@@ -107,8 +106,8 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task: int, bar=N
   """Task t = repeat * num_folds + fold: that fold's networks, each after the teacher it learns
   from; finished ones are skipped."""
   repeat, fold = divmod(task, config.data.num_folds)
-  lock = runs.workdir_lock(runs.task_dir(workdir, repeat, fold)) if sharding.is_primary() else (
-      contextlib.nullcontext())
+  lock = (fileio.workdir_lock(runs.lock_path(runs.task_dir(workdir, repeat, fold)))
+          if sharding.is_primary() else contextlib.nullcontext())
   with lock:  # One writer per task, in job arrays too.
     _train_networks(config, workdir, repeat, fold, bar)
 
@@ -120,8 +119,8 @@ def _train_networks(config, workdir, repeat, fold, bar) -> None:
     directory = runs.stage_dir(workdir, repeat, fold, spec.name)
     earlier, primary = runs.is_finished(directory), sharding.is_primary()
     if not earlier:
-      logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat, config.num_repeats, fold,
-                   config.data.num_folds, spec.name)
+      logging.info('repeat %d/%d fold %d/%d: training the %s.', repeat,
+                   config.protocol.num_repeats, fold, config.data.num_folds, spec.name)
       # Its own log: every line while it trains (its epochs', too).
       with (console.log_to(os.path.join(directory, runs.LOG_FILE)) if primary
             else contextlib.nullcontext()):
@@ -155,7 +154,7 @@ def fit_reference_models(config: ml_collections.ConfigDict, workdir: str, repeat
                                references.phantom_truth(config.data, cohort.patient_id))
   facts_path = os.path.join(workdir, runs.COHORT_FACTS_FILE)
   if not os.path.exists(facts_path):
-    with runs.atomic_open(facts_path) as f:
+    with fileio.atomic_open(facts_path) as f:
       json.dump({'t2_explained_r2': references.t2_explained(config.data, cohort.patient_id)}, f)
   for spec in runs.MODELS:
     if spec.kind != runs.REFERENCE or (spec.synthetic_only and spec.name not in inputs):
@@ -184,7 +183,7 @@ def ftv_table(source, cohort: input_pipeline.Cohort, path: str, threads: int = 1
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       volumes = pool.map(lambda i: ftv.ftv_per_visit(source[i]), range(len(cohort)))
       rows = [[pid] + [f'{v:.1f}' for v in mm3] for pid, mm3 in zip(cohort.patient_id, volumes)]
-    with runs.atomic_open(path, newline='') as f:
+    with fileio.atomic_open(path, newline='') as f:
       writer = csv.writer(f)
       writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in schema.VISITS])
       writer.writerows(rows)

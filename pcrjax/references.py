@@ -6,12 +6,15 @@ I-SPY clinical model). On a synthetic cohort also the oracle: the same kind of m
 phantom's true tumour volume and Ktrans at T0 and T1 plus subtype (plus, in a cohort with the
 phantom's transfer knob on, the kinetic heterogeneity h that T0/T1 show as enhancement texture),
 the ceiling of what the early visits hold in that cohort; it is a reference point, never compared
-as a method, and nothing a network sees comes from it. Beside it, `t2_explained` says how much of
+as a method, and nothing a network sees comes from it (the build writes the truth into the dataset's
+metadata, never into a record: `phantom.oracle_truth`). Beside it, `t2_explained` says how much of
 the T2 shrinkage those same truths predict: what a student regressing T2 features from T0/T1 could
 at best learn.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -23,7 +26,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pcrjax import ftv, input_pipeline
+from pcrjax import ftv, input_pipeline, runs
 from tfds_ispy2.ispy2 import phantom, schema
 
 # Floors that keep the oracle's logs finite for a tumour gone at T1 (pCR) or a missing value.
@@ -37,35 +40,42 @@ def logistic_model():
 
 
 def _phantom_truths(data: ml_collections.ConfigDict, patient_ids):
-  """(spec, [PatientTruth]) of a synthetic cohort's patients; (None, None) for another cohort."""
-  spec = tfds.builder(data.dataset, data_dir=data.data_dir or None).builder_config.phantom
-  if spec is None:
+  """(spec, [phantom.oracle_truth]) of a synthetic cohort's patients, as its build wrote them into
+  the dataset's metadata; (None, None) for another cohort."""
+  if not runs.is_synthetic(data.dataset):
     return None, None
-  index = {phantom.patient_id(i): i for i in range(spec.num_patients)}
-  return spec, [phantom.simulate_patient(spec, index[pid]) for pid in patient_ids]
+  builder = tfds.builder(data.dataset, data_dir=data.data_dir or None)
+  try:
+    truths = builder.info.metadata[phantom.ORACLE_TRUTH]
+  except KeyError:
+    raise ValueError(f'{data.dataset} in {builder.data_dir} holds no phantom truth (no'
+                     f' {phantom.ORACLE_TRUTH!r} in its metadata.json): delete that folder, and'
+                     ' the next run builds it again with the truth.') from None
+  return builder.builder_config.phantom, [truths[pid] for pid in patient_ids]
 
 
-def _truth_table(spec: phantom.PhantomSpec, truths) -> np.ndarray:
-  truth = np.full((len(truths), 5 if spec.transfer else 4), np.nan)
-  for row, t in enumerate(truths):
-    for visit in (0, 1):
-      if t.visit_mask[visit]:
-        truth[row, [visit, 2 + visit]] = t.tumor_volume_mm3[visit], t.ktrans_per_min[visit]
-    if spec.transfer:
-      truth[row, 4] = t.heterogeneity
-  return truth
-
-
-def phantom_truth(data: ml_collections.ConfigDict, patient_ids) -> np.ndarray | None:
-  """[N, 4] true tumour volume (mm^3) and mean Ktrans (/min) at T0 and T1 of a synthetic cohort
-  (NaN for a missing T1), [N, 5] with the knob (below); None for a cohort not the phantom's.
+def truth_table(truths: Sequence[dict], transfer: bool) -> np.ndarray:
+  """[N, 4] true tumour volume (mm^3) and mean Ktrans (/min) at T0 and T1 of `phantom.oracle_truth`s
+  (NaN for a missing T1), [N, 5] with the knob on (below).
 
   A cohort with the phantom's transfer knob on has a 5th column, the heterogeneity h: T0/T1 show
   it (as enhancement texture), so the ceiling must see it. Other cohorts keep 4 columns rather
   than a column of zeros, a dead input of their oracle.
   """
+  truth = np.full((len(truths), 5 if transfer else 4), np.nan)
+  for row, t in enumerate(truths):
+    for visit in (0, 1):
+      if t['tumor_volume_mm3'][visit] is not None:
+        truth[row, [visit, 2 + visit]] = t['tumor_volume_mm3'][visit], t['ktrans_per_min'][visit]
+    if transfer:
+      truth[row, 4] = t['heterogeneity']
+  return truth
+
+
+def phantom_truth(data: ml_collections.ConfigDict, patient_ids) -> np.ndarray | None:
+  """The `truth_table` of a synthetic cohort's patients; None for a cohort not the phantom's."""
   spec, truths = _phantom_truths(data, patient_ids)
-  return None if spec is None else _truth_table(spec, truths)
+  return None if spec is None else truth_table(truths, bool(spec.transfer))
 
 
 def _oracle_inputs(truth: np.ndarray, subtype: np.ndarray) -> np.ndarray:
@@ -76,24 +86,27 @@ def _oracle_inputs(truth: np.ndarray, subtype: np.ndarray) -> np.ndarray:
                     ktrans[:, 1:] - ktrans[:, :1], subtype, truth[:, 4:]])
 
 
-def t2_explained(data: ml_collections.ConfigDict, patient_ids) -> float | None:
+def t2_r2(truths: Sequence[dict], transfer: bool) -> float:
   """Cross-validated R^2 of the true T2 log-volume change from the oracle's T0/T1 truths.
 
   Over the patients with T1 and T2: out-of-fold predictions of a linear model (5 shuffled folds,
   seed 0) of `phantom.log_volume_change` at T2. How much of the later shrinkage the early visits
-  hold, which is what a student regressing T2 features could at best learn; None for a cohort
-  that is not the phantom's.
+  hold, which is what a student regressing T2 features could at best learn.
   """
-  spec, truths = _phantom_truths(data, patient_ids)
-  if spec is None:
-    return None
-  subtype = np.eye(len(schema.SUBTYPES))[[t.subtype for t in truths]]
-  inputs = _oracle_inputs(_truth_table(spec, truths), subtype)
-  target = np.array([phantom.log_volume_change(t, 2) for t in truths])
-  rows = np.array([bool(t.visit_mask[1] and t.visit_mask[2]) for t in truths])
+  subtype = np.eye(len(schema.SUBTYPES))[[t['subtype'] for t in truths]]
+  inputs = _oracle_inputs(truth_table(truths, transfer), subtype)
+  rows = [i for i, t in enumerate(truths)
+          if t['tumor_volume_mm3'][1] is not None and t['t2_log_volume_change'] is not None]
+  target = np.array([truths[i]['t2_log_volume_change'] for i in rows])
   predicted = cross_val_predict(make_pipeline(StandardScaler(), LinearRegression()), inputs[rows],
-                                target[rows], cv=KFold(5, shuffle=True, random_state=0))
-  return float(r2_score(target[rows], predicted))
+                                target, cv=KFold(5, shuffle=True, random_state=0))
+  return float(r2_score(target, predicted))
+
+
+def t2_explained(data: ml_collections.ConfigDict, patient_ids) -> float | None:
+  """`t2_r2` of a synthetic cohort's patients; None for a cohort not the phantom's."""
+  spec, truths = _phantom_truths(data, patient_ids)
+  return None if spec is None else t2_r2(truths, bool(spec.transfer))
 
 
 def features(cohort: input_pipeline.Cohort, ftv_mm3: np.ndarray,

@@ -1,5 +1,6 @@
-"""The run contract, spelled once: the models a protocol compares, the workdir layout, the
-predictions schema, discovery of finished models, and the code version.
+"""The run contract, spelled once: the models a protocol compares, every file name of a workdir
+and of an exported model, the predictions schema, discovery of finished models, and the code
+version.
 
 Every module that writes or reads a workdir asks this one. Adding a row to the paper's table is one
 `Model` entry in `MODELS` plus the code that writes its predictions files; the evidence (tables,
@@ -18,27 +19,26 @@ A protocol workdir:
       student/lambda_<w>/          a candidate of dual_task.lambda_grid; the best on validation is
                                    copied into student/, lambda_choice.json says which and why
     predictions_oof_<model>.csv    each patient's repeat-averaged out-of-fold prediction
-    table.csv, report.md, ...      the evidence (pcrjax.evidence.report)
+    table.csv, report.md, ...      the evidence (pcrjax.evidence.run_report)
+
+An exported model (pcrjax.inference.packaging): model.json, MODEL_CARD.md and
+members/repeat_<r>_fold_<k>/{config.json, params/}.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import errno
 import json
 import math
 import os
-import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
+from collections.abc import Callable
 
 import ml_collections
 
+from pcrjax import fileio
 from tfds_ispy2.ispy2 import schema
 
 NETWORK = 'network'  # Trained by pcrjax.train with `config.stage = name`.
@@ -52,21 +52,52 @@ class Model:
   name: str  # Directory name and key.
   label: str  # The name every table and figure shows.
   time_points: tuple[int, ...]  # Visit indices it sees (0 = T0); () = clinical data only.
-  kind: str  # NETWORK or REFERENCE.
-  compared: bool  # An early predictor: enters the pairwise DeLong tests.
+  kind: str  # How it is produced: NETWORK or REFERENCE.
+  # A method predicting from the early visits: enters the pairwise DeLong tests, and as a network
+  # may not see T2.
+  early_predictor: bool
   colour: str
-  teacher: str = ''  # The network whose frozen latent it regresses: trained first, on the same fold.
+  # The network whose frozen outputs it regresses: trained first, on the same fold.
+  teacher: str = ''
   synthetic_only: bool = False  # Reads the phantom's truth: exists for synthetic cohorts only.
-  note: str = ''  # Why a row that is not compared is in the table.
+  note: str = ''  # Why a row that is not an early predictor is in the table.
 
   @property
   def visits(self) -> str:
     return '+'.join(schema.VISITS[t] for t in self.time_points) or 'clinical'
 
+  @property
+  def is_teacher(self) -> bool:
+    """Another model learns from its T2 outputs: it must see T2."""
+    return any(m.teacher == self.name for m in MODELS)
+
+  def feature_dim(self, target: str, teacher_latent: Callable[[], int]) -> int:
+    """The width of its feature-regression head for the dual-task `target`: 0 without a teacher.
+
+    `teacher_latent()`: the teacher's latent width (its `model.lstm_features`), asked only for the
+    'latent' target, so that a target that needs no teacher needs no teacher's config either.
+    """
+    if not self.teacher:
+      return 0
+    if target == 'latent':
+      return teacher_latent()
+    if target == 'logit':
+      return 1
+    # Imported here: the run contract imports no JAX, and only a trainer asks for a kinetics head.
+    from pcrjax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.NUM_KINETICS  # The change of each tumour kinetic from T0 to T2.
+
+
+def feature_dim(config) -> int:
+  """A run's feature-regression head width: its stage's rule, its teacher's config read if needed."""
+  return model(config.stage).feature_dim(
+      config.dual_task.target,
+      teacher_latent=lambda: read_config(config.teacher_workdir).model.lstm_features)
+
 
 # Table order. The paper's comparison is student vs baseline (PRIMARY). References are fitted
 # logistic models: what the clinic knows before treatment (subtype), the I-SPY imaging biomarker
-# (FTV), and both; rows that are not compared are reference points, not methods.
+# (FTV), and both; rows that are not early predictors are reference points, not methods.
 MODELS = (
     Model('baseline', 'Baseline (single-stage)', (0, 1), NETWORK, True, '#1f77b4'),
     Model('student', 'Student (two-stage dual-task)', (0, 1), NETWORK, True, '#d62728',
@@ -98,6 +129,12 @@ def networks_in_training_order() -> list[Model]:
   return sorted((m for m in MODELS if m.kind == NETWORK), key=lambda m: bool(m.teacher))
 
 
+def is_synthetic(dataset: str) -> bool:
+  """Whether `dataset` (config.data.dataset) is one of the phantom's cohorts: its figures say
+  nothing about patients, and its truth allows the synthetic-only rows."""
+  return dataset.startswith('ispy2/synthetic')
+
+
 # --- Layout. ---------------------------------------------------------------------------------------
 
 CONFIG_FILE = 'config.json'
@@ -108,13 +145,44 @@ CHECKPOINTS_DIR = 'checkpoints'
 FTV_TABLE_FILE = 'ftv.csv'
 COHORT_FACTS_FILE = 'cohort_facts.json'  # What the protocol measured of the cohort itself.
 LAMBDA_CHOICE_FILE = 'lambda_choice.json'  # The candidates' validation metrics, the lambda kept.
-LOCK_FILE = '.lock'  # Held by the one process writing the workdir: {pid, host, started}.
+LOCK_FILE = '.lock'  # Held by the one process writing the workdir (lock_path).
 # The log of what ran in a directory, appended to by each run: the main command's in its workdir,
 # each protocol training's in its stage directory, a parallel protocol task's output in its task's.
 LOG_FILE = 'log.txt'
 TIMING_FILE = 'timing.json'  # A training's wall time per phase (pcrjax.wall_time).
 WALL_TIME_FILE = 'wall_time.json'  # The protocol's last run's wall time per phase.
+PROFILE_DIR = 'profile'  # A training's JAX profiler trace (config.profile_steps).
 SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
+
+# The evidence of a protocol workdir (pcrjax.evidence.run_report).
+TABLE_FILE = 'table.csv'
+PAIRWISE_FILE = 'pairwise.csv'
+OPERATING_POINTS_FILE = 'operating_points.csv'
+DECISION_CURVE_FILE = 'decision_curve.csv'
+SUBGROUPS_FILE = 'subgroups.csv'
+REPORT_FILE = 'report.md'
+REPORT_PAGE_FILE = 'report.html'  # report.md with its figures inline: one file to send.
+ROC_FIGURE = 'roc.png'
+CALIBRATION_FIGURE = 'calibration.png'
+DECISION_CURVE_FIGURE = 'decision_curve.png'
+FOREST_FIGURE = 'forest.png'
+LEARNING_CURVES_FIGURE = 'learning_curves.png'
+
+# An exported model directory (pcrjax.inference.packaging).
+MODEL_FILE = 'model.json'
+MODEL_CARD_FILE = 'MODEL_CARD.md'
+MEMBERS_DIR = 'members'
+PARAMS_DIR = 'params'  # In a member's directory: its params, an Orbax checkpoint.
+
+# What pcrjax.predict writes into its output folder: one patient's, or a folder's one row each.
+PREDICTION_FILE = 'prediction.json'
+PREDICTION_PAGE_FILE = 'prediction.html'
+BATCH_PREDICTIONS_FILE = 'predictions.csv'
+
+
+def lock_path(workdir: str) -> str:
+  """The lock of the one process writing `workdir` (fileio.workdir_lock)."""
+  return os.path.join(workdir, LOCK_FILE)
 
 
 def task_dir(workdir: str, repeat: int, fold: int) -> str:
@@ -144,6 +212,15 @@ def adopt_run(candidate: str, directory: str) -> None:
     shutil.copyfile(os.path.join(candidate, name), os.path.join(directory, name))
 
 
+def member_name(repeat: int, fold: int) -> str:
+  """An exported model's member: the network of one fold of one repeat."""
+  return f'repeat_{repeat}_fold_{fold}'
+
+
+def member_dir(model_dir: str, name: str) -> str:
+  return os.path.join(model_dir, MEMBERS_DIR, name)
+
+
 def predictions_path(directory: str, split: str) -> str:
   return os.path.join(directory, f'predictions_{split}.csv')
 
@@ -165,7 +242,7 @@ def finished_models(workdir: str, *, num_repeats: int, num_folds: int) -> list[M
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(directory, exist_ok=True)
-  with atomic_open(os.path.join(directory, CONFIG_FILE)) as f:
+  with fileio.atomic_open(os.path.join(directory, CONFIG_FILE)) as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
@@ -181,7 +258,7 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
 
 
 def write_selection(directory: str, *, epoch: int, metric: str, value: float) -> None:
-  with atomic_open(os.path.join(directory, SELECTION_FILE)) as f:
+  with fileio.atomic_open(os.path.join(directory, SELECTION_FILE)) as f:
     json.dump({'epoch': int(epoch), 'metric': metric, 'value': float(value)}, f)
 
 
@@ -219,7 +296,7 @@ def prediction_row(*, patient_id: str, label: int, prob: float, subtype: str, fo
 
 def write_predictions(path: str, rows: list[dict]) -> None:
   """Writes atomically: a file that exists is complete (the protocol resumes on that)."""
-  with atomic_open(path, newline='') as f:
+  with fileio.atomic_open(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS)
     writer.writeheader()
     for row in rows:
@@ -229,124 +306,6 @@ def write_predictions(path: str, rows: list[dict]) -> None:
 def read_predictions(path: str) -> list[dict]:
   with open(path, newline='') as f:
     return [prediction_row(**row) for row in csv.DictReader(f)]
-
-
-# --- Writing: whole files, and a full disk named. -------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = 'w', **kwargs):
-  """`open(path, mode)` through `<path>.<pid>.tmp`, moved into place when the body finishes.
-
-  A file that exists is whole: a killed or failed write leaves the previous version, and processes
-  writing the same file (the jobs of a job array) do not mix their bytes. An OSError of the write
-  names `path` (a full disk's ENOSPC, raised by write or close, names no file).
-  """
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    with open(tmp, mode, **kwargs) as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    if isinstance(e, OSError) and e.filename in (None, tmp):
-      raise OSError(e.errno, e.strerror, path) from None
-    raise
-
-
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# How Orbax and TensorStore report it: a ValueError whose message quotes the files.
-_DISK_FULL_MESSAGE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
-_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
-
-
-def disk_full_path(error: BaseException | None) -> str | None:
-  """The file a write could not finish for want of disk space, if that is what `error` or an
-  exception it was raised from is (the first one that names a file); None otherwise."""
-  paths = []
-  while error is not None:
-    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      paths.append(os.fspath(error.filename) if error.filename else None)
-    elif _DISK_FULL_MESSAGE.search(str(error)):
-      paths.append((_QUOTED_PATH.findall(str(error)) or [None])[-1])
-    error = error.__cause__ or error.__context__
-  if not paths:
-    return None
-  return next((p for p in reversed(paths) if p), '(unnamed file)')
-
-
-@contextlib.contextmanager
-def exit_in_one_line_if_disk_full(then: str = ''):
-  """For a command's main: a full disk ends the program with one line naming the file (the free
-  space left there, what to do, and `then`), not a traceback; any other error passes through."""
-  try:
-    yield
-  except Exception as e:  # noqa: BLE001 -- re-raised unless it is a full disk.
-    if (path := disk_full_path(e)) is None:
-      raise
-    folder = os.path.dirname(path)
-    while folder and not os.path.isdir(folder):
-      folder = os.path.dirname(folder)
-    free = f' ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)' if folder else ''
-    sys.exit(f'FATAL No space left on device writing {path}{free}: free some space, then run the same'
-             f' command again{then}.')
-
-
-# --- One writer per workdir. ----------------------------------------------------------------------
-
-
-class WorkdirInUse(RuntimeError):
-  """Another live process holds the workdir."""
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Alive, another user's.
-    return True
-  return True
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-  """Holds <workdir>/.lock while the body runs; a second run on the workdir stops at once.
-
-  The lock is written whole and then linked into place (atomic: never seen half-written). One left
-  by a killed run (its pid gone, on this host) is taken over; one held on another host cannot be
-  checked from here and is refused, naming the file to delete.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
-  mine = {'pid': os.getpid(), 'host': socket.gethostname(),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-  tmp = f'{path}.{mine["pid"]}'
-  with open(tmp, 'w') as f:
-    json.dump(mine, f)
-  try:
-    while True:
-      try:
-        os.link(tmp, path)
-        break
-      except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-          with open(path) as f:
-            holder = json.load(f)
-          if holder['host'] == mine['host'] and not _alive(int(holder['pid'])):
-            os.remove(path)  # Stale: its run is gone.
-            continue
-          elsewhere = '' if holder['host'] == mine['host'] else f' (if that run is dead, delete {path})'
-          raise WorkdirInUse(f'{workdir} is in use by pid {holder["pid"]} on {holder["host"]} since'
-                             f' {holder["started"]}{elsewhere}: one run per workdir.')
-  finally:
-    os.remove(tmp)
-  try:
-    yield
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(path)
 
 
 # --- Code version. ---------------------------------------------------------------------------------
@@ -365,7 +324,7 @@ def record_code_version(workdir: str) -> None:
   """Keeps the code that started a run: a resumed run does not overwrite it."""
   path = os.path.join(workdir, CODE_VERSION_FILE)
   if not os.path.exists(path):
-    with atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
       f.write(code_version() + '\n')
 
 

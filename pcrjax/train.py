@@ -26,8 +26,8 @@ from flax.training import train_state
 from sklearn import linear_model
 from sklearn import metrics as sk_metrics
 
-from pcrjax import (checkpoints, configs, console, folds, input_pipeline, models, runs, sharding,
-                    wall_time)
+from pcrjax import (checkpoints, configs, console, fileio, folds, input_pipeline, models, runs,
+                    sharding, wall_time)
 from pcrjax.evidence import statistics
 
 TrainState = train_state.TrainState
@@ -98,38 +98,6 @@ class Teacher:
   time_points: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
 
-def create_model(config: ml_collections.ConfigDict, feature_dim: int = 0) -> models.PCRNet:
-  m = config.model
-  return _model(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
-                kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
-                reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
-                clinical_inputs=m.clinical_inputs, tumour_kinetics=m.tumour_kinetics,
-                pooling=m.pooling, normalization=m.normalization, conv=m.conv,
-                dtype=m.dtype)
-
-
-@functools.cache
-def _model(**fields) -> models.PCRNet:
-  """One instance per architecture in a process: a jitted step takes the model's `apply` (and the
-  optimizer) as static arguments, so the protocol's trainings of one network share its compiled
-  step and evaluation only if they share these objects (measured: a retrace and a cache lookup of
-  ~1 s per training otherwise)."""
-  return models.PCRNet(**fields)
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'input_shape'))
-def init_params(model: models.PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
-  """input_shape: [T, *spatial, C] of one patient. Jitted: one compilation (kept by the persistent
-  cache) instead of one per initialiser and layer, ~6 s eagerly on a CPU; the same values."""
-  images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  visit_mask = jnp.ones((1, input_shape[0]), bool)
-  clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
-  kinetics = jnp.zeros((1, input_shape[0], input_pipeline.NUM_KINETICS), jnp.float32)
-  tumour = jnp.zeros(images.shape[:-1], bool)
-  return model.init({'params': rng}, images, visit_mask, clinical, kinetics, tumour,
-                    train=False)['params']
-
-
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up, then cosine decay to zero at the last step."""
   return _learning_rate(config.learning_rate, config.warmup_epochs * steps_per_epoch,
@@ -140,10 +108,11 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                        input_shape: tuple[int, ...], steps_per_epoch: int) -> TrainState:
   tx = _optimizer(create_learning_rate_fn(config, steps_per_epoch), config.weight_decay,
                   config.grad_clip_norm)
-  return TrainState.create(apply_fn=model.apply, params=init_params(model, rng, input_shape), tx=tx)
+  return TrainState.create(apply_fn=model.apply, params=models.init_params(model, rng, input_shape),
+                           tx=tx)
 
 
-# One instance per setting in a process (see `_model`): the optimizer is a static part of the state.
+# One instance per setting in a process (see models.build): the optimizer is a static part of the state.
 @functools.cache
 def _learning_rate(peak: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak,
@@ -173,8 +142,8 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, pos_weight: float | jax.A
   return weights * optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array,
-               pos_weight: jax.Array, *, feature_loss_weight: float):
+def _batch_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array,
+                pos_weight: jax.Array, *, feature_loss_weight: float):
   """One AdamW step on weighted BCE (+ lambda * the MSE of the feature targets, for the student).
 
   The student's `batch['target']` holds each patient's precomputed target (`feature_targets`) and
@@ -213,6 +182,7 @@ def eval_outputs(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Arr
                   train=False)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def eval_step(apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
   """pCR probabilities of the examples at `rows`."""
   return jax.nn.sigmoid(eval_outputs(apply_fn, params, examples, rows)['logit'])
@@ -236,18 +206,17 @@ TEACHER_MUST_MATCH = ('data.dataset', 'data.num_folds', 'data.fold', 'data.fold_
                       'data.val_fraction', 'data.representation', 'data.crop_size', 'data.channels')
 
 
-def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...],
-                 teacher_dir: str = '') -> Teacher:
+def load_teacher(config: ml_collections.ConfigDict, teacher_dir: str = '', *, devices: int) -> Teacher:
   """The best params of the finished stage-1 run in `teacher_dir` (default: `config.teacher_workdir`),
-  read-only."""
+  read-only, its model for batches split over `devices`."""
   teacher_dir = os.path.abspath(teacher_dir or config.teacher_workdir)
   how = (f'train it first: python -m pcrjax.main --config=experiments/stage1.py --workdir={teacher_dir}'
          f' --config.data.fold={config.data.fold}')
   config_path = os.path.join(teacher_dir, runs.CONFIG_FILE)
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f'No teacher run in {teacher_dir} (no config.json): {how}')
+    raise FileNotFoundError(f'No teacher run in {teacher_dir} (no {runs.CONFIG_FILE}): {how}')
   teacher_config = runs.read_config(teacher_dir)
-  if teacher_config.stage != 'teacher':
+  if teacher_config.stage != runs.model(config.stage).teacher:
     raise ValueError(f'{config_path} is a {teacher_config.stage!r} run, not a stage-1 teacher: {how}')
   for field in TEACHER_MUST_MATCH:
     ours, theirs = configs.config_value(config, field), configs.config_value(teacher_config, field)
@@ -257,26 +226,16 @@ def load_teacher(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...]
   if not runs.is_finished(teacher_dir):
     raise FileNotFoundError(f'The teacher run in {teacher_dir} has not finished: resume it with the'
                             f' same command ({how}).')
-  model = create_model(teacher_config)
-  time_points = tuple(teacher_config.data.time_points)
-  like = jax.eval_shape(functools.partial(init_params, model, input_shape=(len(time_points),) + visit_shape),
-                        jax.random.key(0))
+  model = models.build(teacher_config, devices=devices)
+  like = models.abstract_params(model, models.patient_shape(teacher_config.data))
   manager = checkpoints.create_manager(teacher_dir, read_only=True)
   try:
     params = checkpoints.restore_params(manager, manager.best_step(), like)
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'The checkpoint in {teacher_dir} does not match the architecture its config.json'
-                     f' describes (config.model = {teacher_config.model.to_dict()}): {e}') from e
-  return Teacher(model=model, params=params, time_points=time_points)
-
-
-def feature_dim(config: ml_collections.ConfigDict) -> int:
-  """The width of a run's feature-regression head: its dual-task target's (0: no head)."""
-  if config.stage != 'student':
-    return 0
-  if config.dual_task.target == 'latent':
-    return runs.read_config(config.teacher_workdir).model.lstm_features
-  return 1 if config.dual_task.target == 'logit' else input_pipeline.NUM_KINETICS
+    raise ValueError(f'The checkpoint in {teacher_dir} does not match the architecture its'
+                     f' {runs.CONFIG_FILE} describes (config.model ='
+                     f' {teacher_config.model.to_dict()}): {e}') from e
+  return Teacher(model=model, params=params, time_points=tuple(teacher_config.data.time_points))
 
 
 def feature_targets(config: ml_collections.ConfigDict, source, cohort: input_pipeline.Cohort,
@@ -321,7 +280,7 @@ def feature_targets(config: ml_collections.ConfigDict, source, cohort: input_pip
 def _teacher_outputs(config, source, cohort: input_pipeline.Cohort, mesh, teacher_dir: str
                      ) -> np.ndarray:
   """[N, D]: the teacher's `dual_task.target` output of every patient, on clean inputs."""
-  teacher = load_teacher(config, input_pipeline.visit_shape(config.data), teacher_dir)
+  teacher = load_teacher(config, teacher_dir, devices=mesh.size)
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.time_points = teacher.time_points
   rows = np.arange(len(cohort))
@@ -436,7 +395,7 @@ def choose_feature_weight(config: ml_collections.ConfigDict, workdir: str) -> di
     config = ml_collections.ConfigDict(config.to_dict())
     config.feature_loss_weight = chosen
     runs.write_config(workdir, config)
-    with runs.atomic_open(os.path.join(workdir, runs.LAMBDA_CHOICE_FILE)) as f:
+    with fileio.atomic_open(os.path.join(workdir, runs.LAMBDA_CHOICE_FILE)) as f:
       json.dump({'metric': checkpoints.SELECTION_METRIC, 'chosen': chosen,
                  'candidates': [{'lambda': w, 'value': v} for w, v in scores.items()]}, f, indent=2)
     runs.adopt_run(runs.lambda_dir(workdir, chosen), workdir)
@@ -452,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = sharding.is_primary()  # Of several processes (jax.distributed), one writes the files.
   if primary:
     runs.write_config(workdir, config)
-  if config.stage == 'student' and config.dual_task.lambda_grid:
+  learns_from_teacher = bool(runs.model(config.stage).teacher)
+  if learns_from_teacher and config.dual_task.lambda_grid:
     return choose_feature_weight(config, workdir)
 
   clock = wall_time.Clock()
@@ -472,10 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # gathers and augments its batch there, by source row.
   host_examples = input_pipeline.load_examples(source, cohort, np.arange(len(cohort)), config.data)
   clock.lap('data')
-  if config.stage == 'student':
+  if learns_from_teacher:
     host_examples.update(feature_targets(config, source, cohort, split.train, mesh))
-  model = create_model(config, feature_dim=feature_dim(config))
-  input_shape = (len(config.data.time_points),) + input_pipeline.visit_shape(config.data)
+  model = models.build(config, runs.feature_dim(config), devices=mesh.size)
+  input_shape = models.patient_shape(config.data)
 
   steps_per_epoch = len(split.train) // config.batch_size
   rng = jax.random.fold_in(jax.random.key(config.seed), config.data.fold)
@@ -500,8 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pos_weight = sharding.put(np.float32(positive_weight(config, cohort.pcr[split.train])), replicated)
     step_kwargs = dict(augmentation=input_pipeline.augmentation(config.data),
                        feature_loss_weight=float(config.feature_loss_weight))
-    eval_fn = clock.first_call(functools.partial(_eval_step, state.apply_fn), before='validation')
-    train_step_fn = clock.first_call(_train_step, before='steps')
+    eval_fn = clock.first_call(functools.partial(eval_step, state.apply_fn), before='validation')
+    train_step_fn = clock.first_call(train_step, before='steps')
     put_epoch_rows = functools.partial(sharding.put, sharding=sharding.epoch_batch_sharding(mesh))
     empty_metrics = sharding.put(TrainMetrics.empty(), replicated)
 
@@ -538,12 +498,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if exploded:
         _diverged(config, manager, workdir, f'epoch {epoch}: {exploded}')
       val_auroc = float(statistics.auroc(labels, probs))
-      summary.update(val_auroc=val_auroc,
-                     val_auroc_smoothed=smoothed(log.values('val_auroc') + [val_auroc],
+      summary.update({
+          'val_auroc': val_auroc,
+          checkpoints.SELECTION_METRIC: smoothed(log.values('val_auroc') + [val_auroc],
                                                  config.selection_window),
-                     val_bce=float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
-                     learning_rate=float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
-                     epoch_seconds=time.time() - started)
+          'val_bce': float(sk_metrics.log_loss(labels, probs, labels=[0, 1])),
+          'learning_rate': float(create_learning_rate_fn(config, steps_per_epoch)(state.step)),
+          'epoch_seconds': time.time() - started})
       selection = summary[checkpoints.SELECTION_METRIC]
       clock.lap('validation')
       if (selection > best_auroc or epoch % config.checkpoint_every_epochs == 0
@@ -596,9 +557,9 @@ def _diverged(config: ml_collections.ConfigDict, manager, workdir: str, what: st
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=('augmentation', 'feature_loss_weight'))
-def _train_step(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, pos_weight, *,
-                augmentation, **kwargs):
-  """train_step on the next batch of the epoch, `epoch_rows[state.step % steps]`, gathered and
+def train_step(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment_rng, pos_weight, *,
+               augmentation, **kwargs):
+  """_batch_step on the next batch of the epoch, `epoch_rows[state.step % steps]`, gathered and
   augmented on the device; its metrics merged into `epoch_metrics`.
 
   Jitted once per process: the protocol's trainings of one network share the compiled step (and,
@@ -607,11 +568,8 @@ def _train_step(state, epoch_metrics, examples, epoch_rows, dropout_rng, augment
   rows = epoch_rows[state.step % epoch_rows.shape[0]]
   batch = input_pipeline.device_batch(examples, rows, jax.random.fold_in(augment_rng, state.step),
                                       augmentation)
-  state, step_metrics = train_step(state, batch, dropout_rng, pos_weight, **kwargs)
+  state, step_metrics = _batch_step(state, batch, dropout_rng, pos_weight, **kwargs)
   return state, epoch_metrics.merge(step_metrics)
-
-
-_eval_step = jax.jit(eval_step, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames='output')
@@ -620,11 +578,12 @@ def _eval_outputs(apply_fn, params, examples, rows, *, output: str):
 
 
 class _Profiler:
-  """Traces `num_steps` training steps with the JAX profiler into <workdir>/profile (TensorBoard's
+  """Traces `num_steps` training steps with the JAX profiler into runs.PROFILE_DIR (TensorBoard's
   profile plugin and Perfetto read it), from the run's second step on: the first one compiles."""
 
   def __init__(self, workdir: str, num_steps: int):
-    self._dir, self._num_steps, self._steps, self._tracing = os.path.join(workdir, 'profile'), num_steps, 0, False
+    self._dir = os.path.join(workdir, runs.PROFILE_DIR)
+    self._num_steps, self._steps, self._tracing = num_steps, 0, False
 
   def before_step(self) -> None:
     if self._num_steps and self._steps == 1:
@@ -661,7 +620,7 @@ class _MetricsLog:
     self._lines.append(json.dumps({'epoch': epoch, 'step': step, **summary}) + '\n')
     if self._writer is None:
       return
-    with runs.atomic_open(self._path) as f:
+    with fileio.atomic_open(self._path) as f:
       f.writelines(self._lines)
     for key, value in summary.items():
       self._writer.add_scalar(key, value, step)

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from pcrjax import runs
+from pcrjax import fileio, runs
 
 # Every phase, in the order a protocol spends them, with what `describe` calls it.
 PHASES = {
@@ -79,7 +79,7 @@ class Clock:
     global _finished_training_seconds
     _finished_training_seconds += sum(self.seconds.values())
     if directory is not None:
-      with runs.atomic_open(os.path.join(directory, runs.TIMING_FILE)) as f:
+      with fileio.atomic_open(os.path.join(directory, runs.TIMING_FILE)) as f:
         json.dump({'seconds': self.seconds, **facts, 'finished': time.time()}, f, indent=1)
 
 
@@ -104,8 +104,8 @@ def record_protocol(workdir: str, clock: Clock, *, started: float) -> dict:
   """Writes and returns the protocol's phases so far (runs.WALL_TIME_FILE): its clock's, with the
   phases of the trainings that finished since `started` (time.time()) in place of its 'trainings'.
 
-  Trainings that ran side by side (parallel_trainings) spend more seconds than the wall time they
-  took; their phases are then scaled to it, each keeping its share.
+  Trainings that ran side by side (protocol.parallel_trainings) spend more seconds than the wall
+  time they took; their phases are then scaled to it, each keeping its share.
   """
   trainings = _timing_records(workdir, finished_after=started)
   spent = {p: sum(r['seconds'].get(p, 0.0) for r in trainings) for p in TRAINING_PHASES}
@@ -118,13 +118,13 @@ def record_protocol(workdir: str, clock: Clock, *, started: float) -> dict:
   record = {'wall': wall, 'seconds': seconds, 'trainings': len(trainings),
             'steps': sum(r['steps'] for r in trainings),
             'machine': f'{os.cpu_count()} CPU cores{devices}'}
-  with runs.atomic_open(os.path.join(workdir, runs.WALL_TIME_FILE)) as f:
+  with fileio.atomic_open(os.path.join(workdir, runs.WALL_TIME_FILE)) as f:
     json.dump(record, f, indent=1)
   return record
 
 
 def read_protocol(workdir: str, report_seconds: float) -> dict | None:
-  """The protocol's last record (None: a workdir from before these records), with
+  """The protocol's last record (None: a workdir without one), with
   `report_seconds` as its report when it has none yet (the protocol's own report being built)."""
   path = os.path.join(workdir, runs.WALL_TIME_FILE)
   if not os.path.exists(path):

@@ -73,6 +73,6 @@ def smoke_protocol(data_dir, tmp_path_factory):
   config.data.data_dir = data_dir
   config.num_epochs = 1
   config.warmup_epochs = 0
-  config.bootstrap_replicates = 200
+  config.protocol.bootstrap_replicates = 200
   workdir = tmp_path_factory.mktemp('smoke_protocol') / 'table'
   return config, workdir, protocol.run(config, str(workdir))

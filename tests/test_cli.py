@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pcrjax import runs, wall_time
-from pcrjax.evidence import report as report_module
+from pcrjax import fileio, runs, wall_time
+from pcrjax.evidence import run_report
 from tests import test_packaging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,11 +47,11 @@ def test_unknown_field_is_one_line_with_the_nearest_names(tmp_path):
 
 def test_helpconfig_lists_every_field_with_its_value():
   result = _main('--config=experiments/paper_table.py:smoke', '--helpconfig',
-                 '--config.num_repeats=3')
+                 '--config.protocol.num_repeats=3')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert 'model.clinical_inputs=False' in lines and "data.dataset='ispy2/synthetic_smoke'" in lines
-  assert 'num_repeats=3' in lines and "stage='protocol'" in lines
+  assert 'protocol.num_repeats=3' in lines and "stage='protocol'" in lines
 
 
 def test_a_wheel_install_runs_the_shipped_experiments_by_name_or_path(tmp_path):
@@ -77,7 +77,7 @@ def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
   workdir = tmp_path / 'run'
   holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
   try:
-    with runs.workdir_lock(str(workdir)):
+    with fileio.workdir_lock(runs.lock_path(str(workdir))):
       pass  # Takes and releases the lock.
     assert not (workdir / runs.LOCK_FILE).exists()
     (workdir / runs.LOCK_FILE).write_text(json.dumps(
@@ -92,7 +92,7 @@ def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
   finally:
     holder.kill()
     holder.wait()
-  with runs.workdir_lock(str(workdir)):  # Its holder is dead now: taken over.
+  with fileio.workdir_lock(runs.lock_path(str(workdir))):  # Its holder is dead now: taken over.
     assert json.loads((workdir / runs.LOCK_FILE).read_text())['pid'] == os.getpid()
 
 
@@ -110,8 +110,8 @@ _NOT_ON_THE_CONSOLE = ('epoch 1/1', 'orbax', 'Checkpoint', 'read only', 'read_on
 def _smoke_protocol(workdir, data_dir, *args):
   return subprocess.run(
       [sys.executable, '-m', 'pcrjax.main', '--config=paper_table:smoke', f'--workdir={workdir}',
-       f'--config.data.data_dir={data_dir}', '--config.num_repeats=1', '--config.num_epochs=1',
-       '--config.warmup_epochs=0', '--config.bootstrap_replicates=200', *args],
+       f'--config.data.data_dir={data_dir}', '--config.protocol.num_repeats=1', '--config.num_epochs=1',
+       '--config.warmup_epochs=0', '--config.protocol.bootstrap_replicates=200', *args],
       cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -168,7 +168,7 @@ def test_where_the_wall_time_went_is_in_the_log_and_the_report(protocol_run, tmp
   (older / runs.WALL_TIME_FILE).unlink()
   for timing in older.rglob(runs.TIMING_FILE):
     timing.unlink()
-  report_module.build(str(older))
+  run_report.build(str(older))
   assert 'Where the time went' not in (older / 'report.md').read_text()
 
 

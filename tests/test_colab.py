@@ -148,7 +148,7 @@ def test_smoke_protocol_then_export_and_predict(venv, dummy_truth):
   workdir = venv.tmp / 'smoke'
   result = venv.run('-m', 'pcrjax.main', f'--config={ROOT / "experiments" / "paper_table.py"}:smoke',
                     f'--workdir={workdir}', '--config.num_epochs=1', '--config.warmup_epochs=0',
-                    '--config.num_repeats=1')
+                    '--config.protocol.num_repeats=1')
   assert (workdir / 'table.csv').exists() and (workdir / 'report.html').exists()
   assert 'Traceback' not in result.stderr and 'Warning' not in result.stderr, result.stderr[-3000:]
   venv.run('-m', 'pcrjax.export', f'--run={workdir}', f'--out={venv.tmp / "model"}')

@@ -19,8 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fake_data import tcia_fixtures
-from pcrjax import checkpoints, runs, train
-from pcrjax.inference import export
+from pcrjax import checkpoints, fileio, runs, train
+from pcrjax.inference import packaging
 from tfds_ispy2.ispy2 import tcia_build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(smoke_config, s
   with pytest.raises(OSError) as error:
     runs.write_predictions(path, rows * 50)
   assert (error.value.errno, error.value.filename) == (errno.ENOSPC, path)
-  assert runs.disk_full_path(error.value) == path
+  assert fileio.disk_full_path(error.value) == path
   assert {p: p.read_bytes() for p in written} == written and not list(pathlib.Path(workdir).glob('*.tmp'))
 
 
@@ -69,8 +69,8 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(smoke_config, s
 
 def _protocol_command(workdir, data_dir, manual_dir, cache_dir):
   return [sys.executable, '-m', 'pcrjax.main', '--config=experiments/paper_table.py:smoke',
-          f'--workdir={workdir}', f'--compilation_cache={cache_dir}', '--config.num_repeats=1',
-          '--config.num_epochs=1', '--config.warmup_epochs=0', '--config.bootstrap_replicates=200',
+          f'--workdir={workdir}', f'--compilation_cache={cache_dir}', '--config.protocol.num_repeats=1',
+          '--config.num_epochs=1', '--config.warmup_epochs=0', '--config.protocol.bootstrap_replicates=200',
           '--config.data.dataset=ispy2/tcia', f'--config.data.manual_dir={manual_dir}',
           f'--config.data.data_dir={data_dir}']
 
@@ -78,19 +78,19 @@ def _protocol_command(workdir, data_dir, manual_dir, cache_dir):
 @pytest.fixture(scope='module')
 def tcia_run(tcia_tree, tmp_path_factory):
   """An uninterrupted smoke protocol on the TCIA fixture tree (its build included), its two folds
-  trained at once in child processes (`parallel_trainings`), and its export."""
+  trained at once in child processes (`protocol.parallel_trainings`), and its export."""
   root = tmp_path_factory.mktemp('tcia_run')
   manual_dir, truth = tcia_tree
   paths = {'workdir': root / 'run', 'data_dir': root / 'tfds', 'manual_dir': manual_dir,
            'cache_dir': root / 'xla', 'model_dir': root / 'model'}
   done = subprocess.run(_protocol_command(*(paths[k] for k in ('workdir', 'data_dir', 'manual_dir',
                                                                   'cache_dir')))
-                        + ['--config.parallel_trainings=2'],
+                        + ['--config.protocol.parallel_trainings=2'],
                         capture_output=True, text=True, timeout=900, cwd=REPO)
   assert done.returncode == 0, done.stderr[-3000:]
   logs = sorted(paths['workdir'].glob('repeat_0/fold_*/log.txt'))  # One child per fold.
   assert len(logs) == 2 and all('training the student' in log.read_text() for log in logs)
-  export.export(str(paths['workdir']), str(paths['model_dir']), model_name='student')
+  packaging.export(str(paths['workdir']), str(paths['model_dir']), model_name='student')
   return paths, truth, done.stderr + ''.join(log.read_text() for log in logs)
 
 

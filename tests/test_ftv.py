@@ -12,9 +12,8 @@ from scipy.stats import spearmanr
 from fake_data import tcia_fixtures
 from pcrjax import ftv, references
 from pcrjax.evidence import statistics
+from tfds_ispy2.ispy2 import geometry, schema, tcia
 from tfds_ispy2.ispy2 import phantom as ph
-from tfds_ispy2.ispy2 import schema
-from tfds_ispy2.ispy2 import tcia
 
 SPEC = ph.PhantomSpec(shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0), seed=0)
 VOXEL_MM3 = float(np.prod(SPEC.spacing_mm))
@@ -88,14 +87,17 @@ def test_roi_restricts_the_mask_and_sets_the_background():
   assert not ftv.ftv_mask(*_phases(enhancing.shape, enhancing), roi=np.zeros_like(roi)).any()
 
 
-def test_roi_from_mask_is_the_box_grown_by_the_margin_in_mm():
-  mask = np.zeros((16, 64, 64), bool)
-  mask[5, 10, 60] = True
-  roi = ftv.roi_from_mask(mask, (3.0, 2.0, 2.0), margin_mm=10.0)  # 4, 5, 5 voxels; clipped at 64
-  expected = np.zeros_like(mask)
-  expected[1:10, 5:16, 55:64] = True
-  np.testing.assert_array_equal(roi, expected)
-  assert ftv.roi_from_mask(np.zeros_like(mask), (3.0, 2.0, 2.0)).all()  # no tumour: no VOI
+def test_ftv_masks_without_a_t0_tumour_look_over_the_whole_volume():
+  """No T0 tumour and no VOI: no box is known, so a later visit's FTV is the whole volume's."""
+  shape = (8, 12, 12)
+  enhancing = np.zeros(shape, bool)
+  enhancing[1:4, 1:4, 1:4] = enhancing[5:8, 8:11, 8:11] = True
+  record = {'images': np.stack([np.stack(_phases(shape, enhancing))] * 4),
+            'visit_mask': np.array([True, True, False, False]),
+            'tumor_mask': np.zeros((4,) + shape, np.uint8), 'spacing_mm': np.ones(3, np.float32)}
+  masks = ftv.ftv_masks(record)
+  np.testing.assert_array_equal(masks[1], ftv.ftv_mask(*_phases(shape, enhancing)))
+  assert masks[1].sum() == 2 * 27 and not masks[2:].any()
 
 
 # ----------------------------------------------------------------------------- phantom patients
@@ -113,7 +115,7 @@ def test_ftv_at_t0_agrees_with_the_enhancing_tumour(rendered):
   patients, volumes = rendered
   recall, ftv0, enhancing_mm3 = [], [], []
   for (ex, maps, _), f in zip(patients, volumes):
-    roi = ftv.roi_from_mask(ex['tumor_mask'][0], ex['spacing_mm'])
+    roi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
     mask = ftv.ftv_mask(*ex['images'][0], roi=roi)
     enhancing = maps['labels'][0] == ph.LABELS['tumour']
     recall.append((mask & enhancing).sum() / enhancing.sum())
@@ -193,7 +195,7 @@ def test_ftv_mask_is_the_rule_of_the_analysis_masks(rendered):
   patients, _ = rendered
   for ex, _, _ in patients[:8]:
     images = ex['images'][0].astype(np.float64)
-    voi = ftv.roi_from_mask(ex['tumor_mask'][0], ex['spacing_mm'])
+    voi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
     codes, _ = tcia_fixtures.volser_codes(*images, voi)
     np.testing.assert_array_equal(ftv.ftv_mask(*images, roi=voi), codes == 0)
 
@@ -204,7 +206,7 @@ def test_ftv_per_visit_takes_a_visits_own_analysis_mask(rendered):
   ex, _, _ = rendered[0][0]
   record = dict(ex, visit_mask=np.array([True, True, True, False]))
   masks = np.zeros_like(ex['tumor_mask'])
-  voi = ftv.roi_from_mask(ex['tumor_mask'][0], ex['spacing_mm'], margin_mm=6.0)
+  voi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], 6.0)
   masks[0] = np.where(ex['tumor_mask'][0] > 0, schema.TUMOUR, np.where(voi, schema.VOI, 0))
   masks[1] = ex['tumor_mask'][1]  # no mask at T1: the tumour only (PE >= 70 %)
   masks[2] = np.where(voi, schema.VOI, 0)  # T2: the mask's FTV is empty
@@ -212,8 +214,8 @@ def test_ftv_per_visit_takes_a_visits_own_analysis_mask(rendered):
   volumes = ftv.ftv_per_visit(record)
   assert volumes[0] == (ex['tumor_mask'][0] > 0).sum() * VOXEL_MM3
   assert volumes[1] == ftv.ftv_mask(*ex['images'][1], roi=voi).sum() * VOXEL_MM3
-  assert volumes[1] != ftv.ftv_mask(*ex['images'][1], roi=ftv.roi_from_mask(
-      ex['tumor_mask'][0], ex['spacing_mm'])).sum() * VOXEL_MM3  # the VOI, not the T0 box
+  t0_box = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
+  assert volumes[1] != ftv.ftv_mask(*ex['images'][1], roi=t0_box).sum() * VOXEL_MM3  # the VOI
   assert volumes[2] == 0 and np.isnan(volumes[3])
   assert ftv.voi(masks[1]) is None and ftv.voi(masks[2]).sum() == voi.sum()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pcrjax import input_pipeline, sharding
-from tfds_ispy2.ispy2 import schema
+from tfds_ispy2.ispy2 import geometry, schema
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def test_volume_crop_is_centred_on_each_visits_tumour(source_and_cohort):
       np.asarray(record['images'], np.float32), np.asarray(record['visit_mask'])))
   for t in (0, 1):
     mask = np.asarray(record['tumor_mask'][t if record['tumor_mask'][t].any() else 0])
-    manual = input_pipeline.crop_around(channels[t], np.argwhere(mask).mean(0), crop)
+    manual = geometry.crop(channels[t], np.argwhere(mask).mean(0), crop)
     np.testing.assert_allclose(out['images'][t], manual)
 
 
@@ -89,14 +89,6 @@ def test_tumour_kinetics_are_the_ftv_voxels_volume_and_mean_kinetics():
   got = input_pipeline.tumour_kinetics(images, ftv, spacing_mm=(2.0, 5.0, 5.0))
   np.testing.assert_allclose(got[0], [np.log(8 * 50 / 1000), 1.0, 0.5, 2.0], rtol=1e-5)
   np.testing.assert_allclose(got[1], [np.log(0.1), 0, 0, 0])  # No FTV voxels: floored, zero means.
-
-
-def test_crop_around_pads_at_the_border():
-  volume = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6, 1)
-  crop = input_pipeline.crop_around(volume, np.array([0.0, 0.0, 0.0]), (3, 5, 5))
-  assert crop.shape == (3, 5, 5, 1)
-  np.testing.assert_array_equal(crop[1:, 2:, 2:, 0], volume[:2, :3, :3, 0])
-  assert crop[0].sum() == 0 and crop[:, :2].sum() == 0 and crop[:, :, :2].sum() == 0
 
 
 def test_augmentation_moves_the_tumour_masks_with_their_images():

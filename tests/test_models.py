@@ -1,6 +1,6 @@
 """The ConvLSTM against a plain NumPy recurrence of the same equations, and the model family."""
 
-import functools
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 from scipy import signal
 
-from pcrjax import models
+from pcrjax import configs, models, ops
 
 
 def _sigmoid(x):
@@ -46,12 +46,12 @@ def _numpy_convlstm(params, x, present):
   return hidden
 
 
-@pytest.mark.parametrize('conv', ['native', 'patches'])
-def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits(conv):
+@pytest.mark.parametrize('patches', [None, ops.PatchesConv(ops.MAX_PATCH_BYTES, devices=1)])
+def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits(patches):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 3, 6, 5, 2)).astype(np.float32)
   present = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0]], bool)
-  layer = models.ConvLSTM(features=4, kernel_size=(3, 3), conv=conv)
+  layer = models.ConvLSTM(features=4, kernel_size=(3, 3), patches=patches)
   variables = layer.init(jax.random.key(0), x, present)
   # Random biases too, so that the bias terms and the +1 forget offset are both exercised.
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=0.5, size=p.shape), p.dtype),
@@ -64,28 +64,28 @@ def test_convlstm_matches_numpy_recurrence_and_skips_missing_visits(conv):
   np.testing.assert_array_equal(got[2, 2], got[2, 1])
 
 
+def test_the_networks_defaults_are_the_base_configs():
+  fields = [f.name for f in dataclasses.fields(models.PCRNet) if f.name not in ('parent', 'name')]
+  built = models.build(configs.base_config())
+  assert {f: getattr(built, f) for f in fields} == {f: getattr(models.PCRNet(), f) for f in fields}
+
+
 @pytest.mark.parametrize('spatial', [(16, 16), (4, 8, 8)])
 def test_model_family_shapes(spatial):
   images = jnp.ones((2, 3) + spatial + (3,))
   visit_mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
   clinical = jnp.zeros((2, 2))
-  baseline = models.PCRNet(encoder_features=(4, 8), lstm_features=6)
+  baseline = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False)
   params = baseline.init(jax.random.key(0), images, visit_mask, clinical, train=False)['params']
   out = baseline.apply({'params': params}, images, visit_mask, clinical, train=False)
   assert out['logit'].shape == (2,) and out['latent'].shape == (2, 6) and 'feature_pred' not in out
-  student = models.PCRNet(encoder_features=(4, 8), lstm_features=6, feature_dim=10)
+  student = models.PCRNet(encoder_features=(4, 8), lstm_features=6, feature_dim=10, tumour_kinetics=False)
   params = student.init(jax.random.key(0), images[:, :2], visit_mask[:, :2], clinical,
                         train=False)['params']
   out = student.apply({'params': params}, images[:, :2], visit_mask[:, :2], clinical, train=False)
   assert out['feature_pred'].shape == (2, 10)
   # The encoder is shared across visits: one set of weights, whatever the number of visits.
   assert 'encoder' in params and set(params['convlstm']) == {'ih', 'hh'}
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-  """Convolutions chunk a batch only on one device (the tests force two)."""
-  monkeypatch.setattr(jax, 'device_count', lambda: 1)
 
 
 @pytest.mark.parametrize('shape, kernel, stride', [
@@ -98,12 +98,11 @@ def one_device(monkeypatch):
     ((2, 11, 4), 4, 3),  # 1D, a kernel longer than the stride.
 ])
 # The default budget convolves these small batches at once; 1 byte, one example at a time (lax.map).
-@pytest.mark.parametrize('max_patch_bytes', [None, 1])
-def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride, max_patch_bytes,
-                                                                   one_device):
+@pytest.mark.parametrize('max_patch_bytes', [ops.MAX_PATCH_BYTES, 1])
+def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel, stride, max_patch_bytes):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   dims = len(shape) - 2
-  patches_conv = functools.partial(models.patches_conv, max_patch_bytes=max_patch_bytes)
+  patches_conv = ops.PatchesConv(max_patch_bytes, devices=1)
 
   def loss(conv_general_dilated, params, x):
     layer = nn.Conv(6, (kernel,) * dims, strides=stride, conv_general_dilated=conv_general_dilated)
@@ -121,41 +120,42 @@ def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(shape, kernel,
     np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4)
 
 
-def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results(monkeypatch, one_device):
+def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(2, 2, 4, 8, 8, 3)), jnp.float32)  # 3D: 4 visit images.
   visit_mask, clinical = jnp.ones((2, 2), bool), jnp.zeros((2, 2))
-  model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, conv='patches')
 
-  def run():
+  def run(max_patch_bytes):
+    model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False,
+                          conv='patches', max_patch_bytes=max_patch_bytes, devices=1)
     params = model.init(jax.random.key(0), images, visit_mask, clinical, train=False)['params']
     apply = lambda p: model.apply({'params': p}, images, visit_mask, clinical, train=False)
     loss = lambda p: jnp.sum(jnp.sin(apply(p)['logit']))
     scans = str(jax.make_jaxpr(loss)(params)).count('scan[')
     return params, apply(params), jax.grad(loss)(params), scans
 
-  whole = run()
-  monkeypatch.setattr(models, 'MAX_PATCH_BYTES', 1)  # One image per chunk, in every convolution.
-  chunked = run()
+  whole = run(ops.MAX_PATCH_BYTES)
+  chunked = run(1)  # One image per chunk, in every convolution.
   assert (whole[3], chunked[3]) == (0, 3)  # The encoder's chunks; the ConvLSTM's ih, and hh (visit 2).
   assert jax.tree.structure(whole[0]) == jax.tree.structure(chunked[0])
   for want, got in zip(jax.tree.leaves(whole[:3]), jax.tree.leaves(chunked[:3])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_batch_on_several_devices_is_convolved_at_once(monkeypatch):
+def test_a_batch_on_several_devices_is_convolved_at_once():
   # Chunking a batch that is sharded over the devices would reshard it.
-  monkeypatch.setattr(models, 'MAX_PATCH_BYTES', 1)
-  assert jax.device_count() == 2  # tests/conftest.py.
   x, kernel = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
-  assert 'scan[' not in str(jax.make_jaxpr(lambda x: models.patches_conv(x, kernel, (1, 1), 'SAME'))(x))
+  jaxpr = lambda devices: str(jax.make_jaxpr(  # noqa: E731
+      lambda x: ops.PatchesConv(max_patch_bytes=1, devices=devices)(x, kernel, (1, 1), 'SAME'))(x))
+  assert 'scan[' in jaxpr(1) and 'scan[' not in jaxpr(2)
 
 
 def test_tumour_pooling_weighs_the_latent_by_the_tumour_footprint():
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 16, 16, 3)), jnp.float32)
   args = (images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), None)
-  mean = models.PCRNet(encoder_features=(4, 8), lstm_features=6)
-  tumour_pooled = models.PCRNet(encoder_features=(4, 8), lstm_features=6, pooling='tumour')
+  mean = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False)
+  tumour_pooled = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False,
+                                pooling='tumour')
   params = mean.init(jax.random.key(0), *args, train=False)['params']
   latent = lambda model, mask: model.apply({'params': params}, *args, mask, train=False)['latent']
   everywhere, nowhere = jnp.ones((2, 2, 16, 16), bool), jnp.zeros((2, 2, 16, 16), bool)
@@ -172,13 +172,13 @@ def test_tumour_pooling_weighs_the_latent_by_the_tumour_footprint():
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   images = jnp.ones((2, 2, 8, 8, 3))
-  model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, dtype='bfloat16')
+  model = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False, dtype='bfloat16')
   params = model.init(jax.random.key(0), images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)),
                       train=False)['params']
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   out = model.apply({'params': params}, images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), train=False)
   assert out['logit'].dtype == jnp.float32 and out['latent'].dtype == jnp.float32
-  reference = models.PCRNet(encoder_features=(4, 8), lstm_features=6).apply(
+  reference = models.PCRNet(encoder_features=(4, 8), lstm_features=6, tumour_kinetics=False).apply(
       {'params': params}, images, jnp.ones((2, 2), bool), jnp.zeros((2, 2)), train=False)
   np.testing.assert_allclose(out['logit'], reference['logit'], atol=0.05)
   assert not np.array_equal(out['logit'], reference['logit'])  # It did compute in bfloat16.
@@ -191,7 +191,8 @@ def test_each_subtype_adds_its_own_offset_to_the_logit_only_when_asked():
   np.testing.assert_array_equal(models.receptor_cells(receptors), np.eye(4))
   same_image = jnp.broadcast_to(images[:1], images.shape)
   for clinical_inputs in (False, True):
-    model = models.PCRNet(encoder_features=(4,), lstm_features=4, clinical_inputs=clinical_inputs)
+    model = models.PCRNet(encoder_features=(4,), lstm_features=4, tumour_kinetics=False,
+                          clinical_inputs=clinical_inputs)
     params = model.init(jax.random.key(1), same_image, visit_mask, receptors, train=False)['params']
     assert ('subtype_offset' in params) == clinical_inputs
     if clinical_inputs:
@@ -219,7 +220,8 @@ def test_the_students_head_reads_its_own_prediction_only_when_asked():
   images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 8, 8, 3)), jnp.float32)
   args = (images, jnp.ones((3, 2), bool), jnp.zeros((3, 2)))
   for reads in (False, True):
-    model = models.PCRNet(encoder_features=(4,), lstm_features=4, feature_dim=5, reads_prediction=reads)
+    model = models.PCRNet(encoder_features=(4,), lstm_features=4, tumour_kinetics=False, feature_dim=5,
+                          reads_prediction=reads)
     params = model.init(jax.random.key(0), *args, train=False)['params']
     assert ('prediction_head' in params) == reads
     out = model.apply({'params': params}, *args, train=False)

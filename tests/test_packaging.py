@@ -47,8 +47,10 @@ def test_wheel_holds_the_packages_and_no_test_support(tmp_path):
 
   assert {n.split('/')[0] for n in names if '.dist-info/' not in n} == {'pcrjax', 'tfds_ispy2'}
   assert 'pcrjax/__init__.py' in names
-  for module in ('ispy2_dataset_builder', 'schema', 'phantom', 'tcia', 'tcia_cache'):
+  for module in ('ispy2_dataset_builder', 'schema', 'phantom', 'geometry', 'tcia/__init__',
+                 'tcia/patient', 'tcia_cache'):
     assert f'tfds_ispy2/ispy2/{module}.py' in names
+  assert {'tfds_ispy2/ispy2/TAGS.txt', 'tfds_ispy2/ispy2/CITATIONS.bib'} <= set(names)
   dummy = {str(p.relative_to(ROOT)) for p in (ROOT / DUMMY_DATA).rglob('*') if p.is_file()}
   assert dummy and {n for n in names if n.startswith(DUMMY_DATA)} == dummy
   assert not [n for n in names if n.endswith('_test.py') or 'tcia_fixtures' in n

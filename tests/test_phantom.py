@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import json
 import time
 
 import numpy as np
@@ -81,6 +82,24 @@ def test_determinism_and_independence():
   t = ph.simulate_patient(SPEC, 5)
   assert (t.pcr, t.subtype, t.arm, t.patient_id) == (a['pcr'], a['subtype'], a['arm'],
                                                      a['patient_id'])
+
+
+def test_oracle_truth_is_the_simulations_and_json_ready():
+  """What a build writes into the metadata for the oracle: the truth of the same simulation as the
+  example (`render_example`), None at a missing T1 or T2, nothing numpy."""
+  idx = next(i for i in range(500) if not ph.simulate_patient(SPEC, i).visit_mask[1:3].all())
+  for index in (5, idx):
+    example, truth = ph.render_example(SPEC, index)
+    t = ph.simulate_patient(SPEC, index)
+    np.testing.assert_array_equal(example['images'], ph.render_patient(SPEC, index)['images'])
+    assert json.loads(json.dumps(truth)) == truth and truth['subtype'] == example['subtype']
+    for v in (0, 1):
+      expected = float(t.tumor_volume_mm3[v]) if t.visit_mask[v] else None
+      assert truth['tumor_volume_mm3'][v] == expected
+    assert truth['t2_log_volume_change'] == (ph.log_volume_change(t, 2) if t.visit_mask[2] else None)
+    assert truth['heterogeneity'] == t.heterogeneity
+  missing = ph.oracle_truth(ph.simulate_patient(SPEC, idx))
+  assert missing['tumor_volume_mm3'][1] is None or missing['t2_log_volume_change'] is None
 
 
 def test_patient_id_carries_only_the_index():

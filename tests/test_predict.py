@@ -14,7 +14,7 @@ import pytest
 
 from fake_data import tcia_fixtures as fx
 from pcrjax import runs
-from pcrjax.inference import export, predict
+from pcrjax.inference import packaging, serving
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +25,7 @@ def model_dir(smoke_protocol, tmp_path_factory):
   copy = tmp_path_factory.mktemp('run') / 'table'
   shutil.copytree(run, copy)
   out = tmp_path_factory.mktemp('model') / 'student_model'
-  export.export(str(copy), str(out))
+  packaging.export(str(copy), str(out))
   shutil.rmtree(copy)
   return {'dir': str(out), 'run': run}
 
@@ -36,11 +36,11 @@ def _patient_ids(run, fold, split):
 
 
 def test_export_is_self_contained_with_a_model_card(model_dir):
-  ensemble = predict.load_model(model_dir['dir'])
+  ensemble = serving.load_model(model_dir['dir'])
   assert [m['name'] for m in ensemble.description['members']] == [
       f'repeat_{r}_fold_{k}' for r in range(2) for k in range(2)]
   assert len(ensemble.params) == 4 and ensemble.preprocessing['crop_size'] == [8, 16, 16]
-  card = open(os.path.join(model_dir['dir'], export.MODEL_CARD_FILE)).read()
+  card = open(os.path.join(model_dir['dir'], runs.MODEL_CARD_FILE)).read()
   with open(model_dir['run'] / 'table.csv', newline='') as f:
     auroc = next(float(r['auroc']) for r in csv.DictReader(f) if r['name'] == 'student')
   assert 'Research use only' in card and f'AUROC {auroc:.3f}' in card and 'synthetic' in card
@@ -48,25 +48,25 @@ def test_export_is_self_contained_with_a_model_card(model_dir):
 
 
 def test_predict_reproduces_the_members_and_is_deterministic(model_dir, data_dir):
-  ensemble = predict.load_model(model_dir['dir'])
+  ensemble = serving.load_model(model_dir['dir'])
   checked = 0
   for fold in (0, 1):
     for split in ('test', 'val'):
       for pid, prob in list(_patient_ids(model_dir['run'], fold, split).items())[:3]:
         try:
-          patient = predict.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble,
+          patient = serving.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble,
                                                 data_dir=data_dir)
         except ValueError as e:  # The phantom drops visits as the trial did: no T1, no prediction.
           assert str(e) == f'{pid}: the record has no T1.'
           continue
-        result = predict.predict_patient(patient, ensemble)
+        result = serving.predict_patient(patient, ensemble)
         member = result['members'][fold]
         assert member['uncalibrated'] == pytest.approx(prob, abs=2e-6)  # The CSV keeps 6 decimals.
         assert result['probability'] == pytest.approx(np.mean([m['probability'] for m in result['members']]))
         ignored = [f'{v} found and ignored: the model predicts from T0 and T1.' for v, present in
                    zip(('T2', 'T3'), patient.record['visit_mask'][2:]) if present]
         assert result['warnings'] == ignored
-        again = predict.predict_patient(predict.read_record_patient(
+        again = serving.predict_patient(serving.read_record_patient(
             f'ispy2/synthetic_smoke:{pid}', ensemble, data_dir=data_dir), ensemble)
         assert json.dumps(again) == json.dumps(result)  # Bit for bit.
         checked += 1
@@ -74,15 +74,15 @@ def test_predict_reproduces_the_members_and_is_deterministic(model_dir, data_dir
 
 
 def test_saliency_is_larger_inside_the_tumour(model_dir, data_dir):
-  ensemble = predict.load_model(model_dir['dir'])
+  ensemble = serving.load_model(model_dir['dir'])
   inside, outside = [], []
   for pid in list(_patient_ids(model_dir['run'], 0, 'test'))[:8]:
     try:
-      patient = predict.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble, data_dir=data_dir)
+      patient = serving.read_record_patient(f'ispy2/synthetic_smoke:{pid}', ensemble, data_dir=data_dir)
     except ValueError:  # No T1.
       continue
-    inputs = predict.model_inputs(patient, ensemble)
-    maps = predict.saliency_maps(ensemble, inputs, patient.clinical)
+    inputs = serving.model_inputs(patient, ensemble)
+    maps = serving.saliency_maps(ensemble, inputs, patient.clinical)
     assert maps.shape == inputs['tumour'].shape and np.isfinite(maps).all()
     tumour = inputs['tumour'][0]  # T0: every patient has a tumour there.
     if tumour.any() and (~tumour).sum() >= tumour.sum():
@@ -156,7 +156,9 @@ def test_predict_refuses_dicom_without_a_dce_series_in_one_line(model_dir, tmp_p
       f"FATAL no DCE series under '{folder}': 5 DICOM files in 2 series (CT 1, MR 1) of 2"
       ' patient(s), none an MR series described as "original DCE"; expected <manual_dir>/'
       '<collection, e.g. ISPY2>/<PatientID>/<study folder>/<series folder>/*.dcm (the NBIA/TCIA'
-      ' downloader layout) and the clinical sheet ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx.']
+      ' downloader layout) or <manual_dir>/<collection>/<PatientID>/<StudyInstanceUID>/'
+      '<Modality>_<SeriesInstanceUID>/*.dcm (the idc-index layout of python -m'
+      ' tfds_ispy2.download), and the clinical sheet ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx.']
   assert not (tmp_path / 'o').exists()
 
 

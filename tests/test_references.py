@@ -1,7 +1,11 @@
 """The protocol's reference rows: features per reference, the phantom's truth for the oracle."""
 
+import os
+import shutil
+
 import ml_collections
 import numpy as np
+import pytest
 
 from experiments import baseline
 from pcrjax import input_pipeline, references, runs
@@ -39,20 +43,24 @@ def test_reference_model_learns_and_is_deterministic():
 
 
 def _phantom_config(dataset, data_dir):
-  """A data config naming a phantom cohort: its truths need the builder's spec, not a build."""
+  """A data config naming a cohort, built or not."""
   return ml_collections.ConfigDict({'dataset': dataset, 'data_dir': str(data_dir)})
 
 
-def test_oracle_sees_the_heterogeneity_only_when_the_knob_is_on(tmp_path):
-  ids = [phantom.patient_id(i) for i in range(40)]
-  knob = references.phantom_truth(_phantom_config('ispy2/synthetic_transfer', tmp_path), ids)
-  plain = references.phantom_truth(_phantom_config('ispy2/synthetic', tmp_path), ids)
-  assert knob.shape == (40, 5) and plain.shape == (40, 4)
+def _truths(transfer, num):
+  """The `phantom.oracle_truth`s a build of the 512-patient cohort writes, of its first `num`."""
   spec = phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
-                             transfer=1.0)
-  truths = [phantom.simulate_patient(spec, i) for i in range(40)]
-  np.testing.assert_array_equal(knob[:, 4], [t.heterogeneity for t in truths])
-  np.testing.assert_array_equal(knob[:, 0], [t.tumor_volume_mm3[0] for t in truths])
+                             transfer=transfer)
+  return [phantom.oracle_truth(phantom.simulate_patient(spec, i)) for i in range(num)]
+
+
+def test_oracle_sees_the_heterogeneity_only_when_the_knob_is_on():
+  knob_truths = _truths(1.0, 40)
+  knob = references.truth_table(knob_truths, transfer=True)
+  plain = references.truth_table(_truths(0.0, 40), transfer=False)
+  assert knob.shape == (40, 5) and plain.shape == (40, 4)
+  np.testing.assert_array_equal(knob[:, 4], [t['heterogeneity'] for t in knob_truths])
+  np.testing.assert_array_equal(knob[:, 0], [t['tumor_volume_mm3'][0] for t in knob_truths])
   assert np.all(knob[:, 4] != 0)
 
 
@@ -71,9 +79,21 @@ def test_oracle_inputs_end_with_the_heterogeneity(data_dir):
 
 
 def test_t2_explained_rises_with_the_knob_and_needs_the_phantom(tmp_path):
-  ids = [phantom.patient_id(i) for i in range(400)]
-  plain = references.t2_explained(_phantom_config('ispy2/synthetic', tmp_path), ids)
-  knob = references.t2_explained(_phantom_config('ispy2/synthetic_transfer', tmp_path), ids)
+  plain = references.t2_r2(_truths(0.0, 400), transfer=False)
+  knob = references.t2_r2(_truths(1.0, 400), transfer=True)
   assert 0.1 < plain < 0.4 and knob > 0.45 and knob > plain + 0.15, (plain, knob)
-  assert references.t2_explained(_phantom_config('ispy2/synthetic', tmp_path), ids) == plain
+  assert references.t2_r2(_truths(0.0, 400), transfer=False) == plain
+  ids = [phantom.patient_id(i) for i in range(400)]
   assert references.t2_explained(_phantom_config('ispy2/tcia', tmp_path), ids) is None
+
+
+def test_a_synthetic_build_without_the_truth_says_so_in_one_line(data_dir, tmp_path):
+  """A dataset folder whose metadata lacks the truth (not one this builder wrote): one line that
+  says how to mend it, not a traceback from deep in the fit."""
+  shutil.copytree(os.path.join(data_dir, 'ispy2'), tmp_path / 'ispy2')
+  (metadata,) = (tmp_path / 'ispy2').glob('synthetic_smoke/*/metadata.json')
+  metadata.unlink()
+  ids = [phantom.patient_id(i) for i in range(3)]
+  with pytest.raises(ValueError, match='holds no phantom truth') as error:
+    references.phantom_truth(_phantom_config('ispy2/synthetic_smoke', tmp_path), ids)
+  assert '\n' not in str(error.value)

@@ -15,7 +15,7 @@ import pytest
 _SCRIPT = textwrap.dedent('''
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
-    from pcrjax import configs, input_pipeline, sharding, train
+    from pcrjax import configs, input_pipeline, models, sharding, train
 
     assert jax.device_count() == 4, jax.devices()
     config = configs.base_config(smoke=True)
@@ -29,7 +29,7 @@ _SCRIPT = textwrap.dedent('''
     for devices in (1, 2, 4):
       mesh = sharding.make_mesh(devices)
       replicated = sharding.replicated(mesh)
-      model = train.create_model(config)
+      model = models.build(config, devices=devices)
       state = jax.device_put(train.create_train_state(
           jax.random.key(0), config, model, (2, 16, 16, 3), steps_per_epoch=4), replicated)
       examples = jax.device_put(host, replicated)
@@ -38,13 +38,13 @@ _SCRIPT = textwrap.dedent('''
       epoch_rows = jax.device_put(input_pipeline.epoch_batches(32, batch_size=8, seed=0, epoch=1),
                                   sharding.epoch_batch_sharding(mesh))
       for _ in range(len(epoch_rows)):
-        state, metrics = train._train_step(
+        state, metrics = train.train_step(
             state, jax.device_put(train.TrainMetrics.empty(), replicated), examples, epoch_rows,
             keys[0], keys[1], jax.device_put(jnp.float32(2.0), replicated),
             augmentation=input_pipeline.augmentation(config.data), feature_loss_weight=1.0)
         losses.append(float(metrics.compute()['loss']))
       assert len(state.params['pcr_head']['kernel'].sharding.device_set) == devices
-      eval_fn = functools.partial(train._eval_step, state.apply_fn)
+      eval_fn = functools.partial(train.eval_step, state.apply_fn)
       probs = train.predict(eval_fn, state.params, examples, np.arange(30), batch_size=8,
                             put=functools.partial(jax.device_put, device=sharding.batch_sharding(mesh)))
       results[devices] = {'losses': losses, 'probs': probs.tolist()}

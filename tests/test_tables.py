@@ -15,7 +15,7 @@ from scipy.stats import t as student_t
 from sklearn.metrics import roc_auc_score
 
 from pcrjax import runs
-from pcrjax.evidence import calibration, compare, report, tables
+from pcrjax.evidence import calibration, loading, run_comparison, run_report, tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,8 @@ def _write_model(root, name, *, num_repeats=2, num_folds=2, n=80, seed=0, signal
 
 def _write_config(root, num_repeats=2, num_folds=2):
   config = ml_collections.ConfigDict({
-      'seed': 0, 'num_repeats': num_repeats, 'calibration': 'none', 'bootstrap_replicates': 200,
+      'seed': 0,
+      'protocol': {'num_repeats': num_repeats, 'calibration': 'none', 'bootstrap_replicates': 200},
       'data': {'dataset': 'ispy2/synthetic_smoke', 'num_folds': num_folds, 'fold_seed': 0,
                'representation': 'mip'}})
   runs.write_config(str(root), config)
@@ -59,7 +60,7 @@ def _write_config(root, num_repeats=2, num_folds=2):
 
 def test_pooling_over_folds_and_repeats(tmp_path):
   labels, _, _ = _write_model(tmp_path, 'baseline')
-  pred = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  pred = loading.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
   assert list(pred.patient_id) == sorted(pred.patient_id) and len(pred.patient_id) == 80
   np.testing.assert_array_equal(pred.label, labels[np.argsort([f'P{i:03d}' for i in range(80)])])
   assert pred.prob.shape == (2, 80) and not np.allclose(pred.prob[0], pred.prob[1])
@@ -73,8 +74,8 @@ def test_pooling_over_folds_and_repeats(tmp_path):
 
 def test_recalibration_is_fitted_on_each_folds_validation_split(tmp_path):
   _write_model(tmp_path, 'baseline', overconfident=True)
-  raw = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
-  fitted = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2,
+  raw = loading.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  fitted = loading.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2,
                                    calibrate='temperature')
   fold_dir = runs.stage_dir(str(tmp_path), 0, 0, 'baseline')
   val = runs.read_predictions(runs.predictions_path(fold_dir, 'val'))
@@ -92,7 +93,7 @@ def test_recalibration_is_fitted_on_each_folds_validation_split(tmp_path):
 
 def test_subgroups_say_too_few_instead_of_a_number(tmp_path):
   _write_model(tmp_path, 'baseline')
-  pred = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  pred = loading.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
   rows = tables.subgroups({'baseline': pred}, seed=0, num_replicates=200)
   small = next(r for r in rows if r['group'] == 'HR+/HER2+')
   assert small['patients'] == 4 and small['auroc'] is None
@@ -105,7 +106,7 @@ def test_subgroups_say_too_few_instead_of_a_number(tmp_path):
 
 def test_pairwise_tests_pair_patients_and_adjust(tmp_path):
   _write_model(tmp_path, 'baseline')
-  base = tables.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
+  base = loading.load_predictions(str(tmp_path), 'baseline', num_repeats=2, num_folds=2)
   perfect = dataclasses.replace(base, prob=np.tile(base.label * 0.8 + 0.1, (2, 1)))
   pairs = tables.pairwise_tests({'baseline': base, 'student': perfect, 'ftv': base,
                                  'teacher': perfect})
@@ -160,7 +161,7 @@ def test_per_fold_aurocs_the_corrected_t_test_and_the_bottom_line(tmp_path):
   _write_config(tmp_path, num_repeats=num_repeats, num_folds=num_folds)
   for name, signal in (('baseline', 1.0), ('student', 2.0), ('ftv', 1.5)):
     _write_model(tmp_path, name, num_repeats=num_repeats, num_folds=num_folds, signal=signal)
-  report.build(str(tmp_path))
+  run_report.build(str(tmp_path))
   with open(tmp_path / 'table.csv') as f:
     table = {r['name']: r for r in csv.DictReader(f)}
   folds = {name: _fold_aurocs(tmp_path, name, num_repeats, num_folds) for name in table}
@@ -231,14 +232,14 @@ def test_compare_pairs_folds_only_between_runs_that_share_them(tmp_path):
     _write_config(runs_dirs[run])
     _write_model(runs_dirs[run], 'baseline', fold_seed=fold_seed,
                  signal=1.0 if run == 'a' else 2.0)
-  [same] = compare.compare(str(runs_dirs['a']), str(runs_dirs['same']))
-  [other] = compare.compare(str(runs_dirs['a']), str(runs_dirs['other']))
+  [same] = run_comparison.compare(str(runs_dirs['a']), str(runs_dirs['same']))
+  [other] = run_comparison.compare(str(runs_dirs['a']), str(runs_dirs['other']))
   assert same['fold_p'] is not None and same['fold_difference'] > 0
   # The same predictions on other folds: the same DeLong test, no per-fold one.
   assert other['fold_p'] is None and (other['difference'], other['p']) == (same['difference'],
                                                                           same['p'])
-  assert "not paired: the runs' folds differ" in compare.render([other], 'a', 'other')
-  assert f"| {same['fold_p']:.3g} |" in compare.render([same], 'a', 'same')
+  assert "not paired: the runs' folds differ" in run_comparison.render([other], 'a', 'other')
+  assert f"| {same['fold_p']:.3g} |" in run_comparison.render([same], 'a', 'same')
 
 
 def test_predictions_rows_are_checked():
@@ -265,7 +266,7 @@ def test_a_registered_model_reaches_every_part_of_the_report(tmp_path, monkeypat
   _write_config(tmp_path)
   for name, signal in (('baseline', 1.0), ('student', 2.0), ('dummy', 6.0)):
     _write_model(tmp_path, name, signal=signal)
-  table = report.build(str(tmp_path))
+  table = run_report.build(str(tmp_path))
   assert [row.name for row in table] == ['baseline', 'student', 'dummy']
   assert table[2].auroc > table[1].auroc > table[0].auroc
   assert table[2].p_vs_baseline is not None
@@ -281,8 +282,8 @@ def test_a_registered_model_reaches_every_part_of_the_report(tmp_path, monkeypat
   assert text.index('**Synthetic data.**') < text.index('**Bottom line:**') < text.index(
       '## Main table') < text.index('roc.png') < text.index('## Pairwise') < text.index('## Subgroups')
   page = (tmp_path / 'report.html').read_text()
-  assert '<table>' in page and page.count('data:image/png;base64,') == len(report.FIGURES)
-  for figure in report.FIGURES:
+  assert '<table>' in page and page.count('data:image/png;base64,') == len(run_report.FIGURES)
+  for figure in run_report.FIGURES:
     assert (tmp_path / figure).stat().st_size > 10_000, figure
 
 
@@ -293,7 +294,7 @@ def test_degenerate_calibration_is_flagged_not_printed(tmp_path):
   for path in tmp_path.glob('repeat_*/fold_*/student/predictions_*.csv'):  # Bunched predictions.
     rows = runs.read_predictions(str(path))
     runs.write_predictions(str(path), [{**r, 'prob': 0.4 + 0.02 * r['prob']} for r in rows])
-  table = {row.name: row for row in report.build(str(tmp_path))}
+  table = {row.name: row for row in run_report.build(str(tmp_path))}
   assert table['student'].degenerate and not table['baseline'].degenerate
   line = next(l for l in (tmp_path / 'report.md').read_text().splitlines()
               if l.startswith(f"| {runs.model('student').label} |"))

@@ -1,4 +1,4 @@
-"""Tests of the TCIA I-SPY2 DICOM reader (tfds_ispy2/ispy2/tcia.py) on small synthetic DICOM trees.
+"""Tests of the TCIA I-SPY2 DICOM reader (tfds_ispy2/ispy2/tcia/) on small synthetic DICOM trees.
 
 The trees are written here with pydicom (MR slices), the fixture writer's bit-flag Analysis Mask
 (the collection's own form) and highdicom (the standard BINARY SEG form), with known cubes at
@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from fake_data import tcia_fixtures
-from tfds_ispy2.ispy2 import dicom_scan, schema
-from tfds_ispy2.ispy2 import tcia, tcia_build
+from tfds_ispy2.ispy2 import geometry, schema, tcia, tcia_build
+from tfds_ispy2.ispy2.tcia import dicom_scan, slices
 
 PHI = {'PatientName': 'Doe^Jane', 'PatientBirthDate': '19610203', 'StudyDate': '19990517',
        'SeriesDate': '19990517', 'InstitutionName': 'Sunnybrook Secret Hospital',
@@ -413,7 +413,7 @@ def test_discover_errors(tmp_path):
 # ----------------------------------------------------------------------------- geometry
 def _measure(image, grid, threshold):
   mask = tcia.resample(image, grid) > threshold
-  return tcia.centroid_mm(mask, grid), mask.sum() * np.prod(grid.spacing)
+  return grid.to_physical(geometry.centroid(mask)), mask.sum() * np.prod(grid.spacing)
 
 
 @pytest.mark.parametrize('name, row_dir, col_dir', [
@@ -441,7 +441,7 @@ def test_geometry_recovers_a_cube(tmp_path, name, row_dir, col_dir):
   np.testing.assert_array_less(np.abs(found - centre), grid.spacing)  # within one target voxel
   assert volume == pytest.approx(CUBE_MM ** 3, rel=0.10)
   # The crop around it holds the cube in its middle.
-  window = tcia.crop(values > 550.0, grid, found, (16, 40, 40))
+  window = geometry.crop(values > 550.0, grid.to_index(found), (16, 40, 40))
   inner = np.argwhere(window).mean(0)
   np.testing.assert_allclose(inner, (7.5, 19.5, 19.5), atol=1.0)
 
@@ -505,8 +505,9 @@ def test_masks_are_resampled_by_geometry(tmp_path, form, orientation, legend,
   inside_dce = tcia.resample(image, grid, sitk.sitkNearestNeighbor) > 0
   assert (codes[inside_dce] > 0).all()  # the whole DCE lies inside the mask's slab
   tumour, in_voi = codes == schema.TUMOUR, (codes == schema.TUMOUR) | (codes == schema.VOI)
-  np.testing.assert_array_less(np.abs(tcia.centroid_mm(tumour, grid) - ftv_centre), grid.spacing)
-  np.testing.assert_array_less(np.abs(tcia.centroid_mm(in_voi, grid) - ftv_centre), grid.spacing)
+  for region in (tumour, in_voi):
+    centre = grid.to_physical(geometry.centroid(region))
+    np.testing.assert_array_less(np.abs(centre - ftv_centre), grid.spacing)
   assert tumour.sum() * np.prod(grid.spacing) == pytest.approx(CUBE_MM ** 3, rel=0.10)
   assert in_voi.sum() * np.prod(grid.spacing) == pytest.approx((CUBE_MM + 10) ** 3, rel=0.10)
   # Outside the mask's slab nothing is tumour or VOI, even where no bit excludes it.
@@ -913,23 +914,23 @@ def test_the_header_walker_reads_what_pydicom_reads(tcia_tree, vendor_tree, monk
   files = [str(p) for p in sorted(vendor_tree[0].rglob('*.dcm'))]
   files += [str(p) for p in sorted(tcia_tree[0].rglob('*Analysis Mask*/*.dcm'))]
   files += [pydicom.data.get_testdata_file(name) for name in PYDICOM_FILES]
-  slices = [f for f in files if 'original DCE' in f or 'MR_small' in f]
-  fast = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in slices])
+  single = [f for f in files if 'original DCE' in f or 'MR_small' in f]
+  fast = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in single])
   left = [os.path.basename(h.path) for h in fast[1] if h.pixels is None]
   assert left == ['MR_small_bigendian.dcm', 'MR_small_expb.dcm', 'MR_small_RLE.dcm',
                   'MR_small_padded.dcm']  # big endian, compressed, longer than a frame: pydicom
   with pytest.raises(tcia.VisitError, match='MR_truncated.dcm: pixel data unreadable .PixelData'
                      ' cut short: the file holds 8130 of its 8192 bytes.'):
     tcia.read_slice_header(pydicom.data.get_testdata_file('MR_truncated.dcm'))
-  pixels = [tcia._read_pixels(h) for h in fast[1]]
+  pixels = [slices.read_pixels(h) for h in fast[1]]
   with monkeypatch.context() as m:
     _pydicom_only(m)
-    slow = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in slices])
+    slow = ([tcia.scan_file(f) for f in files], [tcia.read_slice_header(f) for f in single])
   assert fast[0] == slow[0]
   assert [h._replace(pixels=None) for h in fast[1]] == slow[1]
   for header, values in zip(slow[1], pixels):
-    np.testing.assert_array_equal(values, tcia._read_pixels(header), err_msg=header.path)
-  small = [p for h, p in zip(slices, pixels) if 'MR_small' in h]
+    np.testing.assert_array_equal(values, slices.read_pixels(header), err_msg=header.path)
+  small = [p for h, p in zip(single, pixels) if 'MR_small' in h]
   for values in small[1:]:  # one image in every encoding
     np.testing.assert_array_equal(values, small[0])
 
@@ -948,7 +949,7 @@ def test_pixels_are_masked_to_bits_stored_and_rescaled_as_pydicom_does(tmp_path,
   assert header.pixels == tcia.PixelRef(header.pixels.offset, '<i2' if signed else '<u2', 12,
                                         (1.5, -7.0))
   expected = pydicom.pixels.apply_rescale(pydicom.dcmread(tmp_path / 'x.dcm').pixel_array, ds)
-  np.testing.assert_array_equal(tcia._read_pixels(header), expected.astype(np.float32))
+  np.testing.assert_array_equal(slices.read_pixels(header), expected.astype(np.float32))
 
 
 def test_dicom_without_a_dce_series_is_refused_in_one_line(tmp_path):

@@ -19,7 +19,7 @@ from sklearn import linear_model
 
 from experiments import baseline, stage1, stage2
 from pcrjax import checkpoints, input_pipeline, models, protocol, runs, sharding, train
-from pcrjax.evidence import compare, report
+from pcrjax.evidence import run_comparison, run_report
 from tfds_ispy2.ispy2 import schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
   for target, width in (('latent', config.model.lstm_features), ('logit', 1),
                         ('kinetics', input_pipeline.NUM_KINETICS)):
     config.dual_task.target = target
-    assert train.feature_dim(config) == width
+    assert runs.feature_dim(config) == width
     for standardise in (True, False):
       config.dual_task.standardise = standardise
       got = train.feature_targets(config, source, cohort, train_rows, mesh)
@@ -267,7 +267,7 @@ def test_an_exploding_loss_or_saturated_predictions_count_as_divergence():
 
 def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path, small_disk):
   config, workdir, table = smoke_protocol
-  assert config.num_repeats == 2
+  assert config.protocol.num_repeats == 2
   assert [(row.name, row.time_points) for row in table] == [
       ('baseline', 'T0+T1'), ('student', 'T0+T1'), ('subtype', 'clinical'), ('ftv', 'T0+T1'),
       ('ftv_subtype', 'T0+T1'), ('oracle', 'T0+T1'), ('teacher', 'T0+T1+T2')]
@@ -288,7 +288,7 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path
 
   with open(workdir / 'pairwise.csv') as f:
     pairs = list(csv.DictReader(f))
-  compared = [row.name for row in table if runs.model(row.name).compared]
+  compared = [row.name for row in table if runs.model(row.name).early_predictor]
   assert [(p['a'], p['b']) for p in pairs] == list(itertools.combinations(compared, 2))
   assert all(float(p['p_holm']) >= float(p['p']) for p in pairs)
   with open(workdir / 'operating_points.csv') as f:
@@ -303,8 +303,8 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path
   selection = json.loads((workdir / 'repeat_1' / 'fold_0' / 'student' / runs.SELECTION_FILE).read_text())
   assert selection['epoch'] in (1, 2) and 0 <= selection['value'] <= 1
   page = html.unescape((workdir / 'report.html').read_text())
-  assert page.count('data:image/png;base64,') == len(report.FIGURES) and '"num_repeats": 2' in page
-  for figure in report.FIGURES:
+  assert page.count('data:image/png;base64,') == len(run_report.FIGURES) and '"num_repeats": 2' in page
+  for figure in run_report.FIGURES:
     assert (workdir / figure).stat().st_size > 10_000, figure
 
   # A second run finds every stage finished and rebuilds the same table without training.
@@ -322,20 +322,20 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(smoke_protocol, tmp_path
   small_disk.fill()
   digest = _tree_digest(full)
   with pytest.raises(OSError) as error:
-    report.build(str(full))
+    run_report.build(str(full))
   assert error.value.errno == errno.ENOSPC and error.value.filename.startswith(str(full))
   assert _tree_digest(full) == digest
 
   # Comparing two runs: a run against itself differs by nothing; against a copy whose student
   # predictions were replaced by a much better ranking, the student row shows it.
-  same = compare.compare(str(workdir), str(workdir))
+  same = run_comparison.compare(str(workdir), str(workdir))
   assert all(r['difference'] == 0 and r['p'] == 1 for r in same)
   better = tmp_path / 'better'
   shutil.copytree(workdir, better)
   for path in better.glob('repeat_*/fold_*/student/predictions_test.csv'):
     rows = runs.read_predictions(str(path))
     runs.write_predictions(str(path), [{**r, 'prob': 0.2 + 0.6 * r['label']} for r in rows])
-  rows = {r['model']: r for r in compare.compare(str(workdir), str(better))}
+  rows = {r['model']: r for r in run_comparison.compare(str(workdir), str(better))}
   assert rows['student']['auroc_b'] == 1.0 and rows['student']['p'] < 0.05
   assert rows['baseline']['difference'] == 0
 

@@ -7,7 +7,7 @@ with s5cmd from IDC's public buckets, no account). I-SPY2's DCE-MRI lies in two 
 `ispy2` and `acrin_6698` (the I-SPY2 patients of the ACRIN 6698 diffusion sub-study). From the
 shipped index, offline, the selection takes every study of the chosen visits that has an
 "original DCE" series, its DCE series and its "Analysis Mask" series, recognised by the rules
-the builder reads a download with (`tcia.study_visit`, `tcia._is_dce`, `tcia._is_mask`), for the
+the builder reads a download with (`tcia.study_visit`, `tcia.is_dce`, `tcia.is_mask`), for the
 patients with such a study at T0: the builder skips a patient without one (`no_t0`). A DCE series
 without a mask is fetched all the same (the builder falls back to PE >= 70 %); in IDC's index
 each of them has its mask. The default visits are those the method's models see
@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from absl import app, flags
 
-from pcrjax import runs
+from pcrjax import fileio, runs
 from tfds_ispy2.ispy2 import schema, tcia
 
 COLLECTIONS = ('ispy2', 'acrin_6698')
@@ -83,10 +83,10 @@ def parse_visits(names: Sequence[str]) -> tuple[int, ...]:
 
 def _series_kind(modality: str, sop_class: str, description: str) -> str | None:
   """'dce', 'mask' or None, by the builder's own rules for a series."""
-  series = tcia._Series(modality, sop_class, description)  # pylint: disable=protected-access
-  if tcia._is_dce(series):  # pylint: disable=protected-access
+  series = tcia.Series(modality, sop_class, description)
+  if tcia.is_dce(series):
     return 'dce'
-  if tcia._is_mask(series):  # pylint: disable=protected-access
+  if tcia.is_mask(series):
     return 'mask'
   return None
 
@@ -228,7 +228,7 @@ def main(argv):
              " (pip install '.[download]').")
   logging.getLogger('idc_index').setLevel(logging.WARNING)  # Its errors still show.
   try:
-    with runs.exit_in_one_line_if_disk_full(then=': it fetches only the series not yet complete'):
+    with fileio.exit_in_one_line_if_disk_full(then=': it fetches only the series not yet complete'):
       run(IDCClient(), FLAGS.out, visits, FLAGS.dry_run)
   except TransferError as e:
     sys.exit(f'FATAL {e}')

@@ -298,3 +298,15 @@ def fit_temperature(val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:
   if not result.success:
     raise RuntimeError(f'temperature fit did not converge: {result.message}')
   return Calibrator(method='temperature', intercept=0.0, slope=float(np.exp(-result.x[0])))
+
+
+NONE = 'none'  # No post-hoc calibration: the probabilities as the model gave them.
+FITS = {'platt': fit_platt, 'temperature': fit_temperature}
+METHODS = (NONE,) + tuple(FITS)  # The post-hoc calibrations a run or an export may ask for.
+
+
+def fit(method: str, val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:
+  """`method`'s calibrator fitted on validation predictions; the identity map for NONE."""
+  if method == NONE:
+    return Calibrator(method=NONE, intercept=0.0, slope=1.0)
+  return FITS[method](val_labels, val_probs)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from sklearn import metrics as sk_metrics  # noqa: E402
 
-from pcrjax import runs  # noqa: E402
+from pcrjax import fileio, runs  # noqa: E402
 from pcrjax.evidence import calibration, statistics  # noqa: E402
 
 CHANCE = dict(color='#bbbbbb', linestyle=':', linewidth=1)
@@ -165,6 +165,6 @@ def learning_curves(path: str, run_dir: str, *, num_repeats: int, num_folds: int
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
-  with runs.atomic_open(path, 'wb') as f:
+  with fileio.atomic_open(path, 'wb') as f:
     fig.savefig(f, format='png', dpi=130)
   plt.close(fig)

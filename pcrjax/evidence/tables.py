@@ -8,8 +8,8 @@ calibrated in every fold (a logistic reference). Per fold: the AUROC on each (re
 patients, averaged, with the corrected resampled t-test; it scores each fold model on its own
 patients, and its variance includes the differences between trainings.
 
-Reads predictions only (through the run contract, pcrjax.runs), so the evidence of a run can be
-rebuilt, or two runs compared, without retraining.
+Computes from `Predictions` alone; pcrjax.evidence.loading reads them from a run's predictions
+files, so that the evidence of a run can be rebuilt, or two runs compared, without retraining.
 """
 
 from __future__ import annotations
@@ -40,56 +40,6 @@ class Predictions:
   def mean_prob(self) -> np.ndarray:
     """The repeat-averaged prediction of each patient: what the table's CI and tests are about."""
     return self.prob.mean(axis=0)
-
-
-CALIBRATORS = {'platt': calibration.fit_platt, 'temperature': calibration.fit_temperature}
-
-
-def fold_calibrator(directory: str, method: str) -> calibration.Calibrator:
-  """`method`'s calibrator fitted on one fold's validation predictions (identity for 'none')."""
-  if method == 'none':
-    return calibration.Calibrator(method='none', intercept=0.0, slope=1.0)
-  val = runs.read_predictions(runs.predictions_path(directory, 'val'))
-  return CALIBRATORS[method](np.array([p['label'] for p in val]), np.array([p['prob'] for p in val]))
-
-
-def load_predictions(run_dir: str, model_name: str, *, num_repeats: int, num_folds: int,
-                     calibrate: str = 'none') -> Predictions:
-  """Pools the test predictions of every fold; optionally recalibrates each fold first.
-
-  `calibrate` ('platt' or 'temperature') is fitted on that fold's validation predictions only and
-  applied to its test predictions.
-  """
-  per_repeat = []
-  for repeat in range(num_repeats):
-    rows = []
-    for fold in range(num_folds):
-      directory = runs.stage_dir(run_dir, repeat, fold, model_name)
-      test = runs.read_predictions(runs.predictions_path(directory, 'test'))
-      if calibrate != 'none':
-        probs = fold_calibrator(directory, calibrate)(np.array([p['prob'] for p in test]))
-        test = [{**p, 'prob': float(q)} for p, q in zip(test, probs)]
-      rows += test
-    per_repeat.append(sorted(rows, key=lambda p: p['patient_id']))
-  first = per_repeat[0]
-  ids = np.array([p['patient_id'] for p in first])
-  for rows in per_repeat[1:]:
-    if [p['patient_id'] for p in rows] != ids.tolist():
-      raise ValueError(f'{run_dir}: the repeats of {model_name} did not predict the same patients.')
-  return Predictions(patient_id=ids, label=np.array([p['label'] for p in first]),
-                     subtype=np.array([p['subtype'] for p in first]),
-                     arm=np.array([p['arm'] for p in first]),
-                     prob=np.array([[p['prob'] for p in rows] for rows in per_repeat]),
-                     fold=np.array([[p['fold'] for p in rows] for rows in per_repeat]))
-
-
-def load_run(run_dir: str) -> dict[str, Predictions]:
-  """Every finished model of a protocol run, in table order, as its run config asks."""
-  config = runs.read_config(run_dir)
-  return {m.name: load_predictions(run_dir, m.name, num_repeats=config.num_repeats,
-                                   num_folds=config.data.num_folds, calibrate=config.calibration)
-          for m in runs.finished_models(run_dir, num_repeats=config.num_repeats,
-                                        num_folds=config.data.num_folds)}
 
 
 def out_of_fold_rows(pred: Predictions) -> list[dict]:
@@ -182,7 +132,7 @@ def paired_tests(pairs: list[tuple[str, Predictions, str, Predictions]]) -> list
 
 def pairwise_tests(predictions: dict[str, Predictions]) -> list[dict]:
   """Every pair of the compared (early) models, in table order."""
-  names = [name for name in predictions if runs.model(name).compared]
+  names = [name for name in predictions if runs.model(name).early_predictor]
   return paired_tests([(a, predictions[a], b, predictions[b])
                        for i, a in enumerate(names) for b in names[i + 1:]])
 

@@ -1,1 +1,2 @@
-"""Serving a finished run: export it as a model directory, predict new patients with it."""
+"""A finished run in use: `packaging` writes it as a self-contained model directory, `serving`
+predicts new patients with that directory."""

@@ -4,8 +4,10 @@ Configs change the bytes on disk only: `synthetic` (the default) renders the emb
 `phantom.py`; `synthetic_seed1` is another cohort of it; `synthetic_transfer` is the `synthetic` cohort
 with the phantom's transfer knob on (a positive control for learning from T2); `synthetic_smoke` is the
 same phantom on a coarse grid and a small cohort, for smoke runs and tests; `tcia` reads a manual
-download of the I-SPY2 collection from TCIA (`tcia.py`). Everything a training run may choose at read
-time (folds, 2D MIP or 3D crop, normalisation, augmentation) belongs to the input pipeline, not here.
+download of the I-SPY2 collection from TCIA (the `tcia` package). Everything a training run may choose
+at read time (folds, 2D MIP or 3D crop, normalisation, augmentation) belongs to the input pipeline, not
+here. A synthetic build also writes the phantom's truth of every patient into the dataset's metadata
+(`phantom.ORACLE_TRUTH`), for the protocol's oracle reference; the records never hold it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ class Ispy2Config(tfds.core.BuilderConfig):
     return tuple(self.phantom.shape if self.phantom else self.tcia.crop_shape)
 
 
+# The phantom's configs are versioned apart from `tcia`, which has no truth to write: from 1.1.0
+# their metadata holds the oracle's truth (the records are those of 1.0.0).
+_SYNTHETIC_VERSION = dict(
+    version='1.1.0',
+    release_notes={
+        '1.1.0': "The phantom's truth of every patient in the metadata (phantom.ORACLE_TRUTH)"
+                 ' for the oracle reference; the records are unchanged.',
+        '1.0.0': 'Synthetic phantom configs and the TCIA reader.',
+    },
+)
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for the `ispy2` dataset."""
 
@@ -55,6 +69,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           ),
           phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
                                       seed=seed),
+          **_SYNTHETIC_VERSION,
       ) for seed in (0, 1)),
       Ispy2Config(
           name='synthetic_transfer',
@@ -67,11 +82,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           ),
           phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
                                       seed=0, transfer=1.0),
+          **_SYNTHETIC_VERSION,
       ),
       Ispy2Config(
           name='synthetic_smoke',
           description='The phantom on a coarse 8x32x32 grid of 6x4x4 mm, 48 patients: smoke runs and tests.',
           phantom=phantom.PhantomSpec(num_patients=48, shape=(8, 32, 32), spacing_mm=(6.0, 4.0, 4.0)),
+          **_SYNTHETIC_VERSION,
       ),
       Ispy2Config(
           name='tcia',
@@ -131,6 +148,7 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     return self.dataset_info_from_configs(
         features=schema.features(self.builder_config.shape),
         homepage='https://doi.org/10.7937/TCIA.D8Z0-9T85',
+        metadata=tfds.core.MetadataDict() if self.builder_config.phantom is not None else None,
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
@@ -151,9 +169,12 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
 
   def _generate_synthetic(self, spec: phantom.PhantomSpec):
     # Patients are pure functions of (seed, index): render them in parallel processes, in order.
+    # Each one's truth goes into the metadata as it comes, which TFDS writes once the records are.
+    truths = self.info.metadata.setdefault(phantom.ORACLE_TRUTH, {})
     with _process_pool() as pool:
-      for example in pool.map(phantom.render_patient, itertools.repeat(spec), range(spec.num_patients),
-                              chunksize=4):
+      for example, truth in pool.map(phantom.render_example, itertools.repeat(spec),
+                                     range(spec.num_patients), chunksize=4):
+        truths[example['patient_id']] = truth
         yield example['patient_id'], example
 
   def _generate_tcia(self, manual_dir, download_dir):

@@ -1,9 +1,14 @@
-"""The `ispy2` builder: a real build into a temporary data_dir, read back as an ArrayRecord data source."""
+"""The `ispy2` builder: a real build into a temporary data_dir, read back as an ArrayRecord data source;
+and TFDS's own builder test over dummy_data/ where TensorFlow is installed."""
 
 import os
+import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_metadata
 
 from tfds_ispy2.ispy2 import ispy2_dataset_builder, phantom, schema
 
@@ -36,6 +41,11 @@ def test_build_writes_one_array_record_example_per_patient(tmp_path):
     assert record['arm'].decode() == expected['arm']
   assert builder.info.features['pcr'].names == ['non_pcr', 'pcr']
   assert builder.info.features['subtype'].names == list(schema.SUBTYPES)
+  # The phantom's truth is in the metadata read back with the dataset (metadata.json), not a record.
+  reloaded = ispy2_dataset_builder.Builder(config=TINY, data_dir=str(tmp_path))
+  assert reloaded.info.metadata[phantom.ORACLE_TRUTH] == {
+      phantom.patient_id(i): phantom.oracle_truth(phantom.simulate_patient(TINY.phantom, i))
+      for i in range(6)}
 
 
 def test_registered_configs():
@@ -43,12 +53,23 @@ def test_registered_configs():
   assert builder_cls is ispy2_dataset_builder.Builder
   names = [c.name for c in builder_cls.BUILDER_CONFIGS]
   assert names[0] == 'synthetic' == builder_cls.DEFAULT_CONFIG_NAME and 'synthetic_smoke' in names
+  # The phantom's configs carry the truth from 1.1.0 on; `tcia` has none, and stays at 1.0.0.
+  for name in names:
+    builder = tfds.builder(f'ispy2/{name}')
+    synthetic = builder.builder_config.phantom is not None
+    assert str(builder.version) == ('1.1.0' if synthetic else '1.0.0'), name
+    assert str(builder.version) in builder.release_notes, name
+    assert (builder.info.metadata is not None) == synthetic, name
+
+
+def test_tags_are_tfds_tags():
+  tags = tfds.builder_cls('ispy2').get_metadata().tags
+  assert tags and set(tags) <= set(dataset_metadata.valid_tags())
 
 
 # --- The `tcia` config, on a TCIA-like DICOM tree written with pydicom (tcia_fixtures). -------------
 
 import json  # noqa: E402
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -310,3 +331,37 @@ def test_tcia_build_on_beam_gives_the_local_records_and_report(tcia_tree, tcia_b
                                                .read_text())) for b in (builder, local_builder))
   assert report == local_report and pipelines == [1]
 
+
+
+# --- TFDS's own builder test over dummy_data/. Its base class is TensorFlow's tf.test.TestCase (and
+# tfds.testing imports dill): it runs where those are installed, which this project does not need.
+try:
+  _DatasetBuilderTestCase = tfds.testing.DatasetBuilderTestCase  # imported on first use
+except ImportError as missing:
+  _DatasetBuilderTestCase = None
+  _MISSING = f'tfds.testing.DatasetBuilderTestCase cannot be imported: {missing}'
+
+if _DatasetBuilderTestCase is None:
+
+  def test_tfds_dataset_builder_test_case():
+    pytest.skip(_MISSING)
+
+else:
+
+  class TciaDummyDataTest(_DatasetBuilderTestCase):
+    """Registration, info, tags, and a build of dummy_data/ read back, on the `tcia` config (the
+    phantom's configs need no test data, and the tests above build them)."""
+
+    DATASET_CLASS = ispy2_dataset_builder.Builder
+    BUILDER_CONFIG_NAMES_TO_TEST = ['tcia']
+    SPLITS = {'train': 5}  # dummy_data/ holds 6 patients, one of whom is skipped
+    MOCK_OUT_FORBIDDEN_OS_FUNCTIONS = False  # the reader walks the manual dir with `os`
+    # TFDS passes dummy_data/ as the download dir too, where a build caches its patients: the test
+    # reads a copy, made here because collecting the class already fixes its `dummy_data`.
+    EXAMPLE_DIR = shutil.copytree(pathlib.Path(__file__).parent / 'dummy_data',
+                                  pathlib.Path(tempfile.mkdtemp()) / 'dummy_data')
+
+    @classmethod
+    def tearDownClass(cls):
+      shutil.rmtree(pathlib.Path(cls.EXAMPLE_DIR).parent)
+      super().tearDownClass()

@@ -107,8 +107,9 @@ What it is: a caricature that a breast-MRI physicist should recognise, not noise
 
 Public API: :class:`PhantomSpec`, :class:`PatientTruth`, :func:`patient_id`,
 :func:`simulate_patient`, :func:`log_volume_change`, :func:`render_patient` (the TFDS example,
-laid out as in ``schema.py``: visits, phases and subtype ids) and :func:`render_patient_maps`
-(the example plus tissue labels and parameter maps, for validating biomarkers).
+laid out as in ``schema.py``: visits, phases and subtype ids), :func:`render_example` (the example
+and its :func:`oracle_truth`, what a build writes) and :func:`render_patient_maps` (the example plus
+tissue labels and parameter maps, for validating biomarkers).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ from tfds_ispy2.ispy2 import schema
 
 __all__ = [
     'ARMS_HER2_NEGATIVE', 'ARMS_HER2_POSITIVE', 'LABELS', 'PhantomSpec', 'PatientTruth',
-    'patient_id', 'log_volume_change', 'simulate_patient', 'render_patient', 'render_patient_maps',
-    'parker_aif_plasma', 'tofts_concentration', 'spgr_signal',
+    'patient_id', 'log_volume_change', 'simulate_patient', 'render_patient', 'render_example',
+    'render_patient_maps', 'oracle_truth', 'ORACLE_TRUTH', 'parker_aif_plasma', 'tofts_concentration', 'spgr_signal',
 ]
 
 ARMS_HER2_NEGATIVE = (
@@ -286,6 +287,11 @@ class PatientTruth:
   bias_coeffs: np.ndarray          # [4, _N_BIAS]
   bias_amplitude: np.ndarray       # [4] peak fractional deviation
   visit_gain: np.ndarray           # [4]
+
+
+# The key of the dataset's metadata (tfds.core.MetadataDict, metadata.json beside the records) under
+# which a build writes every patient's `oracle_truth`, by patient id.
+ORACLE_TRUTH = 'oracle_truth'
 
 
 def patient_id(index: int) -> str:
@@ -862,6 +868,29 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
 def render_patient(spec: PhantomSpec, index: int) -> dict[str, object]:
   """The TFDS example of patient ``index`` (see the module docstring)."""
   return _render(spec, index, with_maps=False)[0]
+
+
+def oracle_truth(t: PatientTruth) -> dict:
+  """What the protocol's oracle reference reads of one patient (pcrjax.references), JSON-ready:
+  subtype, true tumour volume and mean Ktrans at T0 and T1 (None at a missing T1), the
+  heterogeneity h, and the T2 `log_volume_change` (None at a missing T2).
+
+  Written with the dataset, never into a record: no model input may hold the truth.
+  """
+  early = [v for v in (0, 1) if t.visit_mask[v]]
+  return {
+      'subtype': int(t.subtype),
+      'tumor_volume_mm3': [float(t.tumor_volume_mm3[v]) if v in early else None for v in (0, 1)],
+      'ktrans_per_min': [float(t.ktrans_per_min[v]) if v in early else None for v in (0, 1)],
+      'heterogeneity': float(t.heterogeneity),
+      't2_log_volume_change': log_volume_change(t, 2) if t.visit_mask[2] else None,
+  }
+
+
+def render_example(spec: PhantomSpec, index: int) -> tuple[dict[str, object], dict]:
+  """(`render_patient`, `oracle_truth`) of patient ``index``: both from one simulation."""
+  example, _, t = _render(spec, index, with_maps=False)
+  return example, oracle_truth(t)
 
 
 def render_patient_maps(spec: PhantomSpec, index: int):

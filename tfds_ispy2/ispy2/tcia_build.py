@@ -20,8 +20,8 @@ from tfds_ispy2.ispy2 import tcia, tcia_cache
 REPORT_FILE = 'build_report.json'
 WORKERS_ENV = 'ISPY2_WORKERS'  # the user's pool size; unset: `pool_size` chooses
 # A worker's peak resident memory on the largest series of the collection (bi-lateral, 1,792
-# files, 768 MB: 0.77 GB measured by `python -m benchmarks.build`), with margin for larger
-# matrices; and what the building process itself keeps beside its workers (TFDS's writer).
+# files, 768 MB; `python -m benchmarks.build` measures it), with margin for larger matrices; and
+# what the building process itself keeps beside its workers (TFDS's writer).
 WORKER_BYTES = 3 << 29  # 1.5 GiB
 MAIN_BYTES = 1 << 30
 

@@ -13,10 +13,8 @@ import pickle
 
 from tfds_ispy2.ispy2 import tcia
 
-# Bumped whenever `tcia.process_patient` gives other results for the same files and spec, so that
-# no cached result of an older reader is reused. 2: Analysis Masks in the collection's bit-flag
-# form, the VOI in tumor_mask, PE >= 70 % inside a VOI carried over. 3: every file's length checked,
-# phase times from a tag that differs between phases, seconds per stage in the metadata.
+# Part of every key: bump it whenever `tcia.process_patient` gives other results for the same files
+# and spec, so that no result cached by an older reader is reused.
 READER_VERSION = 3
 
 

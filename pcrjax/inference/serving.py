@@ -1,4 +1,4 @@
-"""Prediction for new patients with an exported model (CLI: pcrjax.predict).
+"""Serving an exported model: new patients' predictions (CLI: pcrjax.predict).
 
 The scans are read by the `tcia` build's own reader (`tcia.read_images`: phases, resampling, tumour
 mask, crop; no label needed) and represented exactly as in training (`input_pipeline.represent`).
@@ -26,12 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from pcrjax import checkpoints, input_pipeline, runs
-from pcrjax.inference import export
+from pcrjax import checkpoints, fileio, input_pipeline, models, runs
 from pcrjax.evidence import calibration
 from tfds_ispy2.ispy2 import schema, tcia
 
-USED_VISITS = (0, 1)  # T0, T1: the early prediction.
 SALIENCY_STEPS = 16  # Riemann steps of integrated gradients from an all-zero input.
 
 
@@ -46,22 +44,31 @@ class Ensemble:
   def preprocessing(self) -> dict:
     return self.description['preprocessing']
 
+  @property
+  def visits(self) -> tuple[int, ...]:
+    """The visits its members predict from (the exported network's time points)."""
+    return runs.model(self.description['model']).time_points
+
+  def visit_names(self) -> str:
+    return ' and '.join(schema.VISITS[v] for v in self.visits)
+
 
 def load_model(model_dir: str) -> Ensemble:
   """The exported ensemble, from MODEL_DIR alone."""
-  path = os.path.join(model_dir, export.MODEL_FILE)
+  path = os.path.join(model_dir, runs.MODEL_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{model_dir} is not an exported model (no {export.MODEL_FILE}): write one'
+    raise FileNotFoundError(f'{model_dir} is not an exported model (no {runs.MODEL_FILE}): write one'
                             ' with python -m pcrjax.export --run=PROTOCOL_WORKDIR --out=MODEL_DIR')
   with open(path) as f:
     description = json.load(f)
   params, calibrators, model = [], [], None
   for member in description['members']:
-    member_dir = os.path.join(model_dir, export.MEMBERS_DIR, member['name'])
+    member_dir = runs.member_dir(model_dir, member['name'])
     config = runs.read_config(member_dir)
-    model, like = export.abstract_params(config, input_pipeline.visit_shape(config.data), member['feature_dim'])
+    model = models.build(config, member['feature_dim'])
+    like = models.abstract_params(model, models.patient_shape(config.data))
     with ocp.StandardCheckpointer() as checkpointer:
-      params.append(checkpointer.restore(os.path.join(member_dir, export.PARAMS_DIR),
+      params.append(checkpointer.restore(os.path.join(member_dir, runs.PARAMS_DIR),
                                          checkpoints.abstract(like)))
     calibrators.append(calibration.Calibrator.from_dict(member['calibrator']))
   return Ensemble(description=description, model=model, params=params, calibrators=calibrators)
@@ -86,22 +93,28 @@ def _receptors(hr: int | None, her2: int | None, ensemble: Ensemble, patient_id:
 
 
 def read_dicom_patient(files: tcia.PatientFiles, ensemble: Ensemble, *, hr=None, her2=None) -> Patient:
-  """One patient's T0 and T1 through the build's reader; a missing T0 or T1 stops with what was found."""
+  """One patient's visits that the model reads, through the build's reader; a missing one stops
+  with what was found (the first, as the build's reader does: tcia.Skip)."""
   pid = files.patient_id
+  visits, later = ensemble.visits, ensemble.visits[1:]
   found = [schema.VISITS[v] for v, f in enumerate(files.visits) if f is not None]
-  warnings = [f'{schema.VISITS[v]} found and ignored: the model predicts from T0 and T1.'
-              for v, f in enumerate(files.visits) if f is not None and v not in USED_VISITS]
-  if files.visits[1] is None:
-    raise ValueError(f'{pid}: no T1 study with a DCE series (found: {", ".join(found) or "no visit"}).')
+  warnings = [f'{schema.VISITS[v]} found and ignored: the model predicts from'
+              f' {ensemble.visit_names()}.'
+              for v, f in enumerate(files.visits) if f is not None and v not in visits]
+  for v in later:
+    if files.visits[v] is None:
+      raise ValueError(f'{pid}: no {schema.VISITS[v]} study with a DCE series (found:'
+                       f' {", ".join(found) or "no visit"}).')
   spec = tcia.TciaSpec()
-  arrays, issues, meta = tcia.read_images(files, spec, visits=USED_VISITS)  # tcia.Skip if T0 fails.
-  if not arrays['visit_mask'][1]:
-    reasons = '; '.join(f'{i.reason}: {i.detail}' for i in issues if i.visit == 1)
-    raise ValueError(f'{pid}: T1 could not be used ({reasons}).')
+  arrays, issues, meta = tcia.read_images(files, spec, visits=visits)
+  for v in later:
+    if not arrays['visit_mask'][v]:
+      reasons = '; '.join(f'{i.reason}: {i.detail}' for i in issues if i.visit == v)
+      raise ValueError(f'{pid}: {schema.VISITS[v]} could not be used ({reasons}).')
   warnings += [f'{schema.VISITS[i.visit] if i.visit is not None else "-"} {i.reason}: {i.detail}'
                for i in issues]
   inputs = {schema.VISITS[v]: {k: meta[k][v] for k in ('mask_source', 'phase_indices', 'phase_times_s',
-                                                       'num_phases')} for v in USED_VISITS}
+                                                       'num_phases')} for v in visits}
   return Patient(pid, arrays, _receptors(hr, her2, ensemble, pid), inputs, warnings)
 
 
@@ -117,9 +130,10 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
   if hr is None and her2 is None:
     hr, her2 = (int(x) for x in schema.RECEPTORS[record['subtype']])
   arrays = {k: np.asarray(record[k]) for k in ('images', 'visit_mask', 'tumor_mask', 'spacing_mm')}
-  warnings = ([f'{schema.VISITS[v]} found and ignored: the model predicts from T0 and T1.'
-               for v in range(schema.NUM_VISITS) if arrays['visit_mask'][v] and v not in USED_VISITS])
-  for v in USED_VISITS:
+  warnings = [f'{schema.VISITS[v]} found and ignored: the model predicts from'
+              f' {ensemble.visit_names()}.'
+              for v in range(schema.NUM_VISITS) if arrays['visit_mask'][v] and v not in ensemble.visits]
+  for v in ensemble.visits:
     if not arrays['visit_mask'][v]:
       raise ValueError(f'{pid}: the record has no {schema.VISITS[v]}.')
   return Patient(pid, arrays, _receptors(hr, her2, ensemble, pid), {'record': dataset}, warnings)
@@ -131,7 +145,7 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
 def model_inputs(patient: Patient, ensemble: Ensemble) -> dict[str, np.ndarray]:
   """images [T, *spatial, C] (the patient as the members were trained on it) and its tumour crop."""
   p = ensemble.preprocessing
-  return input_pipeline.represent(patient.record, time_points=USED_VISITS,
+  return input_pipeline.represent(patient.record, time_points=ensemble.visits,
                                   representation=p['representation'], crop_size=p['crop_size'],
                                   channels=p['channels'])
 
@@ -178,7 +192,7 @@ def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
       'members': [{'name': m['name'], 'probability': c, 'uncalibrated': r}
                   for m, c, r in zip(d['members'], calibrated, raw)],
       'model': d['label'], 'calibration': d['calibration'], 'code_version': d['code_version'],
-      'visits_used': [schema.VISITS[v] for v in USED_VISITS],
+      'visits_used': [schema.VISITS[v] for v in ensemble.visits],
       'clinical_inputs': {'hr': int(patient.clinical[0]), 'her2': int(patient.clinical[1])}
       if d['preprocessing']['clinical_inputs'] else None,
       'inputs': patient.inputs, 'warnings': patient.warnings,
@@ -189,13 +203,14 @@ def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
 # --- Writing. ------------------------------------------------------------------------------------
 
 
-def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channel: str) -> str:
+def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channel: str,
+                visits: tuple[int, ...]) -> str:
   """Per visit, `channel` (channel 1 of the representation) beside the saliency."""
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(len(USED_VISITS), 2, figsize=(6, 3 * len(USED_VISITS)), dpi=110, squeeze=False)
-  for row, v in enumerate(USED_VISITS):
+  fig, axes = plt.subplots(len(visits), 2, figsize=(6, 3 * len(visits)), dpi=110, squeeze=False)
+  for row, v in enumerate(visits):
     enhancement = images[row, ..., 1]
     enhancement = enhancement.max(axis=0) if enhancement.ndim == 3 else enhancement
     mask = tumour[row].max(axis=0) if tumour[row].ndim == 3 else tumour[row]
@@ -214,11 +229,11 @@ def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channe
 
 def write_outputs(out_dir: str, result: dict, patient: Patient, ensemble: Ensemble) -> None:
   os.makedirs(out_dir, exist_ok=True)
-  with runs.atomic_open(os.path.join(out_dir, 'prediction.json')) as f:
+  with fileio.atomic_open(os.path.join(out_dir, runs.PREDICTION_FILE)) as f:
     json.dump(result, f, indent=2)
   inputs = model_inputs(patient, ensemble)
   png = _figure_png(inputs['images'], inputs['tumour'], saliency_maps(ensemble, inputs, patient.clinical),
-                    ensemble.preprocessing['channel_names'][1])
+                    ensemble.preprocessing['channel_names'][1], ensemble.visits)
   e = ensemble.description['evidence']
   s = result['spread']
   warnings = ''.join(f'<li>{html.escape(w)}</li>' for w in result['warnings'])
@@ -235,11 +250,11 @@ channels, averaged over the members.</p>
 <h2>The model's evidence</h2>
 <p>Out-of-fold AUROC {e['auroc']:.3f} (95 % CI {e['ci_low']:.3f}&ndash;{e['ci_high']:.3f}) on
 {int(e['num_patients'])} patients of <code>{html.escape(ensemble.description['dataset'])}</code>; Brier {e['brier']:.3f};
-calibration slope {e['calibration_slope']:.2f}. See MODEL_CARD.md of the model.</p>
+calibration slope {e['calibration_slope']:.2f}. See {runs.MODEL_CARD_FILE} of the model.</p>
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
 </body></html>
 """
-  with runs.atomic_open(os.path.join(out_dir, 'prediction.html')) as f:
+  with fileio.atomic_open(os.path.join(out_dir, runs.PREDICTION_PAGE_FILE)) as f:
     f.write(page)
 
 
@@ -248,8 +263,8 @@ BATCH_FIELDS = ('patient_id', 'status', 'probability', 'sd', 'min', 'max', 'reas
 
 def predict_folder(patients: dict[str, tcia.PatientFiles], ensemble: Ensemble, out_dir: str, *,
                    hr=None, her2=None) -> list[dict]:
-  """One CSV row per patient (predictions.csv), each patient's page in OUT/<id>/; a patient that
-  fails gets its reason and the others go on."""
+  """One CSV row per patient (runs.BATCH_PREDICTIONS_FILE), each patient's page in OUT/<id>/; a
+  patient that fails gets its reason and the others go on."""
   rows = []
   for pid in tqdm.tqdm(sorted(patients), unit='patient'):
     try:
@@ -263,7 +278,7 @@ def predict_folder(patients: dict[str, tcia.PatientFiles], ensemble: Ensemble, o
       rows.append({'patient_id': pid, 'status': 'failed', 'probability': '', 'sd': '', 'min': '',
                    'max': '', 'reason': str(e)})
   os.makedirs(out_dir, exist_ok=True)
-  with runs.atomic_open(os.path.join(out_dir, 'predictions.csv'), newline='') as f:
+  with fileio.atomic_open(os.path.join(out_dir, runs.BATCH_PREDICTIONS_FILE), newline='') as f:
     writer = csv.DictWriter(f, fieldnames=BATCH_FIELDS)
     writer.writeheader()
     writer.writerows(rows)

@@ -9,11 +9,11 @@ mean per-fold AUROC with the corrected resampled t-test; each Holm-adjusted over
 from __future__ import annotations
 
 from pcrjax import runs
-from pcrjax.evidence import tables
+from pcrjax.evidence import loading, tables
 
 
 def compare(run_a: str, run_b: str) -> list[dict]:
-  a, b = tables.load_run(run_a), tables.load_run(run_b)
+  a, b = loading.load_run(run_a), loading.load_run(run_b)
   rows = tables.paired_tests([(name, a[name], name, b[name]) for name in a if name in b])
   return [{'model': row.pop('a'), **{k: v for k, v in row.items() if k != 'b'}} for row in rows]
 

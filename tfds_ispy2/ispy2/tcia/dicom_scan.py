@@ -1,8 +1,8 @@
 """The few header values the `tcia` reader needs from a DICOM file, and where its pixels lie, fast.
 
-pydicom builds a Dataset of every element it passes (~5 us each, and a GE, Siemens or Philips slice
-carries hundreds of private ones), and a build reads every header of a download twice (`discover`,
-then each visit's slices): on real-size series that was most of the reader's time. `read_header`
+pydicom builds a Dataset of every element it passes (a GE, Siemens or Philips slice carries hundreds
+of private ones), and a build reads every header of a download twice (`discover`, then each visit's
+slices): on real-size series that parse would be most of the reader's time. `read_header`
 walks the elements with `struct` instead, steps over values by their length (sequences of undefined
 length by their delimiters), keeps the raw bytes of the tags asked for, and stops at PixelData (or
 past the last tag asked for), returning where PixelData's value starts and how long it says it is,

@@ -1,4 +1,4 @@
-"""Export: a finished protocol run -> a self-contained model directory (CLI: pcrjax.export).
+"""A finished protocol run packaged as a self-contained model directory (CLI: pcrjax.export).
 
 The directory holds the ensemble (one member per fold and repeat: its best params as an Orbax
 checkpoint and its config), each member's calibrator (fitted on its fold's validation predictions,
@@ -14,43 +14,30 @@ import json
 import os
 import shutil
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from pcrjax import checkpoints, input_pipeline, runs, train
-from pcrjax.evidence import tables
+from pcrjax import checkpoints, fileio, input_pipeline, models, runs
+from pcrjax.evidence import loading
 from tfds_ispy2.ispy2 import schema
 
-MODEL_FILE = 'model.json'
-MODEL_CARD_FILE = 'MODEL_CARD.md'
-MEMBERS_DIR = 'members'
-PARAMS_DIR = 'params'
-EXPORTABLE = ('student', 'baseline')  # Networks that need only T0 and T1: an early prediction.
+# The networks that predict from the early visits alone.
+EXPORTABLE = tuple(m.name for m in runs.MODELS if m.kind == runs.NETWORK and m.early_predictor)
 
 
-def member_name(repeat: int, fold: int) -> str:
-  return f'repeat_{repeat}_fold_{fold}'
-
-
-def abstract_params(config: ml_collections.ConfigDict, visit_shape: tuple[int, ...], feature_dim: int):
-  """The shapes and dtypes of a member's params, from its config alone."""
-  model = train.create_model(config, feature_dim=feature_dim)
-  input_shape = (len(config.data.time_points),) + tuple(visit_shape)
-  return model, jax.eval_shape(lambda rng: train.init_params(model, rng, input_shape), jax.random.key(0))
-
-
-def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate: str | None = None) -> dict:
+def export(run_dir: str, out_dir: str, *, model_name: str = runs.PRIMARY[1],
+           calibrate: str | None = None) -> dict:
   """Writes MODEL_DIR; returns its model.json contents."""
   run_dir, out_dir = os.path.abspath(run_dir), os.path.abspath(out_dir)
   if model_name not in EXPORTABLE:
-    raise ValueError(f'--model={model_name}: only {EXPORTABLE} predict from T0 and T1.')
+    raise ValueError(f'--model={model_name}: only {EXPORTABLE} predict from the early visits.')
   run_config = runs.read_config(run_dir)
   if run_config.get('stage') != 'protocol':
-    raise ValueError(f'{run_dir} is not a protocol run (its config.json has stage={run_config.get("stage")!r}).')
-  num_repeats, num_folds = run_config.num_repeats, run_config.data.num_folds
-  calibrate = calibrate or run_config.calibration
+    raise ValueError(f'{run_dir} is not a protocol run (its {runs.CONFIG_FILE} has'
+                     f' stage={run_config.get("stage")!r}).')
+  num_repeats, num_folds = run_config.protocol.num_repeats, run_config.data.num_folds
+  calibrate = calibrate or run_config.protocol.calibration
   directories = {(r, f): runs.stage_dir(run_dir, r, f, model_name)
                  for r in range(num_repeats) for f in range(num_folds)}
   unfinished = [d for d in directories.values() if not runs.is_finished(d)]
@@ -59,24 +46,24 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
                             f' {unfinished[0]}): resume the protocol first.')
   tmp = out_dir + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(os.path.join(tmp, MEMBERS_DIR))
+  os.makedirs(os.path.join(tmp, runs.MEMBERS_DIR))
   members = []
   for (repeat, fold), directory in directories.items():
     config = runs.read_config(directory)
-    feature_dim = train.feature_dim(config)
-    _, like = abstract_params(config, input_pipeline.visit_shape(config.data), feature_dim)
+    feature_dim = runs.feature_dim(config)
+    like = models.abstract_params(models.build(config, feature_dim), models.patient_shape(config.data))
     manager = checkpoints.create_manager(directory, read_only=True)
     epoch = runs.selected_epoch(directory) or manager.best_step()
     params = checkpoints.restore_params(manager, epoch, like)
-    name = member_name(repeat, fold)
-    member_dir = os.path.join(tmp, MEMBERS_DIR, name)
+    name = runs.member_name(repeat, fold)
+    member_dir = runs.member_dir(tmp, name)
     config.teacher_workdir = ''  # The member never needs its teacher again.
     runs.write_config(member_dir, config)
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(member_dir, PARAMS_DIR), params)
+      checkpointer.save(os.path.join(member_dir, runs.PARAMS_DIR), params)
     members.append({'name': name, 'repeat': repeat, 'fold': fold, 'epoch': int(epoch),
                     'feature_dim': feature_dim,
-                    'calibrator': tables.fold_calibrator(directory, calibrate).to_dict()})
+                    'calibrator': loading.fold_calibrator(directory, calibrate).to_dict()})
   first = runs.read_config(directories[0, 0])
   spec = runs.model(model_name)
   description = {
@@ -95,9 +82,9 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
       'members': members,
       'evidence': _evidence(run_dir, model_name),
   }
-  with runs.atomic_open(os.path.join(tmp, MODEL_FILE)) as f:
+  with fileio.atomic_open(os.path.join(tmp, runs.MODEL_FILE)) as f:
     json.dump(description, f, indent=2)
-  with runs.atomic_open(os.path.join(tmp, MODEL_CARD_FILE)) as f:
+  with fileio.atomic_open(os.path.join(tmp, runs.MODEL_CARD_FILE)) as f:
     f.write(model_card(description, run_config))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
@@ -107,14 +94,15 @@ def export(run_dir: str, out_dir: str, *, model_name: str = 'student', calibrate
 
 def _evidence(run_dir: str, model_name: str) -> dict:
   """The run's own out-of-fold figures for the card and the prediction page (aggregates only)."""
-  with open(os.path.join(run_dir, 'table.csv'), newline='') as f:
+  with open(os.path.join(run_dir, runs.TABLE_FILE), newline='') as f:
     table = {row['name']: row for row in csv.DictReader(f)}
   row = table[model_name]
   keys = ('num_patients', 'num_pcr', 'auroc', 'ci_low', 'ci_high', 'brier', 'calibration_intercept',
           'calibration_slope', 'degenerate')
   evidence = {k: row[k] if k == 'degenerate' else float(row[k]) for k in keys}
-  evidence['baseline_auroc'] = float(table['baseline']['auroc']) if 'baseline' in table else None
-  subgroups = os.path.join(run_dir, 'subgroups.csv')
+  reference = runs.PRIMARY[0]
+  evidence['baseline_auroc'] = float(table[reference]['auroc']) if reference in table else None
+  subgroups = os.path.join(run_dir, runs.SUBGROUPS_FILE)
   if os.path.exists(subgroups):
     with open(subgroups, newline='') as f:
       evidence['subgroups'] = [{'kind': r['kind'], 'group': r['group'], 'patients': int(r['patients']),
@@ -125,7 +113,7 @@ def _evidence(run_dir: str, model_name: str) -> dict:
 
 def model_card(description: dict, run_config: ml_collections.ConfigDict) -> str:
   e = description['evidence']
-  synthetic = description['dataset'].startswith('ispy2/synthetic')
+  synthetic = runs.is_synthetic(description['dataset'])
   lines = [
       f"# Model card: pcrjax {description['label']}", '',
       '**Research use only.** Not a medical device; not validated for clinical decisions.', '',
@@ -134,7 +122,8 @@ def model_card(description: dict, run_config: ml_collections.ConfigDict) -> str:
       ' of breast cancer from DCE-MRI before treatment (T0) and about three weeks in (T1), for'
       ' research on early-response prediction (I-SPY2-like protocols).', '',
       '## Model',
-      f"{description['label']}: {len(description['members'])} members ({run_config.num_repeats} repeat(s) x"
+      f"{description['label']}: {len(description['members'])} members"
+      f" ({run_config.protocol.num_repeats} repeat(s) x"
       f" {run_config.data.num_folds} folds), each selected on its fold's inner validation split;"
       ' the prediction is the mean of the members\' calibrated probabilities, with their spread.'
       f" Calibration: {description['calibration']}. Code version {description['code_version']}.", '',
@@ -156,8 +145,8 @@ def model_card(description: dict, run_config: ml_collections.ConfigDict) -> str:
       '## Limitations',
       '- Cross-validated on one cohort; no external validation. Out-of-fold AUROC of an ensemble member'
       ' overstates nothing it has not seen, but the ensemble itself was never tested on new patients.',
-      '- Inputs must follow the preprocessing spec of model.json (T0 and T1 DCE series with pre, early'
-      ' and late phases; Analysis Mask or PE >= 70 % tumour); other protocols shift the inputs.',
+      f'- Inputs must follow the preprocessing spec of {runs.MODEL_FILE} (T0 and T1 DCE series with'
+      ' pre, early and late phases; Analysis Mask or PE >= 70 % tumour); other protocols shift the inputs.',
       '- The per-member probabilities spread is not a confidence interval.',
       '- Subgroup figures rest on few patients.', '']
   return '\n'.join(lines)

@@ -2,8 +2,8 @@
 the data source, the bottom line in one sentence, the main table, the ROC and calibration figures,
 decision curves, operating points, pairwise tests, subgroups, then the training curves.
 
-Writes table.csv, pairwise.csv, operating_points.csv, decision_curve.csv, subgroups.csv, the
-figures, predictions_oof_<model>.csv, report.md and a self-contained report.html.
+Writes the evidence files of the run contract (pcrjax.runs: the tables as CSV, the figures, each
+model's out-of-fold predictions, the report in markdown and as one self-contained page).
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ import time
 import markdown_it
 import numpy as np
 
-from pcrjax import runs, wall_time
-from pcrjax.evidence import plots, tables
+from pcrjax import fileio, runs, wall_time
+from pcrjax.evidence import loading, plots, tables
 
 # Figure files, in the order the report shows them, and their captions.
 FIGURES = {
-    'roc.png': 'ROC curves of the out-of-fold predictions, with 95 % bootstrap bands.',
-    'calibration.png': 'Calibration: observed pCR fraction per bin of prediction, and the'
-                       ' distribution of the predictions.',
-    'decision_curve.png': 'Decision curves: net benefit of acting on each model at each threshold'
-                          ' probability, against treating all or none.',
-    'forest.png': 'AUROC overall and by HR/HER2 subtype.',
-    'learning_curves.png': 'Training loss and validation AUROC per epoch; dots: the epochs selected'
-                           ' on the inner validation split.',
+    runs.ROC_FIGURE: 'ROC curves of the out-of-fold predictions, with 95 % bootstrap bands.',
+    runs.CALIBRATION_FIGURE: 'Calibration: observed pCR fraction per bin of prediction, and the'
+                             ' distribution of the predictions.',
+    runs.DECISION_CURVE_FIGURE: 'Decision curves: net benefit of acting on each model at each'
+                                ' threshold probability, against treating all or none.',
+    runs.FOREST_FIGURE: 'AUROC overall and by HR/HER2 subtype.',
+    runs.LEARNING_CURVES_FIGURE: 'Training loss and validation AUROC per epoch; dots: the epochs'
+                                 ' selected on the inner validation split.',
 }
 
 
@@ -39,35 +39,35 @@ def build(run_dir: str) -> list[tables.Row]:
   started = time.perf_counter()
   run_dir = os.path.abspath(run_dir)
   config = runs.read_config(run_dir)
-  predictions = tables.load_run(run_dir)
+  predictions = loading.load_run(run_dir)
   if not predictions:
     raise FileNotFoundError(f'{run_dir}: no model has finished every repeat and fold yet.')
-  seed, replicates = config.seed, config.bootstrap_replicates
+  seed, replicates = config.seed, config.protocol.bootstrap_replicates
   pairs = tables.pairwise_tests(predictions)
   table = tables.main_table(predictions, seed=seed, num_replicates=replicates, pairs=pairs)
   operating = tables.operating_point_table(predictions, seed=seed, num_replicates=replicates)
   curves = tables.decision_curves(predictions)
   groups = tables.subgroups(predictions, seed=seed, num_replicates=replicates)
 
-  for name, records in (('table', [tables.table_record(row) for row in table]), ('pairwise', pairs),
-                        ('operating_points', operating), ('decision_curve', curves),
-                        ('subgroups', groups)):
-    _write_csv(os.path.join(run_dir, f'{name}.csv'), records)
+  for name, records in ((runs.TABLE_FILE, [tables.table_record(row) for row in table]),
+                        (runs.PAIRWISE_FILE, pairs), (runs.OPERATING_POINTS_FILE, operating),
+                        (runs.DECISION_CURVE_FILE, curves), (runs.SUBGROUPS_FILE, groups)):
+    _write_csv(os.path.join(run_dir, name), records)
   for name, pred in predictions.items():
     runs.write_predictions(runs.oof_predictions_path(run_dir, name), tables.out_of_fold_rows(pred))
   figure = lambda name: os.path.join(run_dir, name)  # noqa: E731
-  plots.roc_curves(figure('roc.png'), predictions, table, seed=seed)
-  plots.reliability(figure('calibration.png'), predictions)
-  plots.decision_curves(figure('decision_curve.png'), curves)
-  plots.forest(figure('forest.png'), groups, table)
-  plots.learning_curves(figure('learning_curves.png'), run_dir, num_repeats=config.num_repeats,
-                        num_folds=config.data.num_folds)
+  plots.roc_curves(figure(runs.ROC_FIGURE), predictions, table, seed=seed)
+  plots.reliability(figure(runs.CALIBRATION_FIGURE), predictions)
+  plots.decision_curves(figure(runs.DECISION_CURVE_FIGURE), curves)
+  plots.forest(figure(runs.FOREST_FIGURE), groups, table)
+  plots.learning_curves(figure(runs.LEARNING_CURVES_FIGURE), run_dir,
+                        num_repeats=config.protocol.num_repeats, num_folds=config.data.num_folds)
 
   spent = wall_time.read_protocol(run_dir, report_seconds=time.perf_counter() - started)
   markdown = render(config, run_dir, table, pairs, operating, groups, spent)
-  with runs.atomic_open(os.path.join(run_dir, 'report.md')) as f:
+  with fileio.atomic_open(os.path.join(run_dir, runs.REPORT_FILE)) as f:
     f.write(markdown)
-  with runs.atomic_open(os.path.join(run_dir, 'report.html')) as f:
+  with fileio.atomic_open(os.path.join(run_dir, runs.REPORT_PAGE_FILE)) as f:
     f.write(to_html(markdown, run_dir, config))
   print(markdown)
   return table
@@ -86,7 +86,7 @@ def _flat(record: dict) -> dict:
 
 def _write_csv(path: str, records: list[dict]) -> None:
   records = [_flat(r) for r in records]
-  with runs.atomic_open(path, newline='') as f:
+  with fileio.atomic_open(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
     writer.writeheader()
     writer.writerows(records)
@@ -122,7 +122,7 @@ def _label(name: str) -> str:
 
 
 def banner(config) -> str:
-  if 'synthetic' in config.data.dataset:
+  if runs.is_synthetic(config.data.dataset):
     return ('> **Synthetic data.** Every number below comes from the embedded phantom'
             f' (`{config.data.dataset}`), a simulation of I-SPY2-like DCE-MRI: it tests the'
             ' software and the method\'s mechanics and says nothing about patients.')
@@ -160,7 +160,7 @@ def bottom_line(pairs: list[dict], num_pairs: int) -> str:
 
 
 def design(config, run_dir: str, first: tables.Row) -> str:
-  repeats = config.num_repeats
+  repeats = config.protocol.num_repeats
   return (
       f'{first.num_patients} patients, {first.num_pcr} pCR'
       f' ({100 * first.num_pcr / first.num_patients:.1f} %). {config.data.num_folds}-fold'
@@ -169,14 +169,15 @@ def design(config, run_dir: str, first: tables.Row) -> str:
       f' {repeats} repeat(s) (fold seeds {config.data.fold_seed}..{config.data.fold_seed + repeats - 1},'
       f' init seeds {config.seed}..{config.seed + repeats - 1}); representation'
       f' `{config.data.representation}`, channels `{config.data.get("channels", "subtraction")}`;'
-      f' {_networks(config)}; post-hoc calibration: {config.calibration}. Trained with code'
+      f' {_networks(config)}; post-hoc calibration: {config.protocol.calibration}. Trained with code'
       f' {runs.recorded_code_version(run_dir)}; report built with {runs.code_version()}; the exact'
-      ' config is `config.json` (and at the end of report.html).')
+      f' config is `{runs.CONFIG_FILE}` (and at the end of {runs.REPORT_PAGE_FILE}).')
 
 
 def _networks(config) -> str:
-  """What the networks' heads read and what the student regresses. A workdir written before these
-  fields existed had the image latent alone and the teacher's raw latent."""
+  """What the networks' heads read and what the student regresses. A config without these fields
+  is of a run whose heads read the image latent alone and whose student regressed the teacher's
+  raw latent."""
   model, dual = config.get('model', {}), config.get('dual_task', {})
   inputs = ['the image latent']
   if model.get('tumour_kinetics', False):
@@ -190,18 +191,18 @@ def _networks(config) -> str:
 
 def where_the_time_went(spent: dict | None) -> str:
   """The protocol's wall time by phase (pcrjax.wall_time), a paragraph of its own; '' for a run
-  from before it was kept."""
+  without its record."""
   if spent is None:
     return ''
   return ("\n\nWhere the time went in the protocol's last run: "
           f'{wall_time.describe(spent)}. Compile is the first call of each training\'s'
           " initialisation and steps (tracing and XLA's compilation, or a cache's copy); training"
-          " steps run until the epoch's metrics are read back. `wall_time.json` and each"
-          " training's `timing.json` hold the seconds.")
+          f" steps run until the epoch's metrics are read back. `{runs.WALL_TIME_FILE}` and each"
+          f" training's `{runs.TIMING_FILE}` hold the seconds.")
 
 
 def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
-  repeats, folds = config.num_repeats, config.data.num_folds
+  repeats, folds = config.protocol.num_repeats, config.data.num_folds
   reference = _label(runs.PRIMARY[0])
   rows = []
   for r in table:
@@ -224,7 +225,8 @@ def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
        f'p vs {reference}, DeLong (Holm)', f'p vs {reference}, per fold (Holm)', 'Brier',
        'Cal. intercept (95 % CI)', 'Cal. slope (95 % CI)'], rows)
   notes = [
-      f'Pooled AUROC and its CI (stratified bootstrap, {config.bootstrap_replicates} replicates,'
+      'Pooled AUROC and its CI (stratified bootstrap,'
+      f' {config.protocol.bootstrap_replicates} replicates,'
       ' the pROC convention) are of each patient\'s out-of-fold prediction averaged over the'
       f' repeats, pooled over the {folds} fold models: pooling mixes their scales, which can lower'
       ' the AUROC of a model whose fold models are calibrated differently (a network) and not of'
@@ -236,7 +238,7 @@ def main_table(config, run_dir: str, table: list[tables.Row]) -> str:
       ' comparisons. Calibration intercept (ideal 0) and slope (ideal 1) with stratified-bootstrap'
       ' CIs.']
   notes += [f'{_label(r.name)}: {runs.model(r.name).note}; not tested against the others.'
-            for r in table if not runs.model(r.name).compared]
+            for r in table if not runs.model(r.name).early_predictor]
   explained = cohort_facts(run_dir).get('t2_explained_r2')
   if explained is not None and any(r.name == 'oracle' for r in table):
     notes.append(f'The oracle\'s T0/T1 truth explains R² = {explained:.2f} of the true T2 log-volume'
@@ -263,7 +265,7 @@ def operating_points(operating: list[dict]) -> str:
       '\n\nThe thresholds are chosen on the same out-of-fold predictions they are evaluated on, so'
       ' these figures are optimistic for new patients; the CIs (stratified bootstrap, the threshold'
       ' re-derived in every replicate) include the uncertainty of choosing it. Decision curves:'
-      ' `decision_curve.csv`.')
+      f' `{runs.DECISION_CURVE_FILE}`.')
 
 
 def pairwise(pairs: list[dict]) -> str:
@@ -283,7 +285,8 @@ def pairwise(pairs: list[dict]) -> str:
       ' its test patients, with the corrected resampled t-test (Nadeau & Bengio 2003; J − 1 degrees'
       ' of freedom, variance (1/J + 1/(K − 1)) s² for J repeat-folds of K-fold cross-validation),'
       ' which also counts the variation between trainings. Holm\'s step-down adjustment controls'
-      ' the family-wise error rate at 5 % within each test\'s family. z and t: `pairwise.csv`.')
+      ' the family-wise error rate at 5 % within each test\'s family. z and t:'
+      f' `{runs.PAIRWISE_FILE}`.')
 
 
 def subgroups(groups: list[dict]) -> str:
@@ -308,36 +311,40 @@ def _figure(name: str) -> str:
 
 
 def render(config, run_dir, table, pairs, operating, groups, spent: dict | None = None) -> str:
-  """report.md: the sections in the order a reviewer reads them; `spent`: the protocol's wall
-  time (wall_time.read_protocol)."""
+  """The report's markdown, its sections in the order a reviewer reads them; `spent`: the
+  protocol's wall time (wall_time.read_protocol)."""
   sections = [
       '# pCR prediction from early DCE-MRI: two-stage dual-task vs single-stage',
       banner(config),
       bottom_line(pairs, len(pairs)),
       design(config, run_dir, table[0]) + where_the_time_went(spent),
       '## Main table\n\n' + main_table(config, run_dir, table),
-      '## Discrimination and calibration\n\n' + _figure('roc.png') + '\n\n' + _figure('calibration.png'),
-      '## Clinical usefulness\n\n' + _figure('decision_curve.png') + '\n\n### Operating points\n\n'
+      '## Discrimination and calibration\n\n' + _figure(runs.ROC_FIGURE) + '\n\n'
+      + _figure(runs.CALIBRATION_FIGURE),
+      '## Clinical usefulness\n\n' + _figure(runs.DECISION_CURVE_FIGURE)
+      + '\n\n### Operating points\n\n'
       + operating_points(operating),
       '## Pairwise comparisons\n\n' + pairwise(pairs),
-      '## Subgroups\n\n' + _figure('forest.png') + '\n\n' + subgroups(groups),
-      '## Training\n\n' + _figure('learning_curves.png'),
+      '## Subgroups\n\n' + _figure(runs.FOREST_FIGURE) + '\n\n' + subgroups(groups),
+      '## Training\n\n' + _figure(runs.LEARNING_CURVES_FIGURE),
   ]
   return '\n\n'.join(sections) + '\n'
 
 
 def to_html(markdown: str, run_dir: str, config) -> str:
   """One self-contained file (figures inline as data URIs, the config at the end): easy to send."""
+  body = markdown_it.MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown)
+  # The figures go in after rendering: the renderer re-encodes a link character by character
+  # (seconds for a figure's megabyte of base64), and base64 needs no encoding in an attribute.
   for name in FIGURES:
     with open(os.path.join(run_dir, name), 'rb') as f:
       data = base64.b64encode(f.read()).decode()
-    markdown = markdown.replace(f']({name})', f'](data:image/png;base64,{data})')
-  body = markdown_it.MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown)
+    body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{data}"')
   config_json = html.escape(config.to_json_best_effort(indent=2))
   style = ('body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}'
            'table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;'
            'font-size:14px}th{background:#f4f4f4}img{max-width:100%}blockquote{background:#fff6e0;'
            'border-left:4px solid #e0a000;margin:1em 0;padding:0.5em 1em}')
   return (f'<!doctype html><html><head><meta charset="utf-8"><title>pcrjax report</title>'
-          f'<style>{style}</style></head><body>{body}<details><summary>config.json</summary><pre>'
-          f'{config_json}</pre></details></body></html>\n')
+          f'<style>{style}</style></head><body>{body}<details><summary>{runs.CONFIG_FILE}'
+          f'</summary><pre>{config_json}</pre></details></body></html>\n')
