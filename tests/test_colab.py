@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,15 @@ def test_the_build_commands_build_the_synthetic_and_the_tcia_configs(venv, dummy
   (report,) = (tmp_path / 'tcia').glob('ispy2/tcia/*/build_report.json')
   assert json.loads(report.read_text())['patients_written'] == sum(
       t.expected_skip is None for t in dummy_truth.values())
+
+
+def test_tfds_own_builder_test_passes_where_tensorflow_is(venv):
+  """TFDS's DatasetBuilderTestCase (a tf.test.TestCase) over dummy_data/, on the runtime that has
+  TensorFlow; the lock's venv has none, where ispy2_dataset_builder_test.py skips it."""
+  if venv.runtime == 'tpu':
+    pytest.skip('TensorFlow is on the GPU runtime only.')
+  _run([venv.python, '-m', 'pip', 'install', '--quiet', 'pytest==8.4.2'], timeout=600)  # Colab's.
+  test = venv.tmp / 'src' / 'tfds_ispy2' / 'ispy2' / 'ispy2_dataset_builder_test.py'
+  result = venv.run('-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(test), '-k', 'TciaDummyDataTest')
+  passed = re.search(r'(\d+) passed', result.stdout)  # Its skip: tf.test.TestCase's `test_session`.
+  assert passed and int(passed.group(1)) >= 5 and 'failed' not in result.stdout, result.stdout[-2000:]
