@@ -45,7 +45,11 @@ class BuildPyWithoutTests(build_py.build_py):
 
   def find_package_modules(self, package, package_dir):
     modules = super().find_package_modules(package, package_dir)
-    return [(pkg, module, path) for pkg, module, path in modules if not module.endswith('_test')]
+    return [
+        (pkg, module, path)
+        for pkg, module, path in modules
+        if not module.endswith('_test')
+    ]
 
 
 setuptools.setup(
@@ -62,24 +66,42 @@ setuptools.setup(
     ],
     python_requires='>=3.11',
     # experiments/ ships as pcrjax.experiments, so that `--config=NAME` works after any install.
-    packages=setuptools.find_packages(include=['pcrjax', 'pcrjax.*', 'tfds_ispy2', 'tfds_ispy2.*'])
+    packages=setuptools.find_packages(
+        include=['pcrjax', 'pcrjax.*', 'tfds_ispy2', 'tfds_ispy2.*']
+    )
     + ['pcrjax.experiments'],
     package_dir={'pcrjax.experiments': 'experiments'},
     # dummy_data/**/.*: the tree's .DS_Store, clutter that the reader must skip.
-    package_data={'tfds_ispy2.ispy2': ['README.md', 'CITATIONS.bib', 'TAGS.txt', 'checksums.tsv',
-                                       'dummy_data/**/*', 'dummy_data/**/.*']},
+    package_data={
+        'tfds_ispy2.ispy2': [
+            'README.md',
+            'CITATIONS.bib',
+            'TAGS.txt',
+            'checksums.tsv',
+            'dummy_data/**/*',
+            'dummy_data/**/.*',
+        ]
+    },
     install_requires=REQUIREMENTS,
-    extras_require={'test': ['pytest==9.2.0', 'wheel==0.45.1', 'jupytext==1.19.6', 'nbclient==0.11.0',
-                             'nbformat==5.11.1', 'ipykernel==7.4.0'],
-                    # The PyTorch twin of `python -m benchmarks.run` (benchmarks/README.md).
-                    'benchmarks': ['torch>=2.4'],
-                    # The `tcia` build as an Apache Beam pipeline (README: at scale).
-                    'beam': ['apache-beam>=2.77'],
-                    # `python -m tfds_ispy2.download`: the first idc-index whose series index has
-                    # SOPClassUID (idc-index-data 23.9.0), which the Analysis Mask rule reads.
-                    'download': ['idc-index>=0.11.13'],
-                    # `tfds build` as typed: tensorflow-datasets 4.9.10's script imports these at
-                    # start-up (and TensorFlow, which is installed for its hardware).
-                    'tfds-cli': ['apache-beam>=2.77', 'mlcroissant>=1.1.1']},
+    extras_require={
+        'test': [
+            'pytest==9.2.0',
+            'wheel==0.45.1',
+            'jupytext==1.19.6',
+            'nbclient==0.11.0',
+            'nbformat==5.11.1',
+            'ipykernel==7.4.0',
+        ],
+        # The PyTorch twin of `python -m benchmarks.run` (benchmarks/README.md).
+        'benchmarks': ['torch>=2.4'],
+        # The `tcia` build as an Apache Beam pipeline (README: at scale).
+        'beam': ['apache-beam>=2.77'],
+        # `python -m tfds_ispy2.download`: the first idc-index whose series index has
+        # SOPClassUID (idc-index-data 23.9.0), which the Analysis Mask rule reads.
+        'download': ['idc-index>=0.11.13'],
+        # `tfds build` as typed: tensorflow-datasets 4.9.10's script imports these at
+        # start-up (and TensorFlow, which is installed for its hardware).
+        'tfds-cli': ['apache-beam>=2.77', 'mlcroissant>=1.1.1'],
+    },
     cmdclass={'build_py': BuildPyWithoutTests},
 )

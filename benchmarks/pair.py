@@ -20,7 +20,10 @@ import statistics
 from benchmarks import common, jax_step
 from pcrjax import models
 
-_FIELDS = {field.name for field in dataclasses.fields(models.PCRNet)} - {'parent', 'name'}
+_FIELDS = {field.name for field in dataclasses.fields(models.PCRNet)} - {
+    'parent',
+    'name',
+}
 
 
 def model_fields(assignments: list[str]) -> dict:
@@ -29,7 +32,9 @@ def model_fields(assignments: list[str]) -> dict:
   for assignment in assignments:
     name, _, value = assignment.partition('=')
     if name not in _FIELDS:
-      raise ValueError(f'{name!r} is not a field of models.PCRNet ({sorted(_FIELDS)})')
+      raise ValueError(
+          f'{name!r} is not a field of models.PCRNet ({sorted(_FIELDS)})'
+      )
     try:
       fields[name] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -40,10 +45,21 @@ def model_fields(assignments: list[str]) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--case', default='volume', choices=list(common.CASES))
-  parser.add_argument('--a', nargs='*', default=[], help='variant A: PCRNet fields, name=value')
-  parser.add_argument('--b', nargs='+', required=True, help='variant B: PCRNet fields, name=value')
-  parser.add_argument('--blocks', type=int, default=20, help='blocks of each variant')
-  parser.add_argument('--block', type=int, default=5, help='timed steps per block')
+  parser.add_argument(
+      '--a', nargs='*', default=[], help='variant A: PCRNet fields, name=value'
+  )
+  parser.add_argument(
+      '--b',
+      nargs='+',
+      required=True,
+      help='variant B: PCRNet fields, name=value',
+  )
+  parser.add_argument(
+      '--blocks', type=int, default=20, help='blocks of each variant'
+  )
+  parser.add_argument(
+      '--block', type=int, default=5, help='timed steps per block'
+  )
   parser.add_argument('--batch_size', type=int, default=common.DEFAULT_BATCH)
   args = parser.parse_args(argv)
   try:
@@ -55,20 +71,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  steps = [jax_step.prepare_case(args.case, batch_size=args.batch_size, warmup=2, model_fields=fields)[0]
-           for fields in (args.a, args.b)]
+  steps = [
+      jax_step.prepare_case(
+          args.case, batch_size=args.batch_size, warmup=2, model_fields=fields
+      )[0]
+      for fields in (args.a, args.b)
+  ]
   times, ratios = ([], []), []
   for pair in range(args.blocks):
     medians = [0.0, 0.0]
     for variant in ((0, 1) if pair % 2 == 0 else (1, 0)):
-      steps[variant]()  # Untimed: the other variant's threads may still be busy.
-      medians[variant], block = jax_step.median_seconds(steps[variant], args.block)
+      steps[
+          variant
+      ]()  # Untimed: the other variant's threads may still be busy.
+      medians[variant], block = jax_step.median_seconds(
+          steps[variant], args.block
+      )
       times[variant].extend(block)
     ratios.append(medians[1] / medians[0])
   for name, fields, variant_times in zip('AB', (args.a, args.b), times):
-    print(f'{name}: {1e3 * statistics.median(variant_times):.2f} ms per step  ({fields or "the config"})')
-  print(f'B / A: {statistics.median(ratios):.3f} (median of {len(ratios)} pairs of blocks;'
-        f' {min(ratios):.3f}-{max(ratios):.3f})')
+    print(
+        f'{name}: {1e3 * statistics.median(variant_times):.2f} ms per step  ({fields or "the config"})'
+    )
+  print(
+      f'B / A: {statistics.median(ratios):.3f} (median of {len(ratios)} pairs of blocks;'
+      f' {min(ratios):.3f}-{max(ratios):.3f})'
+  )
 
 
 if __name__ == '__main__':

@@ -11,5 +11,7 @@ from pcrjax import configs
 def get_config(arg: str | None = None):
   config = configs.stage_config('student', smoke=arg == 'smoke')
   config.feature_loss_weight = 1.0
-  config.teacher_workdir = ''  # Required: set with --config.teacher_workdir=DIR.
+  config.teacher_workdir = (
+      ''  # Required: set with --config.teacher_workdir=DIR.
+  )
   return config

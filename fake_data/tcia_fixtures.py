@@ -168,34 +168,85 @@ from scipy import ndimage
 from tfds_ispy2.ispy2 import phantom, schema
 
 __all__ = [
-    'Case', 'DEFAULT_CASES', 'FIXTURE_SPEC', 'PatientTruth', 'write_tcia_tree',
-    'write_clinical_sheet', 'write_ancillary_sheet', 'render_dce_series', 'choose_phases',
-    'PHI_STRINGS', 'CLINICAL_SHEET_NAME', 'ANCILLARY_SHEET_NAME', 'CLINICAL_COLUMNS',
-    'SEG_SOP_CLASS_UID', 'FAULTS', 'DUMMY_CASES', 'MASK_FORMS', 'MASK_LEGEND', 'MASK_LEGEND_TAG',
-    'PE_BIT', 'SER_BIT', 'BACKGROUND_BIT', 'VOI_BIT', 'volser_codes', 'set_bitflag_mask',
-    'Layout', 'VENDORS', 'VENDOR_CASES', 'REAL_GRIDS',
+    'Case',
+    'DEFAULT_CASES',
+    'FIXTURE_SPEC',
+    'PatientTruth',
+    'write_tcia_tree',
+    'write_clinical_sheet',
+    'write_ancillary_sheet',
+    'render_dce_series',
+    'choose_phases',
+    'PHI_STRINGS',
+    'CLINICAL_SHEET_NAME',
+    'ANCILLARY_SHEET_NAME',
+    'CLINICAL_COLUMNS',
+    'SEG_SOP_CLASS_UID',
+    'FAULTS',
+    'DUMMY_CASES',
+    'MASK_FORMS',
+    'MASK_LEGEND',
+    'MASK_LEGEND_TAG',
+    'PE_BIT',
+    'SER_BIT',
+    'BACKGROUND_BIT',
+    'VOI_BIT',
+    'volser_codes',
+    'set_bitflag_mask',
+    'Layout',
+    'VENDORS',
+    'VENDOR_CASES',
+    'REAL_GRIDS',
 ]
 
 CLINICAL_SHEET_NAME = 'ISPY2-Imaging-Cohort-1-Clinical-Data.xlsx'
 ANCILLARY_SHEET_NAME = 'Full-Collection-Ancillary-Patient-Information-file.xlsx'
-CLINICAL_COLUMNS = ('Patient_ID', 'Arm', 'HR', 'HER2', 'MP', 'pCR', 'Age', 'Race', 'Ethnicity',
-                    'Menopausal_Status')
+CLINICAL_COLUMNS = (
+    'Patient_ID',
+    'Arm',
+    'HR',
+    'HER2',
+    'MP',
+    'pCR',
+    'Age',
+    'Race',
+    'Ethnicity',
+    'Menopausal_Status',
+)
 ANCILLARY_COLUMNS = ('TCIA PATIENT ID', 'I-SPY 2 Research ID')
 SEG_SOP_CLASS_UID = '1.2.840.10008.5.1.4.1.1.66.4'
 
 # The phantom grid of the fixtures: small, so the default tree writes in a few seconds.
-FIXTURE_SPEC = phantom.PhantomSpec(num_patients=64, shape=(8, 40, 40),
-                                   spacing_mm=(5.0, 3.0, 3.0), seed=0)
+FIXTURE_SPEC = phantom.PhantomSpec(
+    num_patients=64, shape=(8, 40, 40), spacing_mm=(5.0, 3.0, 3.0), seed=0
+)
 
 # PHI-like values written into headers / the sheet; none may reach the reader's output.
 PATIENT_NAME = 'Doe^Jane'
 INSTITUTION = 'Springfield General Hospital'
 REFERRING = 'Hibbert^Julius'
 OPERATOR = 'Flanders^Maude'
-PHI_STRINGS = (PATIENT_NAME, 'Doe', INSTITUTION, REFERRING, OPERATOR, '742 Evergreen Terrace')
+PHI_STRINGS = (
+    PATIENT_NAME,
+    'Doe',
+    INSTITUTION,
+    REFERRING,
+    OPERATOR,
+    '742 Evergreen Terrace',
+)
 
-FAULTS = ('truncated_file', 'truncated_last', 'junk_file', 'missing_slice', 'two_phases', 'no_dce',
-          'corrupt_seg', 'no_seg', 'duplicate_visit', 'unknown_study')
+FAULTS = (
+    'truncated_file',
+    'truncated_last',
+    'junk_file',
+    'missing_slice',
+    'two_phases',
+    'no_dce',
+    'corrupt_seg',
+    'no_seg',
+    'duplicate_visit',
+    'unknown_study',
+)
 
 # DCE grids of real series ((D, H, W) voxels of (dz, dy, dx) mm; W is one breast's columns, a
 # bi-lateral series has twice as many), for ``Case.size == 'real'``.  Uni-lateral: 256 x 256 x 88
@@ -203,15 +254,28 @@ FAULTS = ('truncated_file', 'truncated_last', 'junk_file', 'missing_slice', 'two
 # ~ 90 MB); bi-lateral: 384 x 512 x 256 slices, the upper end of the collection (7 phases: 1,792
 # files, ~ 700 MB).  The phantom is rendered on its coarse grid and its maps resampled (labels
 # nearest, the rest linear, the edges extended) onto these larger fields of view.
-REAL_GRIDS = {'uni': ((88, 256, 256), (2.0, 0.7, 0.7)), 'bi': ((256, 384, 256), (0.8, 0.7, 0.7))}
+REAL_GRIDS = {
+    'uni': ((88, 256, 256), (2.0, 0.7, 0.7)),
+    'bi': ((256, 384, 256), (0.8, 0.7, 0.7)),
+}
 
-MASK_FORMS = ('bitflags', 'bitflags_per_frame', 'bitflags_no_legend', 'seg', 'seg_excluded')
+MASK_FORMS = (
+    'bitflags',
+    'bitflags_per_frame',
+    'bitflags_no_legend',
+    'seg',
+    'seg_excluded',
+)
 # The collection's Analysis Mask: per voxel an OR of exclusion bits (0 = FTV); the private Mask
 # Legend (0117,10D3) spells them out. The first three entries are those of a real ACRIN-6698 mask;
 # the wording of the fourth is not known (bit 32 is the documented manual-VOI bit).
 MASK_LEGEND_TAG = (0x0117, 0x10D3)
-MASK_LEGEND = ('00000001 ( 1) : PE threshold', '00000010 ( 2) : other SER filter',
-               '00010000 (16) : automatic background', '00100000 (32) : manual VOI')
+MASK_LEGEND = (
+    '00000001 ( 1) : PE threshold',
+    '00000010 ( 2) : other SER filter',
+    '00010000 (16) : automatic background',
+    '00100000 (32) : manual VOI',
+)
 PE_BIT, SER_BIT, BACKGROUND_BIT, VOI_BIT = 1, 2, 16, 32
 _MASK_PRIVATE_CREATOR = 'UCSF VOLSER'
 
@@ -226,27 +290,46 @@ _NO_TOKEN_DESCRIPTION = 'MR BREAST BILATERAL W WO CONTRAST'
 # ----------------------------------------------------------------------------- vendors
 class Layout(NamedTuple):
   """How a scanner writes a DCE series' headers: what says the phase and its time, the scaling,
-  and the private elements it leaves (numbers and codes, no PHI) around the standard ones."""
+  and the private elements it leaves (numbers and codes, no PHI) around the standard ones.
+  """
 
   manufacturer: str | None  # None: drawn per patient (the fixtures' own layout)
   model: str
-  temporal_position: bool  # TemporalPositionIdentifier + NumberOfTemporalPositions
-  trigger: str | None  # TriggerTime: 'phase' (the phase's start, ms), 'zero' (0 everywhere), None
+  temporal_position: (
+      bool  # TemporalPositionIdentifier + NumberOfTemporalPositions
+  )
+  trigger: (
+      str | None
+  )  # TriggerTime: 'phase' (the phase's start, ms), 'zero' (0 everywhere), None
   acquisition: str  # AcquisitionTime: 'phase' (each phase's start) or 'series' (the series' start)
-  rescale: tuple[float, float] | None  # (RescaleSlope, RescaleIntercept), or none written
+  rescale: (
+      tuple[float, float] | None
+  )  # (RescaleSlope, RescaleIntercept), or none written
   private: tuple  # ((group, private creator, ((element, VR, value), ...)), ...)
 
 
-def _private_block(group: int, creator: str, count: int, blobs: Sequence[int] = ()) -> tuple:
+def _private_block(
+    group: int, creator: str, count: int, blobs: Sequence[int] = ()
+) -> tuple:
   """A private block of ``count`` short values and OB blobs of ``blobs`` bytes (text padded to an
-  even length): what a header parser must step over, at about a real scanner's size."""
-  kinds = (('SS', lambda i: i % 7 - 3), ('DS', lambda i: f'{i * 0.125:g}'),
-           ('LO', lambda i: f'PARAM_{i:03d}'), ('SL', lambda i: i * 1009), ('US', lambda i: i),
-           ('FL', lambda i: i / 8.0))
-  elements = [(0x01 + i, kinds[i % 6][0], kinds[i % 6][1](i)) for i in range(count)]
+  even length): what a header parser must step over, at about a real scanner's size.
+  """
+  kinds = (
+      ('SS', lambda i: i % 7 - 3),
+      ('DS', lambda i: f'{i * 0.125:g}'),
+      ('LO', lambda i: f'PARAM_{i:03d}'),
+      ('SL', lambda i: i * 1009),
+      ('US', lambda i: i),
+      ('FL', lambda i: i / 8.0),
+  )
+  elements = [
+      (0x01 + i, kinds[i % 6][0], kinds[i % 6][1](i)) for i in range(count)
+  ]
   text = b'sKSpace.lBaseResolution = 256\nsSliceArray.asSlice[0].dThickness = 2.0\n'
-  elements += [(0x80 + n, 'OB', (text * (size // len(text) + 1))[:size + size % 2])
-               for n, size in enumerate(blobs)]
+  elements += [
+      (0x80 + n, 'OB', (text * (size // len(text) + 1))[: size + size % 2])
+      for n, size in enumerate(blobs)
+  ]
   return group, creator, tuple(elements)
 
 
@@ -258,20 +341,50 @@ def _private_block(group: int, creator: str, count: int, blobs: Sequence[int] = 
 # RescaleSlope / Intercept and its private MR scale slope / intercept (2005,100E / 100D), which
 # give the 'floating point' values that a reader of displayed values does not use.
 VENDORS = {
-    'GE': Layout('GE MEDICAL SYSTEMS', 'DISCOVERY MR750', True, 'phase', 'series', None, (
-        _private_block(0x0009, 'GEMS_IDEN_01', 6),
-        _private_block(0x0019, 'GEMS_ACQU_01', 60),
-        _private_block(0x0021, 'GEMS_RELA_01', 30),
-        _private_block(0x0043, 'GEMS_PARM_01', 40, (1024, 2048)))),
-    'Siemens': Layout('SIEMENS', 'Skyra', False, None, 'phase', None, (
-        _private_block(0x0019, 'SIEMENS MR HEADER', 16),
-        _private_block(0x0029, 'SIEMENS CSA HEADER', 4, (6144, 16384)),
-        _private_block(0x0051, 'SIEMENS MR HEADER', 12))),
-    'Philips': Layout('Philips Medical Systems', 'Achieva dStream', True, 'zero', 'phase',
-                      (2.36264, 0.0), (
-        _private_block(0x2001, 'Philips Imaging DD 001', 50),
-        (0x2005, 'Philips MR Imaging DD 001', ((0x0D, 'FL', 0.0), (0x0E, 'FL', 0.0123457))),
-        _private_block(0x2005, 'Philips MR Imaging DD 002', 60, (1536,)))),
+    'GE': Layout(
+        'GE MEDICAL SYSTEMS',
+        'DISCOVERY MR750',
+        True,
+        'phase',
+        'series',
+        None,
+        (
+            _private_block(0x0009, 'GEMS_IDEN_01', 6),
+            _private_block(0x0019, 'GEMS_ACQU_01', 60),
+            _private_block(0x0021, 'GEMS_RELA_01', 30),
+            _private_block(0x0043, 'GEMS_PARM_01', 40, (1024, 2048)),
+        ),
+    ),
+    'Siemens': Layout(
+        'SIEMENS',
+        'Skyra',
+        False,
+        None,
+        'phase',
+        None,
+        (
+            _private_block(0x0019, 'SIEMENS MR HEADER', 16),
+            _private_block(0x0029, 'SIEMENS CSA HEADER', 4, (6144, 16384)),
+            _private_block(0x0051, 'SIEMENS MR HEADER', 12),
+        ),
+    ),
+    'Philips': Layout(
+        'Philips Medical Systems',
+        'Achieva dStream',
+        True,
+        'zero',
+        'phase',
+        (2.36264, 0.0),
+        (
+            _private_block(0x2001, 'Philips Imaging DD 001', 50),
+            (
+                0x2005,
+                'Philips MR Imaging DD 001',
+                ((0x0D, 'FL', 0.0), (0x0E, 'FL', 0.0123457)),
+            ),
+            _private_block(0x2005, 'Philips MR Imaging DD 002', 60, (1536,)),
+        ),
+    ),
 }
 
 
@@ -322,6 +435,7 @@ class Case:
       ``GE``, ``Siemens``, ``Philips``: that scanner's header layout (:data:`VENDORS`), which
       then decides the timing tags, the rescale and the private elements.
   """
+
   name: str
   tcia_id: str
   research_id: int
@@ -355,8 +469,14 @@ class Case:
       raise ValueError(f'{self.name}: laterality {self.laterality!r}')
     if self.visit_source not in ('description', 'cttp', 'folder'):
       raise ValueError(f'{self.name}: visit_source {self.visit_source!r}')
-    if self.sheet not in ('numeric', 'tcia_id', 'absent', 'empty_pcr', 'duplicate_conflict',
-                          'duplicate_same'):
+    if self.sheet not in (
+        'numeric',
+        'tcia_id',
+        'absent',
+        'empty_pcr',
+        'duplicate_conflict',
+        'duplicate_same',
+    ):
       raise ValueError(f'{self.name}: sheet {self.sheet!r}')
     if self.label_style not in ('int', 'float', 'str_float', 'text'):
       raise ValueError(f'{self.name}: label_style {self.label_style!r}')
@@ -369,12 +489,21 @@ class Case:
         raise ValueError(f'{self.name}: fault {(fault, v)}')
     if 0 not in self.visits:
       raise ValueError(f'{self.name}: T0 must be written')
-    if self.size not in ('fixture', 'real') or (self.size == 'real' and self.visit_spacing):
-      raise ValueError(f'{self.name}: size {self.size!r} (a real-size case has one grid)')
-    if self.vendor is not None and (self.vendor not in VENDORS or self.rescale is not None
-                                    or not self.temporal_position):
-      raise ValueError(f'{self.name}: vendor {self.vendor!r} (its layout sets the timing tags'
-                       ' and the rescale)')
+    if self.size not in ('fixture', 'real') or (
+        self.size == 'real' and self.visit_spacing
+    ):
+      raise ValueError(
+          f'{self.name}: size {self.size!r} (a real-size case has one grid)'
+      )
+    if self.vendor is not None and (
+        self.vendor not in VENDORS
+        or self.rescale is not None
+        or not self.temporal_position
+    ):
+      raise ValueError(
+          f'{self.name}: vendor {self.vendor!r} (its layout sets the timing tags'
+          ' and the rescale)'
+      )
 
   def has(self, fault: str, visit: int) -> bool:
     return (fault, visit) in self.faults
@@ -388,50 +517,202 @@ class Case:
     """How the DCE slices' headers say time and scale: the vendor's, or the fixtures' own."""
     if self.vendor is not None:
       return VENDORS[self.vendor]
-    return Layout(None, 'DISCOVERY MR750', self.temporal_position, 'phase', 'phase',
-                  self.rescale, ())
+    return Layout(
+        None,
+        'DISCOVERY MR750',
+        self.temporal_position,
+        'phase',
+        'phase',
+        self.rescale,
+        (),
+    )
 
 
 DEFAULT_CASES: tuple[Case, ...] = (
-    Case('standard', 'ISPY2-100101', 100101, 4, derived=(('SER', 0), ('PE2', 1)),
-         sheet='duplicate_same'),
-    Case('oblique', 'ISPY2-100117', 100117, 3, num_phases=6, orientation='oblique',
-         rescale=(2.0, 0.0), study_style=1, mask='bitflags_per_frame'),
-    Case('flipped', 'ISPY2-100134', 100134, 13, num_phases=8, visits=(0, 1),
-         orientation='flipped', study_style=2, label_style='float', mask='bitflags_no_legend'),
-    Case('sagittal', 'ISPY2-100384', 100384, 5, visits=(0, 1), orientation='sagittal'),
-    Case('spacing', 'ISPY2-100152', 100152, 1, visit_spacing=(
-        (1, (3.0, 2.0, 2.0)), (2, (4.0, 2.4, 2.0)), (3, (4.5, 2.5, 2.5))), study_style=3,
-         mask='seg'),
-    Case('node', 'ISPY2-100392', 100392, 42, visits=(0, 1, 2), node_mm=(0.0, 0.0, 30.0),
-         faults=(('no_seg', 1),)),
-    Case('bilateral', 'ISPY2-100178', 100178, 0, visits=(0, 1, 3), laterality='bi'),
-    Case('uni_and_bi', 'ISPY2-100183', 100183, 8, num_phases=9, visits=(0, 1),
-         laterality='both', mask='seg_excluded', rescale=(1.0, 0.0)),
-    Case('acrin', 'ACRIN-6698-102345', 876543, 36, num_phases=5, visits=(0, 1, 2),
-         rescale=(1.0, -50.0)),
-    Case('ties', 'ISPY2-100209', 100209, 40, visits=(0, 1), phase_schedule='ties',
-         sheet='tcia_id', label_style='str_float', study_style=1),
-    Case('no_tpi', 'ISPY2-100215', 100215, 11, num_phases=6, visits=(0, 1),
-         temporal_position=False, label_style='text'),
+    Case(
+        'standard',
+        'ISPY2-100101',
+        100101,
+        4,
+        derived=(('SER', 0), ('PE2', 1)),
+        sheet='duplicate_same',
+    ),
+    Case(
+        'oblique',
+        'ISPY2-100117',
+        100117,
+        3,
+        num_phases=6,
+        orientation='oblique',
+        rescale=(2.0, 0.0),
+        study_style=1,
+        mask='bitflags_per_frame',
+    ),
+    Case(
+        'flipped',
+        'ISPY2-100134',
+        100134,
+        13,
+        num_phases=8,
+        visits=(0, 1),
+        orientation='flipped',
+        study_style=2,
+        label_style='float',
+        mask='bitflags_no_legend',
+    ),
+    Case(
+        'sagittal',
+        'ISPY2-100384',
+        100384,
+        5,
+        visits=(0, 1),
+        orientation='sagittal',
+    ),
+    Case(
+        'spacing',
+        'ISPY2-100152',
+        100152,
+        1,
+        visit_spacing=(
+            (1, (3.0, 2.0, 2.0)),
+            (2, (4.0, 2.4, 2.0)),
+            (3, (4.5, 2.5, 2.5)),
+        ),
+        study_style=3,
+        mask='seg',
+    ),
+    Case(
+        'node',
+        'ISPY2-100392',
+        100392,
+        42,
+        visits=(0, 1, 2),
+        node_mm=(0.0, 0.0, 30.0),
+        faults=(('no_seg', 1),),
+    ),
+    Case(
+        'bilateral',
+        'ISPY2-100178',
+        100178,
+        0,
+        visits=(0, 1, 3),
+        laterality='bi',
+    ),
+    Case(
+        'uni_and_bi',
+        'ISPY2-100183',
+        100183,
+        8,
+        num_phases=9,
+        visits=(0, 1),
+        laterality='both',
+        mask='seg_excluded',
+        rescale=(1.0, 0.0),
+    ),
+    Case(
+        'acrin',
+        'ACRIN-6698-102345',
+        876543,
+        36,
+        num_phases=5,
+        visits=(0, 1, 2),
+        rescale=(1.0, -50.0),
+    ),
+    Case(
+        'ties',
+        'ISPY2-100209',
+        100209,
+        40,
+        visits=(0, 1),
+        phase_schedule='ties',
+        sheet='tcia_id',
+        label_style='str_float',
+        study_style=1,
+    ),
+    Case(
+        'no_tpi',
+        'ISPY2-100215',
+        100215,
+        11,
+        num_phases=6,
+        visits=(0, 1),
+        temporal_position=False,
+        label_style='text',
+    ),
     Case('cttp_visit', 'ISPY2-100236', 100236, 14, visit_source='cttp'),
     Case('folder_visit', 'ISPY2-100240', 100240, 12, visit_source='folder'),
-    Case('truncated_file', 'ISPY2-100257', 100257, 16, visits=(0, 1, 2),
-         faults=(('truncated_file', 2),)),
-    Case('junk_file', 'ISPY2-100263', 100263, 45, visits=(0, 1), faults=(('junk_file', 0),),
-         study_style=2),
-    Case('missing_slice', 'ISPY2-100278', 100278, 20, visits=(0, 1),
-         faults=(('missing_slice', 1),)),
-    Case('two_phases', 'ISPY2-100281', 100281, 21, visits=(0, 2), faults=(('two_phases', 2),)),
+    Case(
+        'truncated_file',
+        'ISPY2-100257',
+        100257,
+        16,
+        visits=(0, 1, 2),
+        faults=(('truncated_file', 2),),
+    ),
+    Case(
+        'junk_file',
+        'ISPY2-100263',
+        100263,
+        45,
+        visits=(0, 1),
+        faults=(('junk_file', 0),),
+        study_style=2,
+    ),
+    Case(
+        'missing_slice',
+        'ISPY2-100278',
+        100278,
+        20,
+        visits=(0, 1),
+        faults=(('missing_slice', 1),),
+    ),
+    Case(
+        'two_phases',
+        'ISPY2-100281',
+        100281,
+        21,
+        visits=(0, 2),
+        faults=(('two_phases', 2),),
+    ),
     Case('missing_visit', 'ISPY2-100299', 100299, 46, visits=(0, 1, 3)),
-    Case('no_dce', 'ISPY2-100302', 100302, 23, visits=(0, 1), faults=(('no_dce', 1),)),
-    Case('corrupt_seg', 'ISPY2-100316', 100316, 24, visits=(0, 1),
-         faults=(('corrupt_seg', 0), ('no_seg', 1))),
-    Case('extra_studies', 'ISPY2-100327', 100327, 25, visits=(0, 1),
-         faults=(('duplicate_visit', 1), ('unknown_study', 0))),
-    Case('not_in_sheet', 'ISPY2-100331', 100331, 26, visits=(0,), sheet='absent'),
-    Case('empty_pcr', 'ISPY2-100345', 100345, 29, visits=(0,), sheet='empty_pcr'),
-    Case('dup_conflict', 'ISPY2-100358', 100358, 33, visits=(0,), sheet='duplicate_conflict'),
+    Case(
+        'no_dce',
+        'ISPY2-100302',
+        100302,
+        23,
+        visits=(0, 1),
+        faults=(('no_dce', 1),),
+    ),
+    Case(
+        'corrupt_seg',
+        'ISPY2-100316',
+        100316,
+        24,
+        visits=(0, 1),
+        faults=(('corrupt_seg', 0), ('no_seg', 1)),
+    ),
+    Case(
+        'extra_studies',
+        'ISPY2-100327',
+        100327,
+        25,
+        visits=(0, 1),
+        faults=(('duplicate_visit', 1), ('unknown_study', 0)),
+    ),
+    Case(
+        'not_in_sheet', 'ISPY2-100331', 100331, 26, visits=(0,), sheet='absent'
+    ),
+    Case(
+        'empty_pcr', 'ISPY2-100345', 100345, 29, visits=(0,), sheet='empty_pcr'
+    ),
+    Case(
+        'dup_conflict',
+        'ISPY2-100358',
+        100358,
+        33,
+        visits=(0,),
+        sheet='duplicate_conflict',
+    ),
 )
 
 _BY_NAME = {c.name: c for c in DEFAULT_CASES}
@@ -440,8 +721,12 @@ _BY_NAME = {c.name: c for c in DEFAULT_CASES}
 # ACRIN 5-phase, one bilateral with a standard BINARY SEG, and the node patient, whose T1 has no
 # mask) and 1 is skipped (not in the clinical sheet); the other masks are in the bit-flag form.
 DUMMY_CASES: tuple[Case, ...] = (
-    dataclasses.replace(_BY_NAME['standard'], visits=(0, 1), derived=(('SER', 0),),
-                        sheet='numeric'),
+    dataclasses.replace(
+        _BY_NAME['standard'],
+        visits=(0, 1),
+        derived=(('SER', 0),),
+        sheet='numeric',
+    ),
     dataclasses.replace(_BY_NAME['oblique'], visits=(0, 3)),
     dataclasses.replace(_BY_NAME['acrin'], visits=(0, 1)),
     dataclasses.replace(_BY_NAME['bilateral'], visits=(0,), mask='seg'),
@@ -452,8 +737,17 @@ DUMMY_CASES: tuple[Case, ...] = (
 # One fixture-size patient per vendor layout (:data:`VENDORS`), T0 and T1: each must be read with
 # its own timing tags and scaling (e.g. Philips' TriggerTime 0 must not make every phase time 0).
 VENDOR_CASES: tuple[Case, ...] = tuple(
-    Case(f'vendor_{vendor.lower()}', f'ISPY2-10050{n}', 100500 + n, index, visits=(0, 1),
-         vendor=vendor) for n, (vendor, index) in enumerate(zip(VENDORS, (6, 7, 9))))
+    Case(
+        f'vendor_{vendor.lower()}',
+        f'ISPY2-10050{n}',
+        100500 + n,
+        index,
+        visits=(0, 1),
+        vendor=vendor,
+    )
+    for n, (vendor, index) in enumerate(zip(VENDORS, (6, 7, 9)))
+)
+
 
 # ----------------------------------------------------------------------------- ground truth
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -469,38 +763,73 @@ class PatientTruth:
   the FTV centroid, else (empty FTV) the VOI's, when the visit has a mask; the tumour's without
   one (PE >= 70 %); the T0 crop centre when neither exists.
   """
+
   case: Case
   tcia_id: str
   research_id: str
   phantom_spec: phantom.PhantomSpec
   phantom_index: int
-  pcr: int | None               # label in the sheet (None: empty cell / not in the sheet)
+  pcr: int | None  # label in the sheet (None: empty cell / not in the sheet)
   subtype: int
   arm: str
-  expected_skip: str | None     # not_in_clinical_sheet / no_pcr_label / duplicate_clinical_id
-  visit_mask: np.ndarray        # bool [4]
-  visit_reasons: tuple          # per visit: None (present) or why it is missing
-  phase_indices: np.ndarray     # int [4, 3] chosen (pre, early, late) indices, -1 if missing
-  phase_times_s: np.ndarray     # float32 [4, 3], zeros for a missing visit
-  all_phase_times_s: tuple      # per visit: float array of every phase of the chosen series
-  tumor_centroid_mm: np.ndarray  # float [4, 3] LPS of the phantom tumour, NaN if none / missing
-  tumor_volume_mm3: np.ndarray  # float [4] phantom tumour voxel count x voxel volume
-  ftv_centroid_mm: np.ndarray   # float [4, 3] LPS of the mask's FTV, NaN if empty / no mask
-  ftv_volume_mm3: np.ndarray    # float [4] the mask's FTV voxel count x its voxel volume
-  voi_centroid_mm: np.ndarray   # float [4, 3] LPS of the mask's VOI on the DCE planes, or NaN
-  node_centroid_mm: np.ndarray  # float [4, 3] LPS of the enhancing node (Case.node_mm), or NaN
-  crop_center_mm: np.ndarray    # float [4, 3] where the reader must centre each visit
-  phantom_volume_mm3: np.ndarray  # float [4] analytic phantom volume (PatientTruth of phantom)
-  phantom_to_lps: tuple         # per visit: 4x4 affine, phantom voxel (k, j, i, 1) -> LPS mm
-  mask_source: tuple            # per visit: 'analysis_mask_bitflags', 'analysis_mask_seg',
-                                # 'pe70_in_voi', 'pe70' or None (missing)
-  dce_geometry: tuple           # per visit: dict(origin, direction, spacing, size) or None
-  dce_series_description: tuple  # per visit: SeriesDescription of the DCE to choose, or None
-  dce_dirs: tuple               # per visit: chosen DCE series folder (relative to root)
-  mask_paths: tuple             # per visit: the chosen Analysis Mask file (relative), or None
-  study_reports: tuple          # (reason, visit label or None) study-level reports expected
-  faults_applied: tuple         # (fault, visit) actually written
-  phi: tuple                    # PHI-like strings written for this patient
+  expected_skip: (
+      str | None
+  )  # not_in_clinical_sheet / no_pcr_label / duplicate_clinical_id
+  visit_mask: np.ndarray  # bool [4]
+  visit_reasons: tuple  # per visit: None (present) or why it is missing
+  phase_indices: (
+      np.ndarray
+  )  # int [4, 3] chosen (pre, early, late) indices, -1 if missing
+  phase_times_s: np.ndarray  # float32 [4, 3], zeros for a missing visit
+  all_phase_times_s: (
+      tuple  # per visit: float array of every phase of the chosen series
+  )
+  tumor_centroid_mm: (
+      np.ndarray
+  )  # float [4, 3] LPS of the phantom tumour, NaN if none / missing
+  tumor_volume_mm3: (
+      np.ndarray
+  )  # float [4] phantom tumour voxel count x voxel volume
+  ftv_centroid_mm: (
+      np.ndarray
+  )  # float [4, 3] LPS of the mask's FTV, NaN if empty / no mask
+  ftv_volume_mm3: (
+      np.ndarray
+  )  # float [4] the mask's FTV voxel count x its voxel volume
+  voi_centroid_mm: (
+      np.ndarray
+  )  # float [4, 3] LPS of the mask's VOI on the DCE planes, or NaN
+  node_centroid_mm: (
+      np.ndarray
+  )  # float [4, 3] LPS of the enhancing node (Case.node_mm), or NaN
+  crop_center_mm: (
+      np.ndarray
+  )  # float [4, 3] where the reader must centre each visit
+  phantom_volume_mm3: (
+      np.ndarray
+  )  # float [4] analytic phantom volume (PatientTruth of phantom)
+  phantom_to_lps: (
+      tuple  # per visit: 4x4 affine, phantom voxel (k, j, i, 1) -> LPS mm
+  )
+  mask_source: (
+      tuple  # per visit: 'analysis_mask_bitflags', 'analysis_mask_seg',
+  )
+  # 'pe70_in_voi', 'pe70' or None (missing)
+  dce_geometry: (
+      tuple  # per visit: dict(origin, direction, spacing, size) or None
+  )
+  dce_series_description: (
+      tuple  # per visit: SeriesDescription of the DCE to choose, or None
+  )
+  dce_dirs: tuple  # per visit: chosen DCE series folder (relative to root)
+  mask_paths: (
+      tuple  # per visit: the chosen Analysis Mask file (relative), or None
+  )
+  study_reports: (
+      tuple  # (reason, visit label or None) study-level reports expected
+  )
+  faults_applied: tuple  # (fault, visit) actually written
+  phi: tuple  # PHI-like strings written for this patient
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -509,12 +838,17 @@ def _crc(text: str) -> int:
 
 
 def _rng(seed: int, *keys) -> np.random.Generator:
-  words = [int(seed)] + [_crc(k) if isinstance(k, str) else int(k) for k in keys]
+  words = [int(seed)] + [
+      _crc(k) if isinstance(k, str) else int(k) for k in keys
+  ]
   return np.random.default_rng(np.random.SeedSequence(words))
 
 
 def _uid(seed: int, *keys) -> str:
-  return generate_uid(_UID_PREFIX, ['|'.join(['pcrjax-tcia', str(seed)] + [str(k) for k in keys])])
+  return generate_uid(
+      _UID_PREFIX,
+      ['|'.join(['pcrjax-tcia', str(seed)] + [str(k) for k in keys])],
+  )
 
 
 def _ds(x: float) -> str:
@@ -545,7 +879,9 @@ def choose_phases(times_s) -> tuple[int, int, int]:
   """(pre, early, late) phase indices: 0, post-contrast closest to 150 s / 450 s (ties: earlier)."""
   t = np.asarray(times_s, np.float64)
   post = t[1:]
-  early = 1 + int(np.argmin(np.abs(post - 150.0)))  # argmin keeps the first (earlier) of ties
+  early = 1 + int(
+      np.argmin(np.abs(post - 150.0))
+  )  # argmin keeps the first (earlier) of ties
   late = 1 + int(np.argmin(np.abs(post - 450.0)))
   return 0, early, late
 
@@ -579,9 +915,13 @@ def _axes(orientation: str) -> np.ndarray:
     return np.eye(3)
   if orientation == 'oblique':
     return _rotation((1.0, 1.0, 0.0), 17.0)
-  if orientation == 'flipped':  # rows right-to-left; the slice stack still runs I -> S
+  if (
+      orientation == 'flipped'
+  ):  # rows right-to-left; the slice stack still runs I -> S
     return np.diag([-1.0, 1.0, 1.0])
-  if orientation == 'sagittal':  # rows anterior -> posterior, columns down, slices to the right
+  if (
+      orientation == 'sagittal'
+  ):  # rows anterior -> posterior, columns down, slices to the right
     return np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
   raise ValueError(orientation)
 
@@ -590,10 +930,11 @@ def _axes(orientation: str) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Grid:
   """A voxel grid of arrays [k, j, i] = (slice, row, column) placed in LPS space."""
-  shape: tuple[int, int, int]          # D, H, W
+
+  shape: tuple[int, int, int]  # D, H, W
   spacing: tuple[float, float, float]  # dz (slice), dy (row), dx (column)
-  center: np.ndarray                   # LPS of the grid centre
-  axes: np.ndarray                     # [3, 3] columns: LPS of +i, +j, +k
+  center: np.ndarray  # LPS of the grid centre
+  axes: np.ndarray  # [3, 3] columns: LPS of +i, +j, +k
 
   @property
   def u_row(self):
@@ -615,8 +956,12 @@ class _Grid:
   def origin(self) -> np.ndarray:
     d, h, w = self.shape
     dz, dy, dx = self.spacing
-    return (self.center - (w - 1) / 2 * dx * self.u_row - (h - 1) / 2 * dy * self.u_col
-            - (d - 1) / 2 * dz * self.u_slc)
+    return (
+        self.center
+        - (w - 1) / 2 * dx * self.u_row
+        - (h - 1) / 2 * dy * self.u_col
+        - (d - 1) / 2 * dz * self.u_slc
+    )
 
   def ipp(self, k: float) -> np.ndarray:
     return self.origin + k * self.spacing[0] * self.u_slc
@@ -629,8 +974,12 @@ class _Grid:
     """LPS (mm) of voxel indices [..., 3] in (k, j, i) order."""
     kji = np.asarray(kji, float)
     dz, dy, dx = self.spacing
-    return (self.origin + kji[..., 2:3] * dx * self.u_row + kji[..., 1:2] * dy * self.u_col
-            + kji[..., 0:1] * dz * self.u_slc)
+    return (
+        self.origin
+        + kji[..., 2:3] * dx * self.u_row
+        + kji[..., 1:2] * dy * self.u_col
+        + kji[..., 0:1] * dz * self.u_slc
+    )
 
   def sorted_ks(self) -> list[int]:
     """Slice indices in the order of increasing dot(IPP, normal) (the reader's order)."""
@@ -643,23 +992,33 @@ class _Grid:
     d, h, w = self.shape
     dz, dy, dx = self.spacing
     direction = np.stack([self.u_row, self.u_col, self.normal], axis=1)
-    return dict(origin=tuple(float(x) for x in self.ipp(ks[0])),
-                direction=tuple(float(x) for x in direction.ravel()),
-                spacing=(float(dx), float(dy), float(dz)), size=(w, h, d))
+    return dict(
+        origin=tuple(float(x) for x in self.ipp(ks[0])),
+        direction=tuple(float(x) for x in direction.ravel()),
+        spacing=(float(dx), float(dy), float(dz)),
+        size=(w, h, d),
+    )
 
   def canvas(self) -> _Grid:
     """Bilateral field of view: the same grid extended by W columns towards -i."""
     d, h, w = self.shape
-    return _Grid((d, h, 2 * w), self.spacing, self.center - w * self.spacing[2] / 2 * self.u_row,
-                 self.axes)
+    return _Grid(
+        (d, h, 2 * w),
+        self.spacing,
+        self.center - w * self.spacing[2] / 2 * self.u_row,
+        self.axes,
+    )
 
 
 def _phantom_grid_coords(grid: _Grid):
   """Phantom-frame (z, y, x) mm of a grid's voxel centres (the grid is centred on the phantom)."""
   d, h, w = grid.shape
   dz, dy, dx = grid.spacing
-  return ((np.arange(d) - (d - 1) / 2) * dz, (np.arange(h) - (h - 1) / 2) * dy,
-          (np.arange(w) - (w - 1) / 2) * dx)
+  return (
+      (np.arange(d) - (d - 1) / 2) * dz,
+      (np.arange(h) - (h - 1) / 2) * dy,
+      (np.arange(w) - (w - 1) / 2) * dx,
+  )
 
 
 # ----------------------------------------------------------------------------- physics
@@ -689,20 +1048,35 @@ def _resample_maps(vm: dict, spec: phantom.PhantomSpec, shape, spacing) -> dict:
   ix = x / dx0 + (w0 - 1) / 2
   out = {key: np.empty(tuple(shape), arr.dtype) for key, arr in vm.items()}
   for start in range(0, len(kz), _RESAMPLE_SLICES):
-    coords = np.stack(np.meshgrid(kz[start:start + _RESAMPLE_SLICES], jy, ix, indexing='ij'))
+    coords = np.stack(
+        np.meshgrid(kz[start : start + _RESAMPLE_SLICES], jy, ix, indexing='ij')
+    )
     for key, arr in vm.items():
       order = 0 if key == 'labels' else 1
-      out[key][start:start + _RESAMPLE_SLICES] = ndimage.map_coordinates(
-          arr.astype(np.float32) if order else arr, coords, order=order, mode='nearest')
+      out[key][start : start + _RESAMPLE_SLICES] = ndimage.map_coordinates(
+          arr.astype(np.float32) if order else arr,
+          coords,
+          order=order,
+          mode='nearest',
+      )
   return out
 
 
 def _bilateral_maps(vm: dict) -> dict:
   """The maps of a bi-lateral field of view: the contralateral breast (the mirror image, its
-  tumour made fat) beside the imaged one, built in place (a real-size canvas has 50 M voxels)."""
-  out = {k: np.concatenate([np.flip(a, axis=-1), a], axis=-1) for k, a in vm.items()}
-  mirror = (slice(None),) * (out['labels'].ndim - 1) + (slice(0, vm['labels'].shape[-1]),)
-  tum = np.isin(out['labels'][mirror], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+  tumour made fat) beside the imaged one, built in place (a real-size canvas has 50 M voxels).
+  """
+  out = {
+      k: np.concatenate([np.flip(a, axis=-1), a], axis=-1)
+      for k, a in vm.items()
+  }
+  mirror = (slice(None),) * (out['labels'].ndim - 1) + (
+      slice(0, vm['labels'].shape[-1]),
+  )
+  tum = np.isin(
+      out['labels'][mirror],
+      (phantom.LABELS['tumour'], phantom.LABELS['necrosis']),
+  )
   out['labels'][mirror][tum] = phantom.LABELS['fat']
   out['ktrans_per_min'][mirror][tum] = 0.0
   return out
@@ -718,8 +1092,12 @@ class _Physics:
 
   def __init__(self, vm: dict, truth, times_s: np.ndarray):
     self.maps = vm
-    self.fat_pre = float(phantom.spgr_signal(phantom.M0_REL['fat'] * truth.fat_residual,
-                                             phantom.T10_S['fat'] * truth.t10_scale))
+    self.fat_pre = float(
+        phantom.spgr_signal(
+            phantom.M0_REL['fat'] * truth.fat_residual,
+            phantom.T10_S['fat'] * truth.t10_scale,
+        )
+    )
     self.times = np.asarray(times_s, np.float64)
     self.delay_s = truth.bolus_delay_s
     self.gain = np.float32(truth.gain)
@@ -728,7 +1106,9 @@ class _Physics:
   def clean(self, p: int) -> np.ndarray:
     """Phase p (float32 [D, H, W]): Tofts + SPGR (fat: its suppressed residual), PSF, bias, gain."""
     depth = self.maps['labels'].shape[0]
-    halo = int(4.0 * phantom._PSF_SIGMA_VOX + 0.5)  # gaussian_filter's reach (truncate 4)
+    halo = int(
+        4.0 * phantom._PSF_SIGMA_VOX + 0.5
+    )  # gaussian_filter's reach (truncate 4)
     out = np.empty(self.maps['labels'].shape, np.float32)
     for start in range(0, depth, _PHYSICS_SLICES):
       stop = min(start + _PHYSICS_SLICES, depth)
@@ -736,16 +1116,33 @@ class _Physics:
       m = {k: a[lo:hi] for k, a in self.maps.items()}
       lab = m['labels'].astype(np.int64)
       t10 = np.where(m['t10_s'] > 0, m['t10_s'], 1.0).astype(np.float64)
-      c = 0.0 if p == 0 else phantom.tofts_concentration(
-          self.times[p:p + 1], m['ktrans_per_min'], m['ve'], m['vp'], delay_s=self.delay_s)[0]
-      s = np.where(lab == phantom.LABELS['fat'], self.fat_pre,
-                   phantom.spgr_signal(_M0_BY_LABEL[lab], t10, c))
-      s = ndimage.gaussian_filter(s.astype(np.float32), phantom._PSF_SIGMA_VOX, mode='constant')
-      out[start:stop] = s[start - lo:stop - lo] * (m['bias'][start - lo:stop - lo].astype(
-          np.float32) * self.gain)
+      c = (
+          0.0
+          if p == 0
+          else phantom.tofts_concentration(
+              self.times[p : p + 1],
+              m['ktrans_per_min'],
+              m['ve'],
+              m['vp'],
+              delay_s=self.delay_s,
+          )[0]
+      )
+      s = np.where(
+          lab == phantom.LABELS['fat'],
+          self.fat_pre,
+          phantom.spgr_signal(_M0_BY_LABEL[lab], t10, c),
+      )
+      s = ndimage.gaussian_filter(
+          s.astype(np.float32), phantom._PSF_SIGMA_VOX, mode='constant'
+      )
+      out[start:stop] = s[start - lo : stop - lo] * (
+          m['bias'][start - lo : stop - lo].astype(np.float32) * self.gain
+      )
     return out
 
-  def rician(self, clean: np.ndarray, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
+  def rician(
+      self, clean: np.ndarray, n1: np.ndarray, n2: np.ndarray
+  ) -> np.ndarray:
     """|clean + sigma (n1 + i n2)|, computed in the noise arrays' memory (which it overwrites)."""
     n1 *= self.sigma
     n1 += clean
@@ -756,7 +1153,9 @@ class _Physics:
     return np.sqrt(n1, out=n1)
 
 
-def _signals(vm: dict, truth, times_s: np.ndarray, rng: np.random.Generator | None):
+def _signals(
+    vm: dict, truth, times_s: np.ndarray, rng: np.random.Generator | None
+):
   """Noise-free and noisy signal [n_phases, D, H, W] (float32) of one visit's maps."""
   physics = _Physics(vm, truth, times_s)
   clean = np.stack([physics.clean(p) for p in range(len(physics.times))])
@@ -782,15 +1181,21 @@ class _Phases:
     return cls(arrays.__getitem__, len(arrays))
 
   @classmethod
-  def lazy(cls, physics: _Physics, noise: Callable[[int], np.random.Generator] | None) -> _Phases:
+  def lazy(
+      cls, physics: _Physics, noise: Callable[[int], np.random.Generator] | None
+  ) -> _Phases:
     """Noise-free phases (``noise`` None), or noisy with ``noise(p)`` the stream of phase p."""
+
     def render(p):
       clean = physics.clean(p)
       if noise is None:
         return clean
       rng = noise(p)
       n1 = rng.standard_normal(clean.shape, dtype=np.float32)
-      return physics.rician(clean, n1, rng.standard_normal(clean.shape, dtype=np.float32))
+      return physics.rician(
+          clean, n1, rng.standard_normal(clean.shape, dtype=np.float32)
+      )
+
     return cls(render, len(physics.times))
 
   def __len__(self) -> int:
@@ -798,15 +1203,22 @@ class _Phases:
 
   def __getitem__(self, p: int) -> np.ndarray:
     values = self.render(p)
-    return values if self.width is None else values[..., -self.width:]
+    return values if self.width is None else values[..., -self.width :]
 
   def last_columns(self, width: int) -> _Phases:
     """The imaged breast of a bi-lateral field of view."""
     return dataclasses.replace(self, width=width)
 
 
-def render_dce_series(spec: phantom.PhantomSpec, index: int, visit: int, times_s, *,
-                      seed: int = 0, noise: bool = True) -> np.ndarray:
+def render_dce_series(
+    spec: phantom.PhantomSpec,
+    index: int,
+    visit: int,
+    times_s,
+    *,
+    seed: int = 0,
+    noise: bool = True,
+) -> np.ndarray:
   """Phantom patient ``index``, ``visit``: DCE signal [len(times_s), D, H, W] on the spec grid.
 
   The same physics as :func:`phantom.render_patient` at any phase times (tissue labels instead of
@@ -821,7 +1233,9 @@ def render_dce_series(spec: phantom.PhantomSpec, index: int, visit: int, times_s
 
 
 # ----------------------------------------------------------------------------- DICOM files
-def _file_meta(sop_class: str, sop_instance: str | None = None) -> FileMetaDataset:
+def _file_meta(
+    sop_class: str, sop_instance: str | None = None
+) -> FileMetaDataset:
   """File meta information (pydicom adds the group length and version when it writes)."""
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = sop_class
@@ -836,13 +1250,13 @@ def _file_meta(sop_class: str, sop_instance: str | None = None) -> FileMetaDatas
 # ----------------------------------------------------------------------------- patient context
 @dataclasses.dataclass
 class _Study:
-  visit: int                 # visit written (the truth; -1 for the unknown study)
-  label: str                 # key for UIDs
-  description: str | None    # StudyDescription (None: absent)
-  cttp: str | None           # ClinicalTrialTimePointID (None: absent)
-  folder: str                # study folder name
+  visit: int  # visit written (the truth; -1 for the unknown study)
+  label: str  # key for UIDs
+  description: str | None  # StudyDescription (None: absent)
+  cttp: str | None  # ClinicalTrialTimePointID (None: absent)
+  folder: str  # study folder name
   date: datetime.date
-  time_s: float              # study start (s after midnight)
+  time_s: float  # study start (s after midnight)
   accession: str
   uid: str
   for_uid: str
@@ -873,7 +1287,9 @@ def _patient_header(ds: Dataset, case: Case, phi: dict, study: _Study):
   ds.PatientAge = phi['age_str']
   ds.PatientWeight = phi['weight']
   ds.ClinicalTrialSponsorName = 'QuantumLeap Healthcare Collaborative'
-  ds.ClinicalTrialProtocolID = 'ISPY2' if case.prefix == 'ISPY2' else 'ACRIN-6698'
+  ds.ClinicalTrialProtocolID = (
+      'ISPY2' if case.prefix == 'ISPY2' else 'ACRIN-6698'
+  )
   ds.ClinicalTrialSiteID = phi['site']
   ds.ClinicalTrialSubjectID = str(case.research_id)
   if study.cttp is not None:
@@ -884,15 +1300,28 @@ def _patient_header(ds: Dataset, case: Case, phi: dict, study: _Study):
   ds.PositionReferenceIndicator = ''
 
 
-def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_uid: str,
-                 series_number: int, description: str, n_phases: int | None, derived: bool,
-                 rescale) -> Dataset:
+def _mr_template(
+    case: Case,
+    phi: dict,
+    study: _Study,
+    grid: _Grid,
+    *,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    n_phases: int | None,
+    derived: bool,
+    rescale,
+) -> Dataset:
   """The elements shared by the slices of one series (per-slice ones: :func:`_set_slice`), the
   layout's private elements included."""
   ds = Dataset()
   ds.file_meta = _file_meta(MRImageStorage)
-  ds.ImageType = (['DERIVED', 'SECONDARY', 'OTHER'] if derived
-                  else ['ORIGINAL', 'PRIMARY', 'OTHER'])
+  ds.ImageType = (
+      ['DERIVED', 'SECONDARY', 'OTHER']
+      if derived
+      else ['ORIGINAL', 'PRIMARY', 'OTHER']
+  )
   ds.SOPClassUID = MRImageStorage
   _patient_header(ds, case, phi, study)
   ds.Modality = 'MR'
@@ -915,8 +1344,13 @@ def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_ui
   ds.SeriesNumber = series_number
   ds.AcquisitionNumber = 1
   ds.ImageOrientationPatient = [_ds(x) for x in grid.iop]
-  ds.ImageLaterality = ('B' if 'bi-lateral' in description
-                        else 'R' if case.orientation == 'flipped' else 'L')
+  ds.ImageLaterality = (
+      'B'
+      if 'bi-lateral' in description
+      else 'R'
+      if case.orientation == 'flipped'
+      else 'L'
+  )
   if n_phases is not None:
     ds.NumberOfTemporalPositions = n_phases
   ds.SamplesPerPixel = 1
@@ -941,9 +1375,18 @@ def _mr_template(case: Case, phi: dict, study: _Study, grid: _Grid, *, series_ui
   return ds
 
 
-def _set_slice(ds: Dataset, *, sop_uid: str, acq_s: float, trigger_ms: float | None,
-               instance: int, ipp: np.ndarray, slice_location: float, phase: int | None,
-               pixels: bytes) -> None:
+def _set_slice(
+    ds: Dataset,
+    *,
+    sop_uid: str,
+    acq_s: float,
+    trigger_ms: float | None,
+    instance: int,
+    ipp: np.ndarray,
+    slice_location: float,
+    phase: int | None,
+    pixels: bytes,
+) -> None:
   """The per-slice elements of an MR slice (set in place on the series' dataset)."""
   ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
   ds.SOPInstanceUID = sop_uid
@@ -975,15 +1418,29 @@ def _read_back(stored: np.ndarray, rescale) -> np.ndarray:
 class _WrittenSeries:
   dir: Path
   series_uid: str
-  files: list            # per phase: list of (k, path)
-  pre_uids: dict         # slice k -> SOPInstanceUID of the pre-contrast slice
-  stored: dict           # phase -> stored integers [D, H, W] of the phases asked to keep
+  files: list  # per phase: list of (k, path)
+  pre_uids: dict  # slice k -> SOPInstanceUID of the pre-contrast slice
+  stored: dict  # phase -> stored integers [D, H, W] of the phases asked to keep
 
 
-def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, grid: _Grid,
-                     volumes: np.ndarray | _Phases, times_s: np.ndarray | None, *, seed: int,
-                     series_key: str, series_number: int, description: str, layout: Layout,
-                     skip=(), reverse=False, keep=()) -> _WrittenSeries:
+def _write_mr_series(
+    series_dir: Path,
+    case: Case,
+    phi: dict,
+    study: _Study,
+    grid: _Grid,
+    volumes: np.ndarray | _Phases,
+    times_s: np.ndarray | None,
+    *,
+    seed: int,
+    series_key: str,
+    series_number: int,
+    description: str,
+    layout: Layout,
+    skip=(),
+    reverse=False,
+    keep=(),
+) -> _WrittenSeries:
   """Single-frame MR slices of ``volumes`` [n_phases][D, H, W] (float, rescaled units), one phase
   at a time, with the timing tags of ``layout`` (a derived series: none); keeps the stored
   integers of the phases ``keep``."""
@@ -992,9 +1449,18 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
   n_phases = len(volumes)
   series_uid = _uid(seed, case.tcia_id, study.label, series_key)
   temporal = layout.temporal_position and not derived
-  ds = _mr_template(case, phi, study, grid, series_uid=series_uid, series_number=series_number,
-                    description=description, n_phases=n_phases if temporal else None,
-                    derived=derived, rescale=layout.rescale)
+  ds = _mr_template(
+      case,
+      phi,
+      study,
+      grid,
+      series_uid=series_uid,
+      series_number=series_number,
+      description=description,
+      n_phases=n_phases if temporal else None,
+      derived=derived,
+      rescale=layout.rescale,
+  )
   ks = grid.sorted_ks()
   if reverse:
     ks = ks[::-1]
@@ -1007,8 +1473,9 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
       result.stored[p] = stored
     t = 0.0 if derived else float(times_s[p])
     acq = study.time_s + 300.0 + (t if layout.acquisition == 'phase' else 0.0)
-    trigger = {'phase': round(t * 1000.0), 'zero': 0, None: None}[None if derived else
-                                                                 layout.trigger]
+    trigger = {'phase': round(t * 1000.0), 'zero': 0, None: None}[
+        None if derived else layout.trigger
+    ]
     phase_files = []
     for k in ks:
       if (p, k) in skip:
@@ -1016,9 +1483,17 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
       instance += 1
       ipp = grid.ipp(k)
       sop_uid = _uid(seed, case.tcia_id, study.label, series_key, p, k)
-      _set_slice(ds, sop_uid=sop_uid, acq_s=acq, trigger_ms=trigger, instance=instance,
-                 ipp=ipp, slice_location=float(ipp @ normal),
-                 phase=p + 1 if temporal else None, pixels=stored[k].tobytes())
+      _set_slice(
+          ds,
+          sop_uid=sop_uid,
+          acq_s=acq,
+          trigger_ms=trigger,
+          instance=instance,
+          ipp=ipp,
+          slice_location=float(ipp @ normal),
+          phase=p + 1 if temporal else None,
+          pixels=stored[k].tobytes(),
+      )
       path = series_dir / f'1-{instance:03d}.dcm'
       pydicom.dcmwrite(path, ds, enforce_file_format=True)
       phase_files.append((k, path))
@@ -1029,14 +1504,19 @@ def _write_mr_series(series_dir: Path, case: Case, phi: dict, study: _Study, gri
 
 
 # ----------------------------------------------------------------------------- Analysis Mask
-_SEG_REASONS = ((PE_BIT, 'PE threshold'), (SER_BIT, 'SER/min neighbour'),
-                (BACKGROUND_BIT, 'background threshold'), (VOI_BIT, 'manual VOI'))
+_SEG_REASONS = (
+    (PE_BIT, 'PE threshold'),
+    (SER_BIT, 'SER/min neighbour'),
+    (BACKGROUND_BIT, 'background threshold'),
+    (VOI_BIT, 'manual VOI'),
+)
 _NEIGHBOURS = np.ones((3, 3, 3), np.uint8)
 _NEIGHBOURS[1, 1, 1] = 0  # the 26 neighbours, not the voxel itself
 
 
-def volser_codes(pre: np.ndarray, early: np.ndarray, late: np.ndarray,
-                 voi: np.ndarray) -> tuple[np.ndarray, float]:
+def volser_codes(
+    pre: np.ndarray, early: np.ndarray, late: np.ndarray, voi: np.ndarray
+) -> tuple[np.ndarray, float]:
   """I-SPY's exclusion bits per voxel (uint8 [D, H, W], 0 = FTV) and the background threshold.
 
   The UCSF VOLSER rules as the collection documents them, written here and not taken from
@@ -1057,10 +1537,18 @@ def volser_codes(pre: np.ndarray, early: np.ndarray, late: np.ndarray,
     bright = s0 >= background
     enhancing = (s0 > 0) & (s1 - s0 >= 0.7 * s0)
     passing = bright & enhancing
-    neighbours = ndimage.convolve(passing.astype(np.uint8), _NEIGHBOURS, mode='constant')
+    neighbours = ndimage.convolve(
+        passing.astype(np.uint8), _NEIGHBOURS, mode='constant'
+    )
     kept = passing & (neighbours >= 4) & ((s1 - s0) * (s2 - s0) >= 0)
-    slab = np.select([~bright, ~enhancing, ~kept], [BACKGROUND_BIT | PE_BIT, PE_BIT, SER_BIT], 0)
-    codes[start:stop] = (slab | np.where(voi[lo:hi], 0, VOI_BIT))[start - lo:stop - lo]
+    slab = np.select(
+        [~bright, ~enhancing, ~kept],
+        [BACKGROUND_BIT | PE_BIT, PE_BIT, SER_BIT],
+        0,
+    )
+    codes[start:stop] = (slab | np.where(voi[lo:hi], 0, VOI_BIT))[
+        start - lo : stop - lo
+    ]
   return codes, background
 
 
@@ -1077,13 +1565,14 @@ def _voi_box(tumour: np.ndarray, center_kji: np.ndarray) -> np.ndarray:
   margin = np.array([1, 3, 3])
   lo, hi = np.clip(lo - margin, 0, shape), np.clip(hi + margin, 0, shape)
   voi = np.zeros(tumour.shape, bool)
-  voi[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+  voi[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
   return voi
 
 
 def _mask_slab(grid: _Grid, codes: np.ndarray) -> tuple[list[int], np.ndarray]:
   """The mask's planes k, ascending along the normal, and their codes: a slab wider than the DCE
-  series (1 plane below, 3 above; outside the VOI and below background there)."""
+  series (1 plane below, 3 above; outside the VOI and below background there).
+  """
   d = grid.shape[0]
   ks = list(range(-_SEG_EXTRA_BELOW, d + _SEG_EXTRA_ABOVE))
   if float(grid.u_slc @ grid.normal) < 0:
@@ -1095,10 +1584,13 @@ def _mask_slab(grid: _Grid, codes: np.ndarray) -> tuple[list[int], np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _SegFrame:
   """One SEG frame: a segment on a plane."""
-  segment: int              # 1-based segment number
-  plane: int                # 1-based index of the plane (ascending along the normal)
+
+  segment: int  # 1-based segment number
+  plane: int  # 1-based index of the plane (ascending along the normal)
   ipp: tuple[str, str, str]  # ImagePositionPatient (DS strings)
-  source_uid: str | None    # the pre-contrast DCE slice at this plane (None outside the DCE)
+  source_uid: (
+      str | None
+  )  # the pre-contrast DCE slice at this plane (None outside the DCE)
 
 
 _CODE_TISSUE = ('85756007', 'SCT', 'Tissue')
@@ -1134,9 +1626,15 @@ def _segment(number: int, label: str) -> Dataset:
   return item
 
 
-def _set_frames(ds: Dataset, frames: Sequence[_SegFrame], shape: tuple[int, int],
-                orientation: Sequence[float], pixel_spacing: Sequence[float],
-                slice_spacing: float, orientation_per_frame: bool) -> None:
+def _set_frames(
+    ds: Dataset,
+    frames: Sequence[_SegFrame],
+    shape: tuple[int, int],
+    orientation: Sequence[float],
+    pixel_spacing: Sequence[float],
+    slice_spacing: float,
+    orientation_per_frame: bool,
+) -> None:
   """What both mask forms share: dimensions (segment, position), matrix and functional groups
   (in the layout highdicom writes: measures shared, position, content, segment and derivation
   image per frame; the orientation shared or per frame)."""
@@ -1146,12 +1644,12 @@ def _set_frames(ds: Dataset, frames: Sequence[_SegFrame], shape: tuple[int, int]
   ds.DimensionOrganizationSequence = [org]
   index_seg, index_pos = Dataset(), Dataset()
   index_seg.DimensionOrganizationUID = dim_uid
-  index_seg.DimensionIndexPointer = 0x0062000B          # ReferencedSegmentNumber
-  index_seg.FunctionalGroupPointer = 0x0062000A         # SegmentIdentificationSequence
+  index_seg.DimensionIndexPointer = 0x0062000B  # ReferencedSegmentNumber
+  index_seg.FunctionalGroupPointer = 0x0062000A  # SegmentIdentificationSequence
   index_seg.DimensionDescriptionLabel = 'Referenced Segment Number'
   index_pos.DimensionOrganizationUID = dim_uid
-  index_pos.DimensionIndexPointer = 0x00200032          # ImagePositionPatient
-  index_pos.FunctionalGroupPointer = 0x00209113         # PlanePositionSequence
+  index_pos.DimensionIndexPointer = 0x00200032  # ImagePositionPatient
+  index_pos.FunctionalGroupPointer = 0x00209113  # PlanePositionSequence
   index_pos.DimensionDescriptionLabel = 'Image Position Patient'
   ds.DimensionIndexSequence = [index_seg, index_pos]
   ds.SamplesPerPixel = 1
@@ -1197,17 +1695,27 @@ def _set_frames(ds: Dataset, frames: Sequence[_SegFrame], shape: tuple[int, int]
     ds.PerFrameFunctionalGroupsSequence.append(item)
 
 
-def _slice_spacing(positions: np.ndarray, orientation: Sequence[float]) -> float:
-  normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+def _slice_spacing(
+    positions: np.ndarray, orientation: Sequence[float]
+) -> float:
+  normal = np.cross(
+      np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+  )
   depth = np.sort(np.asarray(positions, float) @ normal)
   return float(np.median(np.diff(depth))) if len(depth) > 1 else 1.0
 
 
-def set_bitflag_mask(ds: Dataset, codes: np.ndarray, positions: np.ndarray,
-                     orientation: Sequence[float], pixel_spacing: Sequence[float], *,
-                     legend: Sequence[str] | None = MASK_LEGEND,
-                     orientation_per_frame: bool = False,
-                     sources: Sequence[str | None] | None = None) -> None:
+def set_bitflag_mask(
+    ds: Dataset,
+    codes: np.ndarray,
+    positions: np.ndarray,
+    orientation: Sequence[float],
+    pixel_spacing: Sequence[float],
+    *,
+    legend: Sequence[str] | None = MASK_LEGEND,
+    orientation_per_frame: bool = False,
+    sources: Sequence[str | None] | None = None,
+) -> None:
   """Make ``ds`` an Analysis Mask in the collection's form: SEG frames of 8-bit exclusion flags.
 
   ``codes``: uint8 [frames, rows, columns] (0 = FTV); ``positions``: ImagePositionPatient of each
@@ -1219,12 +1727,21 @@ def set_bitflag_mask(ds: Dataset, codes: np.ndarray, positions: np.ndarray,
   """
   codes = np.asarray(codes, np.uint8)
   sources = sources or [None] * len(codes)
-  frames = [_SegFrame(1, n + 1, tuple(_ds(x) for x in p), uid)
-            for n, (p, uid) in enumerate(zip(positions, sources))]
+  frames = [
+      _SegFrame(1, n + 1, tuple(_ds(x) for x in p), uid)
+      for n, (p, uid) in enumerate(zip(positions, sources))
+  ]
   ds.SOPClassUID = SEG_SOP_CLASS_UID
   ds.Modality = 'SEG'
-  _set_frames(ds, frames, codes.shape[1:], orientation, pixel_spacing,
-              _slice_spacing(positions, orientation), orientation_per_frame)
+  _set_frames(
+      ds,
+      frames,
+      codes.shape[1:],
+      orientation,
+      pixel_spacing,
+      _slice_spacing(positions, orientation),
+      orientation_per_frame,
+  )
   ds.BitsAllocated = 8
   ds.BitsStored = 8
   ds.HighBit = 7
@@ -1232,43 +1749,79 @@ def set_bitflag_mask(ds: Dataset, codes: np.ndarray, positions: np.ndarray,
   ds.SegmentationFractionalType = 'PROBABILITY'
   ds.MaximumFractionalValue = 255
   if legend is not None:
-    block = ds.private_block(MASK_LEGEND_TAG[0], _MASK_PRIVATE_CREATOR, create=True)
+    block = ds.private_block(
+        MASK_LEGEND_TAG[0], _MASK_PRIVATE_CREATOR, create=True
+    )
     block.add_new(MASK_LEGEND_TAG[1] & 0xFF, 'LO', list(legend))
   ds.PixelData = codes.tobytes()
   ds['PixelData'].VR = 'OB'
 
 
-def _set_binary_segments(ds: Dataset, reasons: Sequence[tuple[str, np.ndarray]],
-                         grid: _Grid, ks: Sequence[int], sources: dict) -> None:
+def _set_binary_segments(
+    ds: Dataset,
+    reasons: Sequence[tuple[str, np.ndarray]],
+    grid: _Grid,
+    ks: Sequence[int],
+    sources: dict,
+) -> None:
   """The standard form: a BINARY SEG, one segment per exclusion reason (``reasons``: label and
-  bits [planes, H, W] on the planes ``ks``); empty frames omitted, as highdicom does."""
+  bits [planes, H, W] on the planes ``ks``); empty frames omitted, as highdicom does.
+  """
   frames, bits = [], []
   for s, (_, planes) in enumerate(reasons):
     for n, (k, frame) in enumerate(zip(ks, planes)):
       if frame.any():
-        frames.append(_SegFrame(s + 1, n + 1, tuple(_ds(x) for x in grid.ipp(k)),
-                                sources.get(k)))
+        frames.append(
+            _SegFrame(
+                s + 1, n + 1, tuple(_ds(x) for x in grid.ipp(k)), sources.get(k)
+            )
+        )
         bits.append(frame)
-  _set_frames(ds, frames, grid.shape[1:], grid.iop, grid.spacing[1:], grid.spacing[0], False)
+  _set_frames(
+      ds,
+      frames,
+      grid.shape[1:],
+      grid.iop,
+      grid.spacing[1:],
+      grid.spacing[0],
+      False,
+  )
   ds.BitsAllocated = 1
   ds.BitsStored = 1
   ds.HighBit = 0
   ds.SegmentationType = 'BINARY'
-  ds.SegmentSequence = [_segment(n + 1, label) for n, (label, _) in enumerate(reasons)]
+  ds.SegmentSequence = [
+      _segment(n + 1, label) for n, (label, _) in enumerate(reasons)
+  ]
   ds.SegmentsOverlap = 'YES' if len(reasons) > 1 else 'NO'
   ds.PixelData = pack_bits(np.stack(bits).astype(np.uint8).ravel(), pad=True)
   ds['PixelData'].VR = 'OB'
 
 
-def _mask_header(case: Case, phi: dict, study: _Study, *, series_uid: str, sop_uid: str,
-                 series_number: int, description: str, source_series_uid: str,
-                 source_uids: dict, background: float) -> Dataset:
+def _mask_header(
+    case: Case,
+    phi: dict,
+    study: _Study,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    description: str,
+    source_series_uid: str,
+    source_uids: dict,
+    background: float,
+) -> Dataset:
   """The elements of an Analysis Mask that do not depend on its form, file meta included."""
   ds = Dataset()
   ds.file_meta = _file_meta(SEG_SOP_CLASS_UID, sop_uid)
   _patient_header(ds, case, phi, study)
   del ds.AcquisitionDate  # not in the Segmentation IOD
-  for key in ('InstitutionName', 'InstitutionAddress', 'StationName', 'OperatorsName'):
+  for key in (
+      'InstitutionName',
+      'InstitutionAddress',
+      'StationName',
+      'OperatorsName',
+  ):
     delattr(ds, key)
   ds.ImageType = ['DERIVED', 'PRIMARY']
   ds.InstanceCreationDate = _da(study.date)
@@ -1282,7 +1835,9 @@ def _mask_header(case: Case, phi: dict, study: _Study, *, series_uid: str, sop_u
   ds.Manufacturer = 'UCSF'
   ds.SeriesDescription = description
   ds.ManufacturerModelName = 'VOLSER'
-  ds.DerivationDescription = f'VOLSER,BACKGROUND={background:.0f},SER PE THRESHOLD=70'
+  ds.DerivationDescription = (
+      f'VOLSER,BACKGROUND={background:.0f},SER PE THRESHOLD=70'
+  )
   ref_series = Dataset()
   ref_series.SeriesInstanceUID = source_series_uid
   ref_series.ReferencedInstanceSequence = []
@@ -1303,39 +1858,78 @@ def _mask_header(case: Case, phi: dict, study: _Study, *, series_uid: str, sop_u
   return ds
 
 
-def _write_mask(path: Path, form: str, series: _WrittenSeries, grid: _Grid, codes: np.ndarray,
-                background: float, *, seed: int, case: Case, phi: dict, study: _Study,
-                series_key: str, series_number: int, description: str) -> None:
+def _write_mask(
+    path: Path,
+    form: str,
+    series: _WrittenSeries,
+    grid: _Grid,
+    codes: np.ndarray,
+    background: float,
+    *,
+    seed: int,
+    case: Case,
+    phi: dict,
+    study: _Study,
+    series_key: str,
+    series_number: int,
+    description: str,
+) -> None:
   """One Analysis Mask of ``codes`` (the DCE planes) in ``form`` (:data:`MASK_FORMS`)."""
   ks, slab = _mask_slab(grid, codes)
   ds = _mask_header(
-      case, phi, study, series_uid=_uid(seed, case.tcia_id, study.label, series_key),
+      case,
+      phi,
+      study,
+      series_uid=_uid(seed, case.tcia_id, study.label, series_key),
       sop_uid=_uid(seed, case.tcia_id, study.label, series_key, 'sop'),
-      series_number=series_number, description=description,
-      source_series_uid=series.series_uid, source_uids=series.pre_uids, background=background)
+      series_number=series_number,
+      description=description,
+      source_series_uid=series.series_uid,
+      source_uids=series.pre_uids,
+      background=background,
+  )
   if form == 'seg_excluded':
-    _set_binary_segments(ds, [('excluded', slab != 0)], grid, ks, series.pre_uids)
+    _set_binary_segments(
+        ds, [('excluded', slab != 0)], grid, ks, series.pre_uids
+    )
   elif form == 'seg':
-    _set_binary_segments(ds, [(label, (slab & bit) != 0) for bit, label in _SEG_REASONS], grid,
-                         ks, series.pre_uids)
+    _set_binary_segments(
+        ds,
+        [(label, (slab & bit) != 0) for bit, label in _SEG_REASONS],
+        grid,
+        ks,
+        series.pre_uids,
+    )
   else:
-    set_bitflag_mask(ds, slab, np.stack([grid.ipp(k) for k in ks]), grid.iop, grid.spacing[1:],
-                     legend=None if form == 'bitflags_no_legend' else MASK_LEGEND,
-                     orientation_per_frame=form == 'bitflags_per_frame',
-                     sources=[series.pre_uids.get(k) for k in ks])
+    set_bitflag_mask(
+        ds,
+        slab,
+        np.stack([grid.ipp(k) for k in ks]),
+        grid.iop,
+        grid.spacing[1:],
+        legend=None if form == 'bitflags_no_legend' else MASK_LEGEND,
+        orientation_per_frame=form == 'bitflags_per_frame',
+        sources=[series.pre_uids.get(k) for k in ks],
+    )
   path.parent.mkdir(parents=True, exist_ok=True)
   pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
 def _truncate_in_pixels(path: Path) -> None:
   """Cut a written DICOM file in the middle of its pixel data (the header stays readable)."""
-  pixels = pydicom.dcmread(path).get_item('PixelData')  # raw element: offset and length
+  pixels = pydicom.dcmread(path).get_item(
+      'PixelData'
+  )  # raw element: offset and length
   with path.open('r+b') as f:
     f.truncate(pixels.value_tell + pixels.length // 2)
 
+
 # ----------------------------------------------------------------------------- clinical sheets
-def write_clinical_sheet(path: str | Path, rows: Sequence[dict],
-                         columns: Sequence[str] = CLINICAL_COLUMNS) -> Path:
+def write_clinical_sheet(
+    path: str | Path,
+    rows: Sequence[dict],
+    columns: Sequence[str] = CLINICAL_COLUMNS,
+) -> Path:
   """Write ``rows`` (dicts keyed by column name; missing keys = empty cells) as an xlsx sheet.
 
   Header in row 1 (``columns``), one patient per row, cell values as given (int, float, str or
@@ -1343,6 +1937,7 @@ def write_clinical_sheet(path: str | Path, rows: Sequence[dict],
   stamps the save time into the zip entries and ``docProps/core.xml``).
   """
   import openpyxl
+
   wb = openpyxl.Workbook()
   ws = wb.active
   ws.title = 'Sheet1'
@@ -1355,14 +1950,24 @@ def write_clinical_sheet(path: str | Path, rows: Sequence[dict],
   return path
 
 
-def write_ancillary_sheet(path: str | Path, pairs: Sequence[tuple[str, int]]) -> Path:
+def write_ancillary_sheet(
+    path: str | Path, pairs: Sequence[tuple[str, int]]
+) -> Path:
   """``Full-Collection-Ancillary-Patient-Information-file.xlsx``: TCIA id -> research id."""
-  rows = [{ANCILLARY_COLUMNS[0]: tcia, ANCILLARY_COLUMNS[1]: rid} for tcia, rid in pairs]
+  rows = [
+      {ANCILLARY_COLUMNS[0]: tcia, ANCILLARY_COLUMNS[1]: rid}
+      for tcia, rid in pairs
+  ]
   return write_clinical_sheet(path, rows, ANCILLARY_COLUMNS)
 
 
-_RACES = ('White', 'Black or African American', 'Asian', 'American Indian or Alaska Native',
-          'Native Hawaiian or Other Pacific Islander')
+_RACES = (
+    'White',
+    'Black or African American',
+    'Asian',
+    'American Indian or Alaska Native',
+    'Native Hawaiian or Other Pacific Islander',
+)
 _ETHNICITY = ('Not Hispanic or Latino', 'Hispanic or Latino')
 
 
@@ -1380,12 +1985,16 @@ def _label(value: int | None, kind: str, style: str):
   return 'Positive' if value else 'Negative'
 
 
-def _sheet_rows(case: Case, truth, rng: np.random.Generator) -> tuple[list[dict], dict]:
+def _sheet_rows(
+    case: Case, truth, rng: np.random.Generator
+) -> tuple[list[dict], dict]:
   subtype = schema.SUBTYPES[truth.subtype]
   hr, her2 = int(subtype.startswith('HR+')), int(subtype.endswith('HER2+'))
   age = int(rng.integers(28, 76))
   row = {
-      'Patient_ID': case.tcia_id if case.sheet == 'tcia_id' else case.research_id,
+      'Patient_ID': (
+          case.tcia_id if case.sheet == 'tcia_id' else case.research_id
+      ),
       'Arm': truth.arm,
       'HR': _label(hr, 'hr', case.label_style),
       'HER2': _label(her2, 'her2', case.label_style),
@@ -1412,14 +2021,27 @@ def _sheet_rows(case: Case, truth, rng: np.random.Generator) -> tuple[list[dict]
 
 
 # ----------------------------------------------------------------------------- one patient
-def _study_for(case: Case, v: int, label: str, seed: int, rng, base_date: datetime.date,
-               visit_days: float, n_study: int, token: bool = True) -> _Study:
+def _study_for(
+    case: Case,
+    v: int,
+    label: str,
+    seed: int,
+    rng,
+    base_date: datetime.date,
+    visit_days: float,
+    n_study: int,
+    token: bool = True,
+) -> _Study:
   date = base_date + datetime.timedelta(days=int(visit_days) + n_study * 2)
   token_text = _STUDY_STYLES[case.study_style % len(_STUDY_STYLES)].format(v=v)
   if case.prefix == 'ACRIN-6698':
     token_text = f'ACRIN-6698ISPY2MRIT{v}'
   if not token:  # a study nobody can place
-    description, cttp, folder_desc = _NO_TOKEN_DESCRIPTION, None, _NO_TOKEN_DESCRIPTION
+    description, cttp, folder_desc = (
+        _NO_TOKEN_DESCRIPTION,
+        None,
+        _NO_TOKEN_DESCRIPTION,
+    )
   elif case.visit_source == 'description':
     description, cttp, folder_desc = token_text, f'T{v}', token_text
   elif case.visit_source == 'cttp':
@@ -1431,15 +2053,27 @@ def _study_for(case: Case, v: int, label: str, seed: int, rng, base_date: dateti
     cttp = None
     folder_desc = f'ISPY2MRIT{v}'
   folder = f'{date:%m-%d-%Y}-{folder_desc}-{int(rng.integers(10000, 99999))}'
-  return _Study(visit=v, label=label, description=description, cttp=cttp, folder=folder,
-                date=date, time_s=float(rng.uniform(7.5, 17.0)) * 3600.0,
-                accession=f'ACC{int(rng.integers(10**7, 10**8))}',
-                uid=_uid(seed, case.tcia_id, label, 'study'),
-                for_uid=_uid(seed, case.tcia_id, label, 'for'))
+  return _Study(
+      visit=v,
+      label=label,
+      description=description,
+      cttp=cttp,
+      folder=folder,
+      date=date,
+      time_s=float(rng.uniform(7.5, 17.0)) * 3600.0,
+      accession=f'ACC{int(rng.integers(10**7, 10**8))}',
+      uid=_uid(seed, case.tcia_id, label, 'study'),
+      for_uid=_uid(seed, case.tcia_id, label, 'for'),
+  )
 
 
-def _visit_grid(case: Case, spec: phantom.PhantomSpec, v: int, center: np.ndarray,
-                axes: np.ndarray) -> _Grid:
+def _visit_grid(
+    case: Case,
+    spec: phantom.PhantomSpec,
+    v: int,
+    center: np.ndarray,
+    axes: np.ndarray,
+) -> _Grid:
   """The DCE grid of visit v (a bi-lateral series: this grid's canvas): the phantom's, a real
   series', or the phantom's field of view at the visit's own spacing."""
   if case.size == 'real':
@@ -1447,7 +2081,12 @@ def _visit_grid(case: Case, spec: phantom.PhantomSpec, v: int, center: np.ndarra
     return _Grid(shape, spacing, center, axes)
   spacing = dict(case.visit_spacing).get(v)
   if spacing is None:
-    return _Grid(tuple(spec.shape), tuple(float(s) for s in spec.spacing_mm), center, axes)
+    return _Grid(
+        tuple(spec.shape),
+        tuple(float(s) for s in spec.spacing_mm),
+        center,
+        axes,
+    )
   fov = np.asarray(spec.shape) * np.asarray(spec.spacing_mm)
   shape = tuple(int(max(2, round(f / s))) for f, s in zip(fov, spacing))
   return _Grid(shape, tuple(float(s) for s in spacing), center, axes)
@@ -1471,22 +2110,36 @@ def _ser_map(clean: np.ndarray, times: np.ndarray) -> np.ndarray:
   return np.clip(ser * 1000.0, 0, 3000)[None]
 
 
-def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec, seed: int):
+def _write_patient(
+    coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec, seed: int
+):
   _, maps, truth = phantom.render_patient_maps(spec, case.phantom_index)
   rng = _rng(seed, case.tcia_id, 'meta')
   axes = _axes(case.orientation)
-  side = -1.0 if case.orientation == 'flipped' else 1.0  # flipped: a right breast
-  center_pat = np.array([side * rng.uniform(60, 80), rng.uniform(-60, -30),
-                         rng.uniform(-40, 40)])
-  base_date = datetime.date(2010, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 2500)))
-  birth = base_date - datetime.timedelta(days=int(rng.integers(30 * 365, 70 * 365)))
+  side = (
+      -1.0 if case.orientation == 'flipped' else 1.0
+  )  # flipped: a right breast
+  center_pat = np.array(
+      [side * rng.uniform(60, 80), rng.uniform(-60, -30), rng.uniform(-40, 40)]
+  )
+  base_date = datetime.date(2010, 1, 1) + datetime.timedelta(
+      days=int(rng.integers(0, 2500))
+  )
+  birth = base_date - datetime.timedelta(
+      days=int(rng.integers(30 * 365, 70 * 365))
+  )
   age_years = (base_date - birth).days // 365
-  phi = dict(birth_date=_da(birth), age_str=f'{age_years:03d}Y',
-             weight=_ds(round(float(rng.uniform(50, 110)), 1)),
-             manufacturer=('GE MEDICAL SYSTEMS', 'SIEMENS', 'Philips Medical Systems')[
-                 int(rng.integers(3))],
-             model=case.layout.model, field=('1.5', '3')[int(rng.integers(2))],
-             site=f'SITE{int(rng.integers(1, 30)):02d}')
+  phi = dict(
+      birth_date=_da(birth),
+      age_str=f'{age_years:03d}Y',
+      weight=_ds(round(float(rng.uniform(50, 110)), 1)),
+      manufacturer=('GE MEDICAL SYSTEMS', 'SIEMENS', 'Philips Medical Systems')[
+          int(rng.integers(3))
+      ],
+      model=case.layout.model,
+      field=('1.5', '3')[int(rng.integers(2))],
+      site=f'SITE{int(rng.integers(1, 30)):02d}',
+  )
   phi['manufacturer'] = case.layout.manufacturer or phi['manufacturer']
   patient_dir = coll / case.tcia_id
 
@@ -1498,7 +2151,8 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
   phase_times = np.zeros((nv, schema.NUM_PHASES), np.float32)
   all_times = [None] * nv
   centroid, ftv_centroid, voi_centroid, node_centroid, crop = (
-      np.full((nv, 3), np.nan) for _ in range(5))
+      np.full((nv, 3), np.nan) for _ in range(5)
+  )
   volume, ftv_volume = np.zeros(nv), np.zeros(nv)
   mask_source = [None] * nv
   geometry = [None] * nv
@@ -1506,10 +2160,18 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
   dce_desc = [None] * nv
   dce_dirs = [None] * nv
   mask_paths = [None] * nv
-  voi_seen = False  # an earlier visit's mask gives the reader a VOI to carry over
+  voi_seen = (
+      False  # an earlier visit's mask gives the reader a VOI to carry over
+  )
   reports = []
   applied = []
-  phi_strings = [PATIENT_NAME, INSTITUTION, REFERRING, OPERATOR, phi['birth_date']]
+  phi_strings = [
+      PATIENT_NAME,
+      INSTITUTION,
+      REFERRING,
+      OPERATOR,
+      phi['birth_date'],
+  ]
 
   def rel(p: Path) -> str:
     return str(p.relative_to(root))
@@ -1522,24 +2184,40 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       extra_studies.append(('unknown_study', v))
 
   n_study = 0
-  for v, kind in [(v, 'main') for v in visits_written] + [(v, k) for k, v in extra_studies]:
+  for v, kind in [(v, 'main') for v in visits_written] + [
+      (v, k) for k, v in extra_studies
+  ]:
     label = f'T{v}' if kind == 'main' else f'T{v}-{kind}'
-    study = _study_for(case, v, label, seed, rng, base_date, truth.visit_days[v], n_study,
-                       token=kind != 'unknown_study')
+    study = _study_for(
+        case,
+        v,
+        label,
+        seed,
+        rng,
+        base_date,
+        truth.visit_days[v],
+        n_study,
+        token=kind != 'unknown_study',
+    )
     n_study += 1
     phi_strings += [study.accession, _da(study.date), f'{study.date:%m-%d-%Y}']
     study_dir = patient_dir / study.folder
     center_v = center_pat + rng.uniform(-5.0, 5.0, 3)
     grid = _visit_grid(case, spec, v, center_v, axes)
     vm = _visit_maps(maps, v)
-    if grid.shape != tuple(spec.shape) or grid.spacing != tuple(spec.spacing_mm):
+    if grid.shape != tuple(spec.shape) or grid.spacing != tuple(
+        spec.spacing_mm
+    ):
       vm = _resample_maps(vm, spec, grid.shape, grid.spacing)
     node = np.zeros(grid.shape, bool)
     if case.node_mm is not None:
       vm, node = _with_node(vm, grid, case.node_mm, truth)
-    bilateral = case.laterality == 'bi' or (case.laterality == 'both' and v in case.both_visits
-                                            and kind == 'main')
-    tumour = np.isin(vm['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis']))
+    bilateral = case.laterality == 'bi' or (
+        case.laterality == 'both' and v in case.both_visits and kind == 'main'
+    )
+    tumour = np.isin(
+        vm['labels'], (phantom.LABELS['tumour'], phantom.LABELS['necrosis'])
+    )
     fov_maps = vm  # the maps of the DCE field of view
     if bilateral:
       canvas = grid.canvas()
@@ -1550,19 +2228,31 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       n_phases = max(3, case.num_phases - 2)
     if kind == 'main' and case.has('two_phases', v):
       n_phases = 2
-    times = _phase_times(_rng(seed, case.tcia_id, label, 'times'), n_phases, case.phase_schedule)
+    times = _phase_times(
+        _rng(seed, case.tcia_id, label, 'times'), n_phases, case.phase_schedule
+    )
     chosen = choose_phases(times)
-    if case.size == 'real':  # one phase at a time, each with its own noise stream
+    if (
+        case.size == 'real'
+    ):  # one phase at a time, each with its own noise stream
       physics = _Physics(fov_maps, truth, times)
       clean_c = _Phases.lazy(physics, None)
-      noisy_c = _Phases.lazy(physics, lambda p, label=label: _rng(
-          seed, case.tcia_id, label, 'noise', p))
+      noisy_c = _Phases.lazy(
+          physics,
+          lambda p, label=label: _rng(seed, case.tcia_id, label, 'noise', p),
+      )
     else:
-      clean_c, noisy_c = map(_Phases.of, _signals(fov_maps, truth, times,
-                                                  _rng(seed, case.tcia_id, label, 'noise')))
+      clean_c, noisy_c = map(
+          _Phases.of,
+          _signals(
+              fov_maps, truth, times, _rng(seed, case.tcia_id, label, 'noise')
+          ),
+      )
     clean, noisy = clean_c, noisy_c
     if bilateral:
-      clean, noisy = clean_c.last_columns(grid.shape[2]), noisy_c.last_columns(grid.shape[2])
+      clean, noisy = clean_c.last_columns(grid.shape[2]), noisy_c.last_columns(
+          grid.shape[2]
+      )
 
     no_dce = kind == 'main' and case.has('no_dce', v)
     write_bi = bilateral and not no_dce
@@ -1572,10 +2262,26 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     if write_bi:  # the bilateral series first (lower series numbers)
       desc = _series_desc(case, 'bi', 'original DCE')
       sdir = study_dir / _series_folder(number + 1, desc, rng)
-      series['bi'] = (canvas, _write_mr_series(
-          sdir, case, phi, study, canvas, noisy_c, times, seed=seed, series_key='dce-bi',
-          series_number=number + 1, description=desc, layout=case.layout,
-          reverse=case.orientation == 'flipped', keep=chosen), desc)
+      series['bi'] = (
+          canvas,
+          _write_mr_series(
+              sdir,
+              case,
+              phi,
+              study,
+              canvas,
+              noisy_c,
+              times,
+              seed=seed,
+              series_key='dce-bi',
+              series_number=number + 1,
+              description=desc,
+              layout=case.layout,
+              reverse=case.orientation == 'flipped',
+              keep=chosen,
+          ),
+          desc,
+      )
     if write_uni:
       desc = _series_desc(case, 'uni', 'original DCE')
       sdir = study_dir / _series_folder(number + 3, desc, rng)
@@ -1584,10 +2290,27 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
         p_skip = next(p for p in range(1, n_phases) if p not in chosen)
         skip = {(p_skip, grid.shape[0] // 2)}
         applied.append(('missing_slice', v))
-      series['uni'] = (grid, _write_mr_series(
-          sdir, case, phi, study, grid, noisy, times, seed=seed, series_key='dce-uni',
-          series_number=number + 3, description=desc, layout=case.layout, skip=skip,
-          reverse=case.orientation == 'flipped', keep=chosen), desc)
+      series['uni'] = (
+          grid,
+          _write_mr_series(
+              sdir,
+              case,
+              phi,
+              study,
+              grid,
+              noisy,
+              times,
+              seed=seed,
+              series_key='dce-uni',
+              series_number=number + 3,
+              description=desc,
+              layout=case.layout,
+              skip=skip,
+              reverse=case.orientation == 'flipped',
+              keep=chosen,
+          ),
+          desc,
+      )
     derived_kinds = [k for k, dv in case.derived if dv == v and kind == 'main']
     if no_dce and 'SER' not in derived_kinds:
       derived_kinds.append('SER')
@@ -1599,11 +2322,24 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       if dk == 'SER':
         vol = _ser_map(c, times)
       else:  # PE2: percentage enhancement of the second post-contrast phase
-        vol = np.clip(100.0 * (c[2] - c[0]) / np.maximum(c[0], 1e-3), 0, 1000)[None]
+        vol = np.clip(100.0 * (c[2] - c[0]) / np.maximum(c[0], 1e-3), 0, 1000)[
+            None
+        ]
       n_der = number + (7 if dk == 'SER' else 8)
-      _write_mr_series(study_dir / _series_folder(n_der, desc, rng), case, phi, study, g,
-                       vol, None, seed=seed, series_key=f'derived-{dk}', series_number=n_der,
-                       description=desc, layout=case.layout._replace(rescale=None))
+      _write_mr_series(
+          study_dir / _series_folder(n_der, desc, rng),
+          case,
+          phi,
+          study,
+          g,
+          vol,
+          None,
+          seed=seed,
+          series_key=f'derived-{dk}',
+          series_number=n_der,
+          description=desc,
+          layout=case.layout._replace(rescale=None),
+      )
     if no_dce:
       applied.append(('no_dce', v))
 
@@ -1623,13 +2359,27 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
           tum = tumour
         voi = _voi_box(tum, _center_kji(truth, v, spec, g, lat == 'bi'))
         codes, background = volser_codes(
-            *(_read_back(ws.stored[p], case.layout.rescale) for p in chosen), voi)
+            *(_read_back(ws.stored[p], case.layout.rescale) for p in chosen),
+            voi,
+        )
         desc = _series_desc(case, lat, 'Analysis Mask')
         n_seg = number + (40 if lat == 'bi' else 41)
         path = study_dir / _series_folder(n_seg, desc, rng) / '1-1.dcm'
-        _write_mask(path, case.mask, ws, g, codes, background, seed=seed, case=case, phi=phi,
-                    study=study, series_key=f'seg-{lat}', series_number=n_seg,
-                    description=desc)
+        _write_mask(
+            path,
+            case.mask,
+            ws,
+            g,
+            codes,
+            background,
+            seed=seed,
+            case=case,
+            phi=phi,
+            study=study,
+            series_key=f'seg-{lat}',
+            series_number=n_seg,
+            description=desc,
+        )
         written_masks[lat] = path, codes
       if corrupt:
         for path, _ in written_masks.values():
@@ -1639,7 +2389,9 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       applied.append(('no_seg', v))
 
     # Faults on files of the chosen series.
-    chosen_lat = 'uni' if 'uni' in series else ('bi' if 'bi' in series else None)
+    chosen_lat = (
+        'uni' if 'uni' in series else ('bi' if 'bi' in series else None)
+    )
     if kind == 'main' and chosen_lat is not None:
       _, ws, _ = series[chosen_lat]
       if case.has('truncated_file', v):
@@ -1647,11 +2399,14 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
         _truncate_in_pixels(path)
         applied.append(('truncated_file', v))
       if case.has('truncated_last', v):
-        _truncate_in_pixels(ws.files[-1][-1][1])  # the last written: where a download stops
+        _truncate_in_pixels(
+            ws.files[-1][-1][1]
+        )  # the last written: where a download stops
         applied.append(('truncated_last', v))
       if case.has('junk_file', v):
         (ws.dir / '1-999.dcm').write_bytes(
-            b'NBIA Data Retriever manifest fragment - not a DICOM file\r\n' * 8)
+            b'NBIA Data Retriever manifest fragment - not a DICOM file\r\n' * 8
+        )
         applied.append(('junk_file', v))
       if case.has('two_phases', v):
         applied.append(('two_phases', v))
@@ -1689,7 +2444,11 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
     if not visit_mask[v]:
       continue
     voxel_mm3 = float(np.prod(g.spacing))
-    tum = tumour if chosen_lat == 'uni' else np.concatenate([np.zeros_like(tumour), tumour], -1)
+    tum = (
+        tumour
+        if chosen_lat == 'uni'
+        else np.concatenate([np.zeros_like(tumour), tumour], -1)
+    )
     if tum.any():
       centroid[v] = g.lps(np.argwhere(tum)).mean(0)
       volume[v] = tum.sum() * voxel_mm3
@@ -1697,11 +2456,17 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       node_centroid[v] = g.lps(np.argwhere(node)).mean(0)
     if chosen_lat in written_masks and not corrupt:
       path, codes = written_masks[chosen_lat]
-      mask_source[v] = 'analysis_mask_' + ('seg' if case.mask.startswith('seg') else 'bitflags')
+      mask_source[v] = 'analysis_mask_' + (
+          'seg' if case.mask.startswith('seg') else 'bitflags'
+      )
       mask_paths[v] = rel(path)
       ftv = codes == 0
       # A mask that flags no voxel outside the VOI (one segment 'excluded') has its extent as VOI.
-      voi = (codes & VOI_BIT) == 0 if case.mask != 'seg_excluded' else np.ones_like(ftv)
+      voi = (
+          (codes & VOI_BIT) == 0
+          if case.mask != 'seg_excluded'
+          else np.ones_like(ftv)
+      )
       ftv_volume[v] = ftv.sum() * voxel_mm3
       voi_centroid[v] = g.lps(np.argwhere(voi)).mean(0)
       if ftv.any():
@@ -1712,35 +2477,64 @@ def _write_patient(coll: Path, root: Path, case: Case, spec: phantom.PhantomSpec
       mask_source[v] = 'pe70_in_voi' if voi_seen else 'pe70'
       crop[v] = centroid[v] if tum.any() else crop[0]
 
-  sheet_rows, sheet_phi = _sheet_rows(case, truth, _rng(seed, case.tcia_id, 'sheet'))
+  sheet_rows, sheet_phi = _sheet_rows(
+      case, truth, _rng(seed, case.tcia_id, 'sheet')
+  )
   pcr = None if case.sheet in ('absent', 'empty_pcr') else int(truth.pcr)
-  skip = {'absent': 'not_in_clinical_sheet', 'empty_pcr': 'no_pcr_label',
-          'duplicate_conflict': 'duplicate_clinical_id'}.get(case.sheet)
+  skip = {
+      'absent': 'not_in_clinical_sheet',
+      'empty_pcr': 'no_pcr_label',
+      'duplicate_conflict': 'duplicate_clinical_id',
+  }.get(case.sheet)
   phi_strings += [sheet_phi['race']]
   result = PatientTruth(
-      case=case, tcia_id=case.tcia_id, research_id=str(case.research_id), phantom_spec=spec,
-      phantom_index=case.phantom_index, pcr=pcr, subtype=int(truth.subtype), arm=truth.arm,
-      expected_skip=skip, visit_mask=visit_mask, visit_reasons=tuple(reasons),
-      phase_indices=phase_idx, phase_times_s=phase_times, all_phase_times_s=tuple(all_times),
-      tumor_centroid_mm=centroid, tumor_volume_mm3=volume, ftv_centroid_mm=ftv_centroid,
-      ftv_volume_mm3=ftv_volume, voi_centroid_mm=voi_centroid, node_centroid_mm=node_centroid,
+      case=case,
+      tcia_id=case.tcia_id,
+      research_id=str(case.research_id),
+      phantom_spec=spec,
+      phantom_index=case.phantom_index,
+      pcr=pcr,
+      subtype=int(truth.subtype),
+      arm=truth.arm,
+      expected_skip=skip,
+      visit_mask=visit_mask,
+      visit_reasons=tuple(reasons),
+      phase_indices=phase_idx,
+      phase_times_s=phase_times,
+      all_phase_times_s=tuple(all_times),
+      tumor_centroid_mm=centroid,
+      tumor_volume_mm3=volume,
+      ftv_centroid_mm=ftv_centroid,
+      ftv_volume_mm3=ftv_volume,
+      voi_centroid_mm=voi_centroid,
+      node_centroid_mm=node_centroid,
       crop_center_mm=crop,
       phantom_volume_mm3=np.asarray(truth.tumor_volume_mm3, float),
       phantom_to_lps=tuple(affines),
-      mask_source=tuple(mask_source), dce_geometry=tuple(geometry),
-      dce_series_description=tuple(dce_desc), dce_dirs=tuple(dce_dirs),
-      mask_paths=tuple(mask_paths), study_reports=tuple(reports),
-      faults_applied=tuple(applied), phi=tuple(dict.fromkeys(phi_strings)))
+      mask_source=tuple(mask_source),
+      dce_geometry=tuple(geometry),
+      dce_series_description=tuple(dce_desc),
+      dce_dirs=tuple(dce_dirs),
+      mask_paths=tuple(mask_paths),
+      study_reports=tuple(reports),
+      faults_applied=tuple(applied),
+      phi=tuple(dict.fromkeys(phi_strings)),
+  )
   return result, sheet_rows
 
 
-def _with_node(vm: dict, grid: _Grid, centre_mm, truth) -> tuple[dict, np.ndarray]:
+def _with_node(
+    vm: dict, grid: _Grid, centre_mm, truth
+) -> tuple[dict, np.ndarray]:
   """The maps with an enhancing lymph node (a ball of tumour-like kinetics) and its voxels."""
   z, y, x = _phantom_grid_coords(grid)
   zz, yy, xx = np.meshgrid(z, y, x, indexing='ij')
-  node = (zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (xx - centre_mm[2]) ** 2 <= (
-      _NODE_RADIUS_MM ** 2)
-  if np.isin(vm['labels'][node], (phantom.LABELS['tumour'], phantom.LABELS['necrosis'])).any():
+  node = (zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (
+      xx - centre_mm[2]
+  ) ** 2 <= (_NODE_RADIUS_MM**2)
+  if np.isin(
+      vm['labels'][node], (phantom.LABELS['tumour'], phantom.LABELS['necrosis'])
+  ).any():
     raise ValueError(f'node at {centre_mm} mm overlaps the tumour')
   out = {k: a.copy() for k, a in vm.items()}
   out['labels'][node] = phantom.LABELS['muscle']
@@ -1753,7 +2547,12 @@ def _with_node(vm: dict, grid: _Grid, centre_mm, truth) -> tuple[dict, np.ndarra
 
 def _phantom_affine(spec: phantom.PhantomSpec, grid: _Grid) -> np.ndarray:
   """4x4: voxel (k, j, i) of the phantom's own arrays -> LPS mm of this visit's placement."""
-  ref = _Grid(tuple(spec.shape), tuple(float(x) for x in spec.spacing_mm), grid.center, grid.axes)
+  ref = _Grid(
+      tuple(spec.shape),
+      tuple(float(x) for x in spec.spacing_mm),
+      grid.center,
+      grid.axes,
+  )
   dz, dy, dx = ref.spacing
   out = np.eye(4)
   out[:3, 0] = dz * ref.u_slc
@@ -1763,10 +2562,13 @@ def _phantom_affine(spec: phantom.PhantomSpec, grid: _Grid) -> np.ndarray:
   return out
 
 
-def _center_kji(truth, v: int, spec: phantom.PhantomSpec, grid: _Grid,
-                bilateral: bool) -> np.ndarray:
+def _center_kji(
+    truth, v: int, spec: phantom.PhantomSpec, grid: _Grid, bilateral: bool
+) -> np.ndarray:
   """Voxel index (k, j, i) on ``grid`` of the phantom's tumour centre at visit v."""
-  c = np.asarray(truth.tumor_center_mm, float) + np.asarray(truth.shift_mm[v], float)
+  c = np.asarray(truth.tumor_center_mm, float) + np.asarray(
+      truth.shift_mm[v], float
+  )
   d, h, w = grid.shape
   dz, dy, dx = grid.spacing
   w_uni = w // 2 if bilateral else w
@@ -1777,9 +2579,14 @@ def _center_kji(truth, v: int, spec: phantom.PhantomSpec, grid: _Grid,
 
 
 # ----------------------------------------------------------------------------- the tree
-def write_tcia_tree(root: str | Path, cases: Sequence[Case] = DEFAULT_CASES, *, seed: int = 0,
-                    spec: phantom.PhantomSpec = FIXTURE_SPEC,
-                    collection: str = 'ISPY2') -> dict[str, PatientTruth]:
+def write_tcia_tree(
+    root: str | Path,
+    cases: Sequence[Case] = DEFAULT_CASES,
+    *,
+    seed: int = 0,
+    spec: phantom.PhantomSpec = FIXTURE_SPEC,
+    collection: str = 'ISPY2',
+) -> dict[str, PatientTruth]:
   """Write a TCIA-like I-SPY2 download of ``cases`` under ``root``; returns truth by PatientID.
 
   Layout: ``root/<collection>/<PatientID>/<study>/<series>/1-NNN.dcm``, the clinical and the
@@ -1802,15 +2609,28 @@ def write_tcia_tree(root: str | Path, cases: Sequence[Case] = DEFAULT_CASES, *, 
   extra = _rng(seed, 'extra-rows')
   for n in range(3):
     rid = 199001 + n
-    rows.append({'Patient_ID': rid, 'Arm': phantom.ARMS_HER2_NEGATIVE[0], 'HR': 1, 'HER2': 0,
-                 'MP': 1, 'pCR': int(extra.integers(2)), 'Age': int(extra.integers(30, 70)),
-                 'Race': _RACES[0], 'Ethnicity': _ETHNICITY[0], 'Menopausal_Status': 'Pre'})
+    rows.append(
+        {
+            'Patient_ID': rid,
+            'Arm': phantom.ARMS_HER2_NEGATIVE[0],
+            'HR': 1,
+            'HER2': 0,
+            'MP': 1,
+            'pCR': int(extra.integers(2)),
+            'Age': int(extra.integers(30, 70)),
+            'Race': _RACES[0],
+            'Ethnicity': _ETHNICITY[0],
+            'Menopausal_Status': 'Pre',
+        }
+    )
   write_clinical_sheet(root / CLINICAL_SHEET_NAME, rows)
   pairs = [(c.tcia_id, c.research_id) for c in cases] + [
-      (f'ISPY2-{199001 + n}', 199001 + n) for n in range(3)]
+      (f'ISPY2-{199001 + n}', 199001 + n) for n in range(3)
+  ]
   write_ancillary_sheet(root / ANCILLARY_SHEET_NAME, pairs)
   (root / 'LICENSE').write_text(
-      'Creative Commons Attribution 4.0 International (CC BY 4.0) - fixture, not real data.\n')
+      'Creative Commons Attribution 4.0 International (CC BY 4.0) - fixture, not real data.\n'
+  )
   (coll / '.DS_Store').write_bytes(b'\x00\x00\x00\x01Bud1' + bytes(range(64)))
   return truths
 
@@ -1818,16 +2638,22 @@ def write_tcia_tree(root: str | Path, cases: Sequence[Case] = DEFAULT_CASES, *, 
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m fake_data.tcia_fixtures OUT [--dummy] [--seed N]``: write a tree."""
   import argparse
+
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('out')
-  parser.add_argument('--dummy', action='store_true', help='the small DUMMY_CASES tree')
+  parser.add_argument(
+      '--dummy', action='store_true', help='the small DUMMY_CASES tree'
+  )
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
-  truths = write_tcia_tree(args.out, DUMMY_CASES if args.dummy else DEFAULT_CASES,
-                           seed=args.seed)
+  truths = write_tcia_tree(
+      args.out, DUMMY_CASES if args.dummy else DEFAULT_CASES, seed=args.seed
+  )
   for tcia_id, t in truths.items():
-    print(f'{tcia_id:20s} {t.case.name:15s} visits {t.visit_mask.astype(int)} '
-          f'skip {t.expected_skip}')
+    print(
+        f'{tcia_id:20s} {t.case.name:15s} visits {t.visit_mask.astype(int)} '
+        f'skip {t.expected_skip}'
+    )
 
 
 if __name__ == '__main__':

@@ -16,7 +16,9 @@ class _WithoutGrainProfilingWarning(logging.Filter):
   """
 
   def filter(self, record):
-    return not str(record.msg).startswith('Grain multiprocess worker profiling requires')
+    return not str(record.msg).startswith(
+        'Grain multiprocess worker profiling requires'
+    )
 
 
 absl_logging.get_absl_logger().addFilter(_WithoutGrainProfilingWarning())

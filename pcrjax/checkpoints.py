@@ -27,16 +27,29 @@ def _selection_metric(metrics: dict) -> float:
   return metrics[SELECTION_METRIC]
 
 
-def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
-  policy = checkpoint_managers.AnyPreservationPolicy([
-      checkpoint_managers.LatestN(n=2),  # Two: one to fall back on if the last is damaged.
-      checkpoint_managers.BestN(get_metric_fn=_selection_metric, n=1),
-  ])
+def create_manager(
+    workdir: str, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+  policy = checkpoint_managers.AnyPreservationPolicy(
+      [
+          checkpoint_managers.LatestN(
+              n=2
+          ),  # Two: one to fall back on if the last is damaged.
+          checkpoint_managers.BestN(get_metric_fn=_selection_metric, n=1),
+      ]
+  )
   options = ocp.CheckpointManagerOptions(
-      best_fn=_selection_metric, best_mode='max', preservation_policy=policy, read_only=read_only,
-      create=not read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), runs.CHECKPOINTS_DIR),
-                               item_names=('params', 'opt_state'), options=options)
+      best_fn=_selection_metric,
+      best_mode='max',
+      preservation_policy=policy,
+      read_only=read_only,
+      create=not read_only,
+  )
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), runs.CHECKPOINTS_DIR),
+      item_names=('params', 'opt_state'),
+      options=options,
+  )
 
 
 @contextlib.contextmanager
@@ -56,37 +69,57 @@ def managed(workdir: str):
   manager.close()
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state, metrics: dict[str, float]) -> None:
+def save(
+    manager: ocp.CheckpointManager, epoch: int, state, metrics: dict[str, float]
+) -> None:
   _check_room(manager, epoch, (state.params, state.opt_state))
-  manager.save(epoch, metrics=metrics, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state)))
+  manager.save(
+      epoch,
+      metrics=metrics,
+      args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          opt_state=ocp.args.StandardSave(state.opt_state),
+      ),
+  )
 
 
-_METADATA_BYTES = 1 << 20  # Orbax's metadata, manifests and sharding files, with room to spare.
+_METADATA_BYTES = (
+    1 << 20
+)  # Orbax's metadata, manifests and sharding files, with room to spare.
 
 
 def _check_room(manager: ocp.CheckpointManager, epoch: int, tree) -> None:
   """Refuses to start a checkpoint that the disk cannot hold (an ENOSPC naming it): a full disk met
-  half-way through a save fails Orbax's writer threads one after another, each with a traceback."""
+  half-way through a save fails Orbax's writer threads one after another, each with a traceback.
+  """
   need = sum(leaf.nbytes for leaf in jax.tree.leaves(tree)) + _METADATA_BYTES
   free = shutil.disk_usage(str(manager.directory)).free
   if free < need:
-    raise OSError(errno.ENOSPC, f'No space left on device ({need / 2**20:.1f} MiB needed)',
-                  os.path.join(str(manager.directory), str(epoch)))
+    raise OSError(
+        errno.ENOSPC,
+        f'No space left on device ({need / 2**20:.1f} MiB needed)',
+        os.path.join(str(manager.directory), str(epoch)),
+    )
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, state):
   """`state` with params and optimiser state from checkpoint `epoch` (same shardings as `state`)."""
-  restored = manager.restore(epoch, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract(state.params)),
-      opt_state=ocp.args.StandardRestore(abstract(state.opt_state))))
+  restored = manager.restore(
+      epoch,
+      args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract(state.params)),
+          opt_state=ocp.args.StandardRestore(abstract(state.opt_state)),
+      ),
+  )
   return state.replace(params=restored.params, opt_state=restored.opt_state)
 
 
 def restore_params(manager: ocp.CheckpointManager, epoch: int, like):
   """Only the `params` item of checkpoint `epoch`, shaped and placed like `like`."""
-  return manager.restore(epoch, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract(like)))).params
+  return manager.restore(
+      epoch,
+      args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(like))),
+  ).params
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
@@ -106,19 +139,30 @@ def restore_best_params(manager: ocp.CheckpointManager, like):
       return restore_params(manager, epoch, like), epoch
     except Exception as e:  # noqa: BLE001 -- as in restore_latest.
       _drop_damaged(manager, epoch, e, 'using the next best')
-  raise FileNotFoundError(f'No readable checkpoint in {manager.directory}: delete it and train again.')
+  raise FileNotFoundError(
+      f'No readable checkpoint in {manager.directory}: delete it and train again.'
+  )
 
 
-def _drop_damaged(manager: ocp.CheckpointManager, epoch: int, error: Exception, then: str) -> None:
-  logging.warning('Checkpoint %d in %s is damaged (%s: %s); deleted it, %s.', epoch, manager.directory,
-                  type(error).__name__, str(error).splitlines()[0][:160] if str(error) else '', then)
+def _drop_damaged(
+    manager: ocp.CheckpointManager, epoch: int, error: Exception, then: str
+) -> None:
+  logging.warning(
+      'Checkpoint %d in %s is damaged (%s: %s); deleted it, %s.',
+      epoch,
+      manager.directory,
+      type(error).__name__,
+      str(error).splitlines()[0][:160] if str(error) else '',
+      then,
+  )
   manager.delete(epoch)
 
 
 def abstract(tree):
   """Shapes, dtypes and placements to restore `tree`'s like into. A leaf without a placement (from
   `jax.eval_shape`) goes to this process's first device: Orbax would otherwise use the sharding
-  the checkpoint was written with, and a model trained on 2 devices would not load on 1."""
+  the checkpoint was written with, and a model trained on 2 devices would not load on 1.
+  """
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def leaf(x):

@@ -1,6 +1,6 @@
 """Compares two protocol runs on the same patients, model by model (no JAX).
 
-    python -m pcrjax.compare --a=runs/lambda0 --b=runs/lambda1 [--output=compare.md]
+python -m pcrjax.compare --a=runs/lambda0 --b=runs/lambda1 [--output=compare.md]
 """
 
 from absl import app, flags
@@ -19,7 +19,9 @@ def main(argv):
   args = flags.FLAGS
   console.setup()
   with console.one_line_errors(FileNotFoundError, ValueError):
-    text = run_comparison.render(run_comparison.compare(args.a, args.b), args.a, args.b)
+    text = run_comparison.render(
+        run_comparison.compare(args.a, args.b), args.a, args.b
+    )
   print(text)
   if args.output:
     with open(args.output, 'w') as f:

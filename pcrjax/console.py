@@ -34,14 +34,20 @@ _TRAINING = 'pcrjax_training_line'
 TRAINING_LINE = {_TRAINING: True}
 _ALREADY_SHOWN = 'pcrjax_already_shown'  # A line `say` or `stop` wrote: for the log file only.
 
-_EXPECTED_WARNINGS = re.compile('|'.join((
-    # checkpoints.create_manager(read_only=True): a teacher's, an exported model's checkpoints.
-    r'CheckpointManagerOptions\.read_only=True, setting ',
-    r'Given directory is read only=',
-    r'Variant folder .* has no dataset_info\.json',  # TFDS, before a dataset's first build.
-    r'apitools not found',  # TFDS's Google Cloud support, which pcrjax does not use.
-)))
-_OWN_DIRS = tuple(os.path.dirname(p) + os.sep for p in (__file__, tfds_ispy2.__file__))
+_EXPECTED_WARNINGS = re.compile(
+    '|'.join(
+        (
+            # checkpoints.create_manager(read_only=True): a teacher's, an exported model's checkpoints.
+            r'CheckpointManagerOptions\.read_only=True, setting ',
+            r'Given directory is read only=',
+            r'Variant folder .* has no dataset_info\.json',  # TFDS, before a dataset's first build.
+            r'apitools not found',  # TFDS's Google Cloud support, which pcrjax does not use.
+        )
+    )
+)
+_OWN_DIRS = tuple(
+    os.path.dirname(p) + os.sep for p in (__file__, tfds_ispy2.__file__)
+)
 _held: _Held | None = None  # setup(hold=True) until the first log_to.
 
 
@@ -50,13 +56,19 @@ class _Console(std_logging.Filter):
 
   def __init__(self, level: int, own_info: bool, training_lines: bool):
     super().__init__()
-    self.level, self.own_info, self.training_lines = level, own_info, training_lines
+    self.level, self.own_info, self.training_lines = (
+        level,
+        own_info,
+        training_lines,
+    )
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if getattr(record, _ALREADY_SHOWN, False):
       return False
     ours = record.pathname.startswith(_OWN_DIRS)
-    if not ours and (_EXPECTED_WARNINGS.search(record.getMessage()) or _disk_full(record)):
+    if not ours and (
+        _EXPECTED_WARNINGS.search(record.getMessage()) or _disk_full(record)
+    ):
       return False
     if record.levelno >= self.level:
       return True
@@ -78,7 +90,8 @@ class _Held(std_logging.Handler):
 
 class _LogFile(std_logging.FileHandler):
   """A log file that, once it cannot be written (a full disk), stops quietly: the run's own error
-  says what happened, in one line, not the logging module's traceback per line."""
+  says what happened, in one line, not the logging module's traceback per line.
+  """
 
   _failed = False
 
@@ -105,10 +118,15 @@ class _AroundBars:
 
 def _disk_full(record: std_logging.LogRecord) -> bool:
   error = record.exc_info[1] if record.exc_info else None
-  return bool(fileio.disk_full_path(error) or fileio.disk_full_path(Exception(record.getMessage())))
+  return bool(
+      fileio.disk_full_path(error)
+      or fileio.disk_full_path(Exception(record.getMessage()))
+  )
 
 
-def setup(*, own_info: bool = False, training_lines: bool = False, hold: bool = False) -> None:
+def setup(
+    *, own_info: bool = False, training_lines: bool = False, hold: bool = False
+) -> None:
   """Routes this process's logging; call once, after absl has parsed the flags (or for a command
   that is no absl app, at its start).
 
@@ -126,7 +144,9 @@ def setup(*, own_info: bool = False, training_lines: bool = False, hold: bool = 
     flags.FLAGS.mark_as_parsed()
   root = std_logging.getLogger()
   level = root.level if verbosity.present else std_logging.WARNING
-  root.setLevel(min(root.level, std_logging.INFO))  # The log files get INFO, whatever the console.
+  root.setLevel(
+      min(root.level, std_logging.INFO)
+  )  # The log files get INFO, whatever the console.
   console = logging.get_absl_handler()
   for previous in [f for f in console.filters if isinstance(f, _Console)]:
     console.removeFilter(previous)

@@ -42,13 +42,16 @@ def atomic_open(path: str, mode: str = 'w', **kwargs):
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How Orbax and TensorStore report it: a ValueError whose message quotes the files.
-_DISK_FULL_MESSAGE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
+_DISK_FULL_MESSAGE = re.compile(
+    r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'"
+)
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
 def disk_full_path(error: BaseException | None) -> str | None:
   """The file a write could not finish for want of disk space, if that is what `error` or an
-  exception it was raised from is (the first one that names a file); None otherwise."""
+  exception it was raised from is (the first one that names a file); None otherwise.
+  """
   paths = []
   while error is not None:
     if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
@@ -64,7 +67,8 @@ def disk_full_path(error: BaseException | None) -> str | None:
 @contextlib.contextmanager
 def exit_in_one_line_if_disk_full(then: str = ''):
   """For a command's main: a full disk ends the program with one line naming the file (the free
-  space left there, what to do, and `then`), not a traceback; any other error passes through."""
+  space left there, what to do, and `then`), not a traceback; any other error passes through.
+  """
   try:
     yield
   except Exception as e:  # noqa: BLE001 -- re-raised unless it is a full disk.
@@ -73,9 +77,15 @@ def exit_in_one_line_if_disk_full(then: str = ''):
     folder = os.path.dirname(path)
     while folder and not os.path.isdir(folder):
       folder = os.path.dirname(folder)
-    free = f' ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)' if folder else ''
-    sys.exit(f'FATAL No space left on device writing {path}{free}: free some space, then run the same'
-             f' command again{then}.')
+    free = (
+        f' ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)'
+        if folder
+        else ''
+    )
+    sys.exit(
+        f'FATAL No space left on device writing {path}{free}: free some space, then run the same'
+        f' command again{then}.'
+    )
 
 
 # --- One writer per directory. --------------------------------------------------------------------
@@ -106,8 +116,11 @@ def workdir_lock(path: str):
   """
   workdir = os.path.dirname(path)
   os.makedirs(workdir, exist_ok=True)
-  mine = {'pid': os.getpid(), 'host': socket.gethostname(),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  mine = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+  }
   tmp = f'{path}.{mine["pid"]}'
   with open(tmp, 'w') as f:
     json.dump(mine, f)
@@ -123,9 +136,15 @@ def workdir_lock(path: str):
           if holder['host'] == mine['host'] and not _alive(int(holder['pid'])):
             os.remove(path)  # Stale: its run is gone.
             continue
-          elsewhere = '' if holder['host'] == mine['host'] else f' (if that run is dead, delete {path})'
-          raise WorkdirInUse(f'{workdir} is in use by pid {holder["pid"]} on {holder["host"]} since'
-                             f' {holder["started"]}{elsewhere}: one run per workdir.')
+          elsewhere = (
+              ''
+              if holder['host'] == mine['host']
+              else f' (if that run is dead, delete {path})'
+          )
+          raise WorkdirInUse(
+              f'{workdir} is in use by pid {holder["pid"]} on {holder["host"]} since'
+              f' {holder["started"]}{elsewhere}: one run per workdir.'
+          )
   finally:
     os.remove(tmp)
   try:

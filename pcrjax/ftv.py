@@ -32,9 +32,16 @@ _NEIGHBOURS = np.ones((3, 3, 3), np.uint8)
 _NEIGHBOURS[1, 1, 1] = 0  # count the 26 neighbours, not the voxel itself
 
 
-def ftv_mask(pre: np.ndarray, early: np.ndarray, late: np.ndarray, *, roi: np.ndarray | None = None,
-             pe_threshold: float = 70.0, background_fraction: float = 0.6,
-             min_neighbours: int = 4) -> np.ndarray:
+def ftv_mask(
+    pre: np.ndarray,
+    early: np.ndarray,
+    late: np.ndarray,
+    *,
+    roi: np.ndarray | None = None,
+    pe_threshold: float = 70.0,
+    background_fraction: float = 0.6,
+    min_neighbours: int = 4,
+) -> np.ndarray:
   """Boolean [D, H, W] FTV mask from the pre-contrast, early and late phases (UCSF convention).
 
   ``roi``: boolean [D, H, W] VOI (None: the whole volume). As in the reference, neighbours are
@@ -52,7 +59,9 @@ def ftv_mask(pre: np.ndarray, early: np.ndarray, late: np.ndarray, *, roi: np.nd
   # PE >= threshold, multiplied out (S0 > 0) so that zero or negative S0 never divides.
   enhancing = (pre > 0) & (100.0 * washin >= pe_threshold * pre)
   candidates = background & enhancing
-  neighbours = ndimage.convolve(candidates.astype(np.uint8), _NEIGHBOURS, mode='constant', cval=0)
+  neighbours = ndimage.convolve(
+      candidates.astype(np.uint8), _NEIGHBOURS, mode='constant', cval=0
+  )
   ser_nonnegative = washin * (late - pre) >= 0
   return candidates & (neighbours >= min_neighbours) & ser_nonnegative & roi
 
@@ -74,7 +83,9 @@ def ftv_masks(record: dict) -> np.ndarray:
   images = np.asarray(record['images'])
   visit_mask = np.asarray(record['visit_mask'], bool)
   masks = np.asarray(record['tumor_mask'])
-  roi = geometry.grown_box(masks[0] == schema.TUMOUR, record['spacing_mm'], T0_BOX_MARGIN_MM)
+  roi = geometry.grown_box(
+      masks[0] == schema.TUMOUR, record['spacing_mm'], T0_BOX_MARGIN_MM
+  )
   roi = roi if roi.any() else None
   out = np.zeros(masks.shape, bool)
   for v in np.flatnonzero(visit_mask):

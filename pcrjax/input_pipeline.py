@@ -33,14 +33,28 @@ def load_source(data: ml_collections.ConfigDict, *, with_images: bool = True):
   `with_images=False` leaves `images` and `tumor_mask` undecoded (bytes): reading every patient's
   labels for the folds is then ~6x faster, as it skips decompressing the volumes.
   """
-  builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format='array_record')
+  builder = tfds.builder(
+      data.dataset, data_dir=data.data_dir or None, file_format='array_record'
+  )
   if not builder.is_prepared():
-    console.say(f'Building {data.dataset} into {builder.data_dir} (first use; later runs reuse'
-                ' it).')
-    builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
-        manual_dir=data.manual_dir or None))
-  decoders = None if with_images else {
-      'images': tfds.decode.SkipDecoding(), 'tumor_mask': tfds.decode.SkipDecoding()}
+    console.say(
+        f'Building {data.dataset} into {builder.data_dir} (first use; later runs reuse'
+        ' it).'
+    )
+    builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=data.manual_dir or None
+        ),
+    )
+  decoders = (
+      None
+      if with_images
+      else {
+          'images': tfds.decode.SkipDecoding(),
+          'tumor_mask': tfds.decode.SkipDecoding(),
+      }
+  )
   return builder.as_data_source(split='train', decoders=decoders)
 
 
@@ -63,11 +77,21 @@ class Cohort:
     """[N, NUM_CLINICAL] float32 (HR, HER2) status, 1 = positive: the networks' clinical inputs."""
     return schema.RECEPTORS[self.subtype]
 
-  def prediction_rows(self, rows: np.ndarray, probs: np.ndarray, fold: int) -> list[dict]:
+  def prediction_rows(
+      self, rows: np.ndarray, probs: np.ndarray, fold: int
+  ) -> list[dict]:
     """The predictions of source rows `rows`, in the run contract's schema."""
-    return [runs.prediction_row(patient_id=self.patient_id[r], label=self.pcr[r], prob=p,
-                                subtype=self.subtype_names[self.subtype[r]], fold=fold, arm=self.arm[r])
-            for r, p in zip(rows, probs)]
+    return [
+        runs.prediction_row(
+            patient_id=self.patient_id[r],
+            label=self.pcr[r],
+            prob=p,
+            subtype=self.subtype_names[self.subtype[r]],
+            fold=fold,
+            arm=self.arm[r],
+        )
+        for r, p in zip(rows, probs)
+    ]
 
 
 def read_cohort(source) -> Cohort:
@@ -75,13 +99,24 @@ def read_cohort(source) -> Cohort:
   fields = []
   for i in range(len(source)):
     r = source[i]
-    fields.append((text(r['patient_id']), r['pcr'], r['subtype'], text(r['arm']),
-                   np.asarray(r['visit_mask'], bool)))
+    fields.append(
+        (
+            text(r['patient_id']),
+            r['pcr'],
+            r['subtype'],
+            text(r['arm']),
+            np.asarray(r['visit_mask'], bool),
+        )
+    )
   patient_id, pcr, subtype, arm, visit_mask = zip(*fields)
   return Cohort(
-      patient_id=np.array(patient_id), pcr=np.array(pcr, np.int64),
-      subtype=np.array(subtype, np.int64), arm=np.array(arm), visit_mask=np.stack(visit_mask),
-      subtype_names=tuple(source.dataset_info.features['subtype'].names))
+      patient_id=np.array(patient_id),
+      pcr=np.array(pcr, np.int64),
+      subtype=np.array(subtype, np.int64),
+      arm=np.array(arm),
+      visit_mask=np.stack(visit_mask),
+      subtype_names=tuple(source.dataset_info.features['subtype'].names),
+  )
 
 
 _COHORTS: dict[tuple, Cohort] = {}
@@ -146,7 +181,9 @@ _FTV_FLOOR_CM3 = 0.1
 def visit_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """[*spatial, C] of one visit as `represent` gives it: the H x W MIP or the D x H x W crop."""
   d, h, w = (int(s) for s in data.crop_size)
-  return ((h, w) if data.representation == 'mip' else (d, h, w)) + (len(CHANNELS[data.channels]),)
+  return ((h, w) if data.representation == 'mip' else (d, h, w)) + (
+      len(CHANNELS[data.channels]),
+  )
 
 
 def kinetic_maps(images: np.ndarray) -> np.ndarray:
@@ -158,29 +195,42 @@ def kinetic_maps(images: np.ndarray) -> np.ndarray:
   pe_late = np.clip(late_gain / s0, *PE_RANGE)
   enhancing = washin >= ENHANCING_PE * s0
   # washin / SER_MAX floors the denominator: SER <= SER_MAX, and no division by zero or a negative.
-  ser = np.where(enhancing, washin / np.maximum(late_gain, np.maximum(washin, 1e-6) / SER_MAX), 0.0)
+  ser = np.where(
+      enhancing,
+      washin / np.maximum(late_gain, np.maximum(washin, 1e-6) / SER_MAX),
+      0.0,
+  )
   return np.stack([pe_early, pe_late, ser], axis=1)
 
 
-def to_channels(images: np.ndarray, channels: str = 'subtraction') -> np.ndarray:
+def to_channels(
+    images: np.ndarray, channels: str = 'subtraction'
+) -> np.ndarray:
   """[V, 3 phases, *spatial] (normalised) -> [V, *spatial, C], C = len(CHANNELS[channels])."""
   pre, early, late = images[:, 0], images[:, 1], images[:, 2]
   if channels == 'subtraction':
     return np.stack([pre, early - pre, late - pre], axis=-1)
-  return np.moveaxis(np.concatenate([pre[:, None], kinetic_maps(images)], axis=1), 1, -1)
+  return np.moveaxis(
+      np.concatenate([pre[:, None], kinetic_maps(images)], axis=1), 1, -1
+  )
 
 
-def tumour_kinetics(images: np.ndarray, ftv_voxels: np.ndarray, spacing_mm) -> np.ndarray:
+def tumour_kinetics(
+    images: np.ndarray, ftv_voxels: np.ndarray, spacing_mm
+) -> np.ndarray:
   """[V, NUM_KINETICS] per visit (KINETICS) from normalised images [V, 3, D, H, W] and the FTV voxels
   [V, D, H, W] (pcrjax.ftv.ftv_masks): what the I-SPY biomarker and the kinetic literature read,
   handed to the networks' head with `model.tumour_kinetics`. A visit without FTV voxels: the
   floored volume and zero kinetics."""
   maps = kinetic_maps(images)
   count = ftv_voxels.sum(axis=(1, 2, 3))
-  means = (maps * ftv_voxels[:, None]).sum(axis=(2, 3, 4)) / np.maximum(count, 1)[:, None]
+  means = (maps * ftv_voxels[:, None]).sum(axis=(2, 3, 4)) / np.maximum(
+      count, 1
+  )[:, None]
   cm3 = count * float(np.prod(np.asarray(spacing_mm, np.float64))) / 1000.0
-  return np.concatenate([np.log(np.maximum(cm3, _FTV_FLOOR_CM3))[:, None], means], axis=1).astype(
-      np.float32)
+  return np.concatenate(
+      [np.log(np.maximum(cm3, _FTV_FLOOR_CM3))[:, None], means], axis=1
+  ).astype(np.float32)
 
 
 def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -192,8 +242,14 @@ def tumour_centre(mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
   return fallback
 
 
-def represent(record: dict, *, time_points, representation: str, crop_size,
-              channels: str = 'subtraction') -> dict[str, np.ndarray]:
+def represent(
+    record: dict,
+    *,
+    time_points,
+    representation: str,
+    crop_size,
+    channels: str = 'subtraction',
+) -> dict[str, np.ndarray]:
   """One patient record -> {'images': [T, *spatial, C] float32, 'visit_mask': [T] bool, 'tumour':
   [T, *spatial] bool (the tumour voxels in the same crop: for display and attribution checks),
   'kinetics': [T, NUM_KINETICS] float32 (`tumour_kinetics`, from the whole volume)}.
@@ -206,7 +262,9 @@ def represent(record: dict, *, time_points, representation: str, crop_size,
   time_points = list(time_points)
   visit_mask = np.asarray(record['visit_mask'], bool)
   images = normalise(np.asarray(record['images'], np.float32), visit_mask)
-  kinetics = tumour_kinetics(images, ftv.ftv_masks(record), record['spacing_mm'])[time_points]
+  kinetics = tumour_kinetics(
+      images, ftv.ftv_masks(record), record['spacing_mm']
+  )[time_points]
   channels = to_channels(images, channels)[time_points]  # [T, D, H, W, C]
   masks = np.asarray(record['tumor_mask'])
   centre_t0 = tumour_centre(masks[0], (np.array(masks.shape[1:]) - 1) / 2)
@@ -214,17 +272,33 @@ def represent(record: dict, *, time_points, representation: str, crop_size,
   if representation == 'mip':
     size = (channels.shape[1],) + size[1:]
   centres = [tumour_centre(masks[t], centre_t0) for t in time_points]
-  crops = np.stack([geometry.crop(visit, c, size) for visit, c in zip(channels, centres)])
-  tumour = np.stack([geometry.crop(masks[t] == schema.TUMOUR, c, size)
-                     for t, c in zip(time_points, centres)])
+  crops = np.stack(
+      [geometry.crop(visit, c, size) for visit, c in zip(channels, centres)]
+  )
+  tumour = np.stack(
+      [
+          geometry.crop(masks[t] == schema.TUMOUR, c, size)
+          for t, c in zip(time_points, centres)
+      ]
+  )
   if representation == 'mip':
     crops, tumour = crops.max(axis=1), tumour.max(axis=1)
-  return {'images': crops.astype(np.float32), 'visit_mask': visit_mask[time_points], 'tumour': tumour,
-          'kinetics': kinetics}
+  return {
+      'images': crops.astype(np.float32),
+      'visit_mask': visit_mask[time_points],
+      'tumour': tumour,
+      'kinetics': kinetics,
+  }
 
 
-def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitter: float,
-            tumour: jax.Array | None = None):
+def augment(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    max_shift: int,
+    intensity_jitter: float,
+    tumour: jax.Array | None = None,
+):
   """A random left-right flip, in-plane shift and intensity scale per patient, the same for its visits.
 
   images: [B, T, *spatial, C], the two axes before the channels in-plane (H, W). Left-right flips are
@@ -250,7 +324,9 @@ def augment(images: jax.Array, key: jax.Array, *, max_shift: int, intensity_jitt
   return images, move(tumour[..., None])[..., 0]
 
 
-def _shift_in_plane(images: jax.Array, shift: jax.Array, *, max_shift: int) -> jax.Array:
+def _shift_in_plane(
+    images: jax.Array, shift: jax.Array, *, max_shift: int
+) -> jax.Array:
   """Translates the H, W axes (the two before the channels) by `shift`, |shift| <= max_shift, zero fill."""
   h, w = images.ndim - 3, images.ndim - 2
   pad = [(0, 0)] * images.ndim
@@ -269,31 +345,57 @@ class Augmentation:
 
 
 def augmentation(data: ml_collections.ConfigDict) -> Augmentation | None:
-  return Augmentation(int(data.max_shift), float(data.intensity_jitter)) if data.augment else None
+  return (
+      Augmentation(int(data.max_shift), float(data.intensity_jitter))
+      if data.augment
+      else None
+  )
 
 
-def device_batch(examples: dict[str, jax.Array], rows: jax.Array, key: jax.Array,
-                 augmentation: Augmentation | None) -> dict[str, jax.Array]:
+def device_batch(
+    examples: dict[str, jax.Array],
+    rows: jax.Array,
+    key: jax.Array,
+    augmentation: Augmentation | None,
+) -> dict[str, jax.Array]:
   """The training batch of `rows` (indices into `examples`), gathered and augmented on the device."""
-  names = ('images', 'visit_mask', 'clinical', 'kinetics', 'tumour', 'label', 'target',
-           'target_mask')
+  names = (
+      'images',
+      'visit_mask',
+      'clinical',
+      'kinetics',
+      'tumour',
+      'label',
+      'target',
+      'target_mask',
+  )
   batch = {name: examples[name][rows] for name in names if name in examples}
   if augmentation is not None:
     batch['images'], batch['tumour'] = augment(
-        batch['images'], key, max_shift=augmentation.max_shift,
-        intensity_jitter=augmentation.intensity_jitter, tumour=batch['tumour'])
+        batch['images'],
+        key,
+        max_shift=augmentation.max_shift,
+        intensity_jitter=augmentation.intensity_jitter,
+        tumour=batch['tumour'],
+    )
   return batch
 
 
-def epoch_batches(num_examples: int, *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_batches(
+    num_examples: int, *, batch_size: int, seed: int, epoch: int
+) -> np.ndarray:
   """[steps, batch_size] example indices of one epoch: shuffled, full batches; deterministic from
   (seed, epoch)."""
   if num_examples < batch_size:
-    raise ValueError(f'The training split has {num_examples} patients, fewer than'
-                     f' batch_size={batch_size}.')
-  order = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(num_examples)
+    raise ValueError(
+        f'The training split has {num_examples} patients, fewer than'
+        f' batch_size={batch_size}.'
+    )
+  order = np.random.default_rng(
+      np.random.SeedSequence([seed, epoch])
+  ).permutation(num_examples)
   steps = num_examples // batch_size
-  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+  return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
 # --- Examples: decoded and represented once per process. -----------------------------------------
@@ -308,8 +410,9 @@ class _Represent(grain.transforms.Map):
     return represent(self._source[int(row)], **self._kwargs)
 
 
-def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict
-                  ) -> dict[str, np.ndarray]:
+def load_examples(
+    source, cohort: Cohort, rows: np.ndarray, data: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
   """The model inputs of source rows `rows`, stacked: images, visit_mask, kinetics, tumour, clinical,
   label, row.
 
@@ -318,15 +421,23 @@ def load_examples(source, cohort: Cohort, rows: np.ndarray, data: ml_collections
   volumes, decoding dominates an epoch on a CPU, and a protocol's trainings all read the same
   patients.
   """
-  represented = _represented(source, int(data.read_threads), representation=data.representation,
-                             crop_size=tuple(int(s) for s in data.crop_size), channels=data.channels)
+  represented = _represented(
+      source,
+      int(data.read_threads),
+      representation=data.representation,
+      crop_size=tuple(int(s) for s in data.crop_size),
+      channels=data.channels,
+  )
   rows, visits = np.asarray(rows), list(data.time_points)
-  return {'images': represented['images'][rows][:, visits],
-          'visit_mask': represented['visit_mask'][rows][:, visits],
-          'kinetics': represented['kinetics'][rows][:, visits],
-          'tumour': represented['tumour'][rows][:, visits],
-          'clinical': cohort.receptors[rows], 'label': cohort.pcr[rows].astype(np.int32),
-          'row': rows.astype(np.int32)}
+  return {
+      'images': represented['images'][rows][:, visits],
+      'visit_mask': represented['visit_mask'][rows][:, visits],
+      'kinetics': represented['kinetics'][rows][:, visits],
+      'tumour': represented['tumour'][rows][:, visits],
+      'clinical': cohort.receptors[rows],
+      'label': cohort.pcr[rows].astype(np.int32),
+      'row': rows.astype(np.int32),
+  }
 
 
 _REPRESENTED: dict[tuple, dict[str, np.ndarray]] = {}
@@ -334,12 +445,19 @@ _REPRESENTED: dict[tuple, dict[str, np.ndarray]] = {}
 
 def _represented(source, read_threads: int, **kwargs) -> dict[str, np.ndarray]:
   """`represent` of every visit of every row of `source`, memoised on the built dataset (its directory
-  and split) and the representation; one is kept at a time (a 3D cohort takes a few hundred MB)."""
+  and split) and the representation; one is kept at a time (a 3D cohort takes a few hundred MB).
+  """
   key = _built_split(source) + (tuple(sorted(kwargs.items())),)
   kwargs['time_points'] = tuple(range(schema.NUM_VISITS))
   if key not in _REPRESENTED:
-    ds = grain.MapDataset.source(np.arange(len(source))).map(_Represent(source, kwargs))
-    examples = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)))
+    ds = grain.MapDataset.source(np.arange(len(source))).map(
+        _Represent(source, kwargs)
+    )
+    examples = list(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+    )
     _REPRESENTED.clear()
-    _REPRESENTED[key] = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+    _REPRESENTED[key] = {
+        name: np.stack([e[name] for e in examples]) for name in examples[0]
+    }
   return _REPRESENTED[key]

@@ -20,7 +20,6 @@ import ml_collections
 
 from pcrjax import input_pipeline, ops
 
-
 NORMALIZATIONS = ('none', 'group')
 # How every convolution is computed: 'native' (lax.conv_general_dilated), 'patches' (ops.PatchesConv),
 # or 'auto': patches on the CPU backend, native elsewhere (cuDNN and TPU convolutions are fast).
@@ -35,9 +34,15 @@ def resolve_conv(conv: str) -> str:
   return conv
 
 
-def _conv_general_dilated(conv: str, max_patch_bytes: int, devices: int) -> ops.PatchesConv | None:
+def _conv_general_dilated(
+    conv: str, max_patch_bytes: int, devices: int
+) -> ops.PatchesConv | None:
   """nn.Conv's `conv_general_dilated` for `conv`: an ops.PatchesConv, or None (flax's own)."""
-  return ops.PatchesConv(max_patch_bytes, devices) if resolve_conv(conv) == 'patches' else None
+  return (
+      ops.PatchesConv(max_patch_bytes, devices)
+      if resolve_conv(conv) == 'patches'
+      else None
+  )
 
 
 _ENCODER_KERNEL = 3
@@ -48,12 +53,18 @@ def _encoder_layers(features: Sequence[int]) -> list[tuple[int, int]]:
   return [(f, 1 if i == 0 else 2) for i, f in enumerate(features)]
 
 
-def _encoder_patches_per_image(image_shape: Sequence[int], features: Sequence[int]) -> int:
+def _encoder_patches_per_image(
+    image_shape: Sequence[int], features: Sequence[int]
+) -> int:
   """The most patch elements one of VisitEncoder's layers gathers for one [*spatial, C] image."""
   spatial, channels, largest = image_shape[:-1], image_shape[-1], 0
   for layer_features, stride in _encoder_layers(features):
-    spatial = [-(-size // stride) for size in spatial]  # 'SAME': ceil(size / stride).
-    largest = max(largest, math.prod(spatial) * _ENCODER_KERNEL ** len(spatial) * channels)
+    spatial = [
+        -(-size // stride) for size in spatial
+    ]  # 'SAME': ceil(size / stride).
+    largest = max(
+        largest, math.prod(spatial) * _ENCODER_KERNEL ** len(spatial) * channels
+    )
     channels = layer_features
   return largest
 
@@ -69,7 +80,9 @@ class VisitEncoder(nn.Module):
 
   features: Sequence[int]
   normalization: str = 'none'
-  patches: ops.PatchesConv | None = None  # How the convolutions are computed (None: natively).
+  patches: ops.PatchesConv | None = (
+      None  # How the convolutions are computed (None: natively).
+  )
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -77,9 +90,14 @@ class VisitEncoder(nn.Module):
     """x: [N, *spatial, C] -> [N, *spatial / 2**(len(features) - 1), features[-1]]."""
     spatial_dims = x.ndim - 2
     for features, stride in _encoder_layers(self.features):
-      x = nn.Conv(features, (_ENCODER_KERNEL,) * spatial_dims, strides=(stride,) * spatial_dims,
-                  use_bias=self.normalization == 'none', dtype=self.dtype,
-                  conv_general_dilated=self.patches)(x)
+      x = nn.Conv(
+          features,
+          (_ENCODER_KERNEL,) * spatial_dims,
+          strides=(stride,) * spatial_dims,
+          use_bias=self.normalization == 'none',
+          dtype=self.dtype,
+          conv_general_dilated=self.patches,
+      )(x)
       if self.normalization == 'group':
         x = nn.GroupNorm(num_groups=min(8, features), dtype=self.dtype)(x)
       x = nn.relu(x)
@@ -103,15 +121,24 @@ def encode_visits(x: jax.Array, *, name: str, **encoder_fields) -> jax.Array:
   """
   num_images, patches = x.shape[0], encoder_fields.get('patches')
   if patches is not None:
-    image_bytes = _encoder_patches_per_image(x.shape[1:], encoder_fields['features']) * x.dtype.itemsize
+    image_bytes = (
+        _encoder_patches_per_image(x.shape[1:], encoder_fields['features'])
+        * x.dtype.itemsize
+    )
     chunk = patches.examples_per_chunk(num_images, image_bytes)
   else:
     chunk = num_images
   if chunk == num_images:
     return VisitEncoder(**encoder_fields, name=name)(x)
-  scanned = nn.scan(nn.remat(_EncoderChunk), variable_broadcast='params', split_rngs={'params': False},
-                    length=num_images // chunk)
-  _, out = scanned(**encoder_fields, name=name)(None, x.reshape((-1, chunk) + x.shape[1:]))
+  scanned = nn.scan(
+      nn.remat(_EncoderChunk),
+      variable_broadcast='params',
+      split_rngs={'params': False},
+      length=num_images // chunk,
+  )
+  _, out = scanned(**encoder_fields, name=name)(
+      None, x.reshape((-1, chunk) + x.shape[1:])
+  )
   return out.reshape((num_images,) + out.shape[2:])
 
 
@@ -128,17 +155,28 @@ class ConvLSTM(nn.Module):
 
   features: int
   kernel_size: Sequence[int]
-  patches: ops.PatchesConv | None = None  # How the convolutions are computed (None: natively).
+  patches: ops.PatchesConv | None = (
+      None  # How the convolutions are computed (None: natively).
+  )
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, visit_mask: jax.Array) -> jax.Array:
     """x: [B, T, *spatial, C], visit_mask: [B, T] -> hidden states [B, T, *spatial, features]."""
-    conv = functools.partial(nn.Conv, 4 * self.features, self.kernel_size, dtype=self.dtype,
-                             conv_general_dilated=self.patches)
-    input_gates = conv(name='ih')(x)  # nn.Conv folds the visit axis into the batch.
+    conv = functools.partial(
+        nn.Conv,
+        4 * self.features,
+        self.kernel_size,
+        dtype=self.dtype,
+        conv_general_dilated=self.patches,
+    )
+    input_gates = conv(name='ih')(
+        x
+    )  # nn.Conv folds the visit axis into the batch.
     hidden_gates = conv(use_bias=False, name='hh')
-    c = h = jnp.zeros(x.shape[:1] + x.shape[2:-1] + (self.features,), self.dtype)
+    c = h = jnp.zeros(
+        x.shape[:1] + x.shape[2:-1] + (self.features,), self.dtype
+    )
     hidden = []
     for visit in range(x.shape[1]):
       gates = input_gates[:, visit] + (hidden_gates(h) if visit else 0)
@@ -161,8 +199,10 @@ def kinetics_features(kinetics: jax.Array, visit_mask: jax.Array) -> jax.Array:
   """
   present = visit_mask.astype(kinetics.dtype)[..., None]
   change = (kinetics[:, 1:] - kinetics[:, :1]) * present[:, 1:]
-  return jnp.concatenate([kinetics[:, 0], change.reshape(change.shape[0], -1),
-                          present[:, 1:, 0]], axis=-1)
+  return jnp.concatenate(
+      [kinetics[:, 0], change.reshape(change.shape[0], -1), present[:, 1:, 0]],
+      axis=-1,
+  )
 
 
 def receptor_cells(clinical: jax.Array) -> jax.Array:
@@ -173,20 +213,29 @@ def receptor_cells(clinical: jax.Array) -> jax.Array:
   worst: not additive).
   """
   num = clinical.shape[-1]
-  cells = [math.prod(clinical[..., k] if c >> k & 1 else 1 - clinical[..., k] for k in range(num))
-           for c in range(2 ** num)]
+  cells = [
+      math.prod(
+          clinical[..., k] if c >> k & 1 else 1 - clinical[..., k]
+          for k in range(num)
+      )
+      for c in range(2**num)
+  ]
   return jnp.stack(cells, axis=-1)
 
 
 POOLINGS = ('mean', 'tumour')
 
 
-def tumour_weights(tumour: jax.Array, spatial: Sequence[int], floor: float = 0.01) -> jax.Array:
+def tumour_weights(
+    tumour: jax.Array, spatial: Sequence[int], floor: float = 0.01
+) -> jax.Array:
   """[B, T, *input spatial] tumour masks -> [B, *spatial] pooling weights: the share of each
   position of the ConvLSTM's grid covered by the tumour at any visit, plus `floor` (so that a
   patient whose mask is empty pools every position alike, as 'mean' does)."""
   footprint = tumour.astype(jnp.float32).max(axis=1)
-  share = jax.image.resize(footprint, footprint.shape[:1] + tuple(spatial), 'linear', antialias=True)
+  share = jax.image.resize(
+      footprint, footprint.shape[:1] + tuple(spatial), 'linear', antialias=True
+  )
   return jnp.clip(share, 0.0, 1.0) + floor
 
 
@@ -213,7 +262,9 @@ class PCRNet(nn.Module):
   kernel_size: int = 3
   dropout_rate: float = 0.0
   feature_dim: int = 0  # > 0: add the feature-regression head (the student).
-  reads_prediction: bool = False  # The pCR head also reads the feature head's prediction.
+  reads_prediction: bool = (
+      False  # The pCR head also reads the feature head's prediction.
+  )
   clinical_inputs: bool = False
   tumour_kinetics: bool = True
   pooling: str = 'mean'
@@ -224,22 +275,42 @@ class PCRNet(nn.Module):
   dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, images: jax.Array, visit_mask: jax.Array, clinical: jax.Array,
-               kinetics: jax.Array | None = None, tumour: jax.Array | None = None, *,
-               train: bool) -> dict[str, Any]:
+  def __call__(
+      self,
+      images: jax.Array,
+      visit_mask: jax.Array,
+      clinical: jax.Array,
+      kinetics: jax.Array | None = None,
+      tumour: jax.Array | None = None,
+      *,
+      train: bool,
+  ) -> dict[str, Any]:
     """images: [B, T, *spatial, C]; visit_mask: [B, T] bool; clinical: [B, K] (read only with
     `clinical_inputs`); kinetics: [B, T, NUM_KINETICS] (read only with `tumour_kinetics`); tumour:
-    [B, T, *spatial] masks in the images' crops (read only with `pooling='tumour'`)."""
+    [B, T, *spatial] masks in the images' crops (read only with `pooling='tumour'`).
+    """
     batch, visits = images.shape[:2]
     dtype = jnp.dtype(self.dtype)
-    patches = _conv_general_dilated(self.conv, self.max_patch_bytes, self.devices)
-    encoded = encode_visits(images.reshape((batch * visits,) + images.shape[2:]).astype(dtype),
-                            features=self.encoder_features, normalization=self.normalization,
-                            patches=patches, dtype=dtype, name='encoder')
+    patches = _conv_general_dilated(
+        self.conv, self.max_patch_bytes, self.devices
+    )
+    encoded = encode_visits(
+        images.reshape((batch * visits,) + images.shape[2:]).astype(dtype),
+        features=self.encoder_features,
+        normalization=self.normalization,
+        patches=patches,
+        dtype=dtype,
+        name='encoder',
+    )
     encoded = encoded.reshape((batch, visits) + encoded.shape[1:])
     spatial_dims = encoded.ndim - 3
-    hidden = ConvLSTM(self.lstm_features, (self.kernel_size,) * spatial_dims, patches=patches,
-                      dtype=dtype, name='convlstm')(encoded, visit_mask)
+    hidden = ConvLSTM(
+        self.lstm_features,
+        (self.kernel_size,) * spatial_dims,
+        patches=patches,
+        dtype=dtype,
+        name='convlstm',
+    )(encoded, visit_mask)
     last = hidden[:, -1].astype(jnp.float32)
     space = tuple(range(1, 1 + spatial_dims))
     if self.pooling == 'tumour':
@@ -256,15 +327,27 @@ class PCRNet(nn.Module):
     logit = nn.Dense(1, name='pcr_head')(head_input)[:, 0]
     if self.clinical_inputs:
       cells = receptor_cells(clinical.astype(jnp.float32))
-      logit += nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
-                        name='subtype_offset')(cells)[:, 0]
+      logit += nn.Dense(
+          1,
+          use_bias=False,
+          kernel_init=nn.initializers.zeros,
+          name='subtype_offset',
+      )(cells)[:, 0]
     outputs = {'latent': latent}
     if self.feature_dim:
       x = nn.relu(nn.Dense(self.lstm_features, name='feature_hidden')(seen))
-      outputs['feature_pred'] = nn.Dense(self.feature_dim, name='feature_head')(x)
-      if self.reads_prediction:  # The predicted T2 (standardised: unit scale), read from 0.
-        logit += nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
-                          name='prediction_head')(outputs['feature_pred'])[:, 0]
+      outputs['feature_pred'] = nn.Dense(self.feature_dim, name='feature_head')(
+          x
+      )
+      if (
+          self.reads_prediction
+      ):  # The predicted T2 (standardised: unit scale), read from 0.
+        logit += nn.Dense(
+            1,
+            use_bias=False,
+            kernel_init=nn.initializers.zeros,
+            name='prediction_head',
+        )(outputs['feature_pred'])[:, 0]
     outputs['logit'] = logit
     return outputs
 
@@ -272,38 +355,60 @@ class PCRNet(nn.Module):
 # --- A run's network. -----------------------------------------------------------------------------
 
 
-def build(config: ml_collections.ConfigDict, feature_dim: int = 0, *, devices: int = 1) -> PCRNet:
+def build(
+    config: ml_collections.ConfigDict, feature_dim: int = 0, *, devices: int = 1
+) -> PCRNet:
   """The network of `config.model`; feature_dim > 0 adds the student's feature head (and, with
   `dual_task.reads_prediction`, its read by the pCR head); `devices`: those its batches are split
   over."""
   m = config.model
-  return _network(encoder_features=tuple(m.encoder_features), lstm_features=m.lstm_features,
-                  kernel_size=m.kernel_size, dropout_rate=m.dropout_rate, feature_dim=feature_dim,
-                  reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
-                  clinical_inputs=m.clinical_inputs, tumour_kinetics=m.tumour_kinetics,
-                  pooling=m.pooling, normalization=m.normalization, conv=m.conv, devices=devices,
-                  dtype=m.dtype)
+  return _network(
+      encoder_features=tuple(m.encoder_features),
+      lstm_features=m.lstm_features,
+      kernel_size=m.kernel_size,
+      dropout_rate=m.dropout_rate,
+      feature_dim=feature_dim,
+      reads_prediction=bool(feature_dim) and config.dual_task.reads_prediction,
+      clinical_inputs=m.clinical_inputs,
+      tumour_kinetics=m.tumour_kinetics,
+      pooling=m.pooling,
+      normalization=m.normalization,
+      conv=m.conv,
+      devices=devices,
+      dtype=m.dtype,
+  )
 
 
 @functools.cache
 def _network(**fields) -> PCRNet:
   """One instance per architecture in a process: a jitted step takes the model's `apply` (and the
   optimizer) as static arguments, so the protocol's trainings of one network share its compiled
-  step and evaluation only if they share these objects (otherwise each training retraces them)."""
+  step and evaluation only if they share these objects (otherwise each training retraces them).
+  """
   return PCRNet(**fields)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'input_shape'))
 def init_params(model: PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
   """input_shape: [T, *spatial, C] of one patient. Jitted: one compilation (kept by the persistent
-  cache) instead of one per initialiser and layer, slow eagerly on a CPU; the same values."""
+  cache) instead of one per initialiser and layer, slow eagerly on a CPU; the same values.
+  """
   images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   visit_mask = jnp.ones((1, input_shape[0]), bool)
   clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
-  kinetics = jnp.zeros((1, input_shape[0], input_pipeline.NUM_KINETICS), jnp.float32)
+  kinetics = jnp.zeros(
+      (1, input_shape[0], input_pipeline.NUM_KINETICS), jnp.float32
+  )
   tumour = jnp.zeros(images.shape[:-1], bool)
-  return model.init({'params': rng}, images, visit_mask, clinical, kinetics, tumour,
-                    train=False)['params']
+  return model.init(
+      {'params': rng},
+      images,
+      visit_mask,
+      clinical,
+      kinetics,
+      tumour,
+      train=False,
+  )['params']
 
 
 def patient_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -313,5 +418,7 @@ def patient_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def abstract_params(model: PCRNet, input_shape: tuple[int, ...]):
   """The shapes and dtypes of the model's params, computing nothing: what a checkpoint restores into."""
-  return jax.eval_shape(functools.partial(init_params, model, input_shape=tuple(input_shape)),
-                        jax.random.key(0))
+  return jax.eval_shape(
+      functools.partial(init_params, model, input_shape=tuple(input_shape)),
+      jax.random.key(0),
+  )

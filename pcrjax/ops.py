@@ -42,27 +42,60 @@ class PatchesConv:
   max_patch_bytes: int
   devices: int
 
-  def __call__(self, lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-               dimension_numbers=None, feature_group_count=1, precision=None):
+  def __call__(
+      self,
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      *,
+      lhs_dilation=None,
+      rhs_dilation=None,
+      dimension_numbers=None,
+      feature_group_count=1,
+      precision=None,
+  ):
     spatial_dims = lhs.ndim - 2
-    if (feature_group_count != 1 or any(d != 1 for d in lhs_dilation or ())
-        or any(d != 1 for d in rhs_dilation or ())):
-      raise ValueError('PatchesConv supports neither dilation nor feature groups.')
+    if (
+        feature_group_count != 1
+        or any(d != 1 for d in lhs_dilation or ())
+        or any(d != 1 for d in rhs_dilation or ())
+    ):
+      raise ValueError(
+          'PatchesConv supports neither dilation nor feature groups.'
+      )
     kernel_size = rhs.shape[:spatial_dims]
     if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs.shape[1:-1], kernel_size, window_strides, padding)
-    out_shape = [(size + sum(pad) - k) // s + 1
-                 for size, pad, k, s in zip(lhs.shape[1:-1], padding, kernel_size, window_strides)]
-    example_patch_bytes = math.prod(out_shape) * math.prod(rhs.shape[:-1]) * lhs.dtype.itemsize
+      padding = lax.padtype_to_pads(
+          lhs.shape[1:-1], kernel_size, window_strides, padding
+      )
+    out_shape = [
+        (size + sum(pad) - k) // s + 1
+        for size, pad, k, s in zip(
+            lhs.shape[1:-1], padding, kernel_size, window_strides
+        )
+    ]
+    example_patch_bytes = (
+        math.prod(out_shape) * math.prod(rhs.shape[:-1]) * lhs.dtype.itemsize
+    )
     chunk = self.examples_per_chunk(lhs.shape[0], example_patch_bytes)
-    product = functools.partial(_patches_product, rhs=rhs, window_strides=window_strides,
-                                padding=padding, precision=precision)
+    product = functools.partial(
+        _patches_product,
+        rhs=rhs,
+        window_strides=window_strides,
+        padding=padding,
+        precision=precision,
+    )
     if chunk == lhs.shape[0]:
       return product(lhs)
-    out = lax.map(jax.checkpoint(product), lhs.reshape((-1, chunk) + lhs.shape[1:]))
+    out = lax.map(
+        jax.checkpoint(product), lhs.reshape((-1, chunk) + lhs.shape[1:])
+    )
     return out.reshape((lhs.shape[0],) + out.shape[2:])
 
-  def examples_per_chunk(self, num_examples: int, example_patch_bytes: int) -> int:
+  def examples_per_chunk(
+      self, num_examples: int, example_patch_bytes: int
+  ) -> int:
     """The largest divisor of num_examples whose patches fit max_patch_bytes (at least 1); all of
     them on several devices.
 
@@ -71,7 +104,11 @@ class PatchesConv:
     if self.devices > 1:
       return num_examples
     limit = max(1, self.max_patch_bytes // example_patch_bytes)
-    return max(d for d in range(1, min(num_examples, limit) + 1) if num_examples % d == 0)
+    return max(
+        d
+        for d in range(1, min(num_examples, limit) + 1)
+        if num_examples % d == 0
+    )
 
 
 def _patches_product(lhs, *, rhs, window_strides, padding, precision):
@@ -87,23 +124,38 @@ def _patches_product(lhs, *, rhs, window_strides, padding, precision):
   kernel_size = rhs.shape[:spatial_dims]
   x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
   last, features = spatial_dims - 1, rhs.shape[-1]
-  block = 2 if window_strides[last] == 1 and math.prod(rhs.shape[:-1]) < MIN_PATCH_ROW else 1
+  block = (
+      2
+      if window_strides[last] == 1 and math.prod(rhs.shape[:-1]) < MIN_PATCH_ROW
+      else 1
+  )
   if block > 1:
     k = kernel_size[last]
     out_last = x.shape[last + 1] - k + 1
     blocks = -(-out_last // block)
-    x = jnp.pad(x, [(0, 0)] * (last + 1) + [(0, blocks * block - out_last), (0, 0)])
+    x = jnp.pad(
+        x, [(0, 0)] * (last + 1) + [(0, blocks * block - out_last), (0, 0)]
+    )
     x = _shifted_copies(x, k + block - 1, block, last)
     # Output p of a block reads taps p .. p + k - 1 of its k + block - 1.
     no_pad = [(0, 0)] * rhs.ndim
-    rhs = jnp.stack([jnp.pad(rhs, no_pad[:last] + [(p, block - 1 - p)] + no_pad[:2]) for p in range(block)],
-                    axis=-2)
+    rhs = jnp.stack(
+        [
+            jnp.pad(rhs, no_pad[:last] + [(p, block - 1 - p)] + no_pad[:2])
+            for p in range(block)
+        ],
+        axis=-2,
+    )
   # Innermost axis first: the channels end up ordered (k_0, ..., k_{d-1}, C), the kernel's row order.
   for axis in reversed(range(last if block > 1 else spatial_dims)):
     x = _shifted_copies(x, kernel_size[axis], window_strides[axis], axis)
   # A 2D product: its kernel gradient is then one [K, M] x [M, F] product, which XLA:CPU runs
   # faster than a contraction of the N-D patches over all their leading axes.
-  out = jnp.dot(x.reshape(-1, x.shape[-1]), rhs.reshape(-1, block * features), precision=precision)
+  out = jnp.dot(
+      x.reshape(-1, x.shape[-1]),
+      rhs.reshape(-1, block * features),
+      precision=precision,
+  )
   out = out.reshape(x.shape[:-2] + (x.shape[-2] * block, features))
   return lax.slice_in_dim(out, 0, out_last, axis=last + 1) if block > 1 else out
 
@@ -115,5 +167,8 @@ def _shifted_copies(x, taps: int, stride: int, axis: int):
   on the channel axis, which XLA:CPU fuses less well.
   """
   out = (x.shape[axis + 1] - taps) // stride + 1
-  copies = [lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis=axis + 1) for i in range(taps)]
+  copies = [
+      lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis=axis + 1)
+      for i in range(taps)
+  ]
   return jnp.stack(copies, axis=-2).reshape(copies[0].shape[:-1] + (-1,))

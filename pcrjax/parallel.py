@@ -30,8 +30,14 @@ def _platform() -> tuple[str, int]:
   coordinator itself must not take the accelerators' memory."""
   code = 'import jax, json; print(json.dumps([jax.default_backend(), jax.local_device_count()]))'
   env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                       check=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      env=env,
+      check=True,
+      timeout=300,
+  )
   platform, count = json.loads(out.stdout.strip().splitlines()[-1])
   return platform, count
 
@@ -40,20 +46,35 @@ def child_environments(num_parallel: int) -> list[dict[str, str]]:
   """One environment per slot: on GPUs, its own share of them; elsewhere the parent's."""
   platform, count = _platform()
   if platform == 'tpu':
-    raise ValueError('protocol.parallel_trainings > 1: a TPU host runs one process; keep it at 1'
-                     ' (its trainings then use every TPU core).')
+    raise ValueError(
+        'protocol.parallel_trainings > 1: a TPU host runs one process; keep it at 1'
+        ' (its trainings then use every TPU core).'
+    )
   if platform != 'gpu':
     return [dict(os.environ) for _ in range(num_parallel)]
   if count < num_parallel:
-    raise ValueError(f'protocol.parallel_trainings={num_parallel} needs as many GPUs; {count}'
-                     ' found.')
-  visible = os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(map(str, range(count)))).split(',')
+    raise ValueError(
+        f'protocol.parallel_trainings={num_parallel} needs as many GPUs; {count}'
+        ' found.'
+    )
+  visible = os.environ.get(
+      'CUDA_VISIBLE_DEVICES', ','.join(map(str, range(count)))
+  ).split(',')
   share = count // num_parallel
-  return [{**os.environ, 'CUDA_VISIBLE_DEVICES': ','.join(visible[s * share:(s + 1) * share])}
-          for s in range(num_parallel)]
+  return [
+      {
+          **os.environ,
+          'CUDA_VISIBLE_DEVICES': ','.join(
+              visible[s * share : (s + 1) * share]
+          ),
+      }
+      for s in range(num_parallel)
+  ]
 
 
-def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -> Iterator[int]:
+def run_tasks(
+    workdir: str, num_tasks: int, num_folds: int, num_parallel: int
+) -> Iterator[int]:
   """Runs tasks 0..num_tasks-1 (task = repeat * num_folds + fold), at most `num_parallel` at once;
   yields each one as it finishes.
 
@@ -62,19 +83,35 @@ def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -
   """
   slots = child_environments(num_parallel)
   cache = jax.config.jax_compilation_cache_dir
-  pending, running = list(range(num_tasks)), {}  # slot -> (task, process, log file)
+  pending, running = (
+      list(range(num_tasks)),
+      {},
+  )  # slot -> (task, process, log file)
   try:
     while pending or running:
-      for slot in [s for s in range(num_parallel) if s not in running][:len(pending)]:
+      for slot in [s for s in range(num_parallel) if s not in running][
+          : len(pending)
+      ]:
         task = pending.pop(0)
         directory = runs.task_dir(workdir, *divmod(task, num_folds))
         os.makedirs(directory, exist_ok=True)
         log = open(os.path.join(directory, runs.LOG_FILE), 'a')
-        command = [sys.executable, '-m', 'pcrjax.main', f'--config=workdir:{workdir}',
-                   f'--workdir={workdir}', f'--config.protocol.task={task}',
-                   f'--compilation_cache={cache or ""}']
-        running[slot] = (task, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                env=slots[slot]), log)
+        command = [
+            sys.executable,
+            '-m',
+            'pcrjax.main',
+            f'--config=workdir:{workdir}',
+            f'--workdir={workdir}',
+            f'--config.protocol.task={task}',
+            f'--compilation_cache={cache or ""}',
+        ]
+        running[slot] = (
+            task,
+            subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=slots[slot]
+            ),
+            log,
+        )
       for slot, (task, process, log) in list(running.items()):
         if process.poll() is None:
           continue
@@ -83,7 +120,9 @@ def run_tasks(workdir: str, num_tasks: int, num_folds: int, num_parallel: int) -
         if process.returncode:
           with open(log.name) as f:
             last = (f.read().strip().splitlines() or ['(no output)'])[-1]
-          raise TaskFailed(f'Protocol task {task} failed: {last} (its log: {log.name})')
+          raise TaskFailed(
+              f'Protocol task {task} failed: {last} (its log: {log.name})'
+          )
         yield task
       time.sleep(0.2)
   finally:

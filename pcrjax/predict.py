@@ -15,12 +15,29 @@ from pcrjax.inference import serving
 from tfds_ispy2.ispy2 import tcia
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', None, 'An exported model directory (python -m pcrjax.export).')
-flags.DEFINE_string('dicom', None, "One patient's DICOM folder (T0 and T1 studies), or a folder of patients.")
-flags.DEFINE_string('record', None, 'DATASET:PATIENT_ID of a built TFDS dataset, instead of --dicom.')
+flags.DEFINE_string(
+    'model', None, 'An exported model directory (python -m pcrjax.export).'
+)
+flags.DEFINE_string(
+    'dicom',
+    None,
+    "One patient's DICOM folder (T0 and T1 studies), or a folder of patients.",
+)
+flags.DEFINE_string(
+    'record',
+    None,
+    'DATASET:PATIENT_ID of a built TFDS dataset, instead of --dicom.',
+)
 flags.DEFINE_string('data_dir', '', 'The TFDS data_dir of --record.')
-flags.DEFINE_enum('hr', None, ['0', '1'], 'Hormone-receptor status (models with clinical inputs).')
-flags.DEFINE_enum('her2', None, ['0', '1'], 'HER2 status (models with clinical inputs).')
+flags.DEFINE_enum(
+    'hr',
+    None,
+    ['0', '1'],
+    'Hormone-receptor status (models with clinical inputs).',
+)
+flags.DEFINE_enum(
+    'her2', None, ['0', '1'], 'HER2 status (models with clinical inputs).'
+)
 flags.DEFINE_string('out', None, 'Output folder.')
 
 
@@ -31,28 +48,38 @@ def main(argv):
   console.setup()
   hr = None if FLAGS.hr is None else int(FLAGS.hr)
   her2 = None if FLAGS.her2 is None else int(FLAGS.her2)
-  with (fileio.exit_in_one_line_if_disk_full(),
-        console.one_line_errors(FileNotFoundError, ValueError, tcia.Skip)):
+  with (
+      fileio.exit_in_one_line_if_disk_full(),
+      console.one_line_errors(FileNotFoundError, ValueError, tcia.Skip),
+  ):
     ensemble = serving.load_model(FLAGS.model)
     if FLAGS.record:
-      patient = serving.read_record_patient(FLAGS.record, ensemble, data_dir=FLAGS.data_dir, hr=hr,
-                                            her2=her2)
+      patient = serving.read_record_patient(
+          FLAGS.record, ensemble, data_dir=FLAGS.data_dir, hr=hr, her2=her2
+      )
     else:
       patients, _ = tcia.discover(FLAGS.dicom)
       if len(patients) > 1:
-        rows = serving.predict_folder(patients, ensemble, FLAGS.out, hr=hr, her2=her2)
+        rows = serving.predict_folder(
+            patients, ensemble, FLAGS.out, hr=hr, her2=her2
+        )
         failed = sum(r['status'] != 'ok' for r in rows)
-        print(f'{len(rows) - failed} of {len(rows)} patients predicted;'
-              f' {runs.BATCH_PREDICTIONS_FILE} in {FLAGS.out}')
+        print(
+            f'{len(rows) - failed} of {len(rows)} patients predicted;'
+            f' {runs.BATCH_PREDICTIONS_FILE} in {FLAGS.out}'
+        )
         return
       if not patients:
         raise ValueError(f'{FLAGS.dicom}: no patient with a DCE series found.')
-      patient = serving.read_dicom_patient(next(iter(patients.values())), ensemble, hr=hr,
-                                           her2=her2)
+      patient = serving.read_dicom_patient(
+          next(iter(patients.values())), ensemble, hr=hr, her2=her2
+      )
     result = serving.predict_patient(patient, ensemble)
     serving.write_outputs(FLAGS.out, result, patient, ensemble)
-  print(f"{result['patient_id']}: pCR probability {result['probability']:.3f}"
-        f" (sd {result['spread']['sd']:.3f}); {FLAGS.out}/{runs.PREDICTION_PAGE_FILE}")
+  print(
+      f"{result['patient_id']}: pCR probability {result['probability']:.3f}"
+      f" (sd {result['spread']['sd']:.3f}); {FLAGS.out}/{runs.PREDICTION_PAGE_FILE}"
+  )
 
 
 if __name__ == '__main__':

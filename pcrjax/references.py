@@ -36,7 +36,9 @@ _KTRANS_FLOOR_PER_MIN = 1e-3
 
 def logistic_model():
   """Median imputation (a missing T1), standardisation, L2 logistic regression: deterministic."""
-  return make_pipeline(SimpleImputer(strategy='median'), StandardScaler(), LogisticRegression())
+  return make_pipeline(
+      SimpleImputer(strategy='median'), StandardScaler(), LogisticRegression()
+  )
 
 
 def _phantom_truths(data: ml_collections.ConfigDict, patient_ids):
@@ -48,9 +50,11 @@ def _phantom_truths(data: ml_collections.ConfigDict, patient_ids):
   try:
     truths = builder.info.metadata[phantom.ORACLE_TRUTH]
   except KeyError:
-    raise ValueError(f'{data.dataset} in {builder.data_dir} holds no phantom truth (no'
-                     f' {phantom.ORACLE_TRUTH!r} in its metadata.json): delete that folder, and'
-                     ' the next run builds it again with the truth.') from None
+    raise ValueError(
+        f'{data.dataset} in {builder.data_dir} holds no phantom truth (no'
+        f' {phantom.ORACLE_TRUTH!r} in its metadata.json): delete that folder, and'
+        ' the next run builds it again with the truth.'
+    ) from None
   return builder.builder_config.phantom, [truths[pid] for pid in patient_ids]
 
 
@@ -66,13 +70,18 @@ def truth_table(truths: Sequence[dict], transfer: bool) -> np.ndarray:
   for row, t in enumerate(truths):
     for visit in (0, 1):
       if t['tumor_volume_mm3'][visit] is not None:
-        truth[row, [visit, 2 + visit]] = t['tumor_volume_mm3'][visit], t['ktrans_per_min'][visit]
+        truth[row, [visit, 2 + visit]] = (
+            t['tumor_volume_mm3'][visit],
+            t['ktrans_per_min'][visit],
+        )
     if transfer:
       truth[row, 4] = t['heterogeneity']
   return truth
 
 
-def phantom_truth(data: ml_collections.ConfigDict, patient_ids) -> np.ndarray | None:
+def phantom_truth(
+    data: ml_collections.ConfigDict, patient_ids
+) -> np.ndarray | None:
   """The `truth_table` of a synthetic cohort's patients; None for a cohort not the phantom's."""
   spec, truths = _phantom_truths(data, patient_ids)
   return None if spec is None else truth_table(truths, bool(spec.transfer))
@@ -82,8 +91,16 @@ def _oracle_inputs(truth: np.ndarray, subtype: np.ndarray) -> np.ndarray:
   """log volume and log Ktrans at T0, their changes at T1, subtype one-hot, then h if present."""
   volume = np.log(np.maximum(truth[:, :2], _VOLUME_FLOOR_MM3))
   ktrans = np.log(np.maximum(truth[:, 2:4], _KTRANS_FLOOR_PER_MIN))
-  return np.hstack([volume[:, :1], volume[:, 1:] - volume[:, :1], ktrans[:, :1],
-                    ktrans[:, 1:] - ktrans[:, :1], subtype, truth[:, 4:]])
+  return np.hstack(
+      [
+          volume[:, :1],
+          volume[:, 1:] - volume[:, :1],
+          ktrans[:, :1],
+          ktrans[:, 1:] - ktrans[:, :1],
+          subtype,
+          truth[:, 4:],
+      ]
+  )
 
 
 def t2_r2(truths: Sequence[dict], transfer: bool) -> float:
@@ -95,11 +112,19 @@ def t2_r2(truths: Sequence[dict], transfer: bool) -> float:
   """
   subtype = np.eye(len(schema.SUBTYPES))[[t['subtype'] for t in truths]]
   inputs = _oracle_inputs(truth_table(truths, transfer), subtype)
-  rows = [i for i, t in enumerate(truths)
-          if t['tumor_volume_mm3'][1] is not None and t['t2_log_volume_change'] is not None]
+  rows = [
+      i
+      for i, t in enumerate(truths)
+      if t['tumor_volume_mm3'][1] is not None
+      and t['t2_log_volume_change'] is not None
+  ]
   target = np.array([truths[i]['t2_log_volume_change'] for i in rows])
-  predicted = cross_val_predict(make_pipeline(StandardScaler(), LinearRegression()), inputs[rows],
-                                target, cv=KFold(5, shuffle=True, random_state=0))
+  predicted = cross_val_predict(
+      make_pipeline(StandardScaler(), LinearRegression()),
+      inputs[rows],
+      target,
+      cv=KFold(5, shuffle=True, random_state=0),
+  )
   return float(r2_score(target, predicted))
 
 
@@ -109,12 +134,17 @@ def t2_explained(data: ml_collections.ConfigDict, patient_ids) -> float | None:
   return None if spec is None else t2_r2(truths, bool(spec.transfer))
 
 
-def features(cohort: input_pipeline.Cohort, ftv_mm3: np.ndarray,
-             truth: np.ndarray | None) -> dict[str, np.ndarray]:
+def features(
+    cohort: input_pipeline.Cohort, ftv_mm3: np.ndarray, truth: np.ndarray | None
+) -> dict[str, np.ndarray]:
   """The inputs of every reference model that this cohort allows, by model name: [N, F] each."""
   subtype = np.eye(len(schema.SUBTYPES))[cohort.subtype]
   biomarker = ftv.ftv_features(ftv_mm3)
-  out = {'subtype': subtype, 'ftv': biomarker, 'ftv_subtype': np.hstack([biomarker, subtype])}
+  out = {
+      'subtype': subtype,
+      'ftv': biomarker,
+      'ftv_subtype': np.hstack([biomarker, subtype]),
+  }
   if truth is not None:
     out['oracle'] = _oracle_inputs(truth, subtype)
   return out

@@ -51,7 +51,9 @@ class Model:
 
   name: str  # Directory name and key.
   label: str  # The name every table and figure shows.
-  time_points: tuple[int, ...]  # Visit indices it sees (0 = T0); () = clinical data only.
+  time_points: tuple[
+      int, ...
+  ]  # Visit indices it sees (0 = T0); () = clinical data only.
   kind: str  # How it is produced: NETWORK or REFERENCE.
   # A method predicting from the early visits: enters the pairwise DeLong tests, and as a network
   # may not see T2.
@@ -59,7 +61,9 @@ class Model:
   colour: str
   # The network whose frozen outputs it regresses: trained first, on the same fold.
   teacher: str = ''
-  synthetic_only: bool = False  # Reads the phantom's truth: exists for synthetic cohorts only.
+  synthetic_only: bool = (
+      False  # Reads the phantom's truth: exists for synthetic cohorts only.
+  )
   note: str = ''  # Why a row that is not an early predictor is in the table.
 
   @property
@@ -85,33 +89,75 @@ class Model:
       return 1
     # Imported here: the run contract imports no JAX, and only a trainer asks for a kinetics head.
     from pcrjax import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.NUM_KINETICS  # The change of each tumour kinetic from T0 to T2.
+
+    return (
+        input_pipeline.NUM_KINETICS
+    )  # The change of each tumour kinetic from T0 to T2.
 
 
 def feature_dim(config) -> int:
   """A run's feature-regression head width: its stage's rule, its teacher's config read if needed."""
   return model(config.stage).feature_dim(
       config.dual_task.target,
-      teacher_latent=lambda: read_config(config.teacher_workdir).model.lstm_features)
+      teacher_latent=lambda: read_config(
+          config.teacher_workdir
+      ).model.lstm_features,
+  )
 
 
 # Table order. The paper's comparison is student vs baseline (PRIMARY). References are fitted
 # logistic models: what the clinic knows before treatment (subtype), the I-SPY imaging biomarker
 # (FTV), and both; rows that are not early predictors are reference points, not methods.
 MODELS = (
-    Model('baseline', 'Baseline (single-stage)', (0, 1), NETWORK, True, '#1f77b4'),
-    Model('student', 'Student (two-stage dual-task)', (0, 1), NETWORK, True, '#d62728',
-          teacher='teacher'),
+    Model(
+        'baseline', 'Baseline (single-stage)', (0, 1), NETWORK, True, '#1f77b4'
+    ),
+    Model(
+        'student',
+        'Student (two-stage dual-task)',
+        (0, 1),
+        NETWORK,
+        True,
+        '#d62728',
+        teacher='teacher',
+    ),
     Model('subtype', 'Subtype only (HR, HER2)', (), REFERENCE, True, '#8c564b'),
-    Model('ftv', 'FTV (log FTV0, change at T1)', (0, 1), REFERENCE, True, '#2ca02c'),
-    Model('ftv_subtype', 'FTV + subtype (I-SPY clinical model)', (0, 1), REFERENCE, True,
-          '#17becf'),
-    Model('oracle', 'Oracle (phantom truth): the ceiling', (0, 1), REFERENCE, False, '#7f7f7f',
-          synthetic_only=True,
-          note='reads the phantom\'s true tumour volume and Ktrans at T0 and T1 (with subtype): the'
-               ' ceiling of what T0 + T1 hold in this cohort, not a method'),
-    Model('teacher', 'Teacher (sees T2)', (0, 1, 2), NETWORK, False, '#9467bd',
-          note='sees T2 (12 weeks): the reference the student learns from, not an early predictor'),
+    Model(
+        'ftv',
+        'FTV (log FTV0, change at T1)',
+        (0, 1),
+        REFERENCE,
+        True,
+        '#2ca02c',
+    ),
+    Model(
+        'ftv_subtype',
+        'FTV + subtype (I-SPY clinical model)',
+        (0, 1),
+        REFERENCE,
+        True,
+        '#17becf',
+    ),
+    Model(
+        'oracle',
+        'Oracle (phantom truth): the ceiling',
+        (0, 1),
+        REFERENCE,
+        False,
+        '#7f7f7f',
+        synthetic_only=True,
+        note="reads the phantom's true tumour volume and Ktrans at T0 and T1 (with subtype): the"
+        ' ceiling of what T0 + T1 hold in this cohort, not a method',
+    ),
+    Model(
+        'teacher',
+        'Teacher (sees T2)',
+        (0, 1, 2),
+        NETWORK,
+        False,
+        '#9467bd',
+        note='sees T2 (12 weeks): the reference the student learns from, not an early predictor',
+    ),
 )
 PRIMARY = ('baseline', 'student')  # (reference, method) of the bottom line.
 
@@ -120,13 +166,17 @@ def model(name: str) -> Model:
   for m in MODELS:
     if m.name == name:
       return m
-  raise KeyError(f'No model {name!r} in the run contract (pcrjax.runs.MODELS): '
-                 f'{[m.name for m in MODELS]}')
+  raise KeyError(
+      f'No model {name!r} in the run contract (pcrjax.runs.MODELS): '
+      f'{[m.name for m in MODELS]}'
+  )
 
 
 def networks_in_training_order() -> list[Model]:
   """The trained models, each after the teacher it learns from."""
-  return sorted((m for m in MODELS if m.kind == NETWORK), key=lambda m: bool(m.teacher))
+  return sorted(
+      (m for m in MODELS if m.kind == NETWORK), key=lambda m: bool(m.teacher)
+  )
 
 
 def is_synthetic(dataset: str) -> bool:
@@ -140,19 +190,34 @@ def is_synthetic(dataset: str) -> bool:
 CONFIG_FILE = 'config.json'
 CODE_VERSION_FILE = 'code_version.txt'
 METRICS_FILE = 'metrics.jsonl'
-SELECTION_FILE = 'selection.json'  # The epoch chosen on validation, and its metric.
+SELECTION_FILE = (
+    'selection.json'  # The epoch chosen on validation, and its metric.
+)
 CHECKPOINTS_DIR = 'checkpoints'
 FTV_TABLE_FILE = 'ftv.csv'
-COHORT_FACTS_FILE = 'cohort_facts.json'  # What the protocol measured of the cohort itself.
-LAMBDA_CHOICE_FILE = 'lambda_choice.json'  # The candidates' validation metrics, the lambda kept.
+COHORT_FACTS_FILE = (
+    'cohort_facts.json'  # What the protocol measured of the cohort itself.
+)
+LAMBDA_CHOICE_FILE = (
+    'lambda_choice.json'  # The candidates' validation metrics, the lambda kept.
+)
 LOCK_FILE = '.lock'  # Held by the one process writing the workdir (lock_path).
 # The log of what ran in a directory, appended to by each run: the main command's in its workdir,
 # each protocol training's in its stage directory, a parallel protocol task's output in its task's.
 LOG_FILE = 'log.txt'
-TIMING_FILE = 'timing.json'  # A training's wall time per phase (pcrjax.wall_time).
-WALL_TIME_FILE = 'wall_time.json'  # The protocol's last run's wall time per phase.
-PROFILE_DIR = 'profile'  # A training's JAX profiler trace (config.profile_steps).
-SPLITS = ('val', 'test')  # Written in this order: a stage with its test predictions is finished.
+TIMING_FILE = (
+    'timing.json'  # A training's wall time per phase (pcrjax.wall_time).
+)
+WALL_TIME_FILE = (
+    'wall_time.json'  # The protocol's last run's wall time per phase.
+)
+PROFILE_DIR = (
+    'profile'  # A training's JAX profiler trace (config.profile_steps).
+)
+SPLITS = (
+    'val',
+    'test',
+)  # Written in this order: a stage with its test predictions is finished.
 
 # The evidence of a protocol workdir (pcrjax.evidence.run_report).
 TABLE_FILE = 'table.csv'
@@ -161,7 +226,9 @@ OPERATING_POINTS_FILE = 'operating_points.csv'
 DECISION_CURVE_FILE = 'decision_curve.csv'
 SUBGROUPS_FILE = 'subgroups.csv'
 REPORT_FILE = 'report.md'
-REPORT_PAGE_FILE = 'report.html'  # report.md with its figures inline: one file to send.
+REPORT_PAGE_FILE = (
+    'report.html'  # report.md with its figures inline: one file to send.
+)
 ROC_FIGURE = 'roc.png'
 CALIBRATION_FIGURE = 'calibration.png'
 DECISION_CURVE_FIGURE = 'decision_curve.png'
@@ -172,7 +239,9 @@ LEARNING_CURVES_FIGURE = 'learning_curves.png'
 MODEL_FILE = 'model.json'
 MODEL_CARD_FILE = 'MODEL_CARD.md'
 MEMBERS_DIR = 'members'
-PARAMS_DIR = 'params'  # In a member's directory: its params, an Orbax checkpoint.
+PARAMS_DIR = (
+    'params'  # In a member's directory: its params, an Orbax checkpoint.
+)
 
 # What pcrjax.predict writes into its output folder: one patient's, or a folder's one row each.
 PREDICTION_FILE = 'prediction.json'
@@ -204,12 +273,19 @@ def lambda_dir(student_dir: str, weight: float) -> str:
 
 def adopt_run(candidate: str, directory: str) -> None:
   """Makes the finished run in `candidate` the run in `directory`: its checkpoints, metrics,
-  selection and predictions (the test predictions last: then `directory` is finished)."""
+  selection and predictions (the test predictions last: then `directory` is finished).
+  """
   shutil.rmtree(os.path.join(directory, CHECKPOINTS_DIR), ignore_errors=True)
-  shutil.copytree(os.path.join(candidate, CHECKPOINTS_DIR), os.path.join(directory, CHECKPOINTS_DIR))
+  shutil.copytree(
+      os.path.join(candidate, CHECKPOINTS_DIR),
+      os.path.join(directory, CHECKPOINTS_DIR),
+  )
   for name in (METRICS_FILE, SELECTION_FILE) + tuple(
-      os.path.basename(predictions_path(candidate, split)) for split in SPLITS):
-    shutil.copyfile(os.path.join(candidate, name), os.path.join(directory, name))
+      os.path.basename(predictions_path(candidate, split)) for split in SPLITS
+  ):
+    shutil.copyfile(
+        os.path.join(candidate, name), os.path.join(directory, name)
+    )
 
 
 def member_name(repeat: int, fold: int) -> str:
@@ -233,11 +309,19 @@ def is_finished(directory: str) -> bool:
   return os.path.exists(predictions_path(directory, SPLITS[-1]))
 
 
-def finished_models(workdir: str, *, num_repeats: int, num_folds: int) -> list[Model]:
+def finished_models(
+    workdir: str, *, num_repeats: int, num_folds: int
+) -> list[Model]:
   """The models whose every repeat and fold has finished, in table order."""
-  return [m for m in MODELS
-          if all(is_finished(stage_dir(workdir, r, k, m.name))
-                 for r in range(num_repeats) for k in range(num_folds))]
+  return [
+      m
+      for m in MODELS
+      if all(
+          is_finished(stage_dir(workdir, r, k, m.name))
+          for r in range(num_repeats)
+          for k in range(num_folds)
+      )
+  ]
 
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -251,13 +335,23 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
   none), so that it trains exactly as the original."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {directory} is not a pcrjax run.')
+    raise FileNotFoundError(
+        f'{path} does not exist: {directory} is not a pcrjax run.'
+    )
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f, object_hook=lambda d: {
-        k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}))
+    return ml_collections.ConfigDict(
+        json.load(
+            f,
+            object_hook=lambda d: {
+                k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+            },
+        )
+    )
 
 
-def write_selection(directory: str, *, epoch: int, metric: str, value: float) -> None:
+def write_selection(
+    directory: str, *, epoch: int, metric: str, value: float
+) -> None:
   with fileio.atomic_open(os.path.join(directory, SELECTION_FILE)) as f:
     json.dump({'epoch': int(epoch), 'metric': metric, 'value': float(value)}, f)
 
@@ -282,16 +376,31 @@ PREDICTION_FIELDS = ('patient_id', 'label', 'prob', 'subtype', 'fold', 'arm')
 OUT_OF_FOLD = -1  # The `fold` of a pooled out-of-fold row.
 
 
-def prediction_row(*, patient_id: str, label: int, prob: float, subtype: str, fold: int,
-                   arm: str) -> dict:
+def prediction_row(
+    *,
+    patient_id: str,
+    label: int,
+    prob: float,
+    subtype: str,
+    fold: int,
+    arm: str,
+) -> dict:
   """One patient's prediction: de-identified id, label, probability and the report's strata."""
   prob = float(prob)
   if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
-    raise ValueError(f'Patient {patient_id}: probability {prob} is not a finite value in [0, 1].')
+    raise ValueError(
+        f'Patient {patient_id}: probability {prob} is not a finite value in [0, 1].'
+    )
   if int(label) not in (0, 1):
     raise ValueError(f'Patient {patient_id}: label {label!r} is not 0 or 1.')
-  return {'patient_id': str(patient_id), 'label': int(label), 'prob': prob, 'subtype': str(subtype),
-          'fold': int(fold), 'arm': str(arm)}
+  return {
+      'patient_id': str(patient_id),
+      'label': int(label),
+      'prob': prob,
+      'subtype': str(subtype),
+      'fold': int(fold),
+      'arm': str(arm),
+  }
 
 
 def write_predictions(path: str, rows: list[dict]) -> None:
@@ -314,8 +423,13 @@ def read_predictions(path: str) -> list[dict]:
 def code_version() -> str:
   """`git describe` of the code now running ('unknown' outside a git checkout)."""
   try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    return subprocess.run(
+        ['git', 'describe', '--always', '--dirty'],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+        check=True,
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
 

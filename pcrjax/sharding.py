@@ -1,5 +1,6 @@
 """The device mesh: batches are split over the 'data' axis, parameters replicated; on one process or
-on several (`jax.distributed`: each process places and reads only its own devices' shards)."""
+on several (`jax.distributed`: each process places and reads only its own devices' shards).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   Auto axes: the compiler propagates shardings inside the step from the inputs' shardings.
   """
   num_devices = num_devices or jax.device_count()
-  return jax.make_mesh((num_devices,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+  return jax.make_mesh(
+      (num_devices,),
+      ('data',),
+      axis_types=(jax.sharding.AxisType.Auto,),
+      devices=jax.devices()[:num_devices],
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -39,9 +44,13 @@ def put(tree, sharding: NamedSharding):
   call on one host or on several (`jax.distributed`), where jax.device_put cannot place a value on
   another process's devices.
   """
+
   def one(value):
     value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.make_array_from_callback(
+        value.shape, sharding, lambda index: value[index]
+    )
+
   return jax.tree.map(one, tree)
 
 

@@ -17,21 +17,45 @@ from pcrjax import fileio, runs
 
 # Every phase, in the order a protocol spends them, with what `describe` calls it.
 PHASES = {
-    'dataset_build': 'dataset build',  # The protocol's first read of the cohort: built if not yet.
-    'data': 'reading patients',  # A training's patients, decoded and cropped, onto the device.
-    'setup': 'set-up',  # The student's targets, the model, its head start, the checkpoint manager.
+    'dataset_build': (
+        'dataset build'
+    ),  # The protocol's first read of the cohort: built if not yet.
+    'data': (
+        'reading patients'
+    ),  # A training's patients, decoded and cropped, onto the device.
+    'setup': (
+        'set-up'
+    ),  # The student's targets, the model, its head start, the checkpoint manager.
     # A training's initialisation (a jitted function, and the optimiser's state) and the first call
     # of its training and evaluation steps: tracing and XLA's compilation, or a cache's copy.
     'compile': 'compile',
-    'steps': 'training steps',  # Every other step, until the epoch's metrics are read back.
-    'validation': 'validation',  # Each epoch's validation AUROC, the selected model's predictions.
-    'checkpoints': 'checkpoints',  # Saving, waiting for the writes, restoring the selected epoch.
-    'logs': 'metrics and logs',  # metrics.jsonl, TensorBoard, the epoch's log line.
+    'steps': (
+        'training steps'
+    ),  # Every other step, until the epoch's metrics are read back.
+    'validation': (
+        'validation'
+    ),  # Each epoch's validation AUROC, the selected model's predictions.
+    'checkpoints': (
+        'checkpoints'
+    ),  # Saving, waiting for the writes, restoring the selected epoch.
+    'logs': (
+        'metrics and logs'
+    ),  # metrics.jsonl, TensorBoard, the epoch's log line.
     'reference_fits': 'reference fits',
     'report': 'report',
-    'other': 'other',  # What no timer covers: the protocol's bookkeeping between its phases.
+    'other': (
+        'other'
+    ),  # What no timer covers: the protocol's bookkeeping between its phases.
 }
-TRAINING_PHASES = ('data', 'setup', 'compile', 'steps', 'validation', 'checkpoints', 'logs')
+TRAINING_PHASES = (
+    'data',
+    'setup',
+    'compile',
+    'steps',
+    'validation',
+    'checkpoints',
+    'logs',
+)
 
 _finished_training_seconds = 0.0  # Of the trainings finished in this process.
 
@@ -46,12 +70,21 @@ class Clock:
   def __init__(self, *, excludes_trainings: bool = True):
     self.seconds: dict[str, float] = {}
     self._excludes_trainings = excludes_trainings
-    self._last, self._trainings = time.perf_counter(), _finished_training_seconds
+    self._last, self._trainings = (
+        time.perf_counter(),
+        _finished_training_seconds,
+    )
 
   def lap(self, phase: str) -> None:
     now = time.perf_counter()
-    inner = _finished_training_seconds - self._trainings if self._excludes_trainings else 0.0
-    self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last - inner
+    inner = (
+        _finished_training_seconds - self._trainings
+        if self._excludes_trainings
+        else 0.0
+    )
+    self.seconds[phase] = (
+        self.seconds.get(phase, 0.0) + now - self._last - inner
+    )
     self._last, self._trainings = now, _finished_training_seconds
 
   def first_call(self, fn, before: str):
@@ -80,7 +113,11 @@ class Clock:
     _finished_training_seconds += sum(self.seconds.values())
     if directory is not None:
       with fileio.atomic_open(os.path.join(directory, runs.TIMING_FILE)) as f:
-        json.dump({'seconds': self.seconds, **facts, 'finished': time.time()}, f, indent=1)
+        json.dump(
+            {'seconds': self.seconds, **facts, 'finished': time.time()},
+            f,
+            indent=1,
+        )
 
 
 def training_seconds(directory: str) -> float | None:
@@ -92,7 +129,9 @@ def training_seconds(directory: str) -> float | None:
 
 def _timing_records(directory: str, finished_after: float = 0.0) -> list[dict]:
   records = []
-  for path in glob.glob(os.path.join(directory, '**', runs.TIMING_FILE), recursive=True):
+  for path in glob.glob(
+      os.path.join(directory, '**', runs.TIMING_FILE), recursive=True
+  ):
     with open(path) as f:
       record = json.load(f)
     if record['finished'] >= finished_after:
@@ -108,16 +147,27 @@ def record_protocol(workdir: str, clock: Clock, *, started: float) -> dict:
   time they took; their phases are then scaled to it, each keeping its share.
   """
   trainings = _timing_records(workdir, finished_after=started)
-  spent = {p: sum(r['seconds'].get(p, 0.0) for r in trainings) for p in TRAINING_PHASES}
+  spent = {
+      p: sum(r['seconds'].get(p, 0.0) for r in trainings)
+      for p in TRAINING_PHASES
+  }
   own = dict(clock.seconds)
   wall = sum(own.values())
   scale = min(1.0, own.pop('trainings', 0.0) / max(sum(spent.values()), 1e-9))
-  seconds = {p: own.get(p, spent.get(p, 0.0) * scale) for p in PHASES if p != 'other'}
+  seconds = {
+      p: own.get(p, spent.get(p, 0.0) * scale) for p in PHASES if p != 'other'
+  }
   seconds['other'] = max(0.0, wall - sum(seconds.values()))
-  devices = ''.join(f', trainings on {d}' for d in sorted({r['devices'] for r in trainings}))
-  record = {'wall': wall, 'seconds': seconds, 'trainings': len(trainings),
-            'steps': sum(r['steps'] for r in trainings),
-            'machine': f'{os.cpu_count()} CPU cores{devices}'}
+  devices = ''.join(
+      f', trainings on {d}' for d in sorted({r['devices'] for r in trainings})
+  )
+  record = {
+      'wall': wall,
+      'seconds': seconds,
+      'trainings': len(trainings),
+      'steps': sum(r['steps'] for r in trainings),
+      'machine': f'{os.cpu_count()} CPU cores{devices}',
+  }
   with fileio.atomic_open(os.path.join(workdir, runs.WALL_TIME_FILE)) as f:
     json.dump(record, f, indent=1)
   return record
@@ -125,7 +175,8 @@ def record_protocol(workdir: str, clock: Clock, *, started: float) -> dict:
 
 def read_protocol(workdir: str, report_seconds: float) -> dict | None:
   """The protocol's last record (None: a workdir without one), with
-  `report_seconds` as its report when it has none yet (the protocol's own report being built)."""
+  `report_seconds` as its report when it has none yet (the protocol's own report being built).
+  """
   path = os.path.join(workdir, runs.WALL_TIME_FILE)
   if not os.path.exists(path):
     return None
@@ -140,13 +191,18 @@ def read_protocol(workdir: str, report_seconds: float) -> dict | None:
 def describe(record: dict) -> str:
   """One line: the wall time, then each phase that took any, in seconds and share."""
   wall = record['wall']
-  parts = [f'{PHASES[p]} {format_seconds(s)} ({100 * s / wall:.0f} %)'
-           for p, s in record['seconds'].items() if s >= 0.05]
+  parts = [
+      f'{PHASES[p]} {format_seconds(s)} ({100 * s / wall:.0f} %)'
+      for p, s in record['seconds'].items()
+      if s >= 0.05
+  ]
   steps = record['steps']
   each = steps and 1000 * record['seconds']['steps'] / steps
   per_step = f'; {steps} training steps, {each:.1f} ms each' if steps else ''
-  return (f'wall time {format_seconds(wall)} on {record["machine"]},'
-          f' {record["trainings"]} trainings: {", ".join(parts)}{per_step}')
+  return (
+      f'wall time {format_seconds(wall)} on {record["machine"]},'
+      f' {record["trainings"]} trainings: {", ".join(parts)}{per_step}'
+  )
 
 
 def format_seconds(value: float) -> str:

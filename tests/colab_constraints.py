@@ -48,25 +48,53 @@ def python_version(pins_file: pathlib.Path) -> str:
   return version
 
 
-def _resolve(python: str, freeze: dict[str, str], extra: list[str]) -> dict[str, str]:
+def _resolve(
+    python: str, freeze: dict[str, str], extra: list[str]
+) -> dict[str, str]:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     (tmp / 'freeze.txt').write_text('\n'.join(freeze.values()) + '\n')
     subprocess.run([python, '-m', 'venv', str(tmp / 'venv')], check=True)
-    subprocess.run([str(tmp / 'venv/bin/pip'), 'install', '--dry-run', '--quiet', '--report',
-                    str(tmp / 'report.json'), '-c', str(tmp / 'freeze.txt'), str(ROOT), *extra],
-                   check=True)
+    subprocess.run(
+        [
+            str(tmp / 'venv/bin/pip'),
+            'install',
+            '--dry-run',
+            '--quiet',
+            '--report',
+            str(tmp / 'report.json'),
+            '-c',
+            str(tmp / 'freeze.txt'),
+            str(ROOT),
+            *extra,
+        ],
+        check=True,
+    )
     report = json.loads((tmp / 'report.json').read_text())
-  return {canonicalize_name(item['metadata']['name']): item['metadata']['version']
-          for item in report['install']}
+  return {
+      canonicalize_name(item['metadata']['name']): item['metadata']['version']
+      for item in report['install']
+  }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--runtime', required=True, help='gpu or tpu: names the output file.')
-  parser.add_argument('--freeze', required=True, help="The runtime's pip freeze: a path or URL.")
-  parser.add_argument('--source', required=True, help='Where the freeze comes from, with its date.')
-  parser.add_argument('--python', default='python3', help="An interpreter of Colab's Python version.")
+  parser.add_argument(
+      '--runtime', required=True, help='gpu or tpu: names the output file.'
+  )
+  parser.add_argument(
+      '--freeze', required=True, help="The runtime's pip freeze: a path or URL."
+  )
+  parser.add_argument(
+      '--source',
+      required=True,
+      help='Where the freeze comes from, with its date.',
+  )
+  parser.add_argument(
+      '--python',
+      default='python3',
+      help="An interpreter of Colab's Python version.",
+  )
   args = parser.parse_args()
   if re.match(r'https?://', args.freeze):
     with urllib.request.urlopen(args.freeze) as response:
@@ -74,21 +102,33 @@ def main():
   else:
     freeze = read_pins(pathlib.Path(args.freeze).read_text().splitlines())
   extra = list(NOTEBOOK_TOOLS)
-  if 'tensorflow' in freeze:  # Colab's build needs a GPU driver; the CPU build is the same version.
-    freeze['tensorflow-cpu'] = 'tensorflow-cpu==' + freeze['tensorflow'].split('==')[1]
+  if (
+      'tensorflow' in freeze
+  ):  # Colab's build needs a GPU driver; the CPU build is the same version.
+    freeze['tensorflow-cpu'] = (
+        'tensorflow-cpu==' + freeze['tensorflow'].split('==')[1]
+    )
     extra.append(freeze['tensorflow-cpu'])
   resolved = _resolve(args.python, freeze, extra)
-  version = subprocess.run([args.python, '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'],
-                           capture_output=True, text=True, check=True).stdout.strip()
+  version = subprocess.run(
+      [args.python, '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.strip()
   lines = sorted(freeze[name] for name in resolved if name in freeze)
-  header = [f"# Colab's {args.runtime.upper()} runtime: the versions of the packages that pcrjax, "
-            'the headless notebook and TensorFlow need and Colab has.',
-            f'# From {args.source}; written by `python -m tests.colab_constraints` on '
-            f'{datetime.date.today()}.',
-            f'# python: {version}']
+  header = [
+      f"# Colab's {args.runtime.upper()} runtime: the versions of the packages that pcrjax, "
+      'the headless notebook and TensorFlow need and Colab has.',
+      f'# From {args.source}; written by `python -m tests.colab_constraints` on '
+      f'{datetime.date.today()}.',
+      f'# python: {version}',
+  ]
   path(args.runtime).write_text('\n'.join(header + lines) + '\n')
-  print(f'{path(args.runtime)}: {len(lines)} packages; not in Colab: '
-        f'{", ".join(sorted(n for n in resolved if n not in freeze))}')
+  print(
+      f'{path(args.runtime)}: {len(lines)} packages; not in Colab: '
+      f'{", ".join(sorted(n for n in resolved if n not in freeze))}'
+  )
 
 
 if __name__ == '__main__':

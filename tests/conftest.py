@@ -5,8 +5,10 @@ import shutil
 import subprocess
 
 # Before JAX initialises: two host devices, so every test shards its batches over a real 2-device mesh.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=2').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '')
+    + ' --xla_force_host_platform_device_count=2'
+).strip()
 
 import pytest  # noqa: E402
 
@@ -55,8 +57,11 @@ def small_disk(tmp_path):
   """A 64 MiB tmpfs (needs the right to mount: root, as in CI's container)."""
   path = tmp_path / 'disk'
   path.mkdir()
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(path)],
-                        capture_output=True, text=True)
+  done = subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(path)],
+      capture_output=True,
+      text=True,
+  )
   if done.returncode:
     pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
   yield SmallDisk(path)
@@ -66,9 +71,11 @@ def small_disk(tmp_path):
 @pytest.fixture(scope='session')
 def smoke_protocol(data_dir, tmp_path_factory):
   """The smoke protocol (2 repeats x 2 folds, one epoch) on the session's build, run once: the
-  evidence tests and the export and predict tests read it (none writes into it)."""
+  evidence tests and the export and predict tests read it (none writes into it).
+  """
   from experiments import paper_table
   from pcrjax import protocol
+
   config = paper_table.get_config('smoke')
   config.data.data_dir = data_dir
   config.num_epochs = 1

@@ -15,7 +15,9 @@ from tests import synthetic
 
 def _newton_logistic(y: np.ndarray, x: np.ndarray, offset: bool) -> np.ndarray:
   """Independent oracle: Newton–Raphson MLE of logit P(y) = a + b·x, or a + x if offset."""
-  design = np.ones((x.size, 1)) if offset else np.column_stack([np.ones_like(x), x])
+  design = (
+      np.ones((x.size, 1)) if offset else np.column_stack([np.ones_like(x), x])
+  )
   base = x if offset else np.zeros_like(x)
   beta = np.zeros(design.shape[1])
   for _ in range(50):
@@ -31,8 +33,12 @@ def _newton_logistic(y: np.ndarray, x: np.ndarray, offset: bool) -> np.ndarray:
 def test_brier_matches_sklearn():
   y, lp = synthetic.calibrated(500, seed=1)
   p = expit(1.7 * lp - 0.3)
-  assert calibration.brier(y, p) == pytest.approx(brier_score_loss(y, p), rel=1e-12)
-  assert calibration.brier(y.astype(int), p) == pytest.approx(np.mean((y - p) ** 2), rel=1e-12)
+  assert calibration.brier(y, p) == pytest.approx(
+      brier_score_loss(y, p), rel=1e-12
+  )
+  assert calibration.brier(y.astype(int), p) == pytest.approx(
+      np.mean((y - p) ** 2), rel=1e-12
+  )
 
 
 def test_perfectly_calibrated_gives_slope_one_intercept_zero():
@@ -53,8 +59,12 @@ def test_overconfident_predictions_give_slope_half():
 @pytest.mark.parametrize('shift', [-0.8, 0.6])
 def test_logit_shift_is_recovered_in_intercept(shift):
   y, lp = synthetic.calibrated(20000, seed=4)
-  base_intercept, base_slope = calibration.calibration_intercept_slope(y, expit(lp))
-  intercept, slope = calibration.calibration_intercept_slope(y, expit(lp + shift))
+  base_intercept, base_slope = calibration.calibration_intercept_slope(
+      y, expit(lp)
+  )
+  intercept, slope = calibration.calibration_intercept_slope(
+      y, expit(lp + shift)
+  )
   # With logit(p) as an offset, shifting it by δ moves the MLE intercept by exactly −δ.
   assert intercept == pytest.approx(base_intercept - shift, abs=1e-6)
   assert intercept == pytest.approx(-shift, abs=0.07)
@@ -81,8 +91,12 @@ def test_intercept_slope_finite_for_saturated_probabilities():
 def test_reliability_curve_matches_sklearn_and_counts_align(strategy):
   y, lp = synthetic.calibrated(1000, seed=6)
   p = np.round(expit(lp), 2)  # ties across quantile edges
-  predicted, observed, counts = calibration.reliability_curve(y, p, num_bins=10, strategy=strategy)
-  sk_observed, sk_predicted = calibration_curve(y, p, n_bins=10, strategy=strategy)
+  predicted, observed, counts = calibration.reliability_curve(
+      y, p, num_bins=10, strategy=strategy
+  )
+  sk_observed, sk_predicted = calibration_curve(
+      y, p, n_bins=10, strategy=strategy
+  )
   np.testing.assert_allclose(predicted, sk_predicted, rtol=1e-12)
   np.testing.assert_allclose(observed, sk_observed, rtol=1e-12)
   assert counts.sum() == y.size and np.all(counts > 0)
@@ -94,7 +108,9 @@ def test_reliability_curve_matches_sklearn_and_counts_align(strategy):
 def test_reliability_curve_drops_empty_bins():
   y = np.array([0, 1, 0, 1])
   p = np.array([0.05, 0.06, 0.91, 0.95])
-  predicted, observed, counts = calibration.reliability_curve(y, p, num_bins=10, strategy='uniform')
+  predicted, observed, counts = calibration.reliability_curve(
+      y, p, num_bins=10, strategy='uniform'
+  )
   np.testing.assert_allclose(predicted, [0.055, 0.93])
   np.testing.assert_allclose(observed, [0.5, 0.5])
   np.testing.assert_array_equal(counts, [2, 2])
@@ -130,14 +146,18 @@ def test_platt_recovers_affine_miscalibration_and_improves_heldout_nll():
   raw = expit(2.0 * lp_test + 0.5)
   calibrated = calibrator(raw)
   assert log_loss(y_test, calibrated) < log_loss(y_test, raw) - 0.01
-  intercept_and_slope = calibration.calibration_intercept_slope(y_test, calibrated)
+  intercept_and_slope = calibration.calibration_intercept_slope(
+      y_test, calibrated
+  )
   assert intercept_and_slope == pytest.approx((0.0, 1.0), abs=0.1)
 
 
 def test_calibrator_round_trips_through_dict_json_and_pickle():
   y, lp = synthetic.calibrated(500, seed=11)
   calibrator = calibration.fit_platt(y, expit(1.5 * lp))
-  restored = calibration.Calibrator.from_dict(json.loads(json.dumps(calibrator.to_dict())))
+  restored = calibration.Calibrator.from_dict(
+      json.loads(json.dumps(calibrator.to_dict()))
+  )
   assert restored == calibrator
   assert pickle.loads(pickle.dumps(calibrator)) == calibrator
   probs = np.array([0.0, 0.01, 0.3, 0.5, 0.99, 1.0])
@@ -153,10 +173,14 @@ def test_calibrator_round_trips_through_dict_json_and_pickle():
 def test_calibration_ci_is_the_bootstrap_of_the_point_fits():
   y, lp = synthetic.calibrated(120, seed=13)
   p = expit(1.5 * lp + 0.3)
-  got = calibration.calibration_ci(y, p, num_replicates=60, confidence=0.8, seed=2)
+  got = calibration.calibration_ci(
+      y, p, num_replicates=60, confidence=0.8, seed=2
+  )
   # 120 samples are one chunk: the same generator draws the same replicates.
   idx = statistics.stratified_bootstrap_indices(y, 60, np.random.default_rng(2))
-  fits = np.array([calibration.calibration_intercept_slope(y, p[i]) for i in idx])
+  fits = np.array(
+      [calibration.calibration_intercept_slope(y, p[i]) for i in idx]
+  )
   want = np.quantile(fits, [0.1, 0.9], axis=0)
   assert got['intercept_ci'] == pytest.approx(tuple(want[:, 0]), abs=1e-7)
   assert got['slope_ci'] == pytest.approx(tuple(want[:, 1]), abs=1e-6)
@@ -191,7 +215,9 @@ def test_calibration_ci_slope_is_unbounded_when_replicates_separate():
   assert np.isfinite(low) and high == np.inf
   assert np.all(np.isfinite(result['intercept_ci']))
   # Fully separated (and reversed): every replicate's slope is −inf.
-  reversed_probs = 1.0 - np.r_[0.9, 0.85, 0.8, 0.75, 0.7, np.linspace(0.05, 0.5, 25)]
+  reversed_probs = (
+      1.0 - np.r_[0.9, 0.85, 0.8, 0.75, 0.7, np.linspace(0.05, 0.5, 25)]
+  )
   result = calibration.calibration_ci(y, reversed_probs, num_replicates=50)
   assert result['slope_ci'] == (-np.inf, -np.inf)
   assert np.all(np.isfinite(result['intercept_ci']))
@@ -208,13 +234,16 @@ def test_calibration_ci_rejects_bad_arguments():
 # ------------------------------------------------------------------ degenerate calibration
 
 
-@pytest.mark.parametrize(('transform', 'reason'), [
-    (lambda lp: expit(lp), None),
-    (lambda lp: expit(2.0 * lp - 0.5), None),
-    (lambda lp: 0.3 + 0.04 * expit(lp), 'predictions span < 0.05'),
-    (lambda lp: expit(-lp), 'calibration slope < 0'),
-    (lambda lp: expit(0.1 * lp), 'calibration slope > 5'),
-])
+@pytest.mark.parametrize(
+    ('transform', 'reason'),
+    [
+        (lambda lp: expit(lp), None),
+        (lambda lp: expit(2.0 * lp - 0.5), None),
+        (lambda lp: 0.3 + 0.04 * expit(lp), 'predictions span < 0.05'),
+        (lambda lp: expit(-lp), 'calibration slope < 0'),
+        (lambda lp: expit(0.1 * lp), 'calibration slope > 5'),
+    ],
+)
 def test_degenerate_calibration_rules(transform, reason):
   y, lp = synthetic.calibrated(300, seed=16)
   assert calibration.degenerate_calibration(y, transform(lp)) == reason
@@ -222,8 +251,13 @@ def test_degenerate_calibration_rules(transform, reason):
 
 def test_degenerate_calibration_flags_separation():
   y = np.r_[np.ones(5, bool), np.zeros(25, bool)]
-  separated = np.r_[0.9, 0.85, 0.8, 0.75, 0.5, np.linspace(0.05, 0.5, 25)]  # Tied at 0.5.
+  separated = np.r_[
+      0.9, 0.85, 0.8, 0.75, 0.5, np.linspace(0.05, 0.5, 25)
+  ]  # Tied at 0.5.
   for probs in (separated, 1.0 - separated):
-    assert calibration.degenerate_calibration(y, probs) == 'predictions separate the classes'
+    assert (
+        calibration.degenerate_calibration(y, probs)
+        == 'predictions separate the classes'
+    )
   overlapping = np.r_[0.9, 0.85, 0.8, 0.75, 0.3, np.linspace(0.05, 0.5, 25)]
   assert calibration.degenerate_calibration(y, overlapping) is None

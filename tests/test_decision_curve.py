@@ -17,10 +17,19 @@ def test_net_benefit_hand_computed():
   # pt = 0: everyone positive, TP 3, and FPs cost nothing. pt = 0.25 and 0.3 (0.3 itself is
   # called positive): TP 3, FP 1. pt = 0.5: TP 1 (0.9), FP 1 (0.6). pt = 0.8: TP 1, FP 0.
   got = decision_curve.net_benefit(y, p, [0.0, 0.25, 0.3, 0.5, 0.8])
-  want = [3 / 5, 3 / 5 - 1 / 5 * 0.25 / 0.75, 3 / 5 - 1 / 5 * 0.3 / 0.7, 1 / 5 - 1 / 5, 1 / 5]
+  want = [
+      3 / 5,
+      3 / 5 - 1 / 5 * 0.25 / 0.75,
+      3 / 5 - 1 / 5 * 0.3 / 0.7,
+      1 / 5 - 1 / 5,
+      1 / 5,
+  ]
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
-  np.testing.assert_allclose(decision_curve.treat_all(y, [0.0, 0.25, 0.5]),
-                             [0.6, 0.6 - 0.4 / 3, 0.2], rtol=1e-12)
+  np.testing.assert_allclose(
+      decision_curve.treat_all(y, [0.0, 0.25, 0.5]),
+      [0.6, 0.6 - 0.4 / 3, 0.2],
+      rtol=1e-12,
+  )
 
 
 def test_net_benefit_matches_the_definition():
@@ -30,25 +39,34 @@ def test_net_benefit_matches_the_definition():
   called = p[None, :] >= thresholds[:, None]
   tp, fp = (called & y).sum(axis=1), (called & ~y).sum(axis=1)
   want = tp / y.size - fp / y.size * thresholds / (1 - thresholds)
-  np.testing.assert_allclose(decision_curve.net_benefit(y, p, thresholds), want, rtol=1e-12,
-                             atol=1e-15)
+  np.testing.assert_allclose(
+      decision_curve.net_benefit(y, p, thresholds), want, rtol=1e-12, atol=1e-15
+  )
 
 
 def test_treat_all_is_a_model_calling_everyone_positive():
   y, _ = synthetic.calibrated(100, seed=2)
   thresholds = decision_curve.DEFAULT_THRESHOLDS
-  np.testing.assert_allclose(decision_curve.treat_all(y, thresholds),
-                             decision_curve.net_benefit(y, np.ones(y.size), thresholds),
-                             rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(
+      decision_curve.treat_all(y, thresholds),
+      decision_curve.net_benefit(y, np.ones(y.size), thresholds),
+      rtol=1e-12,
+      atol=1e-15,
+  )
   # Treating all is worth nothing exactly at the prevalence.
-  assert decision_curve.treat_all(y, [y.mean()]) == pytest.approx([0.0], abs=1e-15)
+  assert decision_curve.treat_all(y, [y.mean()]) == pytest.approx(
+      [0.0], abs=1e-15
+  )
 
 
 def test_perfect_classifier_reaches_the_prevalence_everywhere():
   y, _ = synthetic.calibrated(100, seed=3)
   thresholds = np.r_[0.0, decision_curve.DEFAULT_THRESHOLDS, 0.999]
-  np.testing.assert_allclose(decision_curve.net_benefit(y, y.astype(float), thresholds), y.mean(),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      decision_curve.net_benefit(y, y.astype(float), thresholds),
+      y.mean(),
+      rtol=1e-12,
+  )
 
 
 def test_calibrated_model_beats_both_references():
@@ -70,18 +88,25 @@ def test_decision_curve_records_write_as_csv():
   assert [r['threshold'] for r in records] == [k / 100 for k in range(5, 96)]
   assert records[2]['threshold'] == 0.07  # exactly, so a CSV shows 0.07
   thresholds = np.array([r['threshold'] for r in records])
-  np.testing.assert_array_equal([r['net_benefit_model'] for r in records],
-                                decision_curve.net_benefit(y, p, thresholds))
-  np.testing.assert_array_equal([r['net_benefit_all'] for r in records],
-                                decision_curve.treat_all(y, thresholds))
+  np.testing.assert_array_equal(
+      [r['net_benefit_model'] for r in records],
+      decision_curve.net_benefit(y, p, thresholds),
+  )
+  np.testing.assert_array_equal(
+      [r['net_benefit_all'] for r in records],
+      decision_curve.treat_all(y, thresholds),
+  )
   assert all(r['net_benefit_none'] == 0.0 for r in records)
   out = io.StringIO()
   writer = csv.DictWriter(out, fieldnames=list(records[0]))
   writer.writeheader()
   writer.writerows(records)
   assert out.getvalue().splitlines()[0] == (
-      'threshold,net_benefit_model,net_benefit_all,net_benefit_none')
-  assert [r['threshold'] for r in decision_curve.decision_curve(y, p, [0.3, 0.1])] == [0.3, 0.1]
+      'threshold,net_benefit_model,net_benefit_all,net_benefit_none'
+  )
+  assert [
+      r['threshold'] for r in decision_curve.decision_curve(y, p, [0.3, 0.1])
+  ] == [0.3, 0.1]
 
 
 @pytest.mark.parametrize('thresholds', [[1.0], [-0.1], [np.nan], [0.2, 1.5]])

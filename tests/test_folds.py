@@ -18,7 +18,9 @@ def test_folds_partition_and_stratify():
   ids, stratum, pcr = _cohort()
   assigned = folds.assign_folds(ids, stratum, 5, seed=0)
   assert sorted(np.unique(assigned)) == [0, 1, 2, 3, 4]
-  for s in np.unique(stratum):  # Every stratum is spread as evenly as its size allows.
+  for s in np.unique(
+      stratum
+  ):  # Every stratum is spread as evenly as its size allows.
     counts = np.bincount(assigned[stratum == s], minlength=5)
     assert counts.max() - counts.min() <= 1
   rates = [pcr[assigned == f].mean() for f in range(5)]
@@ -29,9 +31,15 @@ def test_split_fold_is_disjoint_and_covers_everyone():
   ids, stratum, _ = _cohort()
   test_sets = []
   for fold in range(5):
-    split = folds.split_fold(ids, stratum, num_folds=5, fold=fold, seed=3, val_fraction=0.2)
+    split = folds.split_fold(
+        ids, stratum, num_folds=5, fold=fold, seed=3, val_fraction=0.2
+    )
     parts = [set(split.train), set(split.val), set(split.test)]
-    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert (
+        not (parts[0] & parts[1])
+        and not (parts[0] & parts[2])
+        and not (parts[1] & parts[2])
+    )
     assert len(parts[0] | parts[1] | parts[2]) == len(ids)
     assert abs(len(split.val) - 0.2 * (len(ids) - len(split.test))) <= 8
     test_sets.append(parts[2])
@@ -58,16 +66,22 @@ def test_duplicate_ids_are_refused():
 @pytest.mark.parametrize('val_fraction', [0.2, 0.3, 0.4])
 def test_validation_split_honours_val_fraction_and_strata(val_fraction):
   ids, stratum, _ = _cohort(200)
-  split = folds.split_fold(ids, stratum, num_folds=5, fold=1, seed=0, val_fraction=val_fraction)
+  split = folds.split_fold(
+      ids, stratum, num_folds=5, fold=1, seed=0, val_fraction=val_fraction
+  )
   rest = np.concatenate([split.train, split.val])
   assert len(split.val) == round(val_fraction * len(rest))
-  for s in np.unique(stratum[rest]):  # Each stratum within one patient of its share.
+  for s in np.unique(
+      stratum[rest]
+  ):  # Each stratum within one patient of its share.
     share = val_fraction * (stratum[rest] == s).sum()
     assert abs((stratum[split.val] == s).sum() - share) < 1
 
 
 def test_holdout_keeps_singleton_strata():
-  held = folds.stratified_holdout(np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2]), 0.3, seed=0)
+  held = folds.stratified_holdout(
+      np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2]), 0.3, seed=0
+  )
   assert held.sum() == 3
 
 
@@ -77,10 +91,19 @@ def test_validation_and_training_hold_both_classes_in_a_small_cohort():
     ids, stratum, pcr = _cohort(21, seed=seed)
     for fold in range(2):
       try:
-        split = folds.split_fold(ids, stratum, num_folds=2, fold=fold, seed=seed, val_fraction=0.2)
-      except ValueError as e:  # Too few of a class in the fold's training part: said in one line.
-        rest_pcr = np.bincount(pcr[folds.assign_folds(ids, stratum, 2, seed) != fold], minlength=2)
+        split = folds.split_fold(
+            ids, stratum, num_folds=2, fold=fold, seed=seed, val_fraction=0.2
+        )
+      except (
+          ValueError
+      ) as e:  # Too few of a class in the fold's training part: said in one line.
+        rest_pcr = np.bincount(
+            pcr[folds.assign_folds(ids, stratum, 2, seed) != fold], minlength=2
+        )
         assert rest_pcr.min() < 2 and 'needs both classes' in str(e)
         continue
       assert len(split.val) == round(0.2 * (len(split.train) + len(split.val)))
-      assert set(pcr[split.val]) == {0, 1} and set(pcr[split.train]) == {0, 1}, (seed, fold)
+      assert set(pcr[split.val]) == {0, 1} and set(pcr[split.train]) == {
+          0,
+          1,
+      }, (seed, fold)

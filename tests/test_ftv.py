@@ -37,25 +37,38 @@ def _phases(shape, enhancing, *, pre=100.0, early_factor=3.0, late_factor=2.5):
 # ----------------------------------------------------------------------------- the UCSF rules
 def test_neighbour_rule_removes_a_lone_voxel_and_keeps_a_solid_cube():
   enhancing = np.zeros((12, 12, 12), bool)
-  enhancing[2:5, 2:5, 2:5] = True  # 27 voxels; even a corner has 7 selected neighbours
+  enhancing[2:5, 2:5, 2:5] = (
+      True  # 27 voxels; even a corner has 7 selected neighbours
+  )
   enhancing[9, 9, 9] = True  # isolated: 0 neighbours
   mask = ftv.ftv_mask(*_phases(enhancing.shape, enhancing))
   cube = np.zeros_like(enhancing)
   cube[2:5, 2:5, 2:5] = True
   np.testing.assert_array_equal(mask, cube)
   assert mask.sum() == 27
-  assert ftv.ftv_mask(*_phases(enhancing.shape, enhancing), min_neighbours=0).sum() == 28
+  assert (
+      ftv.ftv_mask(*_phases(enhancing.shape, enhancing), min_neighbours=0).sum()
+      == 28
+  )
 
 
 def test_background_threshold_excludes_dark_voxels():
   pre = np.full((10, 10, 10), 100.0)
-  pre[..., :5] = 20.0  # dark (fat-like) half: below 0.6 x the 95th percentile (60)
+  pre[..., :5] = (
+      20.0  # dark (fat-like) half: below 0.6 x the 95th percentile (60)
+  )
   enhancing = np.zeros(pre.shape, bool)
-  enhancing[2:8, 2:8, 2:8] = True  # 6 x 6 x 6, half of it dark; PE 200 % everywhere in it
-  early, late = np.where(enhancing, 3 * pre, pre), np.where(enhancing, 2.5 * pre, pre)
+  enhancing[2:8, 2:8, 2:8] = (
+      True  # 6 x 6 x 6, half of it dark; PE 200 % everywhere in it
+  )
+  early, late = np.where(enhancing, 3 * pre, pre), np.where(
+      enhancing, 2.5 * pre, pre
+  )
   mask = ftv.ftv_mask(pre, early, late)
   assert mask.sum() == 6 * 6 * 3 and not mask[..., :5].any()
-  assert ftv.ftv_mask(pre, early, late, background_fraction=0.1).sum() == 6 * 6 * 6
+  assert (
+      ftv.ftv_mask(pre, early, late, background_fraction=0.1).sum() == 6 * 6 * 6
+  )
 
 
 def test_ser_sign_and_degenerate_signals_without_warnings():
@@ -67,13 +80,19 @@ def test_ser_sign_and_degenerate_signals_without_warnings():
   late[2:6, 2:6, 2:6] = 250.0  # washout: SER > 0, kept
   late[2:6, 2:6, 10:14] = 100.0  # late = pre: SER infinite (positive), kept
   late[2:6, 2:6, 18:22] = 50.0  # late below pre: SER < 0, dropped
-  pre[0] = early[0] = late[0] = 0.0  # a slice with no signal (air outside the coil)
+  pre[0] = early[0] = late[0] = (
+      0.0  # a slice with no signal (air outside the coil)
+  )
   early[0, 0, 0] = 50.0  # PE would divide by zero here
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     mask = ftv.ftv_mask(pre, early, late, background_fraction=0.0)
   assert mask.sum() == 2 * 64
-  assert mask[2:6, 2:6, 2:6].all() and mask[2:6, 2:6, 10:14].all() and not mask[:, :, 16:].any()
+  assert (
+      mask[2:6, 2:6, 2:6].all()
+      and mask[2:6, 2:6, 10:14].all()
+      and not mask[:, :, 16:].any()
+  )
   assert not mask[0].any()
 
 
@@ -84,7 +103,9 @@ def test_roi_restricts_the_mask_and_sets_the_background():
   roi[5:, 5:, 5:] = True
   mask = ftv.ftv_mask(*_phases(enhancing.shape, enhancing), roi=roi)
   assert mask.sum() == 27 and mask[6:9, 6:9, 6:9].all()
-  assert not ftv.ftv_mask(*_phases(enhancing.shape, enhancing), roi=np.zeros_like(roi)).any()
+  assert not ftv.ftv_mask(
+      *_phases(enhancing.shape, enhancing), roi=np.zeros_like(roi)
+  ).any()
 
 
 def test_ftv_masks_without_a_t0_tumour_look_over_the_whole_volume():
@@ -92,11 +113,16 @@ def test_ftv_masks_without_a_t0_tumour_look_over_the_whole_volume():
   shape = (8, 12, 12)
   enhancing = np.zeros(shape, bool)
   enhancing[1:4, 1:4, 1:4] = enhancing[5:8, 8:11, 8:11] = True
-  record = {'images': np.stack([np.stack(_phases(shape, enhancing))] * 4),
-            'visit_mask': np.array([True, True, False, False]),
-            'tumor_mask': np.zeros((4,) + shape, np.uint8), 'spacing_mm': np.ones(3, np.float32)}
+  record = {
+      'images': np.stack([np.stack(_phases(shape, enhancing))] * 4),
+      'visit_mask': np.array([True, True, False, False]),
+      'tumor_mask': np.zeros((4,) + shape, np.uint8),
+      'spacing_mm': np.ones(3, np.float32),
+  }
   masks = ftv.ftv_masks(record)
-  np.testing.assert_array_equal(masks[1], ftv.ftv_mask(*_phases(shape, enhancing)))
+  np.testing.assert_array_equal(
+      masks[1], ftv.ftv_mask(*_phases(shape, enhancing))
+  )
   assert masks[1].sum() == 2 * 27 and not masks[2:].any()
 
 
@@ -115,7 +141,9 @@ def test_ftv_at_t0_agrees_with_the_enhancing_tumour(rendered):
   patients, volumes = rendered
   recall, ftv0, enhancing_mm3 = [], [], []
   for (ex, maps, _), f in zip(patients, volumes):
-    roi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
+    roi = geometry.grown_box(
+        ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM
+    )
     mask = ftv.ftv_mask(*ex['images'][0], roi=roi)
     enhancing = maps['labels'][0] == ph.LABELS['tumour']
     recall.append((mask & enhancing).sum() / enhancing.sum())
@@ -135,13 +163,18 @@ def test_ftv_falls_more_by_t2_after_pcr(rendered):
   seen = ~np.isnan(change)
   assert (pcr[seen] == 1).sum() >= 3 and (pcr[seen] == 0).sum() >= 3
   # Observed: median -0.90 after pCR, -0.46 otherwise.
-  assert np.median(change[seen & (pcr == 1)]) < np.median(change[seen & (pcr == 0)]) - 0.2
+  assert (
+      np.median(change[seen & (pcr == 1)])
+      < np.median(change[seen & (pcr == 0)]) - 0.2
+  )
 
 
 def test_ftv_per_visit_is_nan_exactly_for_missing_visits(rendered):
   patients, volumes = rendered
   visit_mask = np.stack([ex['visit_mask'] for ex, _, _ in patients])
-  assert not visit_mask.all()  # the fixture has missing visits (patients 9, 10, 15)
+  assert (
+      not visit_mask.all()
+  )  # the fixture has missing visits (patients 9, 10, 15)
   np.testing.assert_array_equal(np.isnan(volumes), ~visit_mask)
   assert (volumes[:, 0] > 0).all()
   ex = dict(patients[0][0], visit_mask=np.array([True, False, True, True]))
@@ -153,13 +186,20 @@ def test_ftv_per_visit_is_nan_exactly_for_missing_visits(rendered):
 def _truth_volumes(indices):
   """Tumour volumes from the phantom's ground truth (NaN for missing visits) and pCR: fast."""
   truths = [ph.simulate_patient(SPEC, i) for i in indices]
-  volumes = np.stack([np.where(t.visit_mask, t.tumor_volume_mm3, np.nan) for t in truths])
+  volumes = np.stack(
+      [np.where(t.visit_mask, t.tumor_volume_mm3, np.nan) for t in truths]
+  )
   return volumes, np.array([t.pcr for t in truths])
 
 
 def test_ftv_features_floor_and_missing_t1():
-  volumes = np.array([[8000.0, 6000.0, 100.0, 0.0], [0.0, 50.0, 0.0, 0.0],
-                      [4000.0, np.nan, 1000.0, np.nan]])
+  volumes = np.array(
+      [
+          [8000.0, 6000.0, 100.0, 0.0],
+          [0.0, 50.0, 0.0, 0.0],
+          [4000.0, np.nan, 1000.0, np.nan],
+      ]
+  )
   features = ftv.ftv_features(volumes)
   np.testing.assert_allclose(features[0], [np.log(8000.0), -0.25])
   np.testing.assert_allclose(features[1], [np.log(ftv.FTV0_FLOOR_MM3), -0.5])
@@ -195,27 +235,36 @@ def test_ftv_mask_is_the_rule_of_the_analysis_masks(rendered):
   patients, _ = rendered
   for ex, _, _ in patients[:8]:
     images = ex['images'][0].astype(np.float64)
-    voi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
+    voi = geometry.grown_box(
+        ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM
+    )
     codes, _ = tcia_fixtures.volser_codes(*images, voi)
     np.testing.assert_array_equal(ftv.ftv_mask(*images, roi=voi), codes == 0)
 
 
 def test_ftv_per_visit_takes_a_visits_own_analysis_mask(rendered):
   """A visit whose tumor_mask holds a VOI (code 2) has the mask's FTV; a later visit without one
-  is computed from its images inside that VOI; a complete response inside a VOI is 0."""
+  is computed from its images inside that VOI; a complete response inside a VOI is 0.
+  """
   ex, _, _ = rendered[0][0]
   record = dict(ex, visit_mask=np.array([True, True, True, False]))
   masks = np.zeros_like(ex['tumor_mask'])
   voi = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], 6.0)
-  masks[0] = np.where(ex['tumor_mask'][0] > 0, schema.TUMOUR, np.where(voi, schema.VOI, 0))
+  masks[0] = np.where(
+      ex['tumor_mask'][0] > 0, schema.TUMOUR, np.where(voi, schema.VOI, 0)
+  )
   masks[1] = ex['tumor_mask'][1]  # no mask at T1: the tumour only (PE >= 70 %)
   masks[2] = np.where(voi, schema.VOI, 0)  # T2: the mask's FTV is empty
   record['tumor_mask'] = masks
   volumes = ftv.ftv_per_visit(record)
   assert volumes[0] == (ex['tumor_mask'][0] > 0).sum() * VOXEL_MM3
   assert volumes[1] == ftv.ftv_mask(*ex['images'][1], roi=voi).sum() * VOXEL_MM3
-  t0_box = geometry.grown_box(ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM)
-  assert volumes[1] != ftv.ftv_mask(*ex['images'][1], roi=t0_box).sum() * VOXEL_MM3  # the VOI
+  t0_box = geometry.grown_box(
+      ex['tumor_mask'][0], ex['spacing_mm'], ftv.T0_BOX_MARGIN_MM
+  )
+  assert (
+      volumes[1] != ftv.ftv_mask(*ex['images'][1], roi=t0_box).sum() * VOXEL_MM3
+  )  # the VOI
   assert volumes[2] == 0 and np.isnan(volumes[3])
   assert ftv.voi(masks[1]) is None and ftv.voi(masks[2]).sum() == voi.sum()
 
@@ -223,14 +272,25 @@ def test_ftv_per_visit_takes_a_visits_own_analysis_mask(rendered):
 @pytest.fixture(scope='module')
 def tcia_records():
   """Records of 7 TCIA-like fixture patients as the `tcia` reader writes them, and their truth."""
-  names = ('standard', 'oblique', 'sagittal', 'spacing', 'node', 'bilateral', 'acrin')
+  names = (
+      'standard',
+      'oblique',
+      'sagittal',
+      'spacing',
+      'node',
+      'bilateral',
+      'acrin',
+  )
   with tempfile.TemporaryDirectory() as root:
-    truths = tcia_fixtures.write_tcia_tree(root, [c for c in tcia_fixtures.DEFAULT_CASES
-                                                  if c.name in names])
+    truths = tcia_fixtures.write_tcia_tree(
+        root, [c for c in tcia_fixtures.DEFAULT_CASES if c.name in names]
+    )
     patients, _ = tcia.discover(root)
     clinical = tcia.read_clinical(root)
-    return [(tcia.process_patient(patients[pid], clinical[pid])[0], truth)
-            for pid, truth in truths.items()]
+    return [
+        (tcia.process_patient(patients[pid], clinical[pid])[0], truth)
+        for pid, truth in truths.items()
+    ]
 
 
 def test_ftv_of_tcia_records_agrees_with_the_analysis_masks(tcia_records):
@@ -251,17 +311,32 @@ def test_ftv_of_tcia_records_agrees_with_the_analysis_masks(tcia_records):
     voxel_mm3 = float(np.prod(record['spacing_mm']))
     for v in np.flatnonzero(truth.visit_mask):
       mask = record['tumor_mask'][v]
-      if truth.mask_source[v] == 'pe70_in_voi':  # the node patient's T1: T0's VOI, not the node
+      if (
+          truth.mask_source[v] == 'pe70_in_voi'
+      ):  # the node patient's T1: T0's VOI, not the node
         assert 0.8 <= volumes[v] / truth.tumor_volume_mm3[v] <= 1.8
         continue
       assert volumes[v] == (mask == schema.TUMOUR).sum() * voxel_mm3
-      assert volumes[v] == pytest.approx(truth.ftv_volume_mm3[v], rel=0.06, abs=100.0)
+      assert volumes[v] == pytest.approx(
+          truth.ftv_volume_mm3[v], rel=0.06, abs=100.0
+      )
       if truth.ftv_volume_mm3[v] >= 1000:
         images = record['images'][v].astype(np.float32)
         computed = ftv.ftv_mask(*images, roi=ftv.voi(mask)).sum() * voxel_mm3
         ratios.append(computed / truth.ftv_volume_mm3[v])
   assert len(ratios) >= 12
-  assert 0.9 <= min(ratios) and max(ratios) <= 1.6 and 1.1 <= np.median(ratios) <= 1.45
-  empty = [v for record, truth in tcia_records for v in np.flatnonzero(truth.visit_mask)
-           if truth.mask_source[v].startswith('analysis_mask') and not truth.ftv_volume_mm3[v]]
-  assert len(empty) == 2  # complete responses (oblique and bilateral T3): FTV 0 in their VOI
+  assert (
+      0.9 <= min(ratios)
+      and max(ratios) <= 1.6
+      and 1.1 <= np.median(ratios) <= 1.45
+  )
+  empty = [
+      v
+      for record, truth in tcia_records
+      for v in np.flatnonzero(truth.visit_mask)
+      if truth.mask_source[v].startswith('analysis_mask')
+      and not truth.ftv_volume_mm3[v]
+  ]
+  assert (
+      len(empty) == 2
+  )  # complete responses (oblique and bilateral T3): FTV 0 in their VOI

@@ -11,7 +11,9 @@ from pcrjax.evidence import operating_points
 from tests import synthetic
 
 
-def _brute_force_rates(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _brute_force_rates(
+    y: np.ndarray, p: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Sensitivity and specificity at every observed value used as a threshold (p ≥ t)."""
   thresholds = np.unique(p)
   sens = np.array([np.mean(p[y] >= t) for t in thresholds])
@@ -32,7 +34,9 @@ def test_youden_threshold_maximises_j_against_brute_force(seed):
   thresholds, sens, spec = _brute_force_rates(y, p)
   j = sens + spec - 1.0
   best = thresholds[np.isclose(j, j.max(), rtol=0, atol=1e-12)]
-  assert operating_points.youden_threshold(y, p) == best.max()  # ties go to the highest threshold
+  assert (
+      operating_points.youden_threshold(y, p) == best.max()
+  )  # ties go to the highest threshold
   fpr, tpr, _ = roc_curve(y, p)
   assert j.max() == pytest.approx(np.max(tpr - fpr), abs=1e-12)
 
@@ -68,9 +72,14 @@ def test_confusion_metrics_hand_computed():
 def test_operating_point_cis_contain_estimates_and_are_deterministic(rule):
   y, lp = synthetic.calibrated(300, seed=12)
   p = expit(lp)
-  result = operating_points.operating_point(y, p, rule, num_replicates=500, seed=3)
-  expected = (operating_points.youden_threshold(y, p) if rule == 'youden' else
-              operating_points.threshold_at_sensitivity(y, p, 0.9))
+  result = operating_points.operating_point(
+      y, p, rule, num_replicates=500, seed=3
+  )
+  expected = (
+      operating_points.youden_threshold(y, p)
+      if rule == 'youden'
+      else operating_points.threshold_at_sensitivity(y, p, 0.9)
+  )
   assert result['rule'] == rule and result['threshold'] == expected
   point = operating_points.confusion_metrics(y, p, expected)
   for key in ('threshold', 'sensitivity', 'specificity', 'ppv', 'npv'):
@@ -83,8 +92,14 @@ def test_operating_point_cis_contain_estimates_and_are_deterministic(rule):
     # The threshold is re-derived in every replicate, so each one keeps sens ≥ 0.9
     # (a threshold fixed at the point estimate would not).
     assert result['sensitivity_ci'][0] >= 0.9
-  assert operating_points.operating_point(y, p, rule, num_replicates=500, seed=3) == result
-  assert operating_points.operating_point(y, p, rule, num_replicates=500, seed=4) != result
+  assert (
+      operating_points.operating_point(y, p, rule, num_replicates=500, seed=3)
+      == result
+  )
+  assert (
+      operating_points.operating_point(y, p, rule, num_replicates=500, seed=4)
+      != result
+  )
 
 
 def test_operating_point_nan_safe():
@@ -95,13 +110,17 @@ def test_operating_point_nan_safe():
   p = np.r_[0.0, 0.0, np.linspace(0.55, 0.95, 8), np.linspace(0.05, 0.6, 30)]
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    result = operating_points.operating_point(y, p, 'sens90', num_replicates=400, seed=0)
+    result = operating_points.operating_point(
+        y, p, 'sens90', num_replicates=400, seed=0
+    )
     assert result['threshold'] == 0.0 and np.isnan(result['npv'])
     low, high = result['npv_ci']
     assert 0.0 <= low <= high <= 1.0
     # All positives at the bottom: NPV is undefined in every replicate.
     p_bottom = np.r_[np.zeros(10), np.linspace(0.05, 0.6, 30)]
-    result = operating_points.operating_point(y, p_bottom, 'sens90', num_replicates=100, seed=0)
+    result = operating_points.operating_point(
+        y, p_bottom, 'sens90', num_replicates=100, seed=0
+    )
     assert np.isnan(result['npv']) and np.all(np.isnan(result['npv_ci']))
     assert result['ppv_ci'] == (0.25, 0.25)
 

@@ -54,7 +54,9 @@ def _asah() -> tuple[np.ndarray, dict[str, np.ndarray]]:
   return poor, scores
 
 
-def _delong_oracle(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _delong_oracle(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """DeLong, DeLong & Clarke-Pearson (1988) by brute force: psi over all (pos, neg) pairs."""
   y = labels.astype(bool)
   m, n = y.sum(), (~y).sum()
@@ -63,10 +65,24 @@ def _delong_oracle(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
   v10, v01 = psi.mean(axis=2), psi.mean(axis=1)  # structural components
   aucs = psi.mean(axis=(1, 2))
   k = scores.shape[0]
-  s10 = np.array([[np.sum((v10[r] - aucs[r]) * (v10[s] - aucs[s])) / (m - 1)
-                   for s in range(k)] for r in range(k)])
-  s01 = np.array([[np.sum((v01[r] - aucs[r]) * (v01[s] - aucs[s])) / (n - 1)
-                   for s in range(k)] for r in range(k)])
+  s10 = np.array(
+      [
+          [
+              np.sum((v10[r] - aucs[r]) * (v10[s] - aucs[s])) / (m - 1)
+              for s in range(k)
+          ]
+          for r in range(k)
+      ]
+  )
+  s01 = np.array(
+      [
+          [
+              np.sum((v01[r] - aucs[r]) * (v01[s] - aucs[s])) / (n - 1)
+              for s in range(k)
+          ]
+          for r in range(k)
+      ]
+  )
   return aucs, s10 / m + s01 / n
 
 
@@ -139,11 +155,14 @@ def test_auroc_hanley_mcneil_1982_ct_ratings():
 # ---------------------------------------------------------------- DeLong
 
 
-@pytest.mark.parametrize(('first', 'second', 'z', 'p'), [
-    ('wfns', 's100b', 2.20898359144091, 0.0271757822291882),
-    ('wfns', 'ndka', 2.79777591868904, 0.00514557970691098),
-    ('ndka', 's100b', -1.39077002573558, 0.164295175223054),
-])
+@pytest.mark.parametrize(
+    ('first', 'second', 'z', 'p'),
+    [
+        ('wfns', 's100b', 2.20898359144091, 0.0271757822291882),
+        ('wfns', 'ndka', 2.79777591868904, 0.00514557970691098),
+        ('ndka', 's100b', -1.39077002573558, 0.164295175223054),
+    ],
+)
 def test_delong_matches_proc_roc_test_on_asah(first, second, z, p):
   y, scores = _asah()
   assert (y.size, int(y.sum())) == (113, 41)
@@ -155,7 +174,8 @@ def test_delong_matches_proc_roc_test_on_asah(first, second, z, p):
 def test_asah_aucs_match_proc():
   y, scores = _asah()
   aucs, _ = statistics.delong_covariance(
-      y, np.stack([scores['wfns'], scores['s100b'], scores['ndka']]))
+      y, np.stack([scores['wfns'], scores['s100b'], scores['ndka']])
+  )
   np.testing.assert_allclose(aucs, [0.824, 0.731, 0.612], atol=5e-4)
 
 
@@ -166,7 +186,9 @@ def test_delong_covariance_matches_brute_force_oracle(seed):
   want_aucs, want_cov = _delong_oracle(y, scores)
   np.testing.assert_allclose(aucs, want_aucs, rtol=0, atol=1e-13)
   np.testing.assert_allclose(cov, want_cov, rtol=1e-10, atol=1e-16)
-  np.testing.assert_allclose(aucs, [roc_auc_score(y, s) for s in scores], atol=1e-13)
+  np.testing.assert_allclose(
+      aucs, [roc_auc_score(y, s) for s in scores], atol=1e-13
+  )
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -186,7 +208,10 @@ def test_delong_test_matches_brute_force_oracle(seed):
 
 def test_delong_identical_rankings_give_z0_p1():
   y, scores = _tied_data(3)
-  for other in (scores[0], 3.0 * scores[0] - 1.0):  # same ranking, different values
+  for other in (
+      scores[0],
+      3.0 * scores[0] - 1.0,
+  ):  # same ranking, different values
     result = statistics.delong_test(y, scores[0], other)
     assert (result.z, result.p_value) == (0.0, 1.0)
     assert result.auc_a == result.auc_b
@@ -204,9 +229,13 @@ def test_delong_difference_ci_on_asah():
   # pROC's Z above (SE = difference / Z) and the AUCs.
   y, scores = _asah()
   result = statistics.delong_test(y, scores['wfns'], scores['s100b'])
-  assert result.difference == pytest.approx(result.auc_b - result.auc_a, abs=1e-15)
+  assert result.difference == pytest.approx(
+      result.auc_b - result.auc_a, abs=1e-15
+  )
   assert result.difference == pytest.approx(0.7313686 - 0.8236789, abs=1e-7)
-  assert result.difference_ci == pytest.approx((-0.17421442, -0.01040618), abs=1e-8)
+  assert result.difference_ci == pytest.approx(
+      (-0.17421442, -0.01040618), abs=1e-8
+  )
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -219,11 +248,17 @@ def test_delong_difference_ci_is_the_wald_interval_of_the_test(seed):
   assert result.difference == pytest.approx(aucs[1] - aucs[0], abs=1e-13)
   assert low < result.difference < high
   assert (high - low) / 2 == pytest.approx(1.959964 * se, rel=1e-6)
-  assert (high - low) / 2 == pytest.approx(1.959964 * abs(result.difference / result.z), rel=1e-6)
+  assert (high - low) / 2 == pytest.approx(
+      1.959964 * abs(result.difference / result.z), rel=1e-6
+  )
   assert (low > 0 or high < 0) == (result.p_value < 0.05)
-  narrow = statistics.delong_test(y, scores[0], scores[1], confidence=0.5).difference_ci
+  narrow = statistics.delong_test(
+      y, scores[0], scores[1], confidence=0.5
+  ).difference_ci
   assert low < narrow[0] < narrow[1] < high
-  assert (high - low) / 2 == pytest.approx(1.959964 / 0.6744898 * (narrow[1] - narrow[0]) / 2)
+  assert (high - low) / 2 == pytest.approx(
+      1.959964 / 0.6744898 * (narrow[1] - narrow[0]) / 2
+  )
   swapped = statistics.delong_test(y, scores[1], scores[0])
   assert swapped.difference_ci == pytest.approx((-high, -low), abs=1e-15)
 
@@ -245,7 +280,9 @@ def test_delong_rejects_bad_confidence():
 
 def test_stratified_indices_keep_every_class_count():
   y = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0])
-  idx = statistics.stratified_bootstrap_indices(y, 500, np.random.default_rng(0))
+  idx = statistics.stratified_bootstrap_indices(
+      y, 500, np.random.default_rng(0)
+  )
   assert idx.shape == (500, y.size)
   assert np.all(y[idx] == y)  # each position draws from its own class
   # Resampling is with replacement: some replicate repeats a positive.
@@ -294,19 +331,28 @@ def test_bootstrap_intervals_are_percentiles_of_the_stratified_replicates():
 
   def replicate_fn(idx):
     mean = s[idx].mean(axis=-1)
-    return {'mean': mean, 'never': np.full(mean.shape, np.nan),
-            'half': np.where(np.arange(mean.size) % 2 == 0, mean, np.nan)}
+    return {
+        'mean': mean,
+        'never': np.full(mean.shape, np.nan),
+        'half': np.where(np.arange(mean.size) % 2 == 0, mean, np.nan),
+    }
 
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    intervals = statistics.bootstrap_intervals(y, replicate_fn, num_replicates=400,
-                                               confidence=0.9, seed=3)
+    intervals = statistics.bootstrap_intervals(
+        y, replicate_fn, num_replicates=400, confidence=0.9, seed=3
+    )
   # A sample this small is one chunk: the same generator draws the same replicates.
-  idx = statistics.stratified_bootstrap_indices(y, 400, np.random.default_rng(3))
+  idx = statistics.stratified_bootstrap_indices(
+      y, 400, np.random.default_rng(3)
+  )
   means = s[idx].mean(axis=-1)
-  assert intervals['mean'] == pytest.approx(tuple(np.quantile(means, [0.05, 0.95])), abs=1e-15)
-  assert intervals['half'] == pytest.approx(tuple(np.quantile(means[::2], [0.05, 0.95])),
-                                            abs=1e-15)
+  assert intervals['mean'] == pytest.approx(
+      tuple(np.quantile(means, [0.05, 0.95])), abs=1e-15
+  )
+  assert intervals['half'] == pytest.approx(
+      tuple(np.quantile(means[::2], [0.05, 0.95])), abs=1e-15
+  )
   assert np.all(np.isnan(intervals['never']))
 
 
@@ -346,19 +392,23 @@ def test_corrected_ttest_hand_computed():
   # variance (1/5 + 1/4) s² = 0.0002925. For 4 degrees of freedom the t CDF is closed-form,
   # F(t) = 1/2 + (3/8) x (1 − t²/(12 (1 + t²/4))) with x = t / sqrt(1 + t²/4), and t_{0.975,4} is
   # the textbook 2.7764451.
-  result = statistics.corrected_resampled_ttest([0.02, 0.05, -0.01, 0.04, 0.0],
-                                                test_train_ratio=0.25)
+  result = statistics.corrected_resampled_ttest(
+      [0.02, 0.05, -0.01, 0.04, 0.0], test_train_ratio=0.25
+  )
   se = np.sqrt(0.45 * 0.00065)
   t = 0.02 / se
   x = t / np.sqrt(1 + t**2 / 4)
   p = 2 * (1 - (0.5 + 3 / 8 * x * (1 - t**2 / (12 * (1 + t**2 / 4)))))
   assert result.df == 4
   assert result.difference == pytest.approx(0.02, rel=1e-12)
-  assert result.t == pytest.approx(t, rel=1e-12) and t == pytest.approx(1.16941069, rel=1e-8)
+  assert result.t == pytest.approx(t, rel=1e-12) and t == pytest.approx(
+      1.16941069, rel=1e-8
+  )
   assert result.p_value == pytest.approx(p, rel=1e-9)
   half_width = 2.7764451052 * se
-  np.testing.assert_allclose(result.difference_ci, [0.02 - half_width, 0.02 + half_width],
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+      result.difference_ci, [0.02 - half_width, 0.02 + half_width], rtol=1e-9
+  )
 
 
 @pytest.mark.parametrize('seed', range(3))
@@ -367,7 +417,9 @@ def test_corrected_ttest_widens_the_naive_paired_t_test(seed):
   a = rng.uniform(0.6, 0.8, 15)  # 3 repeats × 5 folds.
   b = a + rng.normal(0.03, 0.03, 15)
   naive = ttest_rel(b, a)
-  uncorrected = statistics.corrected_resampled_ttest(b - a, test_train_ratio=0.0)
+  uncorrected = statistics.corrected_resampled_ttest(
+      b - a, test_train_ratio=0.0
+  )
   assert uncorrected.p_value == pytest.approx(naive.pvalue, rel=1e-9)
   assert uncorrected.t == pytest.approx(naive.statistic, rel=1e-9)
   corrected = statistics.corrected_resampled_ttest(b - a, test_train_ratio=0.25)
@@ -375,7 +427,9 @@ def test_corrected_ttest_widens_the_naive_paired_t_test(seed):
   assert corrected.difference == uncorrected.difference
   # The half-width grows by sqrt((1/J + 1/4) / (1/J)) = sqrt(1 + 15/4).
   width = lambda r: r.difference_ci[1] - r.difference_ci[0]  # noqa: E731
-  assert width(corrected) == pytest.approx(width(uncorrected) * np.sqrt(1 + 15 / 4), rel=1e-12)
+  assert width(corrected) == pytest.approx(
+      width(uncorrected) * np.sqrt(1 + 15 / 4), rel=1e-12
+  )
   assert corrected.difference_ci[0] < uncorrected.difference_ci[0]
 
 
@@ -389,13 +443,27 @@ def test_corrected_ttest_degenerate_cases():
   with pytest.raises(ValueError, match='test_train_ratio'):
     statistics.corrected_resampled_ttest([0.1, 0.2], test_train_ratio=-1.0)
   with pytest.raises(ValueError, match='confidence'):
-    statistics.corrected_resampled_ttest([0.1, 0.2], test_train_ratio=0.25, confidence=1.0)
+    statistics.corrected_resampled_ttest(
+        [0.1, 0.2], test_train_ratio=0.25, confidence=1.0
+    )
   # No variance: all zero is no evidence of a difference; a constant non-zero has no t (NaN),
   # also when rounding makes the constant unequal in the last bit.
-  same = statistics.corrected_resampled_ttest(np.zeros(6), test_train_ratio=0.25)
-  assert (same.t, same.p_value, same.difference, same.difference_ci) == (0.0, 1.0, 0.0, (0.0, 0.0))
-  for constant_d in (np.full(6, 0.05), 0.05 + np.array([0, 1, 0, -1, 0, 0]) * np.spacing(0.05)):
-    constant = statistics.corrected_resampled_ttest(constant_d, test_train_ratio=0.25)
+  same = statistics.corrected_resampled_ttest(
+      np.zeros(6), test_train_ratio=0.25
+  )
+  assert (same.t, same.p_value, same.difference, same.difference_ci) == (
+      0.0,
+      1.0,
+      0.0,
+      (0.0, 0.0),
+  )
+  for constant_d in (
+      np.full(6, 0.05),
+      0.05 + np.array([0, 1, 0, -1, 0, 0]) * np.spacing(0.05),
+  ):
+    constant = statistics.corrected_resampled_ttest(
+        constant_d, test_train_ratio=0.25
+    )
     assert constant.difference == pytest.approx(0.05) and constant.df == 5
     assert np.isnan(constant.t) and np.isnan(constant.p_value)
     assert np.isnan(constant.difference_ci).all()
@@ -407,15 +475,23 @@ def test_corrected_ttest_degenerate_cases():
 def test_holm_hand_worked():
   # Sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04, made
   # non-decreasing: 0.02, 0.03, 0.06, 0.06 (statsmodels multipletests(method='holm') agrees).
-  np.testing.assert_allclose(statistics.holm([0.01, 0.04, 0.03, 0.005]),
-                             [0.03, 0.06, 0.06, 0.02], rtol=1e-12)
-  np.testing.assert_array_equal(statistics.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
-  np.testing.assert_allclose(statistics.holm([0.02, 0.5, 0.02]), [0.06, 0.5, 0.06], rtol=1e-12)
+  np.testing.assert_allclose(
+      statistics.holm([0.01, 0.04, 0.03, 0.005]),
+      [0.03, 0.06, 0.06, 0.02],
+      rtol=1e-12,
+  )
+  np.testing.assert_array_equal(
+      statistics.holm([0.5, 0.6]), [1.0, 1.0]
+  )  # capped at 1
+  np.testing.assert_allclose(
+      statistics.holm([0.02, 0.5, 0.02]), [0.06, 0.5, 0.06], rtol=1e-12
+  )
   assert statistics.holm([0.03]).tolist() == [0.03]
   assert statistics.holm([]).shape == (0,)
   # A test that could not be done stays NaN and still counts in k.
-  np.testing.assert_allclose(statistics.holm([0.01, np.nan, 0.03]), [0.03, np.nan, 0.06],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      statistics.holm([0.01, np.nan, 0.03]), [0.03, np.nan, 0.06], rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize('seed', range(3))
@@ -432,7 +508,9 @@ def test_holm_matches_step_down_definition(seed):
   # Rejecting where adjusted < alpha is Holm's procedure: reject in order while p_(i) < alpha/(k-i).
   for alpha in (0.01, 0.05, 0.2):
     num_rejected = 0
-    while num_rejected < k and p[ranks[num_rejected]] < alpha / (k - num_rejected):
+    while num_rejected < k and p[ranks[num_rejected]] < alpha / (
+        k - num_rejected
+    ):
       num_rejected += 1
     assert set(np.flatnonzero(adjusted < alpha)) == set(ranks[:num_rejected])
 
@@ -442,12 +520,22 @@ def test_holm_matches_step_down_definition(seed):
 
 def test_statistics_layer_imports_no_jax_and_nothing_else_of_pcrjax():
   # A fresh interpreter: this one has JAX loaded by the test fixtures.
-  code = ('import sys; '
-          'from pcrjax.evidence import calibration, decision_curve, operating_points, statistics; '
-          'print(*sys.modules)')
-  loaded = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          check=True).stdout.split()
-  assert not [m for m in loaded if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')]
+  code = (
+      'import sys; '
+      'from pcrjax.evidence import calibration, decision_curve, operating_points, statistics; '
+      'print(*sys.modules)'
+  )
+  loaded = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert not [
+      m for m in loaded if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')
+  ]
   assert {m for m in loaded if m.startswith('pcrjax')} == {
-      'pcrjax', 'pcrjax.evidence', 'pcrjax.evidence.calibration', 'pcrjax.evidence.decision_curve',
-      'pcrjax.evidence.operating_points', 'pcrjax.evidence.statistics'}
+      'pcrjax',
+      'pcrjax.evidence',
+      'pcrjax.evidence.calibration',
+      'pcrjax.evidence.decision_curve',
+      'pcrjax.evidence.operating_points',
+      'pcrjax.evidence.statistics',
+  }

@@ -31,7 +31,9 @@ class _WithoutDatasetInfo:
     self._stream, self._after_info = stream, False
 
   def write(self, text: str) -> int:
-    after_info, self._after_info = self._after_info, text.startswith('tfds.core.DatasetInfo(')
+    after_info, self._after_info = self._after_info, text.startswith(
+        'tfds.core.DatasetInfo('
+    )
     if self._after_info or (after_info and text == '\n'):
       return len(text)
     return self._stream.write(text)

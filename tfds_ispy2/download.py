@@ -48,20 +48,44 @@ from tfds_ispy2.ispy2 import schema, tcia
 COLLECTIONS = ('ispy2', 'acrin_6698')
 # idc-index's folder template, given explicitly: `series_folder` spells the same path, where the
 # completeness check looks.
-DIR_TEMPLATE = '%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID'
+DIR_TEMPLATE = (
+    '%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID'
+)
 # The ISPY2 collection's page on TCIA, where its clinical sheet and ancillary id mapping are.
 CLINICAL_SOURCE = 'https://doi.org/10.7937/TCIA.D8Z0-9T85'
-METHOD_VISITS = tuple(sorted({v for model in runs.MODELS for v in model.time_points}))
-INDEX_COLUMNS = ['collection_id', 'PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality',
-                 'SOPClassUID', 'StudyDescription', 'SeriesDescription', 'instanceCount',
-                 'series_size_MB']
-_BYTES_PER_MB = 10**6  # IDC's MB; series_size_MB is an exact byte count in these units.
+METHOD_VISITS = tuple(
+    sorted({v for model in runs.MODELS for v in model.time_points})
+)
+INDEX_COLUMNS = [
+    'collection_id',
+    'PatientID',
+    'StudyInstanceUID',
+    'SeriesInstanceUID',
+    'Modality',
+    'SOPClassUID',
+    'StudyDescription',
+    'SeriesDescription',
+    'instanceCount',
+    'series_size_MB',
+]
+_BYTES_PER_MB = (
+    10**6
+)  # IDC's MB; series_size_MB is an exact byte count in these units.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', None, 'Folder to fetch into: the --manual_dir of the ispy2/tcia build.')
-flags.DEFINE_list('visits', [schema.VISITS[v] for v in METHOD_VISITS],
-                  f'Visits to fetch, among {", ".join(schema.VISITS)}; T0 is required.')
-flags.DEFINE_boolean('dry_run', False, 'Print what would be fetched, then stop.')
+flags.DEFINE_string(
+    'out',
+    None,
+    'Folder to fetch into: the --manual_dir of the ispy2/tcia build.',
+)
+flags.DEFINE_list(
+    'visits',
+    [schema.VISITS[v] for v in METHOD_VISITS],
+    f'Visits to fetch, among {", ".join(schema.VISITS)}; T0 is required.',
+)
+flags.DEFINE_boolean(
+    'dry_run', False, 'Print what would be fetched, then stop.'
+)
 
 
 class TransferError(RuntimeError):
@@ -72,12 +96,16 @@ def parse_visits(names: Sequence[str]) -> tuple[int, ...]:
   """Visit indices of `--visits`; ValueError for an unknown name or a list without T0."""
   unknown = [name for name in names if name not in schema.VISITS]
   if unknown:
-    raise ValueError(f'--visits: unknown visit {unknown[0]!r}; choose among'
-                     f' {", ".join(schema.VISITS)}.')
+    raise ValueError(
+        f'--visits: unknown visit {unknown[0]!r}; choose among'
+        f' {", ".join(schema.VISITS)}.'
+    )
   visits = tuple(sorted({schema.VISITS.index(name) for name in names}))
   if 0 not in visits:
-    raise ValueError('--visits must include T0: the builder skips every patient without a T0 DCE'
-                     ' series.')
+    raise ValueError(
+        '--visits must include T0: the builder skips every patient without a T0 DCE'
+        ' series.'
+    )
   return visits
 
 
@@ -93,57 +121,96 @@ def _series_kind(modality: str, sop_class: str, description: str) -> str | None:
 
 def select_series(index: pd.DataFrame, visits: Sequence[int]) -> pd.DataFrame:
   """The series to fetch from IDC's series index (one row per series): `INDEX_COLUMNS` plus
-  `visit` (0..3) and `kind` ('dce' or 'mask'), sorted by patient, visit, kind and series."""
-  rows = index.loc[index['collection_id'].isin(COLLECTIONS), INDEX_COLUMNS].fillna(
-      {'StudyDescription': '', 'SeriesDescription': '', 'SOPClassUID': ''})
-  visit_of = {d: tcia.study_visit(d)[0] for d in rows['StudyDescription'].unique()}
+  `visit` (0..3) and `kind` ('dce' or 'mask'), sorted by patient, visit, kind and series.
+  """
+  rows = index.loc[
+      index['collection_id'].isin(COLLECTIONS), INDEX_COLUMNS
+  ].fillna({'StudyDescription': '', 'SeriesDescription': '', 'SOPClassUID': ''})
+  visit_of = {
+      d: tcia.study_visit(d)[0] for d in rows['StudyDescription'].unique()
+  }
   rows = rows.assign(
       visit=rows['StudyDescription'].map(visit_of),
-      kind=[_series_kind(*s) for s in zip(rows['Modality'], rows['SOPClassUID'],
-                                         rows['SeriesDescription'])])
+      kind=[
+          _series_kind(*s)
+          for s in zip(
+              rows['Modality'], rows['SOPClassUID'], rows['SeriesDescription']
+          )
+      ],
+  )
   rows = rows[rows['visit'].notna() & rows['kind'].notna()]
-  rows = rows[rows['StudyInstanceUID'].isin(rows.loc[rows['kind'] == 'dce', 'StudyInstanceUID'])]
+  rows = rows[
+      rows['StudyInstanceUID'].isin(
+          rows.loc[rows['kind'] == 'dce', 'StudyInstanceUID']
+      )
+  ]
   with_t0 = rows.loc[rows['visit'] == 0, 'PatientID']
   rows = rows[rows['PatientID'].isin(with_t0) & rows['visit'].isin(visits)]
   return rows.astype({'visit': int}).sort_values(
-      ['PatientID', 'visit', 'kind', 'SeriesInstanceUID'], ignore_index=True)
+      ['PatientID', 'visit', 'kind', 'SeriesInstanceUID'], ignore_index=True
+  )
 
 
 def series_folder(out: str, row) -> str:
   """Where idc-index writes a series with `DIR_TEMPLATE` (`row`: a row of `select_series`)."""
-  return os.path.join(out, row.collection_id, row.PatientID, row.StudyInstanceUID,
-                      f'{row.Modality}_{row.SeriesInstanceUID}')
+  return os.path.join(
+      out,
+      row.collection_id,
+      row.PatientID,
+      row.StudyInstanceUID,
+      f'{row.Modality}_{row.SeriesInstanceUID}',
+  )
 
 
 def _is_complete(folder: str, instances: int, size_mb: float) -> bool:
   try:
-    files = [e for e in os.scandir(folder) if e.name.endswith('.dcm') and e.is_file()]
+    files = [
+        e for e in os.scandir(folder) if e.name.endswith('.dcm') and e.is_file()
+    ]
   except FileNotFoundError:
     return False
-  return (len(files) == instances
-          and sum(e.stat().st_size for e in files) == round(size_mb * _BYTES_PER_MB))
+  return len(files) == instances and sum(
+      e.stat().st_size for e in files
+  ) == round(size_mb * _BYTES_PER_MB)
 
 
 def completed(selection: pd.DataFrame, out: str) -> pd.Series:
   """Per row of `selection`, whether `out` holds the whole series: the index's number of DICOM
-  files and of bytes (so a file cut short by an interrupted transfer leaves it incomplete)."""
-  return pd.Series([_is_complete(series_folder(out, row), row.instanceCount, row.series_size_MB)
-                    for row in selection.itertuples()], index=selection.index, dtype=bool)
+  files and of bytes (so a file cut short by an interrupted transfer leaves it incomplete).
+  """
+  return pd.Series(
+      [
+          _is_complete(
+              series_folder(out, row), row.instanceCount, row.series_size_MB
+          )
+          for row in selection.itertuples()
+      ],
+      index=selection.index,
+      dtype=bool,
+  )
 
 
 def _gb(rows: pd.DataFrame) -> float:
   return rows['series_size_MB'].sum() / 1e3
 
 
-def summary(selection: pd.DataFrame, complete: pd.Series, visits: Sequence[int]) -> str:
+def summary(
+    selection: pd.DataFrame, complete: pd.Series, visits: Sequence[int]
+) -> str:
   """The table printed before any transfer: per visit and in total, patients, series and GB
   selected, and series and GB still to fetch."""
-  lines = [f'{"visit":<6}{"patients":>9}{"series":>8}{"GB":>8}   {"to fetch: series":>16}{"GB":>8}']
+  lines = [
+      f'{"visit":<6}{"patients":>9}{"series":>8}{"GB":>8}   {"to fetch: series":>16}{"GB":>8}'
+  ]
   parts = [(schema.VISITS[v], selection['visit'] == v) for v in visits]
-  for name, chosen in parts + [('total', pd.Series(True, index=selection.index))]:
+  for name, chosen in parts + [
+      ('total', pd.Series(True, index=selection.index))
+  ]:
     rows, todo = selection[chosen], selection[chosen & ~complete]
-    lines.append(f'{name:<6}{rows["PatientID"].nunique():>9}{len(rows):>8}{_gb(rows):>8.1f}'
-                 f'   {len(todo):>16}{_gb(todo):>8.1f}')
+    lines.append(
+        f'{name:<6}{rows["PatientID"].nunique():>9}{len(rows):>8}{_gb(rows):>8.1f}'
+        f'   {len(todo):>16}{_gb(todo):>8.1f}'
+    )
   return '\n'.join(lines)
 
 
@@ -154,33 +221,47 @@ def _existing_folder(path: str) -> str:
   return path
 
 
-def fetch(client, todo: pd.DataFrame, out: str, log: Callable[[str], None] = print) -> None:
+def fetch(
+    client, todo: pd.DataFrame, out: str, log: Callable[[str], None] = print
+) -> None:
   """Fetches the series of `todo` (rows of `select_series`) into `out`, one patient at a time.
 
   Each patient's series are checked once its transfer returns (idc-index only logs s5cmd's
   errors): TransferError names the first patient left incomplete, and a rerun resumes there.
   """
   from idc_index import IDCClientInsufficientDiskSpaceError  # pylint: disable=g-import-not-at-top
+
   free = shutil.disk_usage(_existing_folder(out)).free
   if free < _gb(todo) * 1e9:
-    raise TransferError(f'{out}: {_gb(todo):.1f} GB to fetch, {free / 1e9:.1f} GB free there: free'
-                        ' some space or choose fewer --visits, then run the same command again.')
+    raise TransferError(
+        f'{out}: {_gb(todo):.1f} GB to fetch, {free / 1e9:.1f} GB free there: free'
+        ' some space or choose fewer --visits, then run the same command again.'
+    )
   patients = todo.groupby('PatientID', sort=True)
   for number, (patient, rows) in enumerate(patients, start=1):
     try:
       client.download_from_selection(
-          downloadDir=out, seriesInstanceUID=rows['SeriesInstanceUID'].tolist(),
-          dirTemplate=DIR_TEMPLATE, quiet=True, show_progress_bar=False)
+          downloadDir=out,
+          seriesInstanceUID=rows['SeriesInstanceUID'].tolist(),
+          dirTemplate=DIR_TEMPLATE,
+          quiet=True,
+          show_progress_bar=False,
+      )
     except IDCClientInsufficientDiskSpaceError as e:
-      raise TransferError(f'{out}: {e} Free some space, then run the same command again.'
-                          ) from None
+      raise TransferError(
+          f'{out}: {e} Free some space, then run the same command again.'
+      ) from None
     missing = ~completed(rows, out)
     if missing.any():
       free = shutil.disk_usage(out).free / 1e9
-      raise TransferError(f'{patient}: {missing.sum()} of {len(rows)} series incomplete after the'
-                          f' transfer (idc-index logged why above; {free:.1f} GB free in {out}):'
-                          ' run the same command again to resume.')
-    log(f'[{number}/{len(patients)}] {patient}: {len(rows)} series, {_gb(rows):.2f} GB')
+      raise TransferError(
+          f'{patient}: {missing.sum()} of {len(rows)} series incomplete after the'
+          f' transfer (idc-index logged why above; {free:.1f} GB free in {out}):'
+          ' run the same command again to resume.'
+      )
+    log(
+        f'[{number}/{len(patients)}] {patient}: {len(rows)} series, {_gb(rows):.2f} GB'
+    )
 
 
 def clinical_note(out: str, patients: Sequence[str]) -> str:
@@ -189,24 +270,39 @@ def clinical_note(out: str, patients: Sequence[str]) -> str:
   try:
     records = tcia.read_clinical(out)
   except FileNotFoundError:
-    return (f"Labels: not in IDC's series index. From the ISPY2 collection on TCIA,"
-            f' {CLINICAL_SOURCE}, put {tcia.CLINICAL_FILE} and {tcia.ANCILLARY_FILE} (which maps'
-            f' the ACRIN-6698 PatientIDs to research ids) into {out}.')
+    return (
+        f"Labels: not in IDC's series index. From the ISPY2 collection on TCIA,"
+        f' {CLINICAL_SOURCE}, put {tcia.CLINICAL_FILE} and {tcia.ANCILLARY_FILE} (which maps'
+        f' the ACRIN-6698 PatientIDs to research ids) into {out}.'
+    )
   except ValueError as e:
     return f'Labels: {e}'
-  labelled = sum(1 for p in patients if (r := records.get(p)) and not r.duplicate
-                 and r.pcr is not None and r.subtype is not None)
+  labelled = sum(
+      1
+      for p in patients
+      if (r := records.get(p))
+      and not r.duplicate
+      and r.pcr is not None
+      and r.subtype is not None
+  )
   return f'Labels: the clinical sheet in {out} labels {labelled} of the {len(patients)} patients.'
 
 
-def run(client, out: str, visits: Sequence[int], dry_run: bool,
-        log: Callable[[str], None] = print) -> None:
+def run(
+    client,
+    out: str,
+    visits: Sequence[int],
+    dry_run: bool,
+    log: Callable[[str], None] = print,
+) -> None:
   """The command with an `idc_index.IDCClient`: select, print the table, then (unless `dry_run`)
   fetch what is missing; last, say where the labels stand."""
   selection = select_series(client.index, visits)
   complete = completed(selection, out)
-  log(f'I-SPY2 in IDC {client.get_idc_version()} (collections {", ".join(COLLECTIONS)}): the DCE'
-      ' and Analysis Mask series of the patients with a T0 DCE series')
+  log(
+      f'I-SPY2 in IDC {client.get_idc_version()} (collections {", ".join(COLLECTIONS)}): the DCE'
+      ' and Analysis Mask series of the patients with a T0 DCE series'
+  )
   log(summary(selection, complete, visits))
   if not dry_run:
     fetch(client, selection[~complete], out, log)
@@ -224,11 +320,17 @@ def main(argv):
   try:
     from idc_index import IDCClient  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
-    sys.exit(f"FATAL {e.name} is not installed: this command needs the `download` extra"
-             " (pip install '.[download]').")
-  logging.getLogger('idc_index').setLevel(logging.WARNING)  # Its errors still show.
+    sys.exit(
+        f'FATAL {e.name} is not installed: this command needs the `download` extra'
+        " (pip install '.[download]')."
+    )
+  logging.getLogger('idc_index').setLevel(
+      logging.WARNING
+  )  # Its errors still show.
   try:
-    with fileio.exit_in_one_line_if_disk_full(then=': it fetches only the series not yet complete'):
+    with fileio.exit_in_one_line_if_disk_full(
+        then=': it fetches only the series not yet complete'
+    ):
       run(IDCClient(), FLAGS.out, visits, FLAGS.dry_run)
   except TransferError as e:
     sys.exit(f'FATAL {e}')

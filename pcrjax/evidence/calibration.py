@@ -52,13 +52,19 @@ def brier(labels: ArrayLike, probs: ArrayLike) -> float:
   return float(brier_score_loss(y, p))
 
 
-def _logistic_fit(y: NDArray[np.bool_], x: NDArray[np.float64]) -> tuple[float, float]:
+def _logistic_fit(
+    y: NDArray[np.bool_], x: NDArray[np.float64]
+) -> tuple[float, float]:
   """Unpenalised maximum-likelihood (intercept, slope) of the logistic model y ~ x."""
-  model = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(x[:, None], y)
+  model = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(
+      x[:, None], y
+  )
   return float(model.intercept_[0]), float(model.coef_[0, 0])
 
 
-def calibration_intercept_slope(labels: ArrayLike, probs: ArrayLike) -> tuple[float, float]:
+def calibration_intercept_slope(
+    labels: ArrayLike, probs: ArrayLike
+) -> tuple[float, float]:
   """Calibration-in-the-large and calibration slope (Cox 1958; Van Calster et al. 2019).
 
   * slope: coefficient b of logit P(y) = a + b·logit(p). b < 1 means predictions are too extreme
@@ -75,13 +81,21 @@ def calibration_intercept_slope(labels: ArrayLike, probs: ArrayLike) -> tuple[fl
   # With an offset the score equation mean(σ(a + lp)) = mean(y) is monotone in a; the bracket
   # puts every a + lp on one side of logit(mean y), so it contains the root.
   target = logit(y.mean())
-  intercept = brentq(lambda a: expit(a + lp).mean() - y.mean(), target - lp.max() - 1.0,
-                     target - lp.min() + 1.0, xtol=1e-12)
+  intercept = brentq(
+      lambda a: expit(a + lp).mean() - y.mean(),
+      target - lp.max() - 1.0,
+      target - lp.min() + 1.0,
+      xtol=1e-12,
+  )
   return float(intercept), slope
 
 
-def _newton_logistic(y: NDArray[np.bool_], design: NDArray[np.float64],
-                     offset: NDArray[np.float64], beta: NDArray[np.float64]) -> NDArray[np.float64]:
+def _newton_logistic(
+    y: NDArray[np.bool_],
+    design: NDArray[np.float64],
+    offset: NDArray[np.float64],
+    beta: NDArray[np.float64],
+) -> NDArray[np.float64]:
   """Unpenalised MLEs of logit P(y) = offset + design·β, one independent fit per leading row.
 
   Newton–Raphson, halving a step while it lowers the log-likelihood; as that is strictly concave
@@ -103,7 +117,9 @@ def _newton_logistic(y: NDArray[np.bool_], design: NDArray[np.float64],
     return np.sum(t * eta - np.logaddexp(0.0, eta), axis=-1)
 
   fitted = np.full(beta.shape, np.nan)
-  rows = np.arange(beta.shape[0])  # The rows still moving, to which x, b, eta and ll belong.
+  rows = np.arange(
+      beta.shape[0]
+  )  # The rows still moving, to which x, b, eta and ll belong.
   x, b = design, np.array(beta, dtype=np.float64)
   eta = offset + (x @ b[..., None])[..., 0]
   ll = log_likelihood(eta)
@@ -113,7 +129,9 @@ def _newton_logistic(y: NDArray[np.bool_], design: NDArray[np.float64],
     gradient = (x_t @ (t - mu)[..., None])[..., 0]
     hessian = (x_t * (mu * (1.0 - mu))[:, None, :]) @ x
     step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
-    floor = ll - _LL_RTOL * (1.0 + np.abs(ll))  # Rounding near the maximum is no reason to halve.
+    floor = ll - _LL_RTOL * (
+        1.0 + np.abs(ll)
+    )  # Rounding near the maximum is no reason to halve.
     for _ in range(_MAX_HALVINGS):
       new_eta = eta + (x @ step[..., None])[..., 0]
       new_ll = log_likelihood(new_eta)
@@ -125,23 +143,34 @@ def _newton_logistic(y: NDArray[np.bool_], design: NDArray[np.float64],
     moving = np.any(np.abs(step) > _NEWTON_TOL, axis=-1)
     if not moving.all():
       fitted[rows[~moving]] = b[~moving]
-      rows, x, b, eta, ll = rows[moving], x[moving], b[moving], eta[moving], ll[moving]
+      rows, x, b, eta, ll = (
+          rows[moving],
+          x[moving],
+          b[moving],
+          eta[moving],
+          ll[moving],
+      )
       if not rows.size:
         break
   return fitted
 
 
-def _slope_exists(y: NDArray[np.bool_], lp: NDArray[np.float64]) -> NDArray[np.bool_]:
+def _slope_exists(
+    y: NDArray[np.bool_], lp: NDArray[np.float64]
+) -> NDArray[np.bool_]:
   """Whether the slope fit of each row [..., n] has an MLE: the classes' logits overlap.
 
   Otherwise some threshold separates them (or all logits are equal) and the slope is unbounded.
   """
   pos, neg = lp[..., y], lp[..., ~y]
-  return (pos.min(axis=-1) < neg.max(axis=-1)) & (neg.min(axis=-1) < pos.max(axis=-1))
+  return (pos.min(axis=-1) < neg.max(axis=-1)) & (
+      neg.min(axis=-1) < pos.max(axis=-1)
+  )
 
 
-def _bootstrap_intercepts_and_slopes(y: NDArray[np.bool_],
-                                     lp: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+def _bootstrap_intercepts_and_slopes(
+    y: NDArray[np.bool_], lp: NDArray[np.float64]
+) -> dict[str, NDArray[np.float64]]:
   """Calibration intercept and slope of every replicate row of logits lp [B, n].
 
   Where the slope has no MLE, the likelihood grows without bound as the slope tends to ±inf, the
@@ -156,13 +185,21 @@ def _bootstrap_intercepts_and_slopes(y: NDArray[np.bool_],
   ok = _slope_exists(y, lp)
   if ok.any():
     design = np.stack([np.ones_like(lp[ok]), lp[ok]], axis=-1)
-    start = np.tile([0.0, 1.0], (int(ok.sum()), 1))  # The identity map: perfect calibration.
+    start = np.tile(
+        [0.0, 1.0], (int(ok.sum()), 1)
+    )  # The identity map: perfect calibration.
     slope[ok] = _newton_logistic(y, design, np.zeros_like(lp[ok]), start)[:, 1]
   return {'intercept': intercept, 'slope': slope}
 
 
-def calibration_ci(labels: ArrayLike, probs: ArrayLike, *, num_replicates: int = 2000,
-                   confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+def calibration_ci(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    *,
+    num_replicates: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
   """Percentile stratified-bootstrap intervals of the calibration intercept and slope.
 
   Every replicate refits both models of `calibration_intercept_slope` (by a batched Newton
@@ -176,9 +213,16 @@ def calibration_ci(labels: ArrayLike, probs: ArrayLike, *, num_replicates: int =
   y, p = statistics.check_labels_and_probs(labels, probs)
   lp = _logit(p)
   intervals = statistics.bootstrap_intervals(
-      y, lambda idx: _bootstrap_intercepts_and_slopes(y, lp[idx]), num_replicates=num_replicates,
-      confidence=confidence, seed=seed)
-  return {'intercept_ci': intervals['intercept'], 'slope_ci': intervals['slope']}
+      y,
+      lambda idx: _bootstrap_intercepts_and_slopes(y, lp[idx]),
+      num_replicates=num_replicates,
+      confidence=confidence,
+      seed=seed,
+  )
+  return {
+      'intercept_ci': intervals['intercept'],
+      'slope_ci': intervals['slope'],
+  }
 
 
 def degenerate_calibration(labels: ArrayLike, probs: ArrayLike) -> str | None:
@@ -212,7 +256,10 @@ def degenerate_calibration(labels: ArrayLike, probs: ArrayLike) -> str | None:
 
 
 def reliability_curve(
-    labels: ArrayLike, probs: ArrayLike, num_bins: int = 10, strategy: str = 'quantile'
+    labels: ArrayLike,
+    probs: ArrayLike,
+    num_bins: int = 10,
+    strategy: str = 'quantile',
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
   """Reliability diagram points: mean prediction, observed pCR rate and size of each bin.
 
@@ -233,7 +280,9 @@ def reliability_curve(
   elif strategy == 'uniform':
     edges = np.linspace(0.0, 1.0, num_bins + 1)
   else:
-    raise ValueError(f"strategy must be 'quantile' or 'uniform', got {strategy!r}")
+    raise ValueError(
+        f"strategy must be 'quantile' or 'uniform', got {strategy!r}"
+    )
   bin_ids = np.searchsorted(edges[1:-1], p)
   counts = np.bincount(bin_ids, minlength=num_bins)
   sum_pred = np.bincount(bin_ids, weights=p, minlength=num_bins)
@@ -257,14 +306,20 @@ class Calibrator:
   slope: float
 
   def __call__(self, probs: ArrayLike) -> NDArray[np.float64]:
-    return expit(self.intercept + self.slope * _logit(statistics.check_probs(probs)))
+    return expit(
+        self.intercept + self.slope * _logit(statistics.check_probs(probs))
+    )
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> Calibrator:
-    return cls(method=str(d['method']), intercept=float(d['intercept']), slope=float(d['slope']))
+    return cls(
+        method=str(d['method']),
+        intercept=float(d['intercept']),
+        slope=float(d['slope']),
+    )
 
 
 def fit_platt(val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:
@@ -289,7 +344,9 @@ def fit_temperature(val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:
   y, p = statistics.check_labels_and_probs(val_labels, val_probs)
   lp = _logit(p)
 
-  def nll_and_grad(log_t: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
+  def nll_and_grad(
+      log_t: NDArray[np.float64],
+  ) -> tuple[float, NDArray[np.float64]]:
     z = lp * np.exp(-log_t[0])
     nll = np.mean(np.logaddexp(0.0, z) - y * z)
     return float(nll), np.array([np.mean((expit(z) - y) * -z)])
@@ -297,12 +354,18 @@ def fit_temperature(val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:
   result = minimize(nll_and_grad, x0=np.zeros(1), jac=True, method='BFGS')
   if not result.success:
     raise RuntimeError(f'temperature fit did not converge: {result.message}')
-  return Calibrator(method='temperature', intercept=0.0, slope=float(np.exp(-result.x[0])))
+  return Calibrator(
+      method='temperature', intercept=0.0, slope=float(np.exp(-result.x[0]))
+  )
 
 
-NONE = 'none'  # No post-hoc calibration: the probabilities as the model gave them.
+NONE = (
+    'none'  # No post-hoc calibration: the probabilities as the model gave them.
+)
 FITS = {'platt': fit_platt, 'temperature': fit_temperature}
-METHODS = (NONE,) + tuple(FITS)  # The post-hoc calibrations a run or an export may ask for.
+METHODS = (NONE,) + tuple(
+    FITS
+)  # The post-hoc calibrations a run or an export may ask for.
 
 
 def fit(method: str, val_labels: ArrayLike, val_probs: ArrayLike) -> Calibrator:

@@ -29,7 +29,9 @@ def _check_thresholds(thresholds: ArrayLike) -> NDArray[np.float64]:
   return t
 
 
-def net_benefit(labels: ArrayLike, probs: ArrayLike, thresholds: ArrayLike) -> NDArray[np.float64]:
+def net_benefit(
+    labels: ArrayLike, probs: ArrayLike, thresholds: ArrayLike
+) -> NDArray[np.float64]:
   """Net benefit of calling `prob >= pt` positive, for every threshold pt in [0, 1).
 
   Returns:
@@ -55,8 +57,11 @@ def treat_all(labels: ArrayLike, thresholds: ArrayLike) -> NDArray[np.float64]:
   return prevalence - (1.0 - prevalence) * t / (1.0 - t)
 
 
-def decision_curve(labels: ArrayLike, probs: ArrayLike,
-                   thresholds: ArrayLike = DEFAULT_THRESHOLDS) -> list[dict[str, float]]:
+def decision_curve(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    thresholds: ArrayLike = DEFAULT_THRESHOLDS,
+) -> list[dict[str, float]]:
   """The decision curve of a model and of both reference strategies, one record per threshold.
 
   The default thresholds, 0.05 to 0.95 in steps of 0.01, span the whole curve; a report should
@@ -69,6 +74,12 @@ def decision_curve(labels: ArrayLike, probs: ArrayLike,
   t = np.ravel(_check_thresholds(thresholds))
   model = net_benefit(labels, probs, t)
   everyone = treat_all(labels, t)
-  return [{'threshold': float(pt), 'net_benefit_model': float(nb_model),
-           'net_benefit_all': float(nb_all), 'net_benefit_none': 0.0}
-          for pt, nb_model, nb_all in zip(t, model, everyone)]
+  return [
+      {
+          'threshold': float(pt),
+          'net_benefit_model': float(nb_model),
+          'net_benefit_all': float(nb_all),
+          'net_benefit_none': 0.0,
+      }
+      for pt, nb_model, nb_all in zip(t, model, everyone)
+  ]

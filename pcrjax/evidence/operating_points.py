@@ -23,7 +23,9 @@ _METRICS = ('sensitivity', 'specificity', 'ppv', 'npv')
 
 def _cuts(
     y: NDArray[np.bool_], s: NDArray[np.float64]
-) -> tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.intp], NDArray[np.bool_]]:
+) -> tuple[
+    NDArray[np.float64], NDArray[np.intp], NDArray[np.intp], NDArray[np.bool_]
+]:
   """Every candidate threshold per row, with the TP and FP counts of calling ≥ it positive.
 
   Sorting each row by decreasing score, position i (the last of its tie group) is the threshold
@@ -36,15 +38,21 @@ def _cuts(
   tp = np.cumsum(y_sorted, axis=-1)
   fp = np.cumsum(~y_sorted, axis=-1)
   edge = np.ones(s.shape[:-1] + (1,), dtype=bool)
-  is_cut = np.concatenate([s_sorted[..., 1:] != s_sorted[..., :-1], edge], axis=-1)
+  is_cut = np.concatenate(
+      [s_sorted[..., 1:] != s_sorted[..., :-1], edge], axis=-1
+  )
   return s_sorted, tp, fp, is_cut
 
 
-def _pick(s_sorted: NDArray[np.float64], k: NDArray[np.intp]) -> NDArray[np.float64]:
+def _pick(
+    s_sorted: NDArray[np.float64], k: NDArray[np.intp]
+) -> NDArray[np.float64]:
   return np.take_along_axis(s_sorted, k[..., None], axis=-1)[..., 0]
 
 
-def _youden(y: NDArray[np.bool_], s: NDArray[np.float64]) -> NDArray[np.float64]:
+def _youden(
+    y: NDArray[np.bool_], s: NDArray[np.float64]
+) -> NDArray[np.float64]:
   """Threshold maximising sensitivity + specificity − 1; ties go to the highest one."""
   s_sorted, tp, fp, is_cut = _cuts(y, s)
   num_pos = int(y.sum())
@@ -52,15 +60,18 @@ def _youden(y: NDArray[np.bool_], s: NDArray[np.float64]) -> NDArray[np.float64]
   return _pick(s_sorted, np.argmax(j, axis=-1))
 
 
-def _at_sensitivity(y: NDArray[np.bool_], s: NDArray[np.float64],
-                    target: float) -> NDArray[np.float64]:
+def _at_sensitivity(
+    y: NDArray[np.bool_], s: NDArray[np.float64], target: float
+) -> NDArray[np.float64]:
   """Highest threshold whose sensitivity is ≥ target (the lowest one always qualifies)."""
   s_sorted, tp, _, is_cut = _cuts(y, s)
   ok = is_cut & (tp / int(y.sum()) >= target)
   return _pick(s_sorted, np.argmax(ok, axis=-1))
 
 
-_RULES: dict[str, Callable[[NDArray[np.bool_], NDArray[np.float64]], NDArray[np.float64]]] = {
+_RULES: dict[
+    str, Callable[[NDArray[np.bool_], NDArray[np.float64]], NDArray[np.float64]]
+] = {
     'youden': _youden,
     'sens90': functools.partial(_at_sensitivity, target=0.9),
 }
@@ -71,16 +82,25 @@ def _ratio(a: NDArray[np.intp], b: NDArray[np.intp]) -> NDArray[np.float64]:
   return np.divide(a, b, out=np.full(np.shape(a), np.nan), where=b > 0)
 
 
-def _confusion(y: NDArray[np.bool_], s: NDArray[np.float64],
-               threshold: NDArray[np.float64]) -> dict[str, NDArray[Any]]:
+def _confusion(
+    y: NDArray[np.bool_], s: NDArray[np.float64], threshold: NDArray[np.float64]
+) -> dict[str, NDArray[Any]]:
   """Confusion counts and rates per row when calling `s >= threshold` positive."""
   pred = s >= threshold[..., None]
   tp = (pred & y).sum(axis=-1)
   fp = (pred & ~y).sum(axis=-1)
   fn = (~pred & y).sum(axis=-1)
   tn = (~pred & ~y).sum(axis=-1)
-  return dict(sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
-              ppv=_ratio(tp, tp + fp), npv=_ratio(tn, tn + fn), tp=tp, fp=fp, tn=tn, fn=fn)
+  return dict(
+      sensitivity=_ratio(tp, tp + fn),
+      specificity=_ratio(tn, tn + fp),
+      ppv=_ratio(tp, tp + fp),
+      npv=_ratio(tn, tn + fn),
+      tp=tp,
+      fp=fp,
+      tn=tn,
+      fn=fn,
+  )
 
 
 def youden_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
@@ -92,7 +112,9 @@ def youden_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
   return float(_youden(y, p[None])[0])
 
 
-def threshold_at_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float = 0.9) -> float:
+def threshold_at_sensitivity(
+    labels: ArrayLike, probs: ArrayLike, target: float = 0.9
+) -> float:
   """Highest observed probability whose sensitivity is ≥ `target`.
 
   The highest such threshold gives the best specificity at the required sensitivity.
@@ -103,7 +125,9 @@ def threshold_at_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float 
   return float(_at_sensitivity(y, p[None], target)[0])
 
 
-def confusion_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float) -> dict[str, Any]:
+def confusion_metrics(
+    labels: ArrayLike, probs: ArrayLike, threshold: float
+) -> dict[str, Any]:
   """Sensitivity, specificity, PPV, NPV and counts when calling `prob >= threshold` pCR.
 
   A rate whose denominator is zero (PPV with no positive calls, NPV with no negative calls) is
@@ -147,7 +171,10 @@ def operating_point(
     raise ValueError(f'rule must be one of {sorted(_RULES)}, got {rule!r}')
   y, p = statistics.check_labels_and_probs(labels, probs)
   choose = _RULES[rule]
-  result: dict[str, Any] = {'rule': rule, 'threshold': float(choose(y, p[None])[0])}
+  result: dict[str, Any] = {
+      'rule': rule,
+      'threshold': float(choose(y, p[None])[0]),
+  }
   result.update(confusion_metrics(y, p, result['threshold']))
 
   def replicate_fn(idx: NDArray[np.intp]) -> dict[str, NDArray[np.float64]]:
@@ -157,6 +184,11 @@ def operating_point(
     return {'threshold': threshold, **{k: metrics[k] for k in _METRICS}}
 
   intervals = statistics.bootstrap_intervals(
-      y, replicate_fn, num_replicates=num_replicates, confidence=confidence, seed=seed)
+      y,
+      replicate_fn,
+      num_replicates=num_replicates,
+      confidence=confidence,
+      seed=seed,
+  )
   result.update({f'{k}_ci': v for k, v in intervals.items()})
   return result

@@ -64,7 +64,9 @@ def check_labels(labels: ArrayLike) -> NDArray[np.bool_]:
   num_pos = int(y.sum())
   num_neg = y.size - num_pos
   if num_pos == 0 or num_neg == 0:
-    raise ValueError(f'AUROC needs both classes: got {num_pos} positives and {num_neg} negatives')
+    raise ValueError(
+        f'AUROC needs both classes: got {num_pos} positives and {num_neg} negatives'
+    )
   return y
 
 
@@ -79,7 +81,8 @@ def check_probs(probs: ArrayLike, n: int | None = None) -> NDArray[np.float64]:
 
 
 def check_labels_and_probs(
-    labels: ArrayLike, probs: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
+    labels: ArrayLike, probs: ArrayLike
+) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
   """`check_labels(labels)` and `check_probs(probs)` of the same shape [n]."""
   y = check_labels(labels)
   return y, check_probs(probs, y.size)
@@ -116,13 +119,19 @@ def _midranks(x: NDArray[np.float64]) -> NDArray[np.float64]:
   # First/last sorted position of each element's tie group.
   first = np.maximum.accumulate(np.where(is_first, positions, 0), axis=-1)
   last = np.flip(
-      np.minimum.accumulate(np.flip(np.where(is_last, positions, n - 1), -1), axis=-1), -1)
+      np.minimum.accumulate(
+          np.flip(np.where(is_last, positions, n - 1), -1), axis=-1
+      ),
+      -1,
+  )
   ranks = np.empty_like(xs)
   np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
   return ranks
 
 
-def _auroc_from_ranks(ranks: NDArray[np.float64], y: NDArray[np.bool_]) -> NDArray[np.float64]:
+def _auroc_from_ranks(
+    ranks: NDArray[np.float64], y: NDArray[np.bool_]
+) -> NDArray[np.float64]:
   """Mann–Whitney U / (m·n) from midranks over all samples."""
   m = int(y.sum())
   n = y.size - m
@@ -146,8 +155,9 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float | NDArray[np.float64]:
   return float(auc) if auc.ndim == 0 else auc
 
 
-def stratified_bootstrap_indices(labels: ArrayLike, num_replicates: int,
-                                 rng: np.random.Generator) -> NDArray[np.intp]:
+def stratified_bootstrap_indices(
+    labels: ArrayLike, num_replicates: int, rng: np.random.Generator
+) -> NDArray[np.intp]:
   """Sample indices for a class-stratified bootstrap, as in pROC (`stratified=TRUE`).
 
   Returns an int array `idx` of shape [num_replicates, n] in which position i of every replicate
@@ -193,7 +203,9 @@ def bootstrap_intervals(
   chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // y.size)
   replicates: dict[str, list[NDArray[np.float64]]] = {}
   for start in range(0, num_replicates, chunk):
-    idx = stratified_bootstrap_indices(y, min(chunk, num_replicates - start), rng)
+    idx = stratified_bootstrap_indices(
+        y, min(chunk, num_replicates - start), rng
+    )
     for name, values in replicate_fn(idx).items():
       replicates.setdefault(name, []).append(values)
   alpha = 1.0 - confidence
@@ -201,8 +213,11 @@ def bootstrap_intervals(
   for name, chunks in replicates.items():
     values = np.concatenate(chunks)
     values = np.sort(values[~np.isnan(values)])
-    intervals[name] = ((_quantile(values, alpha / 2.0), _quantile(values, 1.0 - alpha / 2.0))
-                       if values.size else (float('nan'), float('nan')))
+    intervals[name] = (
+        (_quantile(values, alpha / 2.0), _quantile(values, 1.0 - alpha / 2.0))
+        if values.size
+        else (float('nan'), float('nan'))
+    )
   return intervals
 
 
@@ -213,7 +228,9 @@ def _quantile(sorted_values: NDArray[np.float64], q: float) -> float:
   a, b = sorted_values[low], sorted_values[min(low + 1, sorted_values.size - 1)]
   frac = h - low
   # Written so that an infinite neighbour gives an infinite quantile, not inf − inf = NaN.
-  return float(a) if frac == 0.0 or a == b else float((1.0 - frac) * a + frac * b)
+  return (
+      float(a) if frac == 0.0 or a == b else float((1.0 - frac) * a + frac * b)
+  )
 
 
 def bootstrap_auroc_ci(
@@ -235,13 +252,18 @@ def bootstrap_auroc_ci(
   if s.ndim != 1:
     raise ValueError(f'scores must have shape [{y.size}], got {s.shape}')
   intervals = bootstrap_intervals(
-      y, lambda idx: {'auroc': _auroc_from_ranks(_midranks(s[idx]), y)},
-      num_replicates=num_replicates, confidence=confidence, seed=seed)
+      y,
+      lambda idx: {'auroc': _auroc_from_ranks(_midranks(s[idx]), y)},
+      num_replicates=num_replicates,
+      confidence=confidence,
+      seed=seed,
+  )
   return intervals['auroc']
 
 
-def delong_covariance(labels: ArrayLike,
-                      scores: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def delong_covariance(
+    labels: ArrayLike, scores: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
   """AUROCs of k predictors on the same patients and DeLong's covariance matrix of them.
 
   Fast midrank algorithm of Sun & Xu (2014, IEEE SPL 21:1389): the placement value of each
@@ -274,8 +296,13 @@ def delong_covariance(labels: ArrayLike,
   return aucs, cov
 
 
-def delong_test(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, *,
-                confidence: float = 0.95) -> DeLongResult:
+def delong_test(
+    labels: ArrayLike,
+    scores_a: ArrayLike,
+    scores_b: ArrayLike,
+    *,
+    confidence: float = 0.95,
+) -> DeLongResult:
   """Paired two-sided DeLong test for two correlated ROC curves (pROC `roc.test`).
 
   z = (AUC_a − AUC_b) / sqrt(var_a + var_b − 2 cov_ab), p = 2 (1 − Φ(|z|)), and the Wald interval
@@ -284,7 +311,9 @@ def delong_test(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, *,
   evidence of a difference: z = 0, p = 1 and the interval is the point (difference, difference).
   """
   _check_confidence(confidence)
-  aucs, cov = delong_covariance(labels, np.stack([np.asarray(scores_a), np.asarray(scores_b)]))
+  aucs, cov = delong_covariance(
+      labels, np.stack([np.asarray(scores_a), np.asarray(scores_b)])
+  )
   difference = float(aucs[1] - aucs[0])
   var_diff = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
   # Rounding can leave a tiny residue (of either sign) when the rankings coincide.
@@ -296,8 +325,13 @@ def delong_test(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, *,
     p_value = float(2.0 * norm.sf(abs(z)))
     half_width = float(norm.ppf(0.5 + confidence / 2.0)) * se
   return DeLongResult(
-      auc_a=float(aucs[0]), auc_b=float(aucs[1]), z=z, p_value=p_value, difference=difference,
-      difference_ci=(difference - half_width, difference + half_width))
+      auc_a=float(aucs[0]),
+      auc_b=float(aucs[1]),
+      z=z,
+      p_value=p_value,
+      difference=difference,
+      difference_ci=(difference - half_width, difference + half_width),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +349,9 @@ class CorrectedTTestResult:
   p_value: float
 
 
-def corrected_resampled_ttest(differences: ArrayLike, *, test_train_ratio: float,
-                              confidence: float = 0.95) -> CorrectedTTestResult:
+def corrected_resampled_ttest(
+    differences: ArrayLike, *, test_train_ratio: float, confidence: float = 0.95
+) -> CorrectedTTestResult:
   """Nadeau & Bengio's (2003, Machine Learning 52:239) corrected resampled t-test.
 
   The J test sets of repeated cross-validation overlap in their training sets, so the J paired
@@ -342,27 +377,38 @@ def corrected_resampled_ttest(differences: ArrayLike, *, test_train_ratio: float
   _check_confidence(confidence)
   d = np.asarray(differences, dtype=np.float64)
   if d.ndim != 1 or d.size < 2:
-    raise ValueError(f'differences must have shape [J] with J >= 2 (a variance needs two test'
-                     f' sets), got {d.shape}')
+    raise ValueError(
+        f'differences must have shape [J] with J >= 2 (a variance needs two test'
+        f' sets), got {d.shape}'
+    )
   if not np.all(np.isfinite(d)):
     raise ValueError('differences must be finite')
   if not (np.isfinite(test_train_ratio) and test_train_ratio >= 0):
-    raise ValueError(f'test_train_ratio must be finite and >= 0, got {test_train_ratio}')
+    raise ValueError(
+        f'test_train_ratio must be finite and >= 0, got {test_train_ratio}'
+    )
   df = d.size - 1
   mean = float(d.mean())
   # Rounding can leave equal differences (the same change on folds of the same size) unequal.
   if np.ptp(d) <= 8 * np.finfo(np.float64).eps * np.abs(d).max():
     if not d.any():
-      return CorrectedTTestResult(difference=0.0, difference_ci=(0.0, 0.0), t=0.0, df=df,
-                                  p_value=1.0)
+      return CorrectedTTestResult(
+          difference=0.0, difference_ci=(0.0, 0.0), t=0.0, df=df, p_value=1.0
+      )
     nan = float('nan')
-    return CorrectedTTestResult(difference=mean, difference_ci=(nan, nan), t=nan, df=df,
-                                p_value=nan)
+    return CorrectedTTestResult(
+        difference=mean, difference_ci=(nan, nan), t=nan, df=df, p_value=nan
+    )
   se = float(np.sqrt((1.0 / d.size + test_train_ratio) * d.var(ddof=1)))
   t = mean / se
   half_width = float(student_t.ppf(0.5 + confidence / 2.0, df)) * se
-  return CorrectedTTestResult(difference=mean, difference_ci=(mean - half_width, mean + half_width),
-                              t=t, df=df, p_value=float(2.0 * student_t.sf(abs(t), df)))
+  return CorrectedTTestResult(
+      difference=mean,
+      difference_ci=(mean - half_width, mean + half_width),
+      t=t,
+      df=df,
+      p_value=float(2.0 * student_t.sf(abs(t), df)),
+  )
 
 
 def holm(p_values: ArrayLike) -> NDArray[np.float64]:
@@ -377,7 +423,9 @@ def holm(p_values: ArrayLike) -> NDArray[np.float64]:
   if p.ndim != 1:
     raise ValueError(f'p_values must have shape [k], got {p.shape}')
   order = np.argsort(p)
-  adjusted = np.minimum(1.0, np.maximum.accumulate((p.size - np.arange(p.size)) * p[order]))
+  adjusted = np.minimum(
+      1.0, np.maximum.accumulate((p.size - np.arange(p.size)) * p[order])
+  )
   out = np.empty_like(p)
   out[order] = adjusted
   return out

@@ -30,7 +30,9 @@ from pcrjax import checkpoints, fileio, input_pipeline, models, runs
 from pcrjax.evidence import calibration
 from tfds_ispy2.ispy2 import schema, tcia
 
-SALIENCY_STEPS = 16  # Riemann steps of integrated gradients from an all-zero input.
+SALIENCY_STEPS = (
+    16  # Riemann steps of integrated gradients from an all-zero input.
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,10 @@ def load_model(model_dir: str) -> Ensemble:
   """The exported ensemble, from MODEL_DIR alone."""
   path = os.path.join(model_dir, runs.MODEL_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{model_dir} is not an exported model (no {runs.MODEL_FILE}): write one'
-                            ' with python -m pcrjax.export --run=PROTOCOL_WORKDIR --out=MODEL_DIR')
+    raise FileNotFoundError(
+        f'{model_dir} is not an exported model (no {runs.MODEL_FILE}): write one'
+        ' with python -m pcrjax.export --run=PROTOCOL_WORKDIR --out=MODEL_DIR'
+    )
   with open(path) as f:
     description = json.load(f)
   params, calibrators, model = [], [], None
@@ -68,10 +72,19 @@ def load_model(model_dir: str) -> Ensemble:
     model = models.build(config, member['feature_dim'])
     like = models.abstract_params(model, models.patient_shape(config.data))
     with ocp.StandardCheckpointer() as checkpointer:
-      params.append(checkpointer.restore(os.path.join(member_dir, runs.PARAMS_DIR),
-                                         checkpoints.abstract(like)))
+      params.append(
+          checkpointer.restore(
+              os.path.join(member_dir, runs.PARAMS_DIR),
+              checkpoints.abstract(like),
+          )
+      )
     calibrators.append(calibration.Calibrator.from_dict(member['calibrator']))
-  return Ensemble(description=description, model=model, params=params, calibrators=calibrators)
+  return Ensemble(
+      description=description,
+      model=model,
+      params=params,
+      calibrators=calibrators,
+  )
 
 
 # --- Reading a patient. ---------------------------------------------------------------------------
@@ -86,42 +99,77 @@ class Patient:
   warnings: list[str]
 
 
-def _receptors(hr: int | None, her2: int | None, ensemble: Ensemble, patient_id: str) -> np.ndarray:
+def _receptors(
+    hr: int | None, her2: int | None, ensemble: Ensemble, patient_id: str
+) -> np.ndarray:
   if ensemble.preprocessing['clinical_inputs'] and (hr is None or her2 is None):
-    raise ValueError(f'{patient_id}: this model reads HR and HER2 status; pass --hr and --her2 (0 or 1).')
+    raise ValueError(
+        f'{patient_id}: this model reads HR and HER2 status; pass --hr and --her2 (0 or 1).'
+    )
   return np.array([hr or 0, her2 or 0], np.float32)
 
 
-def read_dicom_patient(files: tcia.PatientFiles, ensemble: Ensemble, *, hr=None, her2=None) -> Patient:
+def read_dicom_patient(
+    files: tcia.PatientFiles, ensemble: Ensemble, *, hr=None, her2=None
+) -> Patient:
   """One patient's visits that the model reads, through the build's reader; a missing one stops
   with what was found (the first, as the build's reader does: tcia.Skip)."""
   pid = files.patient_id
   visits, later = ensemble.visits, ensemble.visits[1:]
-  found = [schema.VISITS[v] for v, f in enumerate(files.visits) if f is not None]
-  warnings = [f'{schema.VISITS[v]} found and ignored: the model predicts from'
-              f' {ensemble.visit_names()}.'
-              for v, f in enumerate(files.visits) if f is not None and v not in visits]
+  found = [
+      schema.VISITS[v] for v, f in enumerate(files.visits) if f is not None
+  ]
+  warnings = [
+      f'{schema.VISITS[v]} found and ignored: the model predicts from'
+      f' {ensemble.visit_names()}.'
+      for v, f in enumerate(files.visits)
+      if f is not None and v not in visits
+  ]
   for v in later:
     if files.visits[v] is None:
-      raise ValueError(f'{pid}: no {schema.VISITS[v]} study with a DCE series (found:'
-                       f' {", ".join(found) or "no visit"}).')
+      raise ValueError(
+          f'{pid}: no {schema.VISITS[v]} study with a DCE series (found:'
+          f' {", ".join(found) or "no visit"}).'
+      )
   spec = tcia.TciaSpec()
   arrays, issues, meta = tcia.read_images(files, spec, visits=visits)
   for v in later:
     if not arrays['visit_mask'][v]:
-      reasons = '; '.join(f'{i.reason}: {i.detail}' for i in issues if i.visit == v)
-      raise ValueError(f'{pid}: {schema.VISITS[v]} could not be used ({reasons}).')
-  warnings += [f'{schema.VISITS[i.visit] if i.visit is not None else "-"} {i.reason}: {i.detail}'
-               for i in issues]
-  inputs = {schema.VISITS[v]: {k: meta[k][v] for k in ('mask_source', 'phase_indices', 'phase_times_s',
-                                                       'num_phases')} for v in visits}
-  return Patient(pid, arrays, _receptors(hr, her2, ensemble, pid), inputs, warnings)
+      reasons = '; '.join(
+          f'{i.reason}: {i.detail}' for i in issues if i.visit == v
+      )
+      raise ValueError(
+          f'{pid}: {schema.VISITS[v]} could not be used ({reasons}).'
+      )
+  warnings += [
+      f'{schema.VISITS[i.visit] if i.visit is not None else "-"} {i.reason}: {i.detail}'
+      for i in issues
+  ]
+  inputs = {
+      schema.VISITS[v]: {
+          k: meta[k][v]
+          for k in (
+              'mask_source',
+              'phase_indices',
+              'phase_times_s',
+              'num_phases',
+          )
+      }
+      for v in visits
+  }
+  return Patient(
+      pid, arrays, _receptors(hr, her2, ensemble, pid), inputs, warnings
+  )
 
 
-def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr=None, her2=None) -> Patient:
+def read_record_patient(
+    spec: str, ensemble: Ensemble, *, data_dir: str = '', hr=None, her2=None
+) -> Patient:
   """`DATASET:PATIENT_ID` from a built TFDS dataset (its labels are not read)."""
   dataset, _, pid = spec.rpartition(':')
-  data = ml_collections.ConfigDict({'dataset': dataset, 'data_dir': data_dir, 'manual_dir': ''})
+  data = ml_collections.ConfigDict(
+      {'dataset': dataset, 'data_dir': data_dir, 'manual_dir': ''}
+  )
   ids = input_pipeline.load_cohort(data).patient_id
   rows = np.flatnonzero(ids == pid)
   if not len(rows):
@@ -129,14 +177,26 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
   record = input_pipeline.load_source(data)[int(rows[0])]
   if hr is None and her2 is None:
     hr, her2 = (int(x) for x in schema.RECEPTORS[record['subtype']])
-  arrays = {k: np.asarray(record[k]) for k in ('images', 'visit_mask', 'tumor_mask', 'spacing_mm')}
-  warnings = [f'{schema.VISITS[v]} found and ignored: the model predicts from'
-              f' {ensemble.visit_names()}.'
-              for v in range(schema.NUM_VISITS) if arrays['visit_mask'][v] and v not in ensemble.visits]
+  arrays = {
+      k: np.asarray(record[k])
+      for k in ('images', 'visit_mask', 'tumor_mask', 'spacing_mm')
+  }
+  warnings = [
+      f'{schema.VISITS[v]} found and ignored: the model predicts from'
+      f' {ensemble.visit_names()}.'
+      for v in range(schema.NUM_VISITS)
+      if arrays['visit_mask'][v] and v not in ensemble.visits
+  ]
   for v in ensemble.visits:
     if not arrays['visit_mask'][v]:
       raise ValueError(f'{pid}: the record has no {schema.VISITS[v]}.')
-  return Patient(pid, arrays, _receptors(hr, her2, ensemble, pid), {'record': dataset}, warnings)
+  return Patient(
+      pid,
+      arrays,
+      _receptors(hr, her2, ensemble, pid),
+      {'record': dataset},
+      warnings,
+  )
 
 
 # --- Predicting. ---------------------------------------------------------------------------------
@@ -145,15 +205,26 @@ def read_record_patient(spec: str, ensemble: Ensemble, *, data_dir: str = '', hr
 def model_inputs(patient: Patient, ensemble: Ensemble) -> dict[str, np.ndarray]:
   """images [T, *spatial, C] (the patient as the members were trained on it) and its tumour crop."""
   p = ensemble.preprocessing
-  return input_pipeline.represent(patient.record, time_points=ensemble.visits,
-                                  representation=p['representation'], crop_size=p['crop_size'],
-                                  channels=p['channels'])
+  return input_pipeline.represent(
+      patient.record,
+      time_points=ensemble.visits,
+      representation=p['representation'],
+      crop_size=p['crop_size'],
+      channels=p['channels'],
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logit(model, params, images, clinical, kinetics, tumour):
-  return model.apply({'params': params}, images[None], jnp.ones((1, images.shape[0]), bool),
-                     clinical[None], kinetics[None], tumour[None], train=False)['logit'][0]
+  return model.apply(
+      {'params': params},
+      images[None],
+      jnp.ones((1, images.shape[0]), bool),
+      clinical[None],
+      kinetics[None],
+      tumour[None],
+      train=False,
+  )['logit'][0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -161,41 +232,83 @@ def integrated_gradients(model, params, images, clinical, kinetics, tumour):
   """Attribution of the logit to each image value, from an all-zero image (Sundararajan et al. 2017);
   the tumour kinetics, tumour mask and clinical inputs stay as they are."""
   alphas = (jnp.arange(SALIENCY_STEPS) + 0.5) / SALIENCY_STEPS
-  grad = jax.grad(lambda x: _logit(model, params, x, clinical, kinetics, tumour))
+  grad = jax.grad(
+      lambda x: _logit(model, params, x, clinical, kinetics, tumour)
+  )
   mean_grad = jnp.mean(jax.vmap(lambda a: grad(a * images))(alphas), axis=0)
   return images * mean_grad
 
 
-def saliency_maps(ensemble: Ensemble, inputs: dict[str, np.ndarray], clinical: np.ndarray) -> np.ndarray:
+def saliency_maps(
+    ensemble: Ensemble, inputs: dict[str, np.ndarray], clinical: np.ndarray
+) -> np.ndarray:
   """[T, H, W]: |attribution| summed over channels (and depth), averaged over the members."""
-  images, kinetics, tumour = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour'))
-  maps = np.mean([np.asarray(integrated_gradients(ensemble.model, p, images, jnp.asarray(clinical),
-                                                  kinetics, tumour))
-                  for p in ensemble.params], axis=0)
+  images, kinetics, tumour = (
+      jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour')
+  )
+  maps = np.mean(
+      [
+          np.asarray(
+              integrated_gradients(
+                  ensemble.model,
+                  p,
+                  images,
+                  jnp.asarray(clinical),
+                  kinetics,
+                  tumour,
+              )
+          )
+          for p in ensemble.params
+      ],
+      axis=0,
+  )
   maps = np.abs(maps).sum(axis=-1)
-  return maps.sum(axis=1) if maps.ndim == 4 else maps  # volume: [T, D, H, W] -> [T, H, W].
+  return (
+      maps.sum(axis=1) if maps.ndim == 4 else maps
+  )  # volume: [T, D, H, W] -> [T, H, W].
 
 
 def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
   inputs = model_inputs(patient, ensemble)
-  x, kinetics, tumour = (jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour'))
+  x, kinetics, tumour = (
+      jnp.asarray(inputs[k]) for k in ('images', 'kinetics', 'tumour')
+  )
   clinical = jnp.asarray(patient.clinical)
-  raw = [float(jax.nn.sigmoid(_logit(ensemble.model, p, x, clinical, kinetics, tumour)))
-         for p in ensemble.params]
-  calibrated = [float(c(np.array([r]))[0]) for c, r in zip(ensemble.calibrators, raw)]
+  raw = [
+      float(
+          jax.nn.sigmoid(
+              _logit(ensemble.model, p, x, clinical, kinetics, tumour)
+          )
+      )
+      for p in ensemble.params
+  ]
+  calibrated = [
+      float(c(np.array([r]))[0]) for c, r in zip(ensemble.calibrators, raw)
+  ]
   d = ensemble.description
   return {
       'patient_id': patient.patient_id,
       'probability': float(np.mean(calibrated)),
-      'spread': {'sd': float(np.std(calibrated)), 'min': float(np.min(calibrated)),
-                 'max': float(np.max(calibrated))},
-      'members': [{'name': m['name'], 'probability': c, 'uncalibrated': r}
-                  for m, c, r in zip(d['members'], calibrated, raw)],
-      'model': d['label'], 'calibration': d['calibration'], 'code_version': d['code_version'],
+      'spread': {
+          'sd': float(np.std(calibrated)),
+          'min': float(np.min(calibrated)),
+          'max': float(np.max(calibrated)),
+      },
+      'members': [
+          {'name': m['name'], 'probability': c, 'uncalibrated': r}
+          for m, c, r in zip(d['members'], calibrated, raw)
+      ],
+      'model': d['label'],
+      'calibration': d['calibration'],
+      'code_version': d['code_version'],
       'visits_used': [schema.VISITS[v] for v in ensemble.visits],
-      'clinical_inputs': {'hr': int(patient.clinical[0]), 'her2': int(patient.clinical[1])}
-      if d['preprocessing']['clinical_inputs'] else None,
-      'inputs': patient.inputs, 'warnings': patient.warnings,
+      'clinical_inputs': (
+          {'hr': int(patient.clinical[0]), 'her2': int(patient.clinical[1])}
+          if d['preprocessing']['clinical_inputs']
+          else None
+      ),
+      'inputs': patient.inputs,
+      'warnings': patient.warnings,
       'research_use_only': True,
   }
 
@@ -203,18 +316,31 @@ def predict_patient(patient: Patient, ensemble: Ensemble) -> dict:
 # --- Writing. ------------------------------------------------------------------------------------
 
 
-def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channel: str,
-                visits: tuple[int, ...]) -> str:
+def _figure_png(
+    images: np.ndarray,
+    tumour: np.ndarray,
+    maps: np.ndarray,
+    channel: str,
+    visits: tuple[int, ...],
+) -> str:
   """Per visit, `channel` (channel 1 of the representation) beside the saliency."""
   import matplotlib
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(len(visits), 2, figsize=(6, 3 * len(visits)), dpi=110, squeeze=False)
+
+  fig, axes = plt.subplots(
+      len(visits), 2, figsize=(6, 3 * len(visits)), dpi=110, squeeze=False
+  )
   for row, v in enumerate(visits):
     enhancement = images[row, ..., 1]
-    enhancement = enhancement.max(axis=0) if enhancement.ndim == 3 else enhancement
+    enhancement = (
+        enhancement.max(axis=0) if enhancement.ndim == 3 else enhancement
+    )
     mask = tumour[row].max(axis=0) if tumour[row].ndim == 3 else tumour[row]
-    for col, (title, picture) in enumerate(((f'{channel} (MIP)', enhancement), ('saliency', maps[row]))):
+    for col, (title, picture) in enumerate(
+        ((f'{channel} (MIP)', enhancement), ('saliency', maps[row]))
+    ):
       ax = axes[row, col]
       ax.imshow(picture, cmap='gray' if col == 0 else 'inferno')
       ax.contour(mask > 0.5, levels=[0.5], colors='cyan', linewidths=0.8)
@@ -227,13 +353,20 @@ def _figure_png(images: np.ndarray, tumour: np.ndarray, maps: np.ndarray, channe
   return base64.b64encode(buffer.getvalue()).decode()
 
 
-def write_outputs(out_dir: str, result: dict, patient: Patient, ensemble: Ensemble) -> None:
+def write_outputs(
+    out_dir: str, result: dict, patient: Patient, ensemble: Ensemble
+) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with fileio.atomic_open(os.path.join(out_dir, runs.PREDICTION_FILE)) as f:
     json.dump(result, f, indent=2)
   inputs = model_inputs(patient, ensemble)
-  png = _figure_png(inputs['images'], inputs['tumour'], saliency_maps(ensemble, inputs, patient.clinical),
-                    ensemble.preprocessing['channel_names'][1], ensemble.visits)
+  png = _figure_png(
+      inputs['images'],
+      inputs['tumour'],
+      saliency_maps(ensemble, inputs, patient.clinical),
+      ensemble.preprocessing['channel_names'][1],
+      ensemble.visits,
+  )
   e = ensemble.description['evidence']
   s = result['spread']
   warnings = ''.join(f'<li>{html.escape(w)}</li>' for w in result['warnings'])
@@ -254,15 +387,31 @@ calibration slope {e['calibration_slope']:.2f}. See {runs.MODEL_CARD_FILE} of th
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
 </body></html>
 """
-  with fileio.atomic_open(os.path.join(out_dir, runs.PREDICTION_PAGE_FILE)) as f:
+  with fileio.atomic_open(
+      os.path.join(out_dir, runs.PREDICTION_PAGE_FILE)
+  ) as f:
     f.write(page)
 
 
-BATCH_FIELDS = ('patient_id', 'status', 'probability', 'sd', 'min', 'max', 'reason')
+BATCH_FIELDS = (
+    'patient_id',
+    'status',
+    'probability',
+    'sd',
+    'min',
+    'max',
+    'reason',
+)
 
 
-def predict_folder(patients: dict[str, tcia.PatientFiles], ensemble: Ensemble, out_dir: str, *,
-                   hr=None, her2=None) -> list[dict]:
+def predict_folder(
+    patients: dict[str, tcia.PatientFiles],
+    ensemble: Ensemble,
+    out_dir: str,
+    *,
+    hr=None,
+    her2=None,
+) -> list[dict]:
   """One CSV row per patient (runs.BATCH_PREDICTIONS_FILE), each patient's page in OUT/<id>/; a
   patient that fails gets its reason and the others go on."""
   rows = []
@@ -272,13 +421,33 @@ def predict_folder(patients: dict[str, tcia.PatientFiles], ensemble: Ensemble, o
       result = predict_patient(patient, ensemble)
       write_outputs(os.path.join(out_dir, pid), result, patient, ensemble)
       s = result['spread']
-      rows.append({'patient_id': pid, 'status': 'ok', 'probability': f"{result['probability']:.6f}",
-                   'sd': f"{s['sd']:.6f}", 'min': f"{s['min']:.6f}", 'max': f"{s['max']:.6f}", 'reason': ''})
+      rows.append(
+          {
+              'patient_id': pid,
+              'status': 'ok',
+              'probability': f"{result['probability']:.6f}",
+              'sd': f"{s['sd']:.6f}",
+              'min': f"{s['min']:.6f}",
+              'max': f"{s['max']:.6f}",
+              'reason': '',
+          }
+      )
     except (tcia.Skip, ValueError) as e:
-      rows.append({'patient_id': pid, 'status': 'failed', 'probability': '', 'sd': '', 'min': '',
-                   'max': '', 'reason': str(e)})
+      rows.append(
+          {
+              'patient_id': pid,
+              'status': 'failed',
+              'probability': '',
+              'sd': '',
+              'min': '',
+              'max': '',
+              'reason': str(e),
+          }
+      )
   os.makedirs(out_dir, exist_ok=True)
-  with fileio.atomic_open(os.path.join(out_dir, runs.BATCH_PREDICTIONS_FILE), newline='') as f:
+  with fileio.atomic_open(
+      os.path.join(out_dir, runs.BATCH_PREDICTIONS_FILE), newline=''
+  ) as f:
     writer = csv.DictWriter(f, fieldnames=BATCH_FIELDS)
     writer.writeheader()
     writer.writerows(rows)

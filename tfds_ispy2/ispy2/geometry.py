@@ -24,16 +24,24 @@ class Grid(NamedTuple):
 
   def to_physical(self, index_zyx: np.ndarray) -> np.ndarray:
     """Physical x, y, z of a numpy [z, y, x] index (fractional allowed)."""
-    return np.asarray(self.origin) + np.asarray(index_zyx, np.float64)[::-1] * self.spacing
+    return (
+        np.asarray(self.origin)
+        + np.asarray(index_zyx, np.float64)[::-1] * self.spacing
+    )
 
   def to_index(self, point_xyz: np.ndarray) -> np.ndarray:
     """Fractional numpy [z, y, x] index of a physical point."""
-    return ((np.asarray(point_xyz, np.float64) - self.origin) / self.spacing)[::-1]
+    return ((np.asarray(point_xyz, np.float64) - self.origin) / self.spacing)[
+        ::-1
+    ]
 
 
-def grown_box(mask: np.ndarray, spacing_mm: Sequence[float], margin_mm: float) -> np.ndarray:
+def grown_box(
+    mask: np.ndarray, spacing_mm: Sequence[float], margin_mm: float
+) -> np.ndarray:
   """The bounding box of ``mask``'s voxels grown by ``margin_mm`` per side, clipped to the array;
-  all False when ``mask`` has no voxel. ``spacing_mm``: the voxel size along ``mask``'s axes."""
+  all False when ``mask`` has no voxel. ``spacing_mm``: the voxel size along ``mask``'s axes.
+  """
   voxels = np.argwhere(mask)
   box = np.zeros(np.shape(mask), bool)
   if len(voxels):
@@ -50,12 +58,15 @@ def centroid(mask: np.ndarray) -> np.ndarray | None:
   return voxels.mean(0) if len(voxels) else None
 
 
-def window(size: Sequence[int], centre: np.ndarray, shape: Sequence[int]
-           ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+def window(
+    size: Sequence[int], centre: np.ndarray, shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
   """Where a window of ``shape`` voxels, nearest to centred on the fractional index ``centre``
   (within half a voxel), meets an array of ``size``: (its slices of the array, its slices of the
   window); None when it misses the array."""
-  start = np.round(np.asarray(centre, np.float64) - (np.asarray(shape) - 1) / 2.0).astype(int)
+  start = np.round(
+      np.asarray(centre, np.float64) - (np.asarray(shape) - 1) / 2.0
+  ).astype(int)
   src, dst = [], []
   for s, n, extent in zip(start, shape, size):
     lo, hi = max(s, 0), min(s + n, extent)
@@ -66,12 +77,14 @@ def window(size: Sequence[int], centre: np.ndarray, shape: Sequence[int]
   return tuple(src), tuple(dst)
 
 
-def crop(array: np.ndarray, centre: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def crop(
+    array: np.ndarray, centre: np.ndarray, shape: Sequence[int]
+) -> np.ndarray:
   """The `window` of ``shape`` voxels around ``centre`` over ``array``'s leading axes, zero-padded
   outside it; trailing axes (channels) are kept whole."""
   shape = tuple(shape)
-  out = np.zeros(shape + array.shape[len(shape):], array.dtype)
-  if found := window(array.shape[:len(shape)], centre, shape):
+  out = np.zeros(shape + array.shape[len(shape) :], array.dtype)
+  if found := window(array.shape[: len(shape)], centre, shape):
     src, dst = found
     out[dst] = array[src]
   return out

@@ -46,8 +46,10 @@ class Ispy2Config(tfds.core.BuilderConfig):
 _SYNTHETIC_VERSION = dict(
     version='1.1.0',
     release_notes={
-        '1.1.0': "The phantom's truth of every patient in the metadata (phantom.ORACLE_TRUTH)"
-                 ' for the oracle reference; the records are unchanged.',
+        '1.1.0': (
+            "The phantom's truth of every patient in the metadata (phantom.ORACLE_TRUTH)"
+            ' for the oracle reference; the records are unchanged.'
+        ),
         '1.0.0': 'Synthetic phantom configs and the TCIA reader.',
     },
 )
@@ -59,35 +61,53 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Synthetic phantom configs and the TCIA reader.'}
   BUILDER_CONFIGS = [
-      *(Ispy2Config(
-          name='synthetic' if seed == 0 else f'synthetic_seed{seed}',
-          description=(
-              f'Embedded phantom, seed {seed}: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a'
-              ' 48x128x128 mm unilateral field of view), four visits, three DCE phases.'
-              + ('' if seed == 0 else ' Another cohort drawn from the same phantom: checks that'
-                 ' a result is not one cohort\'s luck.')
-          ),
-          phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
-                                      seed=seed),
-          **_SYNTHETIC_VERSION,
-      ) for seed in (0, 1)),
+      *(
+          Ispy2Config(
+              name='synthetic' if seed == 0 else f'synthetic_seed{seed}',
+              description=(
+                  f'Embedded phantom, seed {seed}: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm (a'
+                  ' 48x128x128 mm unilateral field of view), four visits, three DCE phases.'
+                  + (
+                      ''
+                      if seed == 0
+                      else ' Another cohort drawn from the same phantom: checks that'
+                      " a result is not one cohort's luck."
+                  )
+              ),
+              phantom=phantom.PhantomSpec(
+                  num_patients=512,
+                  shape=(16, 64, 64),
+                  spacing_mm=(3.0, 2.0, 2.0),
+                  seed=seed,
+              ),
+              **_SYNTHETIC_VERSION,
+          )
+          for seed in (0, 1)
+      ),
       Ispy2Config(
           name='synthetic_transfer',
           description=(
               'The `synthetic` cohort (seed 0: 512 patients, 16x64x64 voxels of 3.0x2.0x2.0 mm) with the'
-              ' phantom\'s transfer knob on (transfer=1.0): a per-patient kinetic heterogeneity, visible at'
+              " phantom's transfer knob on (transfer=1.0): a per-patient kinetic heterogeneity, visible at"
               ' T0 and T1 only as patchier tumour enhancement, sets ~40% of the variance of the T2'
               ' shrinkage and raises the chance of pCR (AUROC ~0.7 alone). A positive control: here'
               ' regressing T2 features from T0/T1 can teach what the pCR label alone teaches poorly.'
           ),
-          phantom=phantom.PhantomSpec(num_patients=512, shape=(16, 64, 64), spacing_mm=(3.0, 2.0, 2.0),
-                                      seed=0, transfer=1.0),
+          phantom=phantom.PhantomSpec(
+              num_patients=512,
+              shape=(16, 64, 64),
+              spacing_mm=(3.0, 2.0, 2.0),
+              seed=0,
+              transfer=1.0,
+          ),
           **_SYNTHETIC_VERSION,
       ),
       Ispy2Config(
           name='synthetic_smoke',
           description='The phantom on a coarse 8x32x32 grid of 6x4x4 mm, 48 patients: smoke runs and tests.',
-          phantom=phantom.PhantomSpec(num_patients=48, shape=(8, 32, 32), spacing_mm=(6.0, 4.0, 4.0)),
+          phantom=phantom.PhantomSpec(
+              num_patients=48, shape=(8, 32, 32), spacing_mm=(6.0, 4.0, 4.0)
+          ),
           **_SYNTHETIC_VERSION,
       ),
       Ispy2Config(
@@ -148,19 +168,29 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     return self.dataset_info_from_configs(
         features=schema.features(self.builder_config.shape),
         homepage='https://doi.org/10.7937/TCIA.D8Z0-9T85',
-        metadata=tfds.core.MetadataDict() if self.builder_config.phantom is not None else None,
+        metadata=tfds.core.MetadataDict()
+        if self.builder_config.phantom is not None
+        else None,
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     # A Beam runner or Beam options given to TFDS: the examples come from a Beam pipeline.
-    self._on_beam = bool(download_config and (download_config.beam_runner or
-                                              download_config.beam_options))
+    self._on_beam = bool(
+        download_config
+        and (download_config.beam_runner or download_config.beam_options)
+    )
     return super()._download_and_prepare(dl_manager, download_config)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    if self.builder_config.phantom is not None:  # The phantom needs no download.
+    if (
+        self.builder_config.phantom is not None
+    ):  # The phantom needs no download.
       return {'train': self._generate_examples()}
-    return {'train': self._generate_examples(dl_manager.manual_dir, dl_manager.download_dir)}
+    return {
+        'train': self._generate_examples(
+            dl_manager.manual_dir, dl_manager.download_dir
+        )
+    }
 
   def _generate_examples(self, manual_dir=None, download_dir=None):
     if self.builder_config.phantom is not None:
@@ -172,8 +202,12 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     # Each one's truth goes into the metadata as it comes, which TFDS writes once the records are.
     truths = self.info.metadata.setdefault(phantom.ORACLE_TRUTH, {})
     with _process_pool() as pool:
-      for example, truth in pool.map(phantom.render_example, itertools.repeat(spec),
-                                     range(spec.num_patients), chunksize=4):
+      for example, truth in pool.map(
+          phantom.render_example,
+          itertools.repeat(spec),
+          range(spec.num_patients),
+          chunksize=4,
+      ):
         truths[example['patient_id']] = truth
         yield example['patient_id'], example
 
@@ -187,21 +221,31 @@ used ("analysis_mask_bitflags", "analysis_mask_seg", "pe70_in_voi" or "pe70").
     """
     spec = self.builder_config.tcia
     with _process_pool() as pool:
-      patients, issues = tcia.discover(manual_dir, map_fn=functools.partial(pool.map, chunksize=256))
+      patients, issues = tcia.discover(
+          manual_dir, map_fn=functools.partial(pool.map, chunksize=256)
+      )
     clinical = tcia.read_clinical(manual_dir)
     cache_dir = os.path.join(download_dir, 'ispy2_tcia_cache')
     os.makedirs(cache_dir, exist_ok=True)
-    report = tcia_build.BuildReport(found=len(patients), issues=[i._asdict() for i in issues])
-    jobs = [(patients[pid], clinical.get(pid), spec, cache_dir) for pid in sorted(patients)]
+    report = tcia_build.BuildReport(
+        found=len(patients), issues=[i._asdict() for i in issues]
+    )
+    jobs = [
+        (patients[pid], clinical.get(pid), spec, cache_dir)
+        for pid in sorted(patients)
+    ]
     report_path = os.path.join(self.data_dir, tcia_build.REPORT_FILE)
     if self._on_beam:
-      return tcia_build.beam_pipeline(jobs, report, report_path, spec, self._skips_are_fatal)
+      return tcia_build.beam_pipeline(
+          jobs, report, report_path, spec, self._skips_are_fatal
+      )
     return self._process_locally(jobs, report, report_path, spec)
 
   def _process_locally(self, jobs, report, report_path, spec):
     with _process_pool() as pool:
-      yield from tcia_build.process_locally(pool, jobs, report, report_path, spec,
-                                            self._skips_are_fatal)
+      yield from tcia_build.process_locally(
+          pool, jobs, report, report_path, spec, self._skips_are_fatal
+      )
 
 
 def _process_pool() -> loky.ProcessPoolExecutor:

@@ -125,9 +125,22 @@ from scipy import ndimage, optimize
 from tfds_ispy2.ispy2 import schema
 
 __all__ = [
-    'ARMS_HER2_NEGATIVE', 'ARMS_HER2_POSITIVE', 'LABELS', 'PhantomSpec', 'PatientTruth',
-    'patient_id', 'log_volume_change', 'simulate_patient', 'render_patient', 'render_example',
-    'render_patient_maps', 'oracle_truth', 'ORACLE_TRUTH', 'parker_aif_plasma', 'tofts_concentration', 'spgr_signal',
+    'ARMS_HER2_NEGATIVE',
+    'ARMS_HER2_POSITIVE',
+    'LABELS',
+    'PhantomSpec',
+    'PatientTruth',
+    'patient_id',
+    'log_volume_change',
+    'simulate_patient',
+    'render_patient',
+    'render_example',
+    'render_patient_maps',
+    'oracle_truth',
+    'ORACLE_TRUTH',
+    'parker_aif_plasma',
+    'tofts_concentration',
+    'spgr_signal',
 ]
 
 ARMS_HER2_NEGATIVE = (
@@ -146,8 +159,16 @@ ARMS_HER2_POSITIVE = (
 )
 
 # Tissue label codes of :func:`render_patient_maps`.
-LABELS = {'air': 0, 'fat': 1, 'fgt': 2, 'tumour': 3, 'necrosis': 4, 'skin': 5, 'muscle': 6,
-          'thorax': 7}
+LABELS = {
+    'air': 0,
+    'fat': 1,
+    'fgt': 2,
+    'tumour': 3,
+    'necrosis': 4,
+    'skin': 5,
+    'muscle': 6,
+    'thorax': 7,
+}
 
 # ----------------------------------------------------------------------------- constants
 SUBTYPE_PREVALENCE = np.array([0.40, 0.15, 0.10, 0.35])
@@ -162,12 +183,38 @@ FLIP_DEG = 30.0
 R1_PER_MM_S = 4.5
 HCT = 0.45
 # Parker et al. 2006 population AIF (blood), t in minutes, concentrations in mM.
-PARKER = dict(A1=0.809, A2=0.330, T1=0.17046, T2=0.365, sigma1=0.0563, sigma2=0.132,
-              alpha=1.050, beta=0.1685, s=38.078, tau=0.483)
+PARKER = dict(
+    A1=0.809,
+    A2=0.330,
+    T1=0.17046,
+    T2=0.365,
+    sigma1=0.0563,
+    sigma2=0.132,
+    alpha=1.050,
+    beta=0.1685,
+    s=38.078,
+    tau=0.483,
+)
 
 # Pre-contrast T1 (s) and relative proton density per tissue.
-T10_S = dict(fat=0.38, fgt=1.2, tumour=1.0, necrosis=1.8, muscle=1.0, skin=1.0, thorax=1.2)
-M0_REL = dict(fat=1.0, fgt=0.9, tumour=0.95, necrosis=1.0, muscle=0.85, skin=0.85, thorax=0.2)
+T10_S = dict(
+    fat=0.38,
+    fgt=1.2,
+    tumour=1.0,
+    necrosis=1.8,
+    muscle=1.0,
+    skin=1.0,
+    thorax=1.2,
+)
+M0_REL = dict(
+    fat=1.0,
+    fgt=0.9,
+    tumour=0.95,
+    necrosis=1.0,
+    muscle=0.85,
+    skin=0.85,
+    thorax=0.2,
+)
 
 # Background parenchymal enhancement levels (Ktrans /min), probabilities.
 BPE_KTRANS = np.array([0.003, 0.006, 0.011, 0.018])
@@ -176,12 +223,16 @@ BPE_PROB = np.array([0.35, 0.35, 0.20, 0.10])
 BPE_VISIT_FACTOR = np.array([1.0, 0.9, 0.7, 0.6])
 # BI-RADS density a-d: probabilities and FGT volume-fraction ranges.
 DENSITY_PROB = np.array([0.10, 0.40, 0.40, 0.10])
-DENSITY_RANGE = np.array([[0.04, 0.10], [0.10, 0.25], [0.25, 0.50], [0.50, 0.70]])
+DENSITY_RANGE = np.array(
+    [[0.04, 0.10], [0.10, 0.25], [0.25, 0.50], [0.50, 0.70]]
+)
 
 # Tumour baseline by subtype: median Ktrans (/min), median sphere-equivalent diameter (mm),
 # probability of a necrotic core when the tumour is > 20 mm.
 TUMOUR_KTRANS_MEDIAN = np.array([0.15, 0.21, 0.22, 0.21])
-TUMOUR_VE_RANGE = np.array([[0.35, 0.75], [0.25, 0.60], [0.25, 0.60], [0.25, 0.60]])
+TUMOUR_VE_RANGE = np.array(
+    [[0.35, 0.75], [0.25, 0.60], [0.25, 0.60], [0.25, 0.60]]
+)
 TUMOUR_DIAMETER_MEDIAN = np.array([24.0, 24.0, 24.0, 26.0])
 NECROSIS_PROB = np.array([0.15, 0.25, 0.30, 0.55])
 
@@ -198,15 +249,15 @@ KTRANS_FLOOR = 0.07
 TEXTURE_AMPLITUDE = 0.3
 TEXTURE_AMPLITUDE_RANGE = (0.1, 0.7)
 # Transfer knob (see PhantomSpec.transfer): slopes on the heterogeneity h ~ N(0, 1).
-TRANSFER_TEXTURE = 0.4     # log texture amplitude per unit h
-TRANSFER_LOGVOL_T2 = 0.7   # extra T2 log-volume shrinkage per unit h
-TRANSFER_PCR_LOGIT = 0.9   # pCR log-odds per unit h
-MIN_RESIDUAL_MM3 = 150.0   # non-pCR tumours never fall below this
-VANISH_MM3 = 100.0         # a pCR tumour below this at T2 has disappeared on imaging
+TRANSFER_TEXTURE = 0.4  # log texture amplitude per unit h
+TRANSFER_LOGVOL_T2 = 0.7  # extra T2 log-volume shrinkage per unit h
+TRANSFER_PCR_LOGIT = 0.9  # pCR log-odds per unit h
+MIN_RESIDUAL_MM3 = 150.0  # non-pCR tumours never fall below this
+VANISH_MM3 = 100.0  # a pCR tumour below this at T2 has disappeared on imaging
 
-_N_SHAPE = 8        # random cosines of the lobulation field
-_N_TEXTURE = 12     # random Fourier features of the tumour texture
-_N_BIAS = 9         # quadratic bias-field terms
+_N_SHAPE = 8  # random cosines of the lobulation field
+_N_TEXTURE = 12  # random Fourier features of the tumour texture
+_N_BIAS = 9  # quadratic bias-field terms
 _FGT_SMOOTH_MM = 5.0
 _PSF_SIGMA_VOX = 0.5
 
@@ -220,6 +271,7 @@ class PhantomSpec:
   heterogeneity visible at T0/T1 only as enhancement texture sets T2 shrinkage and pCR.  At 0
   (the default) the cohort is exactly the one without the knob.
   """
+
   num_patients: int = 256
   shape: tuple[int, int, int] = (16, 64, 64)  # D (slices), H, W voxels
   spacing_mm: tuple[float, float, float] = (3.0, 2.0, 2.0)
@@ -238,55 +290,60 @@ class PatientTruth:
   Per-visit arrays have length 4 (T0..T3); entries of missing visits are 0.  Lengths in mm,
   positions in the centred scanner frame of :class:`PhantomSpec` (z, y, x), y posterior.
   """
+
   patient_id: str
   pcr: int
   subtype: int
   arm: str
-  response: float                  # latent response in [0, 1]
-  heterogeneity: float             # kinetic heterogeneity h ~ N(0, 1); 0 when transfer = 0
-  visit_mask: np.ndarray           # bool [4]
-  tumor_volume_mm3: np.ndarray     # float [4], 0 where absent or missing visit
-  ktrans_per_min: np.ndarray       # float [4], mean tumour Ktrans per visit (0 if absent)
-  phase_times_s: np.ndarray        # float32 [4, 3]
-  shift_mm: np.ndarray             # float [4, 3] rigid translation applied per visit
+  response: float  # latent response in [0, 1]
+  heterogeneity: float  # kinetic heterogeneity h ~ N(0, 1); 0 when transfer = 0
+  visit_mask: np.ndarray  # bool [4]
+  tumor_volume_mm3: np.ndarray  # float [4], 0 where absent or missing visit
+  ktrans_per_min: (
+      np.ndarray
+  )  # float [4], mean tumour Ktrans per visit (0 if absent)
+  phase_times_s: np.ndarray  # float32 [4, 3]
+  shift_mm: np.ndarray  # float [4, 3] rigid translation applied per visit
   # --- anything else needed to render.
-  visit_days: np.ndarray           # float [4]
+  visit_days: np.ndarray  # float [4]
   tumor_ve: float
   tumor_vp: float
-  tumor_center_mm: np.ndarray      # [3] at T0 (unshifted)
-  tumor_axes_mm: np.ndarray        # [3] T0 semi-axes of the un-lobulated ellipsoid
-  tumor_rotation: np.ndarray       # [3, 3] local -> scanner
-  tumor_scale: np.ndarray          # float [4] linear scale vs T0 (0 if absent)
-  shape_dirs: np.ndarray           # [_N_SHAPE, 3]
-  shape_freqs: np.ndarray          # [_N_SHAPE]
-  shape_phases: np.ndarray         # [_N_SHAPE]
-  shape_amps: np.ndarray           # [_N_SHAPE] (already normalised: f has mean 0)
-  shape_offset: float              # subtracted so that f has zero mean on the sphere
-  texture_k: np.ndarray            # [_N_TEXTURE, 3] wave vectors (rad/mm)
-  texture_phases: np.ndarray       # [_N_TEXTURE]
-  texture_amplitude: float         # log-Ktrans texture amplitude (TEXTURE_AMPLITUDE at h = 0)
-  necrosis_fraction: float         # normalised core radius (0: no necrosis)
-  breast_center_mm: np.ndarray     # [3] (z, y on chest wall at x_c, x)
-  breast_axes_mm: np.ndarray       # [3] (a_z, a_y depth, a_x)
+  tumor_center_mm: np.ndarray  # [3] at T0 (unshifted)
+  tumor_axes_mm: np.ndarray  # [3] T0 semi-axes of the un-lobulated ellipsoid
+  tumor_rotation: np.ndarray  # [3, 3] local -> scanner
+  tumor_scale: np.ndarray  # float [4] linear scale vs T0 (0 if absent)
+  shape_dirs: np.ndarray  # [_N_SHAPE, 3]
+  shape_freqs: np.ndarray  # [_N_SHAPE]
+  shape_phases: np.ndarray  # [_N_SHAPE]
+  shape_amps: np.ndarray  # [_N_SHAPE] (already normalised: f has mean 0)
+  shape_offset: float  # subtracted so that f has zero mean on the sphere
+  texture_k: np.ndarray  # [_N_TEXTURE, 3] wave vectors (rad/mm)
+  texture_phases: np.ndarray  # [_N_TEXTURE]
+  texture_amplitude: (
+      float  # log-Ktrans texture amplitude (TEXTURE_AMPLITUDE at h = 0)
+  )
+  necrosis_fraction: float  # normalised core radius (0: no necrosis)
+  breast_center_mm: np.ndarray  # [3] (z, y on chest wall at x_c, x)
+  breast_axes_mm: np.ndarray  # [3] (a_z, a_y depth, a_x)
   chest_wall_y_mm: float
   chest_wall_x_mm: float
-  chest_wall_curvature: float      # 1/mm
+  chest_wall_curvature: float  # 1/mm
   muscle_mm: float
   skin_mm: float
   subcutaneous_fat_mm: float
   retromammary_fat_mm: float
-  fgt_density: float               # target FGT volume fraction of the breast
-  bpe_ktrans_per_min: np.ndarray   # float [4]
+  fgt_density: float  # target FGT volume fraction of the breast
+  bpe_ktrans_per_min: np.ndarray  # float [4]
   muscle_ktrans_per_min: float
-  t10_scale: float                 # multiplies all T10 values
-  fat_residual: float              # fat-suppression residual fraction
-  gain: float                      # global scale of M0
+  t10_scale: float  # multiplies all T10 values
+  fat_residual: float  # fat-suppression residual fraction
+  gain: float  # global scale of M0
   snr_fat: float
   noise_sigma: float
   bolus_delay_s: float
-  bias_coeffs: np.ndarray          # [4, _N_BIAS]
-  bias_amplitude: np.ndarray       # [4] peak fractional deviation
-  visit_gain: np.ndarray           # [4]
+  bias_coeffs: np.ndarray  # [4, _N_BIAS]
+  bias_amplitude: np.ndarray  # [4] peak fractional deviation
+  visit_gain: np.ndarray  # [4]
 
 
 # The key of the dataset's metadata (tfds.core.MetadataDict, metadata.json beside the records) under
@@ -304,7 +361,9 @@ def log_volume_change(t: PatientTruth, visit: int) -> float:
   which keeps a complete response finite), NaN for a missing visit."""
   if not t.visit_mask[visit]:
     return math.nan
-  return math.log(max(float(t.tumor_volume_mm3[visit]), VANISH_MM3) / t.tumor_volume_mm3[0])
+  return math.log(
+      max(float(t.tumor_volume_mm3[visit]), VANISH_MM3) / t.tumor_volume_mm3[0]
+  )
 
 
 # ----------------------------------------------------------------------------- physics
@@ -312,11 +371,21 @@ def parker_aif_plasma(t_min: np.ndarray) -> np.ndarray:
   """Parker 2006 population AIF converted to plasma (mM); 0 before injection (t < 0)."""
   p = PARKER
   t = np.asarray(t_min, dtype=np.float64)
-  g1 = p['A1'] / (p['sigma1'] * math.sqrt(2 * math.pi)) * np.exp(
-      -(t - p['T1']) ** 2 / (2 * p['sigma1'] ** 2))
-  g2 = p['A2'] / (p['sigma2'] * math.sqrt(2 * math.pi)) * np.exp(
-      -(t - p['T2']) ** 2 / (2 * p['sigma2'] ** 2))
-  sig = p['alpha'] * np.exp(-p['beta'] * t) / (1.0 + np.exp(-p['s'] * (t - p['tau'])))
+  g1 = (
+      p['A1']
+      / (p['sigma1'] * math.sqrt(2 * math.pi))
+      * np.exp(-((t - p['T1']) ** 2) / (2 * p['sigma1'] ** 2))
+  )
+  g2 = (
+      p['A2']
+      / (p['sigma2'] * math.sqrt(2 * math.pi))
+      * np.exp(-((t - p['T2']) ** 2) / (2 * p['sigma2'] ** 2))
+  )
+  sig = (
+      p['alpha']
+      * np.exp(-p['beta'] * t)
+      / (1.0 + np.exp(-p['s'] * (t - p['tau'])))
+  )
   return np.where(t >= 0, (g1 + g2 + sig) / (1.0 - HCT), 0.0)
 
 
@@ -347,13 +416,18 @@ def _tofts_tables(times_s: np.ndarray, delay_s: float):
   return np.asarray(cps), np.stack(tables)
 
 
-def tofts_concentration(times_s, ktrans, ve, vp, delay_s: float = 0.0) -> np.ndarray:
+def tofts_concentration(
+    times_s, ktrans, ve, vp, delay_s: float = 0.0
+) -> np.ndarray:
   """Extended Tofts tissue concentration (mM) at ``times_s`` (s after injection).
 
   ``ktrans`` (/min), ``ve``, ``vp`` broadcast together; returns shape ``[n_t, *broadcast]``.
   """
-  ktrans, ve, vp = np.broadcast_arrays(np.asarray(ktrans, np.float64),
-                                       np.asarray(ve, np.float64), np.asarray(vp, np.float64))
+  ktrans, ve, vp = np.broadcast_arrays(
+      np.asarray(ktrans, np.float64),
+      np.asarray(ve, np.float64),
+      np.asarray(vp, np.float64),
+  )
   cp, table = _tofts_tables(np.asarray(times_s, np.float64), delay_s)
   kep = np.where(ktrans > 0, ktrans / np.maximum(ve, 1e-3), _KEP_GRID[0])
   logk = np.log(np.clip(kep, _KEP_GRID[0], _KEP_GRID[-1])).ravel()
@@ -398,19 +472,25 @@ def _axis_coords(spec: PhantomSpec):
 
 
 def _fov_half(spec: PhantomSpec) -> np.ndarray:
-  return 0.5 * np.asarray(spec.shape, float) * np.asarray(spec.spacing_mm, float)
+  return (
+      0.5 * np.asarray(spec.shape, float) * np.asarray(spec.spacing_mm, float)
+  )
 
 
 def _breast_geometry(t: PatientTruth, z, y, x):
   """Normalised breast radius rho, anterior distance to the chest wall and depth below skin."""
   zc, _, xb = t.breast_center_mm
   az, ay, ax = t.breast_axes_mm
-  ycw = t.chest_wall_y_mm + t.chest_wall_curvature * (x - t.chest_wall_x_mm) ** 2
+  ycw = (
+      t.chest_wall_y_mm + t.chest_wall_curvature * (x - t.chest_wall_x_mm) ** 2
+  )
   d_ant = ycw - y  # mm anterior of the chest wall (>0 in the breast)
   dz, dx = z - zc, x - xb
   rho = np.sqrt((dz / az) ** 2 + (d_ant / ay) ** 2 + (dx / ax) ** 2)
-  dist = np.sqrt(dz ** 2 + d_ant ** 2 + dx ** 2)
-  depth = dist * (1.0 / np.maximum(rho, 1e-6) - 1.0)  # exact along the ray from the centre
+  dist = np.sqrt(dz**2 + d_ant**2 + dx**2)
+  depth = dist * (
+      1.0 / np.maximum(rho, 1e-6) - 1.0
+  )  # exact along the ray from the centre
   return rho, d_ant, depth
 
 
@@ -437,8 +517,14 @@ def _volumes(log_ratio: np.ndarray, v0: float, pcr: int) -> np.ndarray:
   return vol
 
 
-def _place_tumour(rng, t_partial: dict, spec: PhantomSpec, ext_r: float, ext_z: float,
-                  max_shift: np.ndarray):
+def _place_tumour(
+    rng,
+    t_partial: dict,
+    spec: PhantomSpec,
+    ext_r: float,
+    ext_z: float,
+    max_shift: np.ndarray,
+):
   """Rejection-sample a tumour centre inside the breast and the slab; None if impossible."""
   half = _fov_half(spec)
   spacing = np.asarray(spec.spacing_mm, float)
@@ -453,13 +539,21 @@ def _place_tumour(rng, t_partial: dict, spec: PhantomSpec, ext_r: float, ext_z: 
   for _ in range(400):
     cz = rng.uniform(zlo, zhi)
     cx = rng.uniform(max(lo[2] + ext_r, xb - ax), min(hi[2] - ext_r, xb + ax))
-    ycw = proxy.chest_wall_y_mm + proxy.chest_wall_curvature * (cx - proxy.chest_wall_x_mm) ** 2
+    ycw = (
+        proxy.chest_wall_y_mm
+        + proxy.chest_wall_curvature * (cx - proxy.chest_wall_x_mm) ** 2
+    )
     cy = ycw - rng.uniform(0.0, ay)
     if not (lo[1] + ext_r <= cy <= hi[1] - ext_r):
       continue
-    rho, d_ant, depth = _breast_geometry(proxy, np.float64(cz), np.float64(cy), np.float64(cx))
-    if rho < 1 and depth >= ext_r + proxy.subcutaneous_fat_mm * 0.5 + 2.0 and (
-        d_ant >= ext_r + proxy.retromammary_fat_mm * 0.5 + 2.0):
+    rho, d_ant, depth = _breast_geometry(
+        proxy, np.float64(cz), np.float64(cy), np.float64(cx)
+    )
+    if (
+        rho < 1
+        and depth >= ext_r + proxy.subcutaneous_fat_mm * 0.5 + 2.0
+        and (d_ant >= ext_r + proxy.retromammary_fat_mm * 0.5 + 2.0)
+    ):
       return np.array([cz, cy, cx])
   return None
 
@@ -472,8 +566,17 @@ def _pcr_intercepts(slope: float) -> np.ndarray:
   """
   nodes, weights = np.polynomial.hermite_e.hermegauss(64)
   weights = weights / weights.sum()
-  return np.array([optimize.brentq(lambda a: weights @ _sigmoid(a + slope * nodes) - rate,
-                                   -30.0, 30.0, xtol=1e-12) for rate in PCR_RATE])
+  return np.array(
+      [
+          optimize.brentq(
+              lambda a: weights @ _sigmoid(a + slope * nodes) - rate,
+              -30.0,
+              30.0,
+              xtol=1e-12,
+          )
+          for rate in PCR_RATE
+      ]
+  )
 
 
 def _pcr_probability(spec: PhantomSpec, subtype: int, h: float) -> float:
@@ -488,26 +591,44 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   """All random draws of one patient (cheap: no voxel arrays)."""
   # Children 1 and 2 are the renderer's; h has its own (4th) stream, so the knob consumes
   # none of the other draws.
-  ss_scalar, _, _, ss_trait = np.random.SeedSequence([int(spec.seed), int(index)]).spawn(4)
+  ss_scalar, _, _, ss_trait = np.random.SeedSequence(
+      [int(spec.seed), int(index)]
+  ).spawn(4)
   rng = np.random.default_rng(ss_scalar)
   half = _fov_half(spec)
 
   # --- biology
-  h = float(np.random.default_rng(ss_trait).standard_normal()) if spec.transfer else 0.0
+  h = (
+      float(np.random.default_rng(ss_trait).standard_normal())
+      if spec.transfer
+      else 0.0
+  )
   subtype = int(rng.choice(4, p=SUBTYPE_PREVALENCE))
   pcr = int(rng.random() < _pcr_probability(spec, subtype, h))
   a, b = RESPONSE_BETA['pcr' if pcr else 'non_pcr']
   r = float(rng.beta(a, b))
   her2 = subtype in (1, 2)
   arms = ARMS_HER2_POSITIVE if her2 else ARMS_HER2_NEGATIVE
-  arm = arms[int(rng.choice(len(arms), p=[0.3] + [0.7 / (len(arms) - 1)] * (len(arms) - 1)))]
+  arm = arms[
+      int(
+          rng.choice(
+              len(arms), p=[0.3] + [0.7 / (len(arms) - 1)] * (len(arms) - 1)
+          )
+      )
+  ]
   visit_mask = rng.random(4) >= MISSING_RATE
   visit_mask[0] = True
   visit_days = np.round(VISIT_DAY_MEAN + VISIT_DAY_SD * rng.standard_normal(4))
 
   # --- tumour size and shape
-  d_eq = float(np.clip(TUMOUR_DIAMETER_MEDIAN[subtype]
-                       * math.exp(0.3 * rng.standard_normal() - 0.1 * (r - 0.5)), 10.0, 40.0))
+  d_eq = float(
+      np.clip(
+          TUMOUR_DIAMETER_MEDIAN[subtype]
+          * math.exp(0.3 * rng.standard_normal() - 0.1 * (r - 0.5)),
+          10.0,
+          40.0,
+      )
+  )
   ratios = np.exp(0.15 * rng.standard_normal(3))
   ratios /= np.prod(ratios) ** (1 / 3)
   q, rr = np.linalg.qr(rng.standard_normal((3, 3)))
@@ -535,24 +656,33 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   offset = float(f.mean())
   rho_s = np.exp(f - offset)
   # Volume of the unit-scale body: (1/3) int rho^3 dOmega * prod(axes).
-  unit_vol = 4 * math.pi / 3 * float(np.mean(rho_s ** 3))
+  unit_vol = 4 * math.pi / 3 * float(np.mean(rho_s**3))
   tex_dir = rng.standard_normal((_N_TEXTURE, 3))
   tex_dir /= np.linalg.norm(tex_dir, axis=1, keepdims=True)
   tex_k = tex_dir * (2 * math.pi / rng.uniform(6.0, 14.0, (_N_TEXTURE, 1)))
   tex_phase = rng.uniform(0, 2 * math.pi, _N_TEXTURE)
-  tex_amp = float(np.clip(TEXTURE_AMPLITUDE * math.exp(spec.transfer * TRANSFER_TEXTURE * h),
-                          *TEXTURE_AMPLITUDE_RANGE))
+  tex_amp = float(
+      np.clip(
+          TEXTURE_AMPLITUDE * math.exp(spec.transfer * TRANSFER_TEXTURE * h),
+          *TEXTURE_AMPLITUDE_RANGE,
+      )
+  )
   necrosis = 0.0
   if d_eq > 20.0 and rng.random() < NECROSIS_PROB[subtype]:
     necrosis = float(rng.uniform(0.25, 0.5))
 
   # --- kinetics and response
-  logk0 = (math.log(TUMOUR_KTRANS_MEDIAN[subtype]) + 0.15 * (r - 0.5)
-           + 0.3 * rng.standard_normal())
+  logk0 = (
+      math.log(TUMOUR_KTRANS_MEDIAN[subtype])
+      + 0.15 * (r - 0.5)
+      + 0.3 * rng.standard_normal()
+  )
   k0 = float(np.clip(math.exp(logk0), 0.10, 0.40))
   ve = float(rng.uniform(*TUMOUR_VE_RANGE[subtype]))
   vp = float(rng.uniform(0.02, 0.08))
-  traj_rng = np.random.default_rng(ss_scalar.spawn(1)[0])  # keep trajectory draws separate
+  traj_rng = np.random.default_rng(
+      ss_scalar.spawn(1)[0]
+  )  # keep trajectory draws separate
   log_ratio = _log_volume_ratios(traj_rng, pcr, r)
   logk_noise = traj_rng.standard_normal(4)
 
@@ -578,15 +708,21 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   )
   cat = int(rng.choice(4, p=DENSITY_PROB))
   fgt_density = float(rng.uniform(*DENSITY_RANGE[cat]))
-  bpe = BPE_KTRANS[int(rng.choice(4, p=BPE_PROB))] * math.exp(0.2 * rng.standard_normal())
+  bpe = BPE_KTRANS[int(rng.choice(4, p=BPE_PROB))] * math.exp(
+      0.2 * rng.standard_normal()
+  )
   bpe_visits = bpe * BPE_VISIT_FACTOR * np.exp(0.1 * rng.standard_normal(4))
   muscle_k = float(rng.uniform(0.015, 0.03))
   t10_scale = float(np.exp(0.08 * rng.standard_normal()))
   fat_residual = float(rng.uniform(0.10, 0.22))
   gain = float(math.exp(rng.uniform(math.log(20000.0), math.log(45000.0))))
   snr_fat = float(rng.uniform(20.0, 40.0))
-  fat_signal = gain * M0_REL['fat'] * fat_residual * float(
-      spgr_signal(1.0, T10_S['fat'] * t10_scale))
+  fat_signal = (
+      gain
+      * M0_REL['fat']
+      * fat_residual
+      * float(spgr_signal(1.0, T10_S['fat'] * t10_scale))
+  )
   noise_sigma = fat_signal / snr_fat
   delay = float(rng.uniform(2.0, 10.0))
 
@@ -610,12 +746,19 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   scale_d = 1.0
   center = None
   while center is None:
-    base = ratios * (d_eq * scale_d / 2.0) / (unit_vol / (4 * math.pi / 3)) ** (1 / 3)
-    pts = (sphere * rho_s[:, None] * base) @ rot.T  # scanner-frame surface points at T0
+    base = (
+        ratios
+        * (d_eq * scale_d / 2.0)
+        / (unit_vol / (4 * math.pi / 3)) ** (1 / 3)
+    )
+    pts = (
+        sphere * rho_s[:, None] * base
+    ) @ rot.T  # scanner-frame surface points at T0
     reach_r = float(np.max(np.linalg.norm(pts, axis=1)))
     reach_z = float(np.max(np.abs(pts[:, 0])))
-    center = _place_tumour(rng, partial, spec, reach_r * max_scale, reach_z * max_scale,
-                           max_shift)
+    center = _place_tumour(
+        rng, partial, spec, reach_r * max_scale, reach_z * max_scale, max_shift
+    )
     if center is None:
       scale_d *= 0.9
       if scale_d < 0.1:
@@ -628,7 +771,9 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
     log_ratio[2:] += t2_shift
     grown = float(np.exp(np.max(log_ratio) / 3))
     if grown > max_scale:
-      moved = _place_tumour(rng, partial, spec, reach_r * grown, reach_z * grown, max_shift)
+      moved = _place_tumour(
+          rng, partial, spec, reach_r * grown, reach_z * grown, max_shift
+      )
       if moved is None:
         log_ratio[2:] = np.minimum(log_ratio[2:], fitted)
       else:
@@ -639,8 +784,10 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   ktrans = np.zeros(4)
   for v in range(4):
     if volumes[v] > 0:
-      ktrans[v] = max(k0 * math.exp(-LOGK_LAMBDA[v] * r + LOGK_SD[v] * logk_noise[v]),
-                      KTRANS_FLOOR)
+      ktrans[v] = max(
+          k0 * math.exp(-LOGK_LAMBDA[v] * r + LOGK_SD[v] * logk_noise[v]),
+          KTRANS_FLOOR,
+      )
 
   # Missing visits: zero everything visit-specific.
   absent = ~visit_mask
@@ -650,17 +797,47 @@ def simulate_patient(spec: PhantomSpec, index: int) -> PatientTruth:
   shift[absent] = 0.0
 
   return PatientTruth(
-      patient_id=patient_id(index), pcr=pcr, subtype=subtype, arm=arm, response=r,
-      heterogeneity=h, visit_mask=visit_mask, tumor_volume_mm3=volumes, ktrans_per_min=ktrans,
-      phase_times_s=phase_times, shift_mm=shift, visit_days=visit_days,
-      tumor_ve=ve, tumor_vp=vp, tumor_center_mm=center, tumor_axes_mm=base,
-      tumor_rotation=rot, tumor_scale=tumour_scale, shape_dirs=dirs, shape_freqs=freqs,
-      shape_phases=phases, shape_amps=amps, shape_offset=offset, texture_k=tex_k,
-      texture_phases=tex_phase, texture_amplitude=tex_amp, necrosis_fraction=necrosis,
-      fgt_density=fgt_density, bpe_ktrans_per_min=bpe_visits, muscle_ktrans_per_min=muscle_k,
-      t10_scale=t10_scale, fat_residual=fat_residual, gain=gain, snr_fat=snr_fat,
-      noise_sigma=noise_sigma, bolus_delay_s=delay, bias_coeffs=bias_coeffs,
-      bias_amplitude=bias_amp, visit_gain=visit_gain, **anatomy)
+      patient_id=patient_id(index),
+      pcr=pcr,
+      subtype=subtype,
+      arm=arm,
+      response=r,
+      heterogeneity=h,
+      visit_mask=visit_mask,
+      tumor_volume_mm3=volumes,
+      ktrans_per_min=ktrans,
+      phase_times_s=phase_times,
+      shift_mm=shift,
+      visit_days=visit_days,
+      tumor_ve=ve,
+      tumor_vp=vp,
+      tumor_center_mm=center,
+      tumor_axes_mm=base,
+      tumor_rotation=rot,
+      tumor_scale=tumour_scale,
+      shape_dirs=dirs,
+      shape_freqs=freqs,
+      shape_phases=phases,
+      shape_amps=amps,
+      shape_offset=offset,
+      texture_k=tex_k,
+      texture_phases=tex_phase,
+      texture_amplitude=tex_amp,
+      necrosis_fraction=necrosis,
+      fgt_density=fgt_density,
+      bpe_ktrans_per_min=bpe_visits,
+      muscle_ktrans_per_min=muscle_k,
+      t10_scale=t10_scale,
+      fat_residual=fat_residual,
+      gain=gain,
+      snr_fat=snr_fat,
+      noise_sigma=noise_sigma,
+      bolus_delay_s=delay,
+      bias_coeffs=bias_coeffs,
+      bias_amplitude=bias_amp,
+      visit_gain=visit_gain,
+      **anatomy,
+  )
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -673,7 +850,17 @@ def _bias_field(spec: PhantomSpec, coeffs, amp, gain):
   z = np.linspace(-1, 1, d)[:, None, None]
   y = np.linspace(-1, 1, h)[None, :, None]
   x = np.linspace(-1, 1, w)[None, None, :]
-  terms = (z, y, x, z * z - 1 / 3, y * y - 1 / 3, x * x - 1 / 3, z * y, z * x, y * x)
+  terms = (
+      z,
+      y,
+      x,
+      z * z - 1 / 3,
+      y * y - 1 / 3,
+      x * x - 1 / 3,
+      z * y,
+      z * x,
+      y * x,
+  )
   p = sum(c * t for c, t in zip(coeffs, terms))
   p = np.broadcast_to(p, spec.shape)
   p = p / max(float(np.max(np.abs(p))), 1e-6)
@@ -686,8 +873,20 @@ def _tumour_region(t: PatientTruth, v: int, z, y, x, spacing):
   if s <= 0:
     return None
   c = t.tumor_center_mm + t.shift_mm[v]
-  rho_max = float(np.exp(np.max(_shape_field(_fibonacci_sphere(), t.shape_dirs, t.shape_freqs,
-                                               t.shape_phases, t.shape_amps, t.shape_offset))))
+  rho_max = float(
+      np.exp(
+          np.max(
+              _shape_field(
+                  _fibonacci_sphere(),
+                  t.shape_dirs,
+                  t.shape_freqs,
+                  t.shape_phases,
+                  t.shape_amps,
+                  t.shape_offset,
+              )
+          )
+      )
+  )
   ext = float(np.max(t.tumor_axes_mm)) * s * rho_max * 1.05
   sl = []
   for ax_coords, cc in zip((z, y, x), c):
@@ -695,14 +894,24 @@ def _tumour_region(t: PatientTruth, v: int, z, y, x, spacing):
     hi = int(np.searchsorted(ax_coords, cc + ext))
     lo, hi = max(lo - 1, 0), min(hi + 1, len(ax_coords))
     sl.append(slice(lo, hi))
-  zz, yy, xx = np.meshgrid(z[sl[0]] - c[0], y[sl[1]] - c[1], x[sl[2]] - c[2], indexing='ij')
+  zz, yy, xx = np.meshgrid(
+      z[sl[0]] - c[0], y[sl[1]] - c[1], x[sl[2]] - c[2], indexing='ij'
+  )
   p = np.stack([zz, yy, xx], axis=-1)
-  local = p @ t.tumor_rotation  # scanner -> local (rotation^T applied to row vectors)
+  local = (
+      p @ t.tumor_rotation
+  )  # scanner -> local (rotation^T applied to row vectors)
   qn = local / (t.tumor_axes_mm * s)
   nq = np.linalg.norm(qn, axis=-1)
   u = qn / np.maximum(nq, 1e-9)[..., None]
-  f = _shape_field(u, t.shape_dirs, t.shape_freqs, t.shape_phases, t.shape_amps,
-                   t.shape_offset)
+  f = _shape_field(
+      u,
+      t.shape_dirs,
+      t.shape_freqs,
+      t.shape_phases,
+      t.shape_amps,
+      t.shape_offset,
+  )
   rho_t = nq / np.exp(f)
   inside = rho_t <= 1.0
   if not inside.any():  # tiny tumour at coarse sampling: keep its centre voxel
@@ -710,13 +919,16 @@ def _tumour_region(t: PatientTruth, v: int, z, y, x, spacing):
     inside[idx] = True
   # Texture attached to the tumour (moves and shrinks with it).
   tex = np.cos((local / s) @ t.texture_k.T + t.texture_phases) @ np.full(
-      len(t.texture_phases), math.sqrt(2.0 / len(t.texture_phases)))
+      len(t.texture_phases), math.sqrt(2.0 / len(t.texture_phases))
+  )
   return tuple(sl), inside, rho_t, tex
 
 
 def _render(spec: PhantomSpec, index: int, with_maps: bool):
   t = simulate_patient(spec, index)
-  _, ss_field, ss_noise = np.random.SeedSequence([int(spec.seed), int(index)]).spawn(3)
+  _, ss_field, ss_noise = np.random.SeedSequence(
+      [int(spec.seed), int(index)]
+  ).spawn(3)
   frng = np.random.default_rng(ss_field)
   nrng = np.random.default_rng(ss_noise)
   shape = tuple(spec.shape)
@@ -725,11 +937,17 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
   Z, Y, X = z[:, None, None], y[None, :, None], x[None, None, :]
 
   # FGT texture in the T0 (reference) frame, unit variance.
-  field = ndimage.gaussian_filter(frng.standard_normal(shape).astype(np.float32),
-                                  sigma=_FGT_SMOOTH_MM / spacing, mode='reflect')
+  field = ndimage.gaussian_filter(
+      frng.standard_normal(shape).astype(np.float32),
+      sigma=_FGT_SMOOTH_MM / spacing,
+      mode='reflect',
+  )
   field /= max(float(field.std()), 1e-6)
-  bpe_noise = ndimage.gaussian_filter(frng.standard_normal(shape).astype(np.float32),
-                                      sigma=3.0 / spacing, mode='reflect')
+  bpe_noise = ndimage.gaussian_filter(
+      frng.standard_normal(shape).astype(np.float32),
+      sigma=3.0 / spacing,
+      mode='reflect',
+  )
   bpe_noise /= max(float(bpe_noise.std()), 1e-6)
   fgt_thr = None
 
@@ -738,13 +956,18 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
   masks = np.zeros(per_visit, np.uint8)
   maps = {}
   if with_maps:
-    maps = dict(labels=np.zeros(per_visit, np.uint8),
-                ktrans_per_min=np.zeros(per_visit, np.float32),
-                ve=np.zeros(per_visit, np.float32), vp=np.zeros(per_visit, np.float32),
-                t10_s=np.zeros(per_visit, np.float32),
-                bias=np.zeros(per_visit, np.float32))
+    maps = dict(
+        labels=np.zeros(per_visit, np.uint8),
+        ktrans_per_min=np.zeros(per_visit, np.float32),
+        ve=np.zeros(per_visit, np.float32),
+        vp=np.zeros(per_visit, np.float32),
+        t10_s=np.zeros(per_visit, np.float32),
+        bias=np.zeros(per_visit, np.float32),
+    )
   ts = t.t10_scale
-  fat_pre = float(spgr_signal(M0_REL['fat'] * t.fat_residual, T10_S['fat'] * ts))
+  fat_pre = float(
+      spgr_signal(M0_REL['fat'] * t.fat_residual, T10_S['fat'] * ts)
+  )
 
   for v in range(schema.NUM_VISITS):
     if not t.visit_mask[v]:
@@ -756,21 +979,32 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
     skin = breast & (depth < t.skin_mm)
     muscle = (d_ant < 0) & (d_ant >= -t.muscle_mm)
     thorax = d_ant < -t.muscle_mm
-    muscle, thorax = np.broadcast_to(muscle, shape), np.broadcast_to(thorax, shape)
+    muscle, thorax = np.broadcast_to(muscle, shape), np.broadcast_to(
+        thorax, shape
+    )
     # FGT fraction (soft threshold) from the shifted texture.
     if v == 0 or not np.any(sh):
       fld, bn = field, bpe_noise
     else:
       fld = ndimage.shift(field, sh / spacing, order=1, mode='nearest')
       bn = ndimage.shift(bpe_noise, sh / spacing, order=1, mode='nearest')
-    allowed = (np.clip((depth - t.subcutaneous_fat_mm) / 3.0, 0, 1)
-               * np.clip((d_ant - t.retromammary_fat_mm) / 3.0, 0, 1))
+    allowed = np.clip((depth - t.subcutaneous_fat_mm) / 3.0, 0, 1) * np.clip(
+        (d_ant - t.retromammary_fat_mm) / 3.0, 0, 1
+    )
     score = fld + 1.2 * (0.6 - rho)
-    if fgt_thr is None:  # threshold fixed at T0 so the FGT is the same tissue at every visit
+    if (
+        fgt_thr is None
+    ):  # threshold fixed at T0 so the FGT is the same tissue at every visit
       inner = breast & (allowed > 0.5)
-      frac = min(t.fgt_density / max(inner.sum() / max(breast.sum(), 1), 1e-3), 0.98)
-      fgt_thr = float(np.quantile(score[inner], 1.0 - frac)) if inner.any() else 10.0
-    f_fgt = np.where(breast & ~skin, _sigmoid((score - fgt_thr) / 0.15) * allowed, 0.0)
+      frac = min(
+          t.fgt_density / max(inner.sum() / max(breast.sum(), 1), 1e-3), 0.98
+      )
+      fgt_thr = (
+          float(np.quantile(score[inner], 1.0 - frac)) if inner.any() else 10.0
+      )
+    f_fgt = np.where(
+        breast & ~skin, _sigmoid((score - fgt_thr) / 0.15) * allowed, 0.0
+    )
 
     # Per-voxel primary tissue parameters (+ fat partial-volume fraction).
     m0 = np.zeros(shape, np.float64)
@@ -805,17 +1039,26 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
     if region is not None:
       sl, inside, rho_t, tex = region
       core = inside & (rho_t < t.necrosis_fraction)
-      w = (0.6 + 0.8 * np.minimum(rho_t, 1.0) ** 2) * np.exp(t.texture_amplitude * tex)
+      w = (0.6 + 0.8 * np.minimum(rho_t, 1.0) ** 2) * np.exp(
+          t.texture_amplitude * tex
+      )
       w = np.where(core, 0.04 * w, w)
       w = w / float(w[inside].mean())
       sub_m0, sub_t10 = m0[sl], t10[sl]
       sub_kt, sub_ve, sub_vp, sub_ff = kt[sl], ve[sl], vp[sl], fat_frac[sl]
-      sub_m0[inside] = np.where(core, M0_REL['necrosis'], M0_REL['tumour'])[inside]
-      sub_t10[inside] = (np.where(core, T10_S['necrosis'], T10_S['tumour']) * ts)[inside]
+      sub_m0[inside] = np.where(core, M0_REL['necrosis'], M0_REL['tumour'])[
+          inside
+      ]
+      sub_t10[inside] = (
+          np.where(core, T10_S['necrosis'], T10_S['tumour']) * ts
+      )[inside]
       sub_kt[inside] = np.minimum(t.ktrans_per_min[v] * w, 1.0)[inside]
-      sub_ve[inside] = np.where(core, 0.6,
-                                np.clip(t.tumor_ve * (1 + 0.15 * tex), 0.1, 0.8))[inside]
-      sub_vp[inside] = np.where(core, 0.0, np.clip(t.tumor_vp * w, 0.0, 0.2))[inside]
+      sub_ve[inside] = np.where(
+          core, 0.6, np.clip(t.tumor_ve * (1 + 0.15 * tex), 0.1, 0.8)
+      )[inside]
+      sub_vp[inside] = np.where(core, 0.0, np.clip(t.tumor_vp * w, 0.0, 0.2))[
+          inside
+      ]
       sub_ff[inside] = 0.0
       tum_mask[sl] = inside
       necro[sl] = core
@@ -824,11 +1067,15 @@ def _render(spec: PhantomSpec, index: int, with_maps: bool):
     # Signal: pre, early, late.
     times = t.phase_times_s[v].astype(np.float64)
     conc = tofts_concentration(times[1:], kt, ve, vp, delay_s=t.bolus_delay_s)
-    bias = _bias_field(spec, t.bias_coeffs[v], t.bias_amplitude[v], t.visit_gain[v])
+    bias = _bias_field(
+        spec, t.bias_coeffs[v], t.bias_amplitude[v], t.visit_gain[v]
+    )
     for p in range(schema.NUM_PHASES):
       c = 0.0 if p == 0 else conc[p - 1]
       s = (1.0 - fat_frac) * spgr_signal(m0, t10, c) + fat_frac * fat_pre
-      s = ndimage.gaussian_filter(s.astype(np.float32), _PSF_SIGMA_VOX, mode='constant')
+      s = ndimage.gaussian_filter(
+          s.astype(np.float32), _PSF_SIGMA_VOX, mode='constant'
+      )
       s *= bias * t.gain
       n1 = nrng.standard_normal(shape, dtype=np.float32)
       n2 = nrng.standard_normal(shape, dtype=np.float32)
@@ -880,14 +1127,22 @@ def oracle_truth(t: PatientTruth) -> dict:
   early = [v for v in (0, 1) if t.visit_mask[v]]
   return {
       'subtype': int(t.subtype),
-      'tumor_volume_mm3': [float(t.tumor_volume_mm3[v]) if v in early else None for v in (0, 1)],
-      'ktrans_per_min': [float(t.ktrans_per_min[v]) if v in early else None for v in (0, 1)],
+      'tumor_volume_mm3': [
+          float(t.tumor_volume_mm3[v]) if v in early else None for v in (0, 1)
+      ],
+      'ktrans_per_min': [
+          float(t.ktrans_per_min[v]) if v in early else None for v in (0, 1)
+      ],
       'heterogeneity': float(t.heterogeneity),
-      't2_log_volume_change': log_volume_change(t, 2) if t.visit_mask[2] else None,
+      't2_log_volume_change': (
+          log_volume_change(t, 2) if t.visit_mask[2] else None
+      ),
   }
 
 
-def render_example(spec: PhantomSpec, index: int) -> tuple[dict[str, object], dict]:
+def render_example(
+    spec: PhantomSpec, index: int
+) -> tuple[dict[str, object], dict]:
   """(`render_patient`, `oracle_truth`) of patient ``index``: both from one simulation."""
   example, _, t = _render(spec, index, with_maps=False)
   return example, oracle_truth(t)
@@ -906,6 +1161,7 @@ def render_patient_maps(spec: PhantomSpec, index: int):
 def _auroc(score: np.ndarray, label: np.ndarray) -> float:
   """Mann-Whitney AUROC (ties count 1/2)."""
   from scipy.stats import rankdata
+
   ranks = rankdata(score)
   pos = label.astype(bool)
   n1, n0 = int(pos.sum()), int((~pos).sum())
@@ -916,6 +1172,7 @@ def _report(num: int = 200, spec: PhantomSpec | None = None) -> None:
   """Cohort summary: pCR rate and AUROC of mask-volume change at T1/T2, render time, and (with
   the transfer knob) what the heterogeneity h explains."""
   import time
+
   spec = spec or PhantomSpec()
   vox = float(np.prod(spec.spacing_mm))
   rows = []
@@ -928,12 +1185,16 @@ def _report(num: int = 200, spec: PhantomSpec | None = None) -> None:
   y = np.array([r[0] for r in rows])
   vm = np.array([r[1] for r in rows])
   vol = np.array([r[2] for r in rows], float)
-  print(f'{num} patients, spec {spec}: render {1000 * dt:.0f} ms/patient, pCR rate {y.mean():.3f}')
+  print(
+      f'{num} patients, spec {spec}: render {1000 * dt:.0f} ms/patient, pCR rate {y.mean():.3f}'
+  )
   for v in (1, 2):
     ok = vm[:, v]
     change = vol[ok, v] / vol[ok, 0] - 1
-    print(f'  T{v}: n={ok.sum()}, mean volume change pCR {change[y[ok] == 1].mean():+.2f} / '
-          f'non-pCR {change[y[ok] == 0].mean():+.2f}, AUROC(-change) {_auroc(-change, y[ok]):.3f}')
+    print(
+        f'  T{v}: n={ok.sum()}, mean volume change pCR {change[y[ok] == 1].mean():+.2f} / '
+        f'non-pCR {change[y[ok] == 0].mean():+.2f}, AUROC(-change) {_auroc(-change, y[ok]):.3f}'
+    )
   if spec.transfer:
     truths = [simulate_patient(spec, i) for i in range(num)]
     h = np.array([t.heterogeneity for t in truths])
@@ -941,13 +1202,18 @@ def _report(num: int = 200, spec: PhantomSpec | None = None) -> None:
     t2 = np.array([log_volume_change(t, 2) for t in truths])
     ok = np.isfinite(t2)
     lo, hi = TEXTURE_AMPLITUDE_RANGE
-    print(f'  h (transfer {spec.transfer:g}): R^2 of the T2 log-volume change '
-          f'{np.corrcoef(h[ok], t2[ok])[0, 1] ** 2:.3f}, AUROC for pCR {_auroc(h, y):.3f}; '
-          f'texture amplitude median {np.median(amp):.2f} ({amp.min():.2f}-{amp.max():.2f}), '
-          f'{100 * np.mean((amp <= lo) | (amp >= hi)):.1f} % clipped')
+    print(
+        f'  h (transfer {spec.transfer:g}): R^2 of the T2 log-volume change '
+        f'{np.corrcoef(h[ok], t2[ok])[0, 1] ** 2:.3f}, AUROC for pCR {_auroc(h, y):.3f}; '
+        f'texture amplitude median {np.median(amp):.2f} ({amp.min():.2f}-{amp.max():.2f}), '
+        f'{100 * np.mean((amp <= lo) | (amp >= hi)):.1f} % clipped'
+    )
 
 
 if __name__ == '__main__':
   import sys
-  _report(int(sys.argv[1]) if len(sys.argv) > 1 else 200,
-          PhantomSpec(transfer=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
+
+  _report(
+      int(sys.argv[1]) if len(sys.argv) > 1 else 200,
+      PhantomSpec(transfer=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0),
+  )

@@ -11,8 +11,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_importing_the_schema_loads_neither_jax_nor_tensorflow():
-  code = ('import sys; import tfds_ispy2.ispy2.schema; '
-          'print(sorted({"jax", "jaxlib", "flax", "tensorflow"} & set(sys.modules)))')
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True,
-                       text=True)
+  code = (
+      'import sys; import tfds_ispy2.ispy2.schema; '
+      'print(sorted({"jax", "jaxlib", "flax", "tensorflow"} & set(sys.modules)))'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   assert out.stdout.strip() == '[]'

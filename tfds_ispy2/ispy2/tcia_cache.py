@@ -18,12 +18,21 @@ from tfds_ispy2.ispy2 import tcia
 READER_VERSION = 3
 
 
-def cache_key(patient: tcia.PatientFiles, clinical: tcia.ClinicalRecord | None,
-              spec: tcia.TciaSpec) -> str:
-  files = sorted(f for visit in patient.visits if visit
-                 for f in visit.dce + ((visit.seg,) if visit.seg else ()))
+def cache_key(
+    patient: tcia.PatientFiles,
+    clinical: tcia.ClinicalRecord | None,
+    spec: tcia.TciaSpec,
+) -> str:
+  files = sorted(
+      f
+      for visit in patient.visits
+      if visit
+      for f in visit.dce + ((visit.seg,) if visit.seg else ())
+  )
   stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  return hashlib.sha256(repr((READER_VERSION, spec, clinical, patient, stamp)).encode()).hexdigest()
+  return hashlib.sha256(
+      repr((READER_VERSION, spec, clinical, patient, stamp)).encode()
+  ).hexdigest()
 
 
 def process_patient_cached(job) -> tuple[str, tuple, list]:
@@ -44,5 +53,7 @@ def process_patient_cached(job) -> tuple[str, tuple, list]:
   tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'wb') as f:
     pickle.dump(outcome, f)
-  os.replace(tmp, path)  # Atomic: a killed worker leaves no half-written result.
+  os.replace(
+      tmp, path
+  )  # Atomic: a killed worker leaves no half-written result.
   return outcome

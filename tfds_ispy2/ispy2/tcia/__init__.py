@@ -28,29 +28,98 @@ This package's names below are the reader's interface, for the builder, the down
 `pcrjax`'s prediction of new patients.
 """
 
-from tfds_ispy2.ispy2.tcia.analysis_mask import (DOCUMENTED_BITS, MASK_LEGEND_TAG, AnalysisMask,
-                                                 MaskError, mask_codes, read_analysis_mask)
-from tfds_ispy2.ispy2.tcia.clinical_sheet import (ANCILLARY_FILE, CLINICAL_FILE, ClinicalRecord,
-                                                  read_clinical)
-from tfds_ispy2.ispy2.tcia.discovery import (LAYOUT, SEG_SOP_CLASS, FileHeader, PatientFiles,
-                                             Series, VisitFiles, discover, is_dce, is_mask,
-                                             laterality, scan_file, study_visit)
+from tfds_ispy2.ispy2.tcia.analysis_mask import (
+    DOCUMENTED_BITS,
+    MASK_LEGEND_TAG,
+    AnalysisMask,
+    MaskError,
+    mask_codes,
+    read_analysis_mask,
+)
+from tfds_ispy2.ispy2.tcia.clinical_sheet import (
+    ANCILLARY_FILE,
+    CLINICAL_FILE,
+    ClinicalRecord,
+    read_clinical,
+)
+from tfds_ispy2.ispy2.tcia.discovery import (
+    LAYOUT,
+    SEG_SOP_CLASS,
+    FileHeader,
+    PatientFiles,
+    Series,
+    VisitFiles,
+    discover,
+    is_dce,
+    is_mask,
+    laterality,
+    scan_file,
+    study_visit,
+)
 from tfds_ispy2.ispy2.tcia.errors import Issue, Skip, VisitError
 from tfds_ispy2.ispy2.tcia.grids import resample, resample_crop, target_grid
-from tfds_ispy2.ispy2.tcia.patient import (MASK_SOURCES, StageTimer, TciaSpec, process_patient,
-                                           read_images)
+from tfds_ispy2.ispy2.tcia.patient import (
+    MASK_SOURCES,
+    StageTimer,
+    TciaSpec,
+    process_patient,
+    read_images,
+)
 from tfds_ispy2.ispy2.tcia.pe70 import pe70_mask
-from tfds_ispy2.ispy2.tcia.slices import (PixelRef, SliceHeader, check_phases, choose_phases,
-                                          load_volume, phase_times, read_slice_header, sort_slices,
-                                          split_phases)
+from tfds_ispy2.ispy2.tcia.slices import (
+    PixelRef,
+    SliceHeader,
+    check_phases,
+    choose_phases,
+    load_volume,
+    phase_times,
+    read_slice_header,
+    sort_slices,
+    split_phases,
+)
 
 __all__ = [
-    'TciaSpec', 'Skip', 'VisitError', 'Issue', 'VisitFiles', 'PatientFiles', 'ClinicalRecord',
-    'FileHeader', 'Series', 'SliceHeader', 'PixelRef', 'MaskError', 'AnalysisMask', 'StageTimer',
-    'discover', 'scan_file', 'study_visit', 'laterality', 'is_dce', 'is_mask', 'read_clinical',
-    'process_patient', 'read_images', 'read_slice_header', 'split_phases', 'phase_times',
-    'choose_phases', 'sort_slices', 'check_phases', 'load_volume', 'target_grid', 'resample',
-    'resample_crop', 'read_analysis_mask', 'mask_codes', 'pe70_mask', 'CLINICAL_FILE',
-    'ANCILLARY_FILE', 'LAYOUT', 'MASK_SOURCES', 'MASK_LEGEND_TAG', 'DOCUMENTED_BITS',
+    'TciaSpec',
+    'Skip',
+    'VisitError',
+    'Issue',
+    'VisitFiles',
+    'PatientFiles',
+    'ClinicalRecord',
+    'FileHeader',
+    'Series',
+    'SliceHeader',
+    'PixelRef',
+    'MaskError',
+    'AnalysisMask',
+    'StageTimer',
+    'discover',
+    'scan_file',
+    'study_visit',
+    'laterality',
+    'is_dce',
+    'is_mask',
+    'read_clinical',
+    'process_patient',
+    'read_images',
+    'read_slice_header',
+    'split_phases',
+    'phase_times',
+    'choose_phases',
+    'sort_slices',
+    'check_phases',
+    'load_volume',
+    'target_grid',
+    'resample',
+    'resample_crop',
+    'read_analysis_mask',
+    'mask_codes',
+    'pe70_mask',
+    'CLINICAL_FILE',
+    'ANCILLARY_FILE',
+    'LAYOUT',
+    'MASK_SOURCES',
+    'MASK_LEGEND_TAG',
+    'DOCUMENTED_BITS',
     'SEG_SOP_CLASS',
 ]

@@ -28,7 +28,9 @@ class ClinicalRecord:
   """Labels of one sheet row; ``duplicate`` when the id has rows with conflicting values."""
 
   pcr: int | None
-  subtype: int | None  # index in schema.SUBTYPES; None when HR or HER2 is missing
+  subtype: (
+      int | None
+  )  # index in schema.SUBTYPES; None when HR or HER2 is missing
   arm: str
   duplicate: bool = False
   rows: tuple[int, ...] = ()  # sheet row numbers, for messages
@@ -37,8 +39,11 @@ class ClinicalRecord:
 def _find_xlsx(root: str, pattern: str) -> list[str]:
   found = []
   for dirpath, _, filenames in os.walk(root):
-    found.extend(os.path.join(dirpath, f) for f in filenames
-                 if fnmatch.fnmatch(f.lower(), pattern) and not f.startswith(('~$', '.')))
+    found.extend(
+        os.path.join(dirpath, f)
+        for f in filenames
+        if fnmatch.fnmatch(f.lower(), pattern) and not f.startswith(('~$', '.'))
+    )
   return sorted(found)
 
 
@@ -61,14 +66,18 @@ def _read_table(path: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
         keys = [_header_key(v) for v in row]
         if all(k in keys for k in wanted.values()):
           index = {c: keys.index(k) for c, k in wanted.items()}
-          return [(n, {c: (r[i] if i < len(r) else None) for c, i in index.items()})
-                  for n, r in enumerate(rows, start=number + 1)]
+          return [
+              (n, {c: r[i] if i < len(r) else None for c, i in index.items()})
+              for n, r in enumerate(rows, start=number + 1)
+          ]
         if number >= 10:
           break
   finally:
     wb.close()
-  raise ValueError(f'{os.path.basename(path)}: no sheet with the columns {list(columns)} in its'
-                   ' first 10 rows')
+  raise ValueError(
+      f'{os.path.basename(path)}: no sheet with the columns {list(columns)} in its'
+      ' first 10 rows'
+  )
 
 
 def _binary(value) -> int | None:
@@ -113,8 +122,11 @@ def _merge(old: ClinicalRecord | None, new: ClinicalRecord) -> ClinicalRecord:
   if old is None:
     return new
   conflict = (old.pcr, old.subtype, old.arm) != (new.pcr, new.subtype, new.arm)
-  return dataclasses.replace(old, duplicate=old.duplicate or new.duplicate or conflict,
-                             rows=tuple(sorted(set(old.rows + new.rows))))
+  return dataclasses.replace(
+      old,
+      duplicate=old.duplicate or new.duplicate or conflict,
+      rows=tuple(sorted(set(old.rows + new.rows))),
+  )
 
 
 def read_clinical(manual_dir: str | os.PathLike) -> dict[str, ClinicalRecord]:
@@ -122,24 +134,37 @@ def read_clinical(manual_dir: str | os.PathLike) -> dict[str, ClinicalRecord]:
   root = os.fspath(manual_dir)
   sheets = _find_xlsx(root, _CLINICAL_GLOB)
   if len(sheets) > 1:
-    sheets = [s for s in sheets if os.path.basename(s) == CLINICAL_FILE] or sheets
+    sheets = [
+        s for s in sheets if os.path.basename(s) == CLINICAL_FILE
+    ] or sheets
   if not sheets:
-    raise FileNotFoundError(f'no clinical sheet under {root!r}: expected {CLINICAL_FILE} (any'
-                            f' file matching {_CLINICAL_GLOB}, case-insensitive) with columns'
-                            ' Patient_ID, Arm, HR, HER2, pCR.')
+    raise FileNotFoundError(
+        f'no clinical sheet under {root!r}: expected {CLINICAL_FILE} (any'
+        f' file matching {_CLINICAL_GLOB}, case-insensitive) with columns'
+        ' Patient_ID, Arm, HR, HER2, pCR.'
+    )
   if len(sheets) > 1:
-    raise ValueError('several clinical sheets: '
-                     + ', '.join(headers.relpath(s, root) for s in sheets))
+    raise ValueError(
+        'several clinical sheets: '
+        + ', '.join(headers.relpath(s, root) for s in sheets)
+    )
   records: dict[str, ClinicalRecord] = {}
-  for row, r in _read_table(sheets[0], ('Patient_ID', 'Arm', 'HR', 'HER2', 'pCR')):
-    record = ClinicalRecord(pcr=_binary(r['pCR']), subtype=_subtype(_binary(r['HR']),
-                            _binary(r['HER2'])), arm=headers.text(r['Arm']), rows=(row,))
+  for row, r in _read_table(
+      sheets[0], ('Patient_ID', 'Arm', 'HR', 'HER2', 'pCR')
+  ):
+    record = ClinicalRecord(
+        pcr=_binary(r['pCR']),
+        subtype=_subtype(_binary(r['HR']), _binary(r['HER2'])),
+        arm=headers.text(r['Arm']),
+        rows=(row,),
+    )
     for key in _id_candidates(r['Patient_ID']):
       records[key] = _merge(records.get(key), record)
   for path in _find_xlsx(root, _ANCILLARY_GLOB):
     for _, r in _read_table(path, ('TCIA PATIENT ID', 'I-SPY 2 Research ID')):
-      tcia_id, research = headers.text(r['TCIA PATIENT ID']), _research_id(r['I-SPY 2 Research ID'])
+      tcia_id, research = headers.text(r['TCIA PATIENT ID']), _research_id(
+          r['I-SPY 2 Research ID']
+      )
       if tcia_id and research in records:
         records[tcia_id] = _merge(records.get(tcia_id), records[research])
   return records
-

@@ -22,7 +22,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ['Header', 'Unsupported', 'read_header', 'read_pixels', 'IMPLICIT_LE', 'EXPLICIT_LE']
+__all__ = [
+    'Header',
+    'Unsupported',
+    'read_header',
+    'read_pixels',
+    'IMPLICIT_LE',
+    'EXPLICIT_LE',
+]
 
 IMPLICIT_LE = '1.2.840.10008.1.2'
 EXPLICIT_LE = '1.2.840.10008.1.2.1'
@@ -32,8 +39,23 @@ _TRANSFER_SYNTAX = 0x00020010
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 # Explicit-VR elements whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b'OB', b'OD', b'OF', b'OL', b'OV', b'OW', b'SQ', b'SV', b'UC', b'UN', b'UR',
-                       b'UT', b'UV'})
+_LONG_VRS = frozenset(
+    {
+        b'OB',
+        b'OD',
+        b'OF',
+        b'OL',
+        b'OV',
+        b'OW',
+        b'SQ',
+        b'SV',
+        b'UC',
+        b'UN',
+        b'UR',
+        b'UT',
+        b'UV',
+    }
+)
 _CHUNK = 16384  # bytes read at a time: a whole standard header, usually
 _TAG = struct.Struct('<HH')
 _U16, _U32 = struct.Struct('<H'), struct.Struct('<I')
@@ -50,7 +72,9 @@ class Header(NamedTuple):
   values: dict[int, bytes]
   transfer_syntax: str
   pixel_offset: int | None  # where PixelData's value starts; None: not reached
-  pixel_length: int | None  # the length PixelData declares; None: undefined (encapsulated)
+  pixel_length: (
+      int | None
+  )  # the length PixelData declares; None: undefined (encapsulated)
   file_size: int
 
   def text(self, tag: int, charset: str = 'latin-1') -> str | None:
@@ -86,7 +110,7 @@ class _Reader:
       end = size
       if len(self._buffer) < size:
         raise Unsupported('the file ends inside an element')
-    return self._buffer[pos - self._base:end]
+    return self._buffer[pos - self._base : end]
 
   def u32(self, pos: int) -> int:
     return _U32.unpack(self.bytes(pos, 4))[0]
@@ -96,7 +120,9 @@ class _Reader:
     return group << 16 | element
 
 
-def _element(reader: _Reader, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
+def _element(
+    reader: _Reader, pos: int, implicit: bool
+) -> tuple[int, int, int, bool]:
   """(tag, where its value starts, its length, whether the value is implicit-VR inside) of the
   element at ``pos``."""
   tag = reader.tag(pos)
@@ -104,7 +130,12 @@ def _element(reader: _Reader, pos: int, implicit: bool) -> tuple[int, int, int, 
     return tag, pos + 8, reader.u32(pos + 4), True
   vr = reader.bytes(pos + 4, 2)
   if vr in _LONG_VRS:
-    return tag, pos + 12, reader.u32(pos + 8), vr == b'UN'  # UN of undefined length: an SQ
+    return (
+        tag,
+        pos + 12,
+        reader.u32(pos + 8),
+        vr == b'UN',
+    )  # UN of undefined length: an SQ
   if not vr.isalpha():
     raise Unsupported(f'no VR at offset {pos}')
   return tag, pos + 8, _U16.unpack(reader.bytes(pos + 6, 2))[0], False
@@ -124,12 +155,17 @@ def _skip_sequence(reader: _Reader, pos: int, implicit: bool) -> int:
       continue
     while reader.tag(pos) != _ITEM_END:
       _, start, length, inner_implicit = _element(reader, pos, implicit)
-      pos = (_skip_sequence(reader, start, inner_implicit) if length == _UNDEFINED
-             else start + length)
+      pos = (
+          _skip_sequence(reader, start, inner_implicit)
+          if length == _UNDEFINED
+          else start + length
+      )
     pos += 8
 
 
-def read_header(path: str, tags: Iterable[int], through: int = PIXEL_DATA) -> Header | None:
+def read_header(
+    path: str, tags: Iterable[int], through: int = PIXEL_DATA
+) -> Header | None:
   """The raw values of ``tags`` among the top-level elements up to ``through`` (by default up to
   PixelData, whose place it then gives); None when the file is not DICOM (no DICM prefix).
 
@@ -147,14 +183,20 @@ def read_header(path: str, tags: Iterable[int], through: int = PIXEL_DATA) -> He
     if size < 132 or reader.bytes(0, 132)[128:] != b'DICM':
       return None
     pos, syntax = 132, ''
-    while pos + 8 <= size and reader.tag(pos) >> 16 == 0x0002:  # file meta: explicit VR LE
+    while (
+        pos + 8 <= size and reader.tag(pos) >> 16 == 0x0002
+    ):  # file meta: explicit VR LE
       tag, start, length, _ = _element(reader, pos, False)
       if tag == _TRANSFER_SYNTAX:
         syntax = reader.bytes(start, length).decode('ascii').strip(' \x00')
       pos = start + length
     if syntax not in (IMPLICIT_LE, EXPLICIT_LE) and not (
-        syntax.startswith('1.2.840.10008.1.2.4.') or syntax.startswith('1.2.840.10008.1.2.5')):
-      raise Unsupported(f'transfer syntax {syntax or "missing"}')  # big endian, deflate, ...
+        syntax.startswith('1.2.840.10008.1.2.4.')
+        or syntax.startswith('1.2.840.10008.1.2.5')
+    ):
+      raise Unsupported(
+          f'transfer syntax {syntax or "missing"}'
+      )  # big endian, deflate, ...
     implicit = syntax == IMPLICIT_LE
     # The hot loop (hundreds of elements a file): one unpack per element, on a local buffer.
     head = _IMPLICIT_HEAD if implicit else _EXPLICIT_HEAD
@@ -172,7 +214,10 @@ def read_header(path: str, tags: Iterable[int], through: int = PIXEL_DATA) -> He
         start, inner_implicit = pos + 8, False
         if vr in _LONG_VRS:
           length = _U32.unpack_from(buffer, off + 8)[0]
-          start, inner_implicit = pos + 12, vr == b'UN'  # UN of undefined length: an SQ
+          start, inner_implicit = (
+              pos + 12,
+              vr == b'UN',
+          )  # UN of undefined length: an SQ
         elif not vr.isalpha():
           raise Unsupported(f'no VR at offset {pos}')
       tag = group << 16 | element
@@ -184,25 +229,40 @@ def read_header(path: str, tags: Iterable[int], through: int = PIXEL_DATA) -> He
           return Header(values, syntax, *found, size)
         last_wanted = PIXEL_DATA  # not there: walk on
       if tag == PIXEL_DATA:
-        return Header(values, syntax, start, None if length == _UNDEFINED else length, size)
+        return Header(
+            values,
+            syntax,
+            start,
+            None if length == _UNDEFINED else length,
+            size,
+        )
       if length == _UNDEFINED:  # a sequence: only whether it is there
         values.update({tag: b''} if tag in wanted else {})
-        pos = _skip_sequence(_Reader(f, start), start, implicit or inner_implicit)
+        pos = _skip_sequence(
+            _Reader(f, start), start, implicit or inner_implicit
+        )
         continue
       if tag in wanted:
         end = start - base + length
-        values[tag] = buffer[start - base:end] if end <= len(buffer) else reader.bytes(
-            start, length)
+        values[tag] = (
+            buffer[start - base : end]
+            if end <= len(buffer)
+            else reader.bytes(start, length)
+        )
       pos = start + length
   return Header(values, syntax, None, None, size)
 
 
-def _pixel_data_at_end(reader: _Reader, values: dict[int, bytes], size: int,
-                       implicit: bool) -> tuple[int, int] | None:
+def _pixel_data_at_end(
+    reader: _Reader, values: dict[int, bytes], size: int, implicit: bool
+) -> tuple[int, int] | None:
   """(offset, length) of a PixelData element that ends the file and holds exactly one frame of
-  Rows x Columns x BitsAllocated / 8 bytes (odd lengths padded by one); None if not there."""
+  Rows x Columns x BitsAllocated / 8 bytes (odd lengths padded by one); None if not there.
+  """
   try:
-    rows, columns, bits = (_U16.unpack(values[t][:2])[0] for t in (_ROWS, _COLUMNS, _BITS))
+    rows, columns, bits = (
+        _U16.unpack(values[t][:2])[0] for t in (_ROWS, _COLUMNS, _BITS)
+    )
   except (KeyError, struct.error):
     return None
   length = rows * columns * bits // 8
@@ -212,9 +272,11 @@ def _pixel_data_at_end(reader: _Reader, values: dict[int, bytes], size: int,
   if start - head < 132:
     return None
   raw = reader.bytes(start - head, head)
-  if _TAG.unpack_from(raw)[0] << 16 | _TAG.unpack_from(raw)[1] != PIXEL_DATA or (
-      _U32.unpack_from(raw, head - 4)[0] != length) or (
-          not implicit and raw[4:6] not in (b'OW', b'OB')):
+  if (
+      _TAG.unpack_from(raw)[0] << 16 | _TAG.unpack_from(raw)[1] != PIXEL_DATA
+      or (_U32.unpack_from(raw, head - 4)[0] != length)
+      or (not implicit and raw[4:6] not in (b'OW', b'OB'))
+  ):
     return None
   return start, length
 
@@ -224,4 +286,6 @@ def read_pixels(path: str, offset: int, out: np.ndarray) -> None:
   with open(path, 'rb') as f:
     f.seek(offset)
     if f.readinto(memoryview(out).cast('B')) != out.nbytes:
-      raise EOFError(f'{out.nbytes} bytes of pixel data expected at offset {offset}')
+      raise EOFError(
+          f'{out.nbytes} bytes of pixel data expected at offset {offset}'
+      )

@@ -22,10 +22,12 @@ from tfds_ispy2.ispy2.tcia import clinical_sheet, errors, headers
 SEG_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4'
 # Both trees a user may have: what the NBIA Data Retriever writes from TCIA, and what
 # `python -m tfds_ispy2.download` (idc-index) writes from IDC.
-LAYOUT = ('<manual_dir>/<collection, e.g. ISPY2>/<PatientID>/<study folder>/<series folder>/*.dcm'
-          ' (the NBIA/TCIA downloader layout) or <manual_dir>/<collection>/<PatientID>/'
-          '<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/*.dcm (the idc-index layout of'
-          f' python -m tfds_ispy2.download), and the clinical sheet {clinical_sheet.CLINICAL_FILE}')
+LAYOUT = (
+    '<manual_dir>/<collection, e.g. ISPY2>/<PatientID>/<study folder>/<series folder>/*.dcm'
+    ' (the NBIA/TCIA downloader layout) or <manual_dir>/<collection>/<PatientID>/'
+    '<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/*.dcm (the idc-index layout of'
+    f' python -m tfds_ispy2.download), and the clinical sheet {clinical_sheet.CLINICAL_FILE}'
+)
 
 # `MRI T0`, `ISPY2_MRI_T1`, `ISPY2MRIT2`, `...6698ISPY2MRIT3...`; the contract's `\b` after the
 # digit is relaxed to "no letter or digit" so that `ISPY2_MRI_T0_x` also matches.
@@ -39,7 +41,9 @@ class VisitFiles:
 
   dce: tuple[str, ...]
   seg: str | None = None
-  laterality: str = ''  # 'uni-lateral', 'bi-lateral' or '' (DCE series description)
+  laterality: str = (
+      ''  # 'uni-lateral', 'bi-lateral' or '' (DCE series description)
+  )
   notes: tuple[str, ...] = ()
 
 
@@ -83,8 +87,16 @@ class _Study:
   series: dict[str, Series] = dataclasses.field(default_factory=dict)
 
 
-_FILE_FIELDS = ('PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'SOPClassUID',
-                'StudyDescription', 'SeriesDescription', 'ClinicalTrialTimePointID')
+_FILE_FIELDS = (
+    'PatientID',
+    'StudyInstanceUID',
+    'SeriesInstanceUID',
+    'Modality',
+    'SOPClassUID',
+    'StudyDescription',
+    'SeriesDescription',
+    'ClinicalTrialTimePointID',
+)
 
 
 def scan_file(path: str) -> FileHeader | str | None:
@@ -94,7 +106,9 @@ def scan_file(path: str) -> FileHeader | str | None:
   """
   try:
     # SeriesInstanceUID (0020,000E): the last attribute needed.
-    values, _ = headers.header_values(path, dict.fromkeys(_FILE_FIELDS, 'text'), 0x0020000E)
+    values, _ = headers.header_values(
+        path, dict.fromkeys(_FILE_FIELDS, 'text'), 0x0020000E
+    )
   except Exception as e:  # noqa: BLE001 -- any parse failure is a corrupt file, reported by name
     return type(e).__name__
   if values is None:
@@ -105,8 +119,9 @@ def scan_file(path: str) -> FileHeader | str | None:
   return header
 
 
-def study_visit(description: str, timepoint: str = '',
-                folders: Iterable[str] = ()) -> tuple[int | None, str]:
+def study_visit(
+    description: str, timepoint: str = '', folders: Iterable[str] = ()
+) -> tuple[int | None, str]:
   """Visit 0..3 of a study and where it came from: description, timepoint id, or folder name."""
   if m := _VISIT_RE.search(description or ''):
     return int(m.group(1)), 'description'
@@ -142,26 +157,38 @@ def is_dce(s: Series) -> bool:
 
 def is_mask(s: Series) -> bool:
   """An "Analysis Mask" series of the SEG modality or SOP class (read and selected as `is_dce`)."""
-  return (s.modality == 'SEG' or s.sop_class == SEG_SOP_CLASS) and 'analysis mask' in _words(
-      s.description)
+  return (
+      s.modality == 'SEG' or s.sop_class == SEG_SOP_CLASS
+  ) and 'analysis mask' in _words(s.description)
 
 
 def _visit_files(study: _Study, visit_source: str) -> VisitFiles:
   """DCE series (uni-lateral first, then most slices) and the SEG matching its laterality."""
-  notes = [] if visit_source == 'description' else [f'visit from {visit_source}']
+  notes = (
+      [] if visit_source == 'description' else [f'visit from {visit_source}']
+  )
   series = [study.series[uid] for uid in sorted(study.series)]
-  dce = sorted((s for s in series if is_dce(s)),
-               key=lambda s: (_LATERALITY_RANK[laterality(s.description)], -len(s.files)))
+  dce = sorted(
+      (s for s in series if is_dce(s)),
+      key=lambda s: (
+          _LATERALITY_RANK[laterality(s.description)],
+          -len(s.files),
+      ),
+  )
   if not dce:
     return VisitFiles(dce=(), notes=tuple(notes))
   side = laterality(dce[0].description)
   same_side = sum(laterality(s.description) == side for s in dce)
   if same_side > 1:
-    notes.append(f'{same_side} {side or "DCE"} series; chose the one with most slices')
+    notes.append(
+        f'{same_side} {side or "DCE"} series; chose the one with most slices'
+    )
   if side != 'uni-lateral':
     notes.append(f'DCE series is {side or "of unknown laterality"}')
-  masks = sorted((s for s in series if is_mask(s)),
-                 key=lambda s: laterality(s.description) != side)
+  masks = sorted(
+      (s for s in series if is_mask(s)),
+      key=lambda s: laterality(s.description) != side,
+  )
   seg = None
   if not masks:
     notes.append('no analysis mask')
@@ -170,42 +197,82 @@ def _visit_files(study: _Study, visit_source: str) -> VisitFiles:
     if laterality(masks[0].description) != side:
       notes.append('analysis mask laterality differs from the DCE series')
     if len(masks[0].files) > 1:
-      notes.append(f'analysis mask series has {len(masks[0].files)} files; using the first')
-  return VisitFiles(dce=tuple(sorted(dce[0].files)), seg=seg, laterality=side, notes=tuple(notes))
+      notes.append(
+          f'analysis mask series has {len(masks[0].files)} files; using the first'
+      )
+  return VisitFiles(
+      dce=tuple(sorted(dce[0].files)),
+      seg=seg,
+      laterality=side,
+      notes=tuple(notes),
+  )
 
 
 def _study_folders(study: _Study, root: str) -> tuple[str, set[str]]:
   """The study folder (above its series folders; relative, dates masked) for messages, and every
   folder name above its files (for visit tokens)."""
-  dirs = {os.path.dirname(os.path.relpath(s.files[0], root)) for s in study.series.values()}
+  dirs = {
+      os.path.dirname(os.path.relpath(s.files[0], root))
+      for s in study.series.values()
+  }
   names = {part for d in dirs for part in d.split(os.sep) if part}
-  return headers.masked(os.path.commonpath([os.path.dirname(d) for d in sorted(dirs)])), names
+  return (
+      headers.masked(
+          os.path.commonpath([os.path.dirname(d) for d in sorted(dirs)])
+      ),
+      names,
+  )
 
 
-def _patient_files(pid: str, studies: dict[str, _Study],
-                   root: str) -> tuple[PatientFiles, list[errors.Issue]]:
+def _patient_files(
+    pid: str, studies: dict[str, _Study], root: str
+) -> tuple[PatientFiles, list[errors.Issue]]:
   """Visit of each study, duplicates resolved (most DCE slices wins), files chosen per visit."""
   issues = []
   by_visit = collections.defaultdict(list)
   for uid in sorted(studies):
     folder, names = _study_folders(studies[uid], root)
-    visit, source = study_visit(studies[uid].description, studies[uid].timepoint, names)
+    visit, source = study_visit(
+        studies[uid].description, studies[uid].timepoint, names
+    )
     if visit is None:
-      issues.append(errors.Issue(pid, None, 'unknown_visit', f'study folder {folder}: no visit'
-                                 ' token in StudyDescription, ClinicalTrialTimePointID or folder'
-                                 ' name'))
+      issues.append(
+          errors.Issue(
+              pid,
+              None,
+              'unknown_visit',
+              f'study folder {folder}: no visit'
+              ' token in StudyDescription, ClinicalTrialTimePointID or folder'
+              ' name',
+          )
+      )
       continue
     by_visit[visit].append(_visit_files(studies[uid], source))
   visits: list[VisitFiles | None] = [None] * schema.NUM_VISITS
   for v in sorted(by_visit):
-    candidates = sorted(by_visit[v], key=lambda c: -len(c.dce))  # stable: ties keep UID order
+    candidates = sorted(
+        by_visit[v], key=lambda c: -len(c.dce)
+    )  # stable: ties keep UID order
     best = candidates[0]
     if len(candidates) > 1:
-      issues.append(errors.Issue(pid, v, 'duplicate_visit', f'{len(candidates)} studies claim'
-                                 f' T{v}; kept the one with {len(best.dce)} DCE slices'))
+      issues.append(
+          errors.Issue(
+              pid,
+              v,
+              'duplicate_visit',
+              f'{len(candidates)} studies claim'
+              f' T{v}; kept the one with {len(best.dce)} DCE slices',
+          )
+      )
     if not best.dce:
-      issues.append(errors.Issue(pid, v, 'no_dce_series',
-                                 f'T{v} study has no MR series described as "original DCE"'))
+      issues.append(
+          errors.Issue(
+              pid,
+              v,
+              'no_dce_series',
+              f'T{v} study has no MR series described as "original DCE"',
+          )
+      )
       continue
     visits[v] = best
   return PatientFiles(patient_id=pid, visits=tuple(visits)), issues
@@ -220,12 +287,19 @@ def _walk(root: str) -> list[str]:
 
 
 def _found(paths: Sequence[str]) -> str:
-  counts = collections.Counter(os.path.splitext(p)[1].lower() or '<none>' for p in paths)
-  return f'{len(paths)} files (' + ', '.join(f'{e} {n}' for e, n in counts.most_common(8)) + ')'
+  counts = collections.Counter(
+      os.path.splitext(p)[1].lower() or '<none>' for p in paths
+  )
+  return (
+      f'{len(paths)} files ('
+      + ', '.join(f'{e} {n}' for e, n in counts.most_common(8))
+      + ')'
+  )
 
 
-def discover(manual_dir: str | os.PathLike,
-             map_fn: Callable = map) -> tuple[dict[str, PatientFiles], list[errors.Issue]]:
+def discover(
+    manual_dir: str | os.PathLike, map_fn: Callable = map
+) -> tuple[dict[str, PatientFiles], list[errors.Issue]]:
   """Patients of a TCIA download, grouped by header UIDs (never by folder names alone).
 
   ``map_fn(scan_file, paths)`` reads the headers; pass e.g. ``functools.partial(pool.map,
@@ -234,11 +308,15 @@ def discover(manual_dir: str | os.PathLike,
   """
   root = os.fspath(manual_dir)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f'manual_dir {root!r} does not exist; expected {LAYOUT}.')
+    raise FileNotFoundError(
+        f'manual_dir {root!r} does not exist; expected {LAYOUT}.'
+    )
   paths = _walk(root)
   if not paths:
     raise FileNotFoundError(f'manual_dir {root!r} is empty; expected {LAYOUT}.')
-  studies = collections.defaultdict(dict)  # PatientID -> StudyInstanceUID -> _Study
+  studies = collections.defaultdict(
+      dict
+  )  # PatientID -> StudyInstanceUID -> _Study
   issues = []
   num_dicom = 0
   for path, header in zip(paths, map_fn(scan_file, paths)):
@@ -246,32 +324,52 @@ def discover(manual_dir: str | os.PathLike,
       continue
     num_dicom += 1
     if isinstance(header, str):
-      issues.append(errors.Issue('', None, 'corrupt_file',
-                                 f'{headers.relpath(path, root)}: {header}'))
+      issues.append(
+          errors.Issue(
+              '',
+              None,
+              'corrupt_file',
+              f'{headers.relpath(path, root)}: {header}',
+          )
+      )
       continue
     study = studies[header.patient_id].setdefault(header.study_uid, _Study())
     study.description = study.description or header.study_description
     study.timepoint = study.timepoint or header.timepoint
-    series = study.series.setdefault(header.series_uid, Series(
-        header.modality, header.sop_class, header.series_description))
+    series = study.series.setdefault(
+        header.series_uid,
+        Series(header.modality, header.sop_class, header.series_description),
+    )
     series.files.append(path)
   if not num_dicom:
-    raise ValueError(f'no DICOM file (DICM preamble) under {root!r}: found {_found(paths)};'
-                     f' expected {LAYOUT}.')
-  found = [s for by_study in studies.values() for study in by_study.values()
-           for s in study.series.values()]
-  if not any(is_dce(s) for s in found):  # e.g. another collection's CT or MR series
+    raise ValueError(
+        f'no DICOM file (DICM preamble) under {root!r}: found {_found(paths)};'
+        f' expected {LAYOUT}.'
+    )
+  found = [
+      s
+      for by_study in studies.values()
+      for study in by_study.values()
+      for s in study.series.values()
+  ]
+  if not any(
+      is_dce(s) for s in found
+  ):  # e.g. another collection's CT or MR series
     modalities = collections.Counter(
-        s.modality if re.fullmatch(r'[A-Z0-9_ ]{1,16}', s.modality) else 'other' for s in found)
+        s.modality if re.fullmatch(r'[A-Z0-9_ ]{1,16}', s.modality) else 'other'
+        for s in found
+    )
     unreadable = sum(i.reason == 'corrupt_file' for i in issues)
     raise ValueError(
         f'no DCE series under {root!r}: {num_dicom} DICOM files'
-        + (f' ({unreadable} unreadable)' if unreadable else '') + f' in {len(found)} series ('
-        + ', '.join(f'{m} {n}' for m, n in modalities.most_common()) + f') of {len(studies)}'
-        f' patient(s), none an MR series described as "original DCE"; expected {LAYOUT}.')
+        + (f' ({unreadable} unreadable)' if unreadable else '')
+        + f' in {len(found)} series ('
+        + ', '.join(f'{m} {n}' for m, n in modalities.most_common())
+        + f') of {len(studies)}'
+        f' patient(s), none an MR series described as "original DCE"; expected {LAYOUT}.'
+    )
   patients = {}
   for pid in sorted(studies):
     patients[pid], more = _patient_files(pid, studies[pid], root)
     issues.extend(more)
   return patients, issues
-

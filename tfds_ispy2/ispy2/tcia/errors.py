@@ -13,7 +13,9 @@ class CodedError(Exception):
   """An error with a short ``reason`` code and a PHI-free ``detail`` message."""
 
   def __init__(self, reason: str, detail: str = ''):
-    super().__init__(reason, detail)  # args round-trip through pickle (worker processes)
+    super().__init__(
+        reason, detail
+    )  # args round-trip through pickle (worker processes)
     self.reason = reason
     self.detail = detail
 

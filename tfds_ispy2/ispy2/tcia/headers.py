@@ -46,7 +46,11 @@ def relpath(path: str, root: str) -> str:
 
 def short_name(path: str) -> str:
   """`<series folder>/<file>`: enough to find a slice, without the dated study folder."""
-  return masked(os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
+  return masked(
+      os.path.join(
+          os.path.basename(os.path.dirname(path)), os.path.basename(path)
+      )
+  )
 
 
 def text(value) -> str:
@@ -56,14 +60,22 @@ def text(value) -> str:
 
 def _read_until(path: str, last_tag: int) -> pydicom.Dataset:
   """The header up to ``last_tag``: what follows (private CSA headers, SEG frame sequences,
-  pixels) is never parsed, which makes reading a large download several times faster."""
+  pixels) is never parsed, which makes reading a large download several times faster.
+  """
   with open(path, 'rb') as f:
-    return pydicom.filereader.read_partial(f, stop_when=lambda tag, vr, length: tag > last_tag)
+    return pydicom.filereader.read_partial(
+        f, stop_when=lambda tag, vr, length: tag > last_tag
+    )
 
 
 # Character sets whose text `dicom_scan` decodes itself (the default repertoire is ASCII); any
 # other one is left to pydicom.
-_CHARSETS = {'': 'latin-1', 'ISO_IR 6': 'latin-1', 'ISO_IR 100': 'latin-1', 'ISO_IR 192': 'utf-8'}
+_CHARSETS = {
+    '': 'latin-1',
+    'ISO_IR 6': 'latin-1',
+    'ISO_IR 100': 'latin-1',
+    'ISO_IR 192': 'utf-8',
+}
 _CHARSET_TAG = 0x00080005
 
 
@@ -81,26 +93,44 @@ def _pydicom_value(value, kind: str):
   if kind == 'numbers':
     if value is None or value == '':
       return None
-    return tuple(float(x) for x in (
-        value if isinstance(value, pydicom.multival.MultiValue) else [value]))
+    return tuple(
+        float(x)
+        for x in (
+            value if isinstance(value, pydicom.multival.MultiValue) else [value]
+        )
+    )
   return text(value)
 
 
-def header_values(path: str, fields: dict[str, str],
-                  through: int) -> tuple[dict | None, dicom_scan.Header | None]:
+def header_values(
+    path: str, fields: dict[str, str], through: int
+) -> tuple[dict | None, dicom_scan.Header | None]:
   """The values of ``fields`` (keyword -> 'text', 'numbers' or 'us') among the elements up to
   ``through``, and the walked header (None when pydicom had to read it); (None, None) when the
-  file is not DICOM. `dicom_scan` walks the header; what it does not read, pydicom does."""
+  file is not DICOM. `dicom_scan` walks the header; what it does not read, pydicom does.
+  """
   tags = {k: pydicom.datadict.tag_for_keyword(k) for k in fields}
   try:
-    header = dicom_scan.read_header(path, [*tags.values(), _CHARSET_TAG], through)
+    header = dicom_scan.read_header(
+        path, [*tags.values(), _CHARSET_TAG], through
+    )
     if header is None:
       return None, None
     charset = _CHARSETS[header.text(_CHARSET_TAG) or '']
-    return {k: _fast_value(header, tags[k], kind, charset) for k, kind in fields.items()}, header
-  except (dicom_scan.Unsupported, KeyError, ValueError, UnicodeDecodeError, struct.error):
+    return {
+        k: _fast_value(header, tags[k], kind, charset)
+        for k, kind in fields.items()
+    }, header
+  except (
+      dicom_scan.Unsupported,
+      KeyError,
+      ValueError,
+      UnicodeDecodeError,
+      struct.error,
+  ):
     pass  # another transfer syntax or character set, or a damaged file: pydicom's turn
   with quiet():
     ds = _read_until(path, through)
-    return {k: _pydicom_value(ds.get(k), kind) for k, kind in fields.items()}, None
-
+    return {
+        k: _pydicom_value(ds.get(k), kind) for k, kind in fields.items()
+    }, None

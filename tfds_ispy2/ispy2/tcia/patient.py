@@ -18,12 +18,25 @@ import numpy as np
 import SimpleITK as sitk
 
 from tfds_ispy2.ispy2 import geometry, schema
-from tfds_ispy2.ispy2.tcia import (analysis_mask, clinical_sheet, discovery, errors, grids, headers,
-                                   pe70, slices)
+from tfds_ispy2.ispy2.tcia import (
+    analysis_mask,
+    clinical_sheet,
+    discovery,
+    errors,
+    grids,
+    headers,
+    pe70,
+    slices,
+)
 
 # The values of a visit's `mask_source`: its Analysis Mask in either form, else PE >= 70 % inside a
 # VOI carried over from an earlier visit, else over the whole field of view.
-MASK_SOURCES = ('analysis_mask_bitflags', 'analysis_mask_seg', 'pe70_in_voi', 'pe70')
+MASK_SOURCES = (
+    'analysis_mask_bitflags',
+    'analysis_mask_seg',
+    'pe70_in_voi',
+    'pe70',
+)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -31,11 +44,15 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 class TciaSpec:
   """Output grid and phase choice of the `tcia` config."""
 
-  target_spacing_mm: tuple[float, float, float] = schema.DEFAULT_SPACING_MM  # D, H, W
+  target_spacing_mm: tuple[float, float, float] = (
+      schema.DEFAULT_SPACING_MM
+  )  # D, H, W
   crop_shape: tuple[int, int, int] = schema.DEFAULT_CROP_SHAPE  # D, H, W voxels
   early_s: float = 150.0
   late_s: float = 450.0
-  voi_margin_mm: float = 10.0  # a VOI carried over to a later visit: its box grown by this
+  voi_margin_mm: float = (
+      10.0  # a VOI carried over to a later visit: its box grown by this
+  )
 
 
 class StageTimer:
@@ -63,11 +80,19 @@ class _Visit:
 
   grid: geometry.Grid
   centre: np.ndarray  # the crop's centre, LPS mm
-  empty_t0: str | None  # at T0 without a tumour voxel: what the crop was centred on
+  empty_t0: (
+      str | None
+  )  # at T0 without a tumour voxel: what the crop was centred on
   images: np.ndarray  # float32 [3, *crop_shape]
-  codes: np.ndarray  # uint8 [z, y, x]: the record's tumor_mask codes (schema.TUMOUR, schema.VOI, 0)
-  voi: np.ndarray | None  # bool [z, y, x]: the VOI used (the visit's mask's, or carried over)
-  voi_image: sitk.Image | None  # the VOI of the visit's own mask, to carry to later visits
+  codes: (
+      np.ndarray
+  )  # uint8 [z, y, x]: the record's tumor_mask codes (schema.TUMOUR, schema.VOI, 0)
+  voi: (
+      np.ndarray | None
+  )  # bool [z, y, x]: the VOI used (the visit's mask's, or carried over)
+  voi_image: (
+      sitk.Image | None
+  )  # the VOI of the visit's own mask, to carry to later visits
   mask_source: str  # one of MASK_SOURCES
   mask_ftv_mm3: float | None  # the mask's own FTV (None without a mask)
   phases: tuple[int, int, int]
@@ -77,31 +102,54 @@ class _Visit:
   issues: list[tuple[str, str]]
 
 
-def _analysis_mask_tumour(seg: str | None, grid: geometry.Grid,
-                          timer: StageTimer) -> tuple[dict | None, list[tuple[str, str]]]:
+def _analysis_mask_tumour(
+    seg: str | None, grid: geometry.Grid, timer: StageTimer
+) -> tuple[dict | None, list[tuple[str, str]]]:
   """The visit's tumour from its Analysis Mask (the fields of `_Visit` after ``codes``): the FTV
-  inside the mask's VOI; None when there is no usable mask (the issues say why)."""
+  inside the mask's VOI; None when there is no usable mask (the issues say why).
+  """
   if seg is None:
     return None, []
   try:
     with timer('mask'):
       mask = analysis_mask.read_analysis_mask(seg)
-  except analysis_mask.MaskError as e:  # an unusable mask falls back to PE >= 70 %
+  except (
+      analysis_mask.MaskError
+  ) as e:  # an unusable mask falls back to PE >= 70 %
     return None, [(e.reason, f'{e.detail}; using PE >= 70 %')]
   with timer('resample'):
     codes = analysis_mask.mask_codes(mask, grid)
   voi = (codes == analysis_mask.FTV) | (codes == analysis_mask.IN_VOI)
   if not voi.any():
-    return None, [('mask_outside_image', f'{headers.short_name(seg)}: its VOI does not overlap the'
-                   ' DCE series; using PE >= 70 %')]
-  return dict(codes=np.where(voi, codes, 0).astype(np.uint8), voi=voi,
-              voi_image=sitk.BinaryThreshold(mask.codes, analysis_mask.FTV, analysis_mask.IN_VOI,
-                                             1, 0),
-              mask_source=f'analysis_mask_{mask.form}', mask_ftv_mm3=mask.ftv_mm3), []
+    return None, [
+        (
+            'mask_outside_image',
+            f'{headers.short_name(seg)}: its VOI does not overlap the'
+            ' DCE series; using PE >= 70 %',
+        )
+    ]
+  return (
+      dict(
+          codes=np.where(voi, codes, 0).astype(np.uint8),
+          voi=voi,
+          voi_image=sitk.BinaryThreshold(
+              mask.codes, analysis_mask.FTV, analysis_mask.IN_VOI, 1, 0
+          ),
+          mask_source=f'analysis_mask_{mask.form}',
+          mask_ftv_mm3=mask.ftv_mm3,
+      ),
+      [],
+  )
 
 
-def _pe70_tumour(grid: geometry.Grid, images: np.ndarray, background: float,
-                 carried: sitk.Image | None, spec: TciaSpec, timer: StageTimer) -> dict:
+def _pe70_tumour(
+    grid: geometry.Grid,
+    images: np.ndarray,
+    background: float,
+    carried: sitk.Image | None,
+    spec: TciaSpec,
+    timer: StageTimer,
+) -> dict:
   """Without a usable Analysis Mask: PE >= 70 % inside the VOI carried over from an earlier
   visit (its box grown by ``spec.voi_margin_mm``: the patient is repositioned between visits),
   else over the field of view (``images``: pre and early on the full grid)."""
@@ -109,18 +157,38 @@ def _pe70_tumour(grid: geometry.Grid, images: np.ndarray, background: float,
   with timer('mask'):
     if carried is not None:
       voi = geometry.grown_box(
-          grids.resample(carried, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0,
-          grid.spacing[::-1], spec.voi_margin_mm)
-      voi = voi if voi.any() else None  # the carried VOI misses this visit's field of view
-    codes = pe70.pe70_mask(images[0], images[1], background, voi).astype(np.uint8)
-  return dict(codes=codes, voi=voi, voi_image=None,
-              mask_source='pe70' if voi is None else 'pe70_in_voi', mask_ftv_mm3=None)
+          grids.resample(
+              carried, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8
+          )
+          > 0,
+          grid.spacing[::-1],
+          spec.voi_margin_mm,
+      )
+      voi = (
+          voi if voi.any() else None
+      )  # the carried VOI misses this visit's field of view
+    codes = pe70.pe70_mask(images[0], images[1], background, voi).astype(
+        np.uint8
+    )
+  return dict(
+      codes=codes,
+      voi=voi,
+      voi_image=None,
+      mask_source='pe70' if voi is None else 'pe70_in_voi',
+      mask_ftv_mm3=None,
+  )
 
 
 def _load_visit(
-    files: discovery.VisitFiles, spec: TciaSpec, carried: sitk.Image | None, timer: StageTimer,
-    centre_of: Callable[[np.ndarray, np.ndarray | None, geometry.Grid],
-                        tuple[np.ndarray, str | None]]) -> _Visit:
+    files: discovery.VisitFiles,
+    spec: TciaSpec,
+    carried: sitk.Image | None,
+    timer: StageTimer,
+    centre_of: Callable[
+        [np.ndarray, np.ndarray | None, geometry.Grid],
+        tuple[np.ndarray, str | None],
+    ],
+) -> _Visit:
   """Headers -> phases -> target grid -> tumour -> crop of pre/early/late (VisitError if bad).
 
   Every file's header is read once (with where its pixels lie); only the three phases used are
@@ -131,13 +199,17 @@ def _load_visit(
   ``centre_of(codes, voi, grid)`` gives the crop's centre (`_crop_centre`).
   """
   with timer('headers'):
-    phases, phase_source = slices.split_phases([slices.read_slice_header(p) for p in files.dce])
+    phases, phase_source = slices.split_phases(
+        [slices.read_slice_header(p) for p in files.dce]
+    )
     stacks, slice_spacing = slices.check_phases(phases)
     times = slices.phase_times(stacks)
     chosen = slices.choose_phases(times, spec.early_s, spec.late_s)
   with timer('resample'):
-    grid = grids.target_grid(slices.stack_image(None, stacks[0], slice_spacing),
-                             spec.target_spacing_mm)
+    grid = grids.target_grid(
+        slices.stack_image(None, stacks[0], slice_spacing),
+        spec.target_spacing_mm,
+    )
   tumour, issues = _analysis_mask_tumour(files.seg, grid, timer)
   shape = tuple(spec.crop_shape)
   centre = empty_t0 = background = None
@@ -145,70 +217,129 @@ def _load_visit(
     with timer('crop'):
       centre, empty_t0 = centre_of(tumour['codes'], tumour['voi'], grid)
   cropped = {}
-  for i in sorted(set(chosen)):  # the pre phase first: it sets the background threshold
+  for i in sorted(
+      set(chosen)
+  ):  # the pre phase first: it sets the background threshold
     with timer('pixels'):
       volume = slices.load_volume(stacks[i], slice_spacing)
     with timer('resample'):
       if background is None:
-        background = 0.6 * float(np.percentile(sitk.GetArrayViewFromImage(volume), 95))
-      cropped[i] = (grids.resample_crop(volume, grid, centre, shape) if centre is not None
-                    else grids.resample(volume, grid))
+        background = 0.6 * float(
+            np.percentile(sitk.GetArrayViewFromImage(volume), 95)
+        )
+      cropped[i] = (
+          grids.resample_crop(volume, grid, centre, shape)
+          if centre is not None
+          else grids.resample(volume, grid)
+      )
     del volume
   if tumour is None:
-    tumour = _pe70_tumour(grid, [cropped[i] for i in chosen[:2]], background, carried, spec, timer)
+    tumour = _pe70_tumour(
+        grid, [cropped[i] for i in chosen[:2]], background, carried, spec, timer
+    )
     with timer('crop'):
       centre, empty_t0 = centre_of(tumour['codes'], tumour['voi'], grid)
       at = grid.to_index(centre)
-      cropped = {i: geometry.crop(full, at, shape) for i, full in cropped.items()}
-  return _Visit(grid=grid, centre=centre, empty_t0=empty_t0,
-                images=np.stack([cropped[i] for i in chosen]), phases=chosen,
-                times=times[list(chosen)], num_phases=len(stacks), phase_source=phase_source,
-                issues=issues, **tumour)
+      cropped = {
+          i: geometry.crop(full, at, shape) for i, full in cropped.items()
+      }
+  return _Visit(
+      grid=grid,
+      centre=centre,
+      empty_t0=empty_t0,
+      images=np.stack([cropped[i] for i in chosen]),
+      phases=chosen,
+      times=times[list(chosen)],
+      num_phases=len(stacks),
+      phase_source=phase_source,
+      issues=issues,
+      **tumour,
+  )
 
 
-def _check_labels(pid: str, clinical: clinical_sheet.ClinicalRecord | None
-                  ) -> clinical_sheet.ClinicalRecord:
+def _check_labels(
+    pid: str, clinical: clinical_sheet.ClinicalRecord | None
+) -> clinical_sheet.ClinicalRecord:
   rows = '' if clinical is None else ', '.join(map(str, clinical.rows))
   if clinical is None:
-    raise errors.Skip('not_in_clinical_sheet', f'{pid} has no row in the clinical sheet')
+    raise errors.Skip(
+        'not_in_clinical_sheet', f'{pid} has no row in the clinical sheet'
+    )
   if clinical.duplicate:
-    raise errors.Skip('duplicate_clinical_id', f'{pid}: conflicting clinical rows {rows}')
+    raise errors.Skip(
+        'duplicate_clinical_id', f'{pid}: conflicting clinical rows {rows}'
+    )
   if clinical.pcr is None:
-    raise errors.Skip('no_pcr_label', f'{pid}: empty or unreadable pCR (row {rows})')
+    raise errors.Skip(
+        'no_pcr_label', f'{pid}: empty or unreadable pCR (row {rows})'
+    )
   if clinical.subtype is None:
-    raise errors.Skip('no_subtype', f'{pid}: empty or unreadable HR or HER2 (row {rows})')
+    raise errors.Skip(
+        'no_subtype', f'{pid}: empty or unreadable HR or HER2 (row {rows})'
+    )
   return clinical
 
 
-def _visit_or_issue(pid: str, v: int, files: discovery.VisitFiles | None, spec: TciaSpec,
-                    carried: sitk.Image | None, issues: list[errors.Issue], timer: StageTimer,
-                    t0_centre: np.ndarray | None) -> _Visit | None:
+def _visit_or_issue(
+    pid: str,
+    v: int,
+    files: discovery.VisitFiles | None,
+    spec: TciaSpec,
+    carried: sitk.Image | None,
+    issues: list[errors.Issue],
+    timer: StageTimer,
+    t0_centre: np.ndarray | None,
+) -> _Visit | None:
   """The visit, or None with an issue recorded; at T0 a failure skips the patient instead."""
   if files is None:
     if v == 0:
       raise errors.Skip('no_t0', f'{pid}: no T0 study with a DCE series')
-    return None  # discover reported why (no study, unknown visit, no DCE series)
+    return (
+        None  # discover reported why (no study, unknown visit, no DCE series)
+    )
   try:
-    visit = _load_visit(files, spec, carried, timer, functools.partial(
-        _crop_centre, v, t0_centre=t0_centre))
+    visit = _load_visit(
+        files,
+        spec,
+        carried,
+        timer,
+        functools.partial(_crop_centre, v, t0_centre=t0_centre),
+    )
   except Exception as e:  # noqa: BLE001 -- a failing visit is missing, not a failed build
     if not isinstance(e, errors.VisitError):
-      e = errors.VisitError('visit_error', f'{type(e).__name__}: {headers.masked(str(e))[:160]}')
+      e = errors.VisitError(
+          'visit_error', f'{type(e).__name__}: {headers.masked(str(e))[:160]}'
+      )
     if v == 0:
       raise errors.Skip('no_t0', f'{pid}: T0 {e.reason}: {e.detail}') from None
     issues.append(errors.Issue(pid, v, e.reason, e.detail))
     return None
-  issues.extend(errors.Issue(pid, v, reason, detail) for reason, detail in visit.issues)
+  issues.extend(
+      errors.Issue(pid, v, reason, detail) for reason, detail in visit.issues
+  )
   if visit.empty_t0:
-    issues.append(errors.Issue(pid, 0, 'empty_t0_mask',
-                               f'no tumour voxel at T0; crop centred on {visit.empty_t0}'))
+    issues.append(
+        errors.Issue(
+            pid,
+            0,
+            'empty_t0_mask',
+            f'no tumour voxel at T0; crop centred on {visit.empty_t0}',
+        )
+    )
   return visit
 
 
-def _crop_centre(v: int, codes: np.ndarray, voi: np.ndarray | None, grid: geometry.Grid, *,
-                 t0_centre: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+def _crop_centre(
+    v: int,
+    codes: np.ndarray,
+    voi: np.ndarray | None,
+    grid: geometry.Grid,
+    *,
+    t0_centre: np.ndarray | None,
+) -> tuple[np.ndarray, str | None]:
   """The tumour's centroid; if empty (a complete response), the VOI's; without a VOI the T0
-  crop centre (T0 itself: the image centre). And, at T0 without a tumour voxel, what it is."""
+  crop centre (T0 itself: the image centre). And, at T0 without a tumour voxel, what it is.
+  """
   tumour = geometry.centroid(codes == schema.TUMOUR)
   if tumour is not None:
     return grid.to_physical(tumour), None
@@ -221,11 +352,23 @@ def _crop_centre(v: int, codes: np.ndarray, voi: np.ndarray | None, grid: geomet
   return grid.to_physical((np.asarray(grid.size[::-1]) - 1) / 2.0), empty_t0
 
 
-_META_KEYS = ('mask_source', 'phase_indices', 'phase_times_s', 'num_phases', 'phase_source',
-              'laterality', 'ftv_mm3', 'mask_ftv_mm3', 'crop_centre_mm', 'notes')
+_META_KEYS = (
+    'mask_source',
+    'phase_indices',
+    'phase_times_s',
+    'num_phases',
+    'phase_source',
+    'laterality',
+    'ftv_mm3',
+    'mask_ftv_mm3',
+    'crop_centre_mm',
+    'notes',
+)
 
 
-def _visit_meta(visit: _Visit, files: discovery.VisitFiles, centre: np.ndarray) -> dict:
+def _visit_meta(
+    visit: _Visit, files: discovery.VisitFiles, centre: np.ndarray
+) -> dict:
   """Build-report facts of one visit (JSON-ready; codes and numbers only, no header text)."""
   voxel_mm3 = float(np.prod(visit.grid.spacing))
   return {
@@ -235,16 +378,22 @@ def _visit_meta(visit: _Visit, files: discovery.VisitFiles, centre: np.ndarray) 
       'num_phases': visit.num_phases,
       'phase_source': visit.phase_source,
       'laterality': files.laterality,
-      'ftv_mm3': round(float((visit.codes == schema.TUMOUR).sum() * voxel_mm3), 1),
-      'mask_ftv_mm3': None if visit.mask_ftv_mm3 is None else round(visit.mask_ftv_mm3, 1),
+      'ftv_mm3': round(
+          float((visit.codes == schema.TUMOUR).sum() * voxel_mm3), 1
+      ),
+      'mask_ftv_mm3': (
+          None if visit.mask_ftv_mm3 is None else round(visit.mask_ftv_mm3, 1)
+      ),
       'crop_centre_mm': [round(float(c), 2) for c in centre],
       'notes': list(files.notes),
   }
 
 
-def read_images(patient: discovery.PatientFiles, spec: TciaSpec = TciaSpec(),
-                visits: Sequence[int] = tuple(range(schema.NUM_VISITS))
-                ) -> tuple[dict, list[errors.Issue], dict]:
+def read_images(
+    patient: discovery.PatientFiles,
+    spec: TciaSpec = TciaSpec(),
+    visits: Sequence[int] = tuple(range(schema.NUM_VISITS)),
+) -> tuple[dict, list[errors.Issue], dict]:
   """(images, issues, metadata) of one patient's `visits`, no label needed; raises Skip when T0
   cannot be used.
 
@@ -269,14 +418,18 @@ def read_images(patient: discovery.PatientFiles, spec: TciaSpec = TciaSpec(),
   for v, files in enumerate(patient.visits):
     if v not in visits:
       continue
-    visit = _visit_or_issue(pid, v, files, spec, carried, issues, timer, t0_centre)
+    visit = _visit_or_issue(
+        pid, v, files, spec, carried, issues, timer, t0_centre
+    )
     if visit is None:
       continue
     carried = visit.voi_image if visit.voi_image is not None else carried
     centre = visit.centre
     t0_centre = centre if v == 0 else t0_centre
     with timer('crop'):
-      images[v] = np.clip(visit.images, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+      images[v] = np.clip(visit.images, -_FLOAT16_MAX, _FLOAT16_MAX).astype(
+          np.float16
+      )
       masks[v] = geometry.crop(visit.codes, visit.grid.to_index(centre), shape)
     visit_mask[v] = True
     times[v] = visit.times
@@ -293,9 +446,11 @@ def read_images(patient: discovery.PatientFiles, spec: TciaSpec = TciaSpec(),
   return arrays, issues, meta
 
 
-def process_patient(patient: discovery.PatientFiles,
-                    clinical: clinical_sheet.ClinicalRecord | None,
-                    spec: TciaSpec = TciaSpec()) -> tuple[dict, list[errors.Issue], dict]:
+def process_patient(
+    patient: discovery.PatientFiles,
+    clinical: clinical_sheet.ClinicalRecord | None,
+    spec: TciaSpec = TciaSpec(),
+) -> tuple[dict, list[errors.Issue], dict]:
   """(example, issues, metadata) of one patient; raises Skip when it cannot be written.
 
   `read_images` of every visit, with the clinical sheet's labels (required: a patient without a
@@ -303,6 +458,11 @@ def process_patient(patient: discovery.PatientFiles,
   """
   record = _check_labels(patient.patient_id, clinical)
   arrays, issues, meta = read_images(patient, spec)
-  example = {'patient_id': patient.patient_id, **arrays, 'pcr': int(record.pcr),
-             'subtype': int(record.subtype), 'arm': record.arm}
+  example = {
+      'patient_id': patient.patient_id,
+      **arrays,
+      'pcr': int(record.pcr),
+      'subtype': int(record.subtype),
+      'arm': record.arm,
+  }
   return example, issues, meta

@@ -11,14 +11,20 @@ from scipy import ndimage
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-  labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))  # 26-connected
+  labels, count = ndimage.label(
+      mask, structure=np.ones((3, 3, 3), bool)
+  )  # 26-connected
   if count == 0:
     return mask
   return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
 
 
-def pe70_mask(pre: np.ndarray, early: np.ndarray, background: float,
-              region: np.ndarray | None = None) -> np.ndarray:
+def pe70_mask(
+    pre: np.ndarray,
+    early: np.ndarray,
+    background: float,
+    region: np.ndarray | None = None,
+) -> np.ndarray:
   """Largest 26-connected component of PE >= 70 % among voxels with S_pre >= background (and in
   ``region`` when given)."""
   valid = (pre >= background) & (pre > 0)
