@@ -91,6 +91,9 @@ setuptools.setup(
             'nbclient==0.11.0',
             'nbformat==5.11.1',
             'ipykernel==7.4.0',
+            # tests/test_style.py: the formatter and linter of pyproject.toml.
+            'pyink==26.5.1',
+            'ruff==0.17.6',
         ],
         # The PyTorch twin of `python -m benchmarks.run` (benchmarks/README.md).
         'benchmarks': ['torch>=2.4'],

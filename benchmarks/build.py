@@ -130,7 +130,7 @@ def raw_limits(files: list[pathlib.Path]) -> dict:
   read_s = time.process_time() - start
   start = time.process_time()
   for f in files:
-    pydicom.dcmread(f).pixel_array  # pylint: disable=expression-not-assigned
+    pydicom.dcmread(f).pixel_array  # noqa: B018 -- the decode is what is timed
   decode_s = time.process_time() - start
   return {
       'files': len(files),

@@ -144,7 +144,7 @@ def workdir_lock(path: str):
           raise WorkdirInUse(
               f'{workdir} is in use by pid {holder["pid"]} on {holder["host"]} since'
               f' {holder["started"]}{elsewhere}: one run per workdir.'
-          )
+          ) from None
   finally:
     os.remove(tmp)
   try:

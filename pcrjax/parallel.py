@@ -126,7 +126,7 @@ def run_tasks(
         yield task
       time.sleep(0.2)
   finally:
-    for task, process, log in running.values():
+    for _, process, log in running.values():
       process.kill()
       process.wait()
       log.close()

@@ -404,7 +404,7 @@ def feature_targets(
     raw = kinetics[:, 1] - kinetics[:, 0]
   else:
     raw = _teacher_outputs(config, source, cohort, mesh, config.teacher_workdir)
-    for part, teacher_dir in enumerate(cross_fitted_teachers(config)):
+    for teacher_dir in cross_fitted_teachers(config):
       held_out = data_split(runs.read_config(teacher_dir), cohort).test
       raw[held_out] = _teacher_outputs(
           config, source, cohort, mesh, teacher_dir

@@ -600,7 +600,9 @@ def test_pcr_intercepts_keep_every_subtype_rate():
   slope = ph.TRANSFER_PCR_LOGIT
   for a, rate in zip(ph._pcr_intercepts(slope), ph.PCR_RATE):
     mean, _ = integrate.quad(
-        lambda x: stats.norm.pdf(x) / (1 + np.exp(-a - slope * x)), -12, 12
+        lambda x: stats.norm.pdf(x) / (1 + np.exp(-a - slope * x)),  # noqa: B023
+        -12,
+        12,
     )
     assert abs(mean - rate) < 1e-9
 

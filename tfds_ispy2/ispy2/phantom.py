@@ -569,7 +569,7 @@ def _pcr_intercepts(slope: float) -> np.ndarray:
   return np.array(
       [
           optimize.brentq(
-              lambda a: weights @ _sigmoid(a + slope * nodes) - rate,
+              lambda a: weights @ _sigmoid(a + slope * nodes) - rate,  # noqa: B023
               -30.0,
               30.0,
               xtol=1e-12,

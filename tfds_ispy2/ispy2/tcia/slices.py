@@ -193,7 +193,7 @@ def read_slice_header(path: str) -> SliceHeader:
         'corrupt_file',
         f'{headers.short_name(path)}: header unreadable'
         f' ({type(e).__name__})',
-    )
+    ) from e
 
 
 def split_phases(
@@ -373,7 +373,7 @@ def read_pixels(header: SliceHeader) -> np.ndarray:
         'corrupt_file',
         f'{headers.short_name(header.path)}: pixel data'
         f' unreadable ({type(e).__name__})',
-    )
+    ) from e
   if pixels.shape != header.shape:
     raise errors.VisitError(
         'corrupt_file',
