@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,16 @@ def _model_flops(
   )
 
 
+class Prepared(NamedTuple):
+  """A case ready to time: `step()` runs one training step to completion, `figures(step_times)`
+  measures the rest; `executable` is the compiled step (its HLO: `benchmarks.profile`).
+  """
+
+  step: Callable[[], Any]
+  figures: Callable[[list[float]], dict]
+  executable: Any
+
+
 def prepare_case(
     case: str,
     *,
@@ -86,8 +98,7 @@ def prepare_case(
     dtype: str = 'float32',
     model_fields: dict | None = None,
 ):
-  """(step, figures): `step()` runs one training step to completion (compiled and warmed up here);
-  `figures(step_times)` measures the rest (evaluation, pipeline) and returns the case's figures.
+  """The case's `Prepared` step (compiled and warmed up here) and figures (evaluation, pipeline).
   `model_fields`: PCRNet fields that replace the config's network's (`benchmarks.pair`'s variants).
   """
   config = configs.base_config()
@@ -202,7 +213,7 @@ def prepare_case(
         ),
     }
 
-  return (lambda: jax.block_until_ready(step())), figures
+  return Prepared(lambda: jax.block_until_ready(step()), figures, compiled)
 
 
 def _peak_memory() -> tuple[int, str]:

@@ -98,10 +98,12 @@ def ftv_masks(record: dict) -> np.ndarray:
   return out
 
 
-def ftv_per_visit(record: dict) -> np.ndarray:
-  """FTV in mm^3 of each of the 4 visits of one dataset record (float [4], NaN for a missing visit)."""
+def ftv_per_visit(record: dict, masks: np.ndarray | None = None) -> np.ndarray:
+  """FTV in mm^3 of each of the 4 visits of one dataset record (float [4], NaN for a missing visit);
+  `masks`: its `ftv_masks`, where the caller has them already."""
   voxel_mm3 = float(np.prod(np.asarray(record['spacing_mm'], np.float64)))
-  ftv = ftv_masks(record).sum(axis=(1, 2, 3)) * voxel_mm3
+  masks = ftv_masks(record) if masks is None else masks
+  ftv = masks.sum(axis=(1, 2, 3)) * voxel_mm3
   return np.where(np.asarray(record['visit_mask'], bool), ftv, np.nan)
 
 

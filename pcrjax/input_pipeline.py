@@ -252,7 +252,9 @@ def represent(
 ) -> dict[str, np.ndarray]:
   """One patient record -> {'images': [T, *spatial, C] float32, 'visit_mask': [T] bool, 'tumour':
   [T, *spatial] bool (the tumour voxels in the same crop: for display and attribution checks),
-  'kinetics': [T, NUM_KINETICS] float32 (`tumour_kinetics`, from the whole volume)}.
+  'kinetics': [T, NUM_KINETICS] float32 (`tumour_kinetics`, from the whole volume), 'ftv_mm3': [4]
+  float64 (`ftv.ftv_per_visit` of every visit: the FTV reference model's input, from the same
+  decoding)}.
 
   Each visit is cropped around its own tumour (a missing mask: the T0 tumour, then the volume centre),
   which aligns the visits on the tumour. `volume`: the [D, H, W] = `crop_size` crop. `mip`: maximum
@@ -262,9 +264,10 @@ def represent(
   time_points = list(time_points)
   visit_mask = np.asarray(record['visit_mask'], bool)
   images = normalise(np.asarray(record['images'], np.float32), visit_mask)
-  kinetics = tumour_kinetics(
-      images, ftv.ftv_masks(record), record['spacing_mm']
-  )[time_points]
+  ftv_voxels = ftv.ftv_masks(record)
+  kinetics = tumour_kinetics(images, ftv_voxels, record['spacing_mm'])[
+      time_points
+  ]
   channels = to_channels(images, channels)[time_points]  # [T, D, H, W, C]
   masks = np.asarray(record['tumor_mask'])
   centre_t0 = tumour_centre(masks[0], (np.array(masks.shape[1:]) - 1) / 2)
@@ -288,6 +291,7 @@ def represent(
       'visit_mask': visit_mask[time_points],
       'tumour': tumour,
       'kinetics': kinetics,
+      'ftv_mm3': ftv.ftv_per_visit(record, ftv_voxels),
   }
 
 
@@ -421,13 +425,7 @@ def load_examples(
   volumes, decoding dominates an epoch on a CPU, and a protocol's trainings all read the same
   patients.
   """
-  represented = _represented(
-      source,
-      int(data.read_threads),
-      representation=data.representation,
-      crop_size=tuple(int(s) for s in data.crop_size),
-      channels=data.channels,
-  )
+  represented = _represented_cohort(source, data)
   rows, visits = np.asarray(rows), list(data.time_points)
   return {
       'images': represented['images'][rows][:, visits],
@@ -438,6 +436,22 @@ def load_examples(
       'label': cohort.pcr[rows].astype(np.int32),
       'row': rows.astype(np.int32),
   }
+
+
+def ftv_mm3(source, data: ml_collections.ConfigDict) -> np.ndarray:
+  """[N, 4] FTV (mm^3, NaN at a missing visit) of every source row, from the pass that `load_examples`
+  keeps: the reference models need no second decoding of the cohort."""
+  return _represented_cohort(source, data)['ftv_mm3']
+
+
+def _represented_cohort(source, data: ml_collections.ConfigDict) -> dict:
+  return _represented(
+      source,
+      int(data.read_threads),
+      representation=data.representation,
+      crop_size=tuple(int(s) for s in data.crop_size),
+      channels=data.channels,
+  )
 
 
 _REPRESENTED: dict[tuple, dict[str, np.ndarray]] = {}

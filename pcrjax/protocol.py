@@ -11,7 +11,6 @@ predictions files alone.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import csv
 import json
@@ -26,7 +25,6 @@ from absl import logging
 from pcrjax import (
     console,
     fileio,
-    ftv,
     input_pipeline,
     parallel,
     references,
@@ -211,10 +209,7 @@ def fit_reference_models(
   source = input_pipeline.load_source(config.data)
   cohort = input_pipeline.load_cohort(config.data)
   ftv_mm3 = ftv_table(
-      source,
-      cohort,
-      os.path.join(workdir, runs.FTV_TABLE_FILE),
-      threads=int(config.data.read_threads),
+      source, cohort, config.data, os.path.join(workdir, runs.FTV_TABLE_FILE)
   )
   inputs = references.features(
       cohort, ftv_mm3, references.phantom_truth(config.data, cohort.patient_id)
@@ -261,19 +256,19 @@ def fit_reference_models(
 
 
 def ftv_table(
-    source, cohort: input_pipeline.Cohort, path: str, threads: int = 1
+    source,
+    cohort: input_pipeline.Cohort,
+    data: ml_collections.ConfigDict,
+    path: str,
 ) -> np.ndarray:
-  """FTV (mm^3) of every patient at T0..T3, [N, 4]; computed once (in `threads` threads: decoding
-  and NumPy release the GIL) and kept in `path` (ftv.csv)."""
+  """FTV (mm^3) of every patient at T0..T3, [N, 4]; taken once from the decoding pass the trainings
+  keep (`input_pipeline.ftv_mm3`) and kept in `path` (ftv.csv)."""
   if not os.path.exists(path):
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      volumes = pool.map(
-          lambda i: ftv.ftv_per_visit(source[i]), range(len(cohort))
-      )
-      rows = [
-          [pid] + [f'{v:.1f}' for v in mm3]
-          for pid, mm3 in zip(cohort.patient_id, volumes)
-      ]
+    volumes = input_pipeline.ftv_mm3(source, data)
+    rows = [
+        [pid] + [f'{v:.1f}' for v in mm3]
+        for pid, mm3 in zip(cohort.patient_id, volumes)
+    ]
     with fileio.atomic_open(path, newline='') as f:
       writer = csv.writer(f)
       writer.writerow(['patient_id'] + [f'ftv_{v}_mm3' for v in schema.VISITS])

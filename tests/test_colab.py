@@ -369,10 +369,12 @@ def test_tfds_own_builder_test_passes_where_tensorflow_is(venv):
   """
   if venv.runtime == 'tpu':
     pytest.skip('TensorFlow is on the GPU runtime only.')
+  # Colab's versions of what tfds.testing needs beyond pcrjax's requirements.
   _run(
-      [venv.python, '-m', 'pip', 'install', '--quiet', 'pytest==8.4.2'],
+      [venv.python, '-m', 'pip', 'install', '--quiet']
+      + ['pytest==8.4.2', 'dill==0.3.8'],
       timeout=600,
-  )  # Colab's.
+  )
   test = (
       venv.tmp
       / 'src'
@@ -390,9 +392,8 @@ def test_tfds_own_builder_test_passes_where_tensorflow_is(venv):
       '-k',
       'TciaDummyDataTest',
   )
-  passed = re.search(
-      r'(\d+) passed', result.stdout
-  )  # Its skip: tf.test.TestCase's `test_session`.
+  # Its one skip is tf.test.TestCase's `test_session`.
+  passed = re.search(r'(\d+) passed', result.stdout)
   assert (
       passed and int(passed.group(1)) >= 5 and 'failed' not in result.stdout
   ), result.stdout[-2000:]

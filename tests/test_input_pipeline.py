@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcrjax import input_pipeline, sharding
+from pcrjax import ftv, input_pipeline, sharding
 from tfds_ispy2.ispy2 import geometry, schema
 
 
@@ -259,6 +259,18 @@ def test_examples_are_stacked_per_split_and_batches_gathered_on_the_sharded_mesh
       batch['images'].sharding.spec[0] == 'data'
   )  # Each device gathered its half of the batch.
   assert batch['images'].addressable_shards[0].data.shape[0] == 2
+
+
+def test_the_kept_pass_gives_each_patients_ftv_as_a_decoding_of_its_own(
+    source_and_cohort,
+):
+  """The FTV reference reads the trainings' decoding pass: the volumes of `ftv.ftv_per_visit`."""
+  source, cohort, data = source_and_cohort
+  kept = input_pipeline.ftv_mm3(source, data)
+  assert kept.shape == (len(cohort), 4)
+  for row in (0, 7, len(cohort) - 1):
+    np.testing.assert_array_equal(kept[row], ftv.ftv_per_visit(source[row]))
+  assert (kept[~np.isnan(kept)] >= 0).all()
 
 
 def test_labels_only_source_gives_the_same_cohort(source_and_cohort):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import linear_model
@@ -537,3 +538,36 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(
   }
   assert rows['student']['auroc_b'] == 1.0 and rows['student']['p'] < 0.05
   assert rows['baseline']['difference'] == 0
+
+
+@pytest.mark.parametrize(
+    'num_rows, batch_size, multiple, sizes',
+    [
+        (82, 32, 1, [28, 28, 28]),
+        (103, 32, 1, [26] * 4),
+        (30, 8, 4, [8] * 4),
+        (5, 32, 2, [6]),
+    ],
+)
+def test_predict_pads_to_equal_batches_not_to_a_whole_batch(
+    num_rows, batch_size, multiple, sizes
+):
+  values = jnp.arange(1000, dtype=jnp.float32) / 1000
+  rows = np.random.default_rng(0).permutation(1000)[:num_rows]
+  seen = []
+
+  def eval_fn(params, examples, batch):
+    seen.append(len(batch))
+    return examples['x'][batch] + params
+
+  probs = train.predict(
+      eval_fn,
+      0.0,
+      {'x': values},
+      rows,
+      batch_size=batch_size,
+      put=jnp.asarray,
+      multiple=multiple,
+  )
+  assert seen == sizes
+  np.testing.assert_array_equal(probs, np.asarray(values)[rows])
