@@ -35,11 +35,11 @@ def resolve_conv(conv: str) -> str:
 
 
 def _conv_general_dilated(
-    conv: str, max_patch_bytes: int, devices: int
+    conv: str, max_patch_bytes: int, devices: int, chunk_above_bytes: int
 ) -> ops.PatchesConv | None:
   """nn.Conv's `conv_general_dilated` for `conv`: an ops.PatchesConv, or None (flax's own)."""
   return (
-      ops.PatchesConv(max_patch_bytes, devices)
+      ops.PatchesConv(max_patch_bytes, devices, chunk_above_bytes)
       if resolve_conv(conv) == 'patches'
       else None
   )
@@ -253,7 +253,7 @@ class PCRNet(nn.Module):
   (pcrjax.train.head_start). With `reads_prediction`, the student's pCR logit also reads its own
   prediction of the target. The latent itself is the image's alone. `dtype` is the compute dtype of
   the encoder and the ConvLSTM (params stay float32; the heads and the loss run in float32).
-  `max_patch_bytes` and `devices` set the patches path's chunks (ops.PatchesConv). The defaults are
+  `max_patch_bytes`, `chunk_above_bytes` and `devices` set the patches path's chunks (ops.PatchesConv). The defaults are
   configs.base_config()'s.
   """
 
@@ -271,6 +271,7 @@ class PCRNet(nn.Module):
   normalization: str = 'none'
   conv: str = 'auto'
   max_patch_bytes: int = ops.MAX_PATCH_BYTES
+  chunk_above_bytes: int = ops.CHUNK_ABOVE_BYTES
   devices: int = 1  # The devices a batch is split over (the mesh's size).
   dtype: str = 'float32'
 
@@ -292,7 +293,7 @@ class PCRNet(nn.Module):
     batch, visits = images.shape[:2]
     dtype = jnp.dtype(self.dtype)
     patches = _conv_general_dilated(
-        self.conv, self.max_patch_bytes, self.devices
+        self.conv, self.max_patch_bytes, self.devices, self.chunk_above_bytes
     )
     encoded = encode_visits(
         images.reshape((batch * visits,) + images.shape[2:]).astype(dtype),

@@ -19,6 +19,10 @@ from jax import lax
 # The network's budget (PCRNet.max_patch_bytes): the `volume` step's time falls with the budget down
 # to 4 MiB and no further (benchmarks/README.md); above it, a chunk's patches leave the cache.
 MAX_PATCH_BYTES = 4 << 20
+# A batch whose patches fit this is convolved whole: chunks pay a loop and, in training, a second
+# forward pass (their rematerialisation), which only a batch far beyond the cache earns back (the
+# 3D crops: ~170 MB for the first layer; the MIPs: < 20 MB; benchmarks/README.md).
+CHUNK_ABOVE_BYTES = 64 << 20
 
 # Patches rows shorter than this (the first convolution's few input channels: 27 x 3 values in 3D)
 # make a memory-bound product; such a convolution computes two neighbouring outputs per row.
@@ -33,14 +37,16 @@ class PatchesConv:
   The patches are gathered one spatial axis at a time (k shifted copies merged with the channels,
   so that each copy moves whole rows of channels; two outputs per row where rows would be short)
   and multiplied by the kernel viewed as a [prod(k) * C, F] matrix. The gathers are memory-bound,
-  so a batch whose patches exceed `max_patch_bytes` is convolved in chunks of examples (`lax.map`,
-  the patches rematerialised for the backward pass rather than stored), each gathered, multiplied
-  and, backwards, re-gathered while it is still in the cache. `devices`: the devices the batch is
+  so a batch whose patches exceed `chunk_above_bytes` is convolved in chunks of examples whose
+  patches fit `max_patch_bytes` (`lax.map`, the patches rematerialised for the backward pass
+  rather than stored), each gathered, multiplied and, backwards, re-gathered while it is still in
+  the cache. `devices`: the devices the batch is
   split over; on several, the batch is convolved at once, as chunks of it would reshard it.
   """
 
   max_patch_bytes: int
   devices: int
+  chunk_above_bytes: int = CHUNK_ABOVE_BYTES
 
   def __call__(
       self,
@@ -97,11 +103,14 @@ class PatchesConv:
       self, num_examples: int, example_patch_bytes: int
   ) -> int:
     """The largest divisor of num_examples whose patches fit max_patch_bytes (at least 1); all of
-    them on several devices.
+    them where the batch's patches fit chunk_above_bytes, or on several devices.
 
     Patches are counted as k^d * C values per output (blocked rows gather fewer: a bound).
     """
-    if self.devices > 1:
+    if (
+        self.devices > 1
+        or num_examples * example_patch_bytes <= self.chunk_above_bytes
+    ):
       return num_examples
     limit = max(1, self.max_patch_bytes // example_patch_bytes)
     return max(

@@ -16,6 +16,9 @@ from pcrjax import fileio, runs, wall_time
 from pcrjax.evidence import run_report
 from tests import test_packaging
 
+# Every command in a subprocess, trainings included.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

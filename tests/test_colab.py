@@ -27,6 +27,8 @@ import tfds_ispy2
 from fake_data import tcia_fixtures
 from tests import colab_constraints, test_notebook, test_packaging
 
+pytestmark = pytest.mark.slow  # Colab's two runtimes rebuilt as venvs.
+
 ROOT = test_packaging.ROOT
 DUMMY_DATA = ROOT / test_packaging.DUMMY_DATA
 RUNTIMES = ('gpu', 'tpu')

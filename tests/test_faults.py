@@ -24,6 +24,9 @@ from pcrjax import checkpoints, fileio, runs, train
 from pcrjax.inference import packaging
 from tfds_ispy2.ispy2 import tcia_build
 
+# Protocols killed and resumed, a full disk, diverging runs.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

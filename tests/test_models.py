@@ -147,14 +147,17 @@ def test_model_family_shapes(spatial):
         ((2, 11, 4), 4, 3),  # 1D, a kernel longer than the stride.
     ],
 )
-# The default budget convolves these small batches at once; 1 byte, one example at a time (lax.map).
+# With no chunking threshold the budget decides: 4 MiB convolves these small batches at once; 1 byte,
+# one example at a time (lax.map).
 @pytest.mark.parametrize('max_patch_bytes', [ops.MAX_PATCH_BYTES, 1])
 def test_patches_conv_gives_the_outputs_and_gradients_of_lax_conv(
     shape, kernel, stride, max_patch_bytes
 ):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   dims = len(shape) - 2
-  patches_conv = ops.PatchesConv(max_patch_bytes, devices=1)
+  patches_conv = ops.PatchesConv(
+      max_patch_bytes, devices=1, chunk_above_bytes=0
+  )
 
   def loss(conv_general_dilated, params, x):
     layer = nn.Conv(
@@ -197,6 +200,7 @@ def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results():
         tumour_kinetics=False,
         conv='patches',
         max_patch_bytes=max_patch_bytes,
+        chunk_above_bytes=0,
         devices=1,
     )
     params = model.init(
@@ -222,12 +226,22 @@ def test_the_encoder_in_chunks_of_images_gives_the_whole_batch_results():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_whose_patches_fit_the_threshold_is_convolved_whole():
+  conv = ops.PatchesConv(max_patch_bytes=1 << 10, devices=1)
+  # 4 examples of 1 KiB patches: within the threshold, whole; beyond it, chunks of the budget.
+  assert conv.examples_per_chunk(4, 1 << 10) == 4
+  assert conv.examples_per_chunk(4, ops.CHUNK_ABOVE_BYTES) == 1
+  assert conv.examples_per_chunk(8, ops.CHUNK_ABOVE_BYTES // 4) == 1
+  wide = ops.PatchesConv(ops.CHUNK_ABOVE_BYTES // 2, devices=1)
+  assert wide.examples_per_chunk(8, ops.CHUNK_ABOVE_BYTES // 4) == 2
+
+
 def test_a_batch_on_several_devices_is_convolved_at_once():
   # Chunking a batch that is sharded over the devices would reshard it.
   x, kernel = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
   jaxpr = lambda devices: str(
       jax.make_jaxpr(  # noqa: E731
-          lambda x: ops.PatchesConv(max_patch_bytes=1, devices=devices)(
+          lambda x: ops.PatchesConv(1, devices, chunk_above_bytes=0)(
               x, kernel, (1, 1), 'SAME'
           )
       )(x)

@@ -7,6 +7,7 @@ import sys
 
 import jupytext
 import nbformat
+import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / 'notebooks'
 NOTEBOOK = NOTEBOOKS / 'pcrjax_colab.ipynb'
@@ -71,6 +72,7 @@ def execute_headless(python, tmp_path, env):
   assert (tmp_path / 'smoke' / 'report.md').exists()
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_headless_without_its_colab_cells(tmp_path, data_dir):
   execute_headless(
       sys.executable, tmp_path, {**os.environ, 'TFDS_DATA_DIR': data_dir}

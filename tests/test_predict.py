@@ -16,6 +16,8 @@ from fake_data import tcia_fixtures as fx
 from pcrjax import runs
 from pcrjax.inference import packaging, serving
 
+pytestmark = pytest.mark.slow  # Exports and predictions of trained runs.
+
 
 @pytest.fixture(scope='module')
 def model_dir(smoke_protocol, tmp_path_factory):

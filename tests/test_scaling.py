@@ -12,6 +12,9 @@ import numpy as np
 import portpicker
 import pytest
 
+# Trainings in subprocesses on forced devices and 2 processes.
+pytestmark = pytest.mark.slow
+
 _SCRIPT = textwrap.dedent("""
     import functools, json
     import jax, jax.numpy as jnp, numpy as np

@@ -56,6 +56,7 @@ def _best_params(workdir):
   )
 
 
+@pytest.mark.slow
 def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
   teacher_dir, student_dir = str(tmp_path / 'teacher'), str(
       tmp_path / 'student'
@@ -123,6 +124,7 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_cross_fitted_teachers_and_lambda_chosen_on_validation(
     data_dir, tmp_path
 ):
@@ -246,6 +248,7 @@ def test_the_head_starts_at_the_training_patients_logistic_model(data_dir):
   assert train.head_start(config, examples, rows, latent_dim=3) == {}
 
 
+@pytest.mark.slow
 def test_student_refuses_a_missing_or_mismatched_teacher(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='experiments/stage1.py'):
     train.train_and_evaluate(
@@ -264,6 +267,7 @@ def test_student_refuses_a_missing_or_mismatched_teacher(data_dir, tmp_path):
     train.train_and_evaluate(volume, str(tmp_path / 's3'))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(
     data_dir, tmp_path, monkeypatch
 ):
@@ -293,6 +297,7 @@ def test_interrupted_run_resumes_to_the_same_result(
   )
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_profiler_trace_and_checkpoints_follow_improvement(
     data_dir, tmp_path
 ):
@@ -340,6 +345,7 @@ def test_profile_steps_write_a_profiler_trace_and_checkpoints_follow_improvement
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'rate, isa', [('1e8', ''), ('1e8', 'AVX2'), ('1e38', ''), ('inf', '')]
 )
@@ -403,6 +409,7 @@ def test_an_exploding_loss_or_saturated_predictions_count_as_divergence():
   assert 'not finite' in train.explosion(0.7, None, np.array([0.5, np.nan]))
 
 
+@pytest.mark.slow
 def test_protocol_smoke_writes_the_evidence_and_resumes(
     smoke_protocol, tmp_path, small_disk
 ):
