@@ -50,10 +50,21 @@ def ftv_mask(
   (S1 - S0)(S2 - S0) >= 0: the same sign test without dividing, so a flat late phase (S2 = S0,
   infinite SER) counts as enhancing and no division by zero happens.
   """
-  pre, early, late = (np.asarray(a, np.float64) for a in (pre, early, late))
-  roi = np.ones(pre.shape, bool) if roi is None else np.asarray(roi, bool)
+  roi = np.ones(np.shape(pre), bool) if roi is None else np.asarray(roi, bool)
+  out = np.zeros(roi.shape, bool)
   if not roi.any():
-    return np.zeros(pre.shape, bool)
+    return out
+  # The VOI's box and the voxel around it (its voxels' neighbours) hold every voxel the mask
+  # reads: the same mask from a tenth of a volume's work where the VOI is a tumour's box.
+  (box,) = ndimage.find_objects(roi.astype(np.uint8))
+  box = tuple(
+      slice(max(s.start - 1, 0), min(s.stop + 1, size))
+      for s, size in zip(box, roi.shape)
+  )
+  pre, early, late = (
+      np.asarray(a, np.float64)[box] for a in (pre, early, late)
+  )
+  roi = roi[box]
   background = pre >= background_fraction * np.percentile(pre[roi], 95)
   washin = early - pre
   # PE >= threshold, multiplied out (S0 > 0) so that zero or negative S0 never divides.
@@ -63,7 +74,8 @@ def ftv_mask(
       candidates.astype(np.uint8), _NEIGHBOURS, mode='constant', cval=0
   )
   ser_nonnegative = washin * (late - pre) >= 0
-  return candidates & (neighbours >= min_neighbours) & ser_nonnegative & roi
+  out[box] = candidates & (neighbours >= min_neighbours) & ser_nonnegative & roi
+  return out
 
 
 def voi(mask: np.ndarray) -> np.ndarray | None:

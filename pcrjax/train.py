@@ -257,11 +257,15 @@ def _batch_step(
   )
 
 
-def eval_outputs(
+@functools.partial(jax.jit, static_argnums=0)
+def eval_step(
     apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array
-) -> dict:
-  """The model's outputs (logit, latent) for the examples at `rows`."""
-  return apply_fn(
+) -> dict[str, jax.Array]:
+  """The model's outputs (logit, latent; the student's feature_pred) and the pCR `probability` of
+  the examples at `rows`: one compilation per network and batch size serves a training's
+  validation and test predictions and, for a teacher, its students' targets.
+  """
+  outputs = apply_fn(
       {'params': params},
       examples['images'][rows],
       examples['visit_mask'][rows],
@@ -270,14 +274,22 @@ def eval_outputs(
       examples['tumour'][rows],
       train=False,
   )
+  return {**outputs, 'probability': jax.nn.sigmoid(outputs['logit'])}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def eval_step(
-    apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array
-) -> jax.Array:
-  """pCR probabilities of the examples at `rows`."""
-  return jax.nn.sigmoid(eval_outputs(apply_fn, params, examples, rows)['logit'])
+def eval_batch_rows(num_rows: int, batch_size: int, multiple: int = 1) -> int:
+  """The one size of a training's evaluation batches: its `num_rows` validation patients in the
+  fewest batches of at most `batch_size`, all of one size, a multiple of `multiple` (the devices a
+  batch is split over).
+
+  Equal batches pad the validation split, which the protocol evaluates at every epoch, by less than
+  a batch (82 patients in batches of at most 16: 6 of 14, 84 rows, not 96); its test patients and
+  a teacher's targets then take batches of the same size, so that each network compiles one
+  evaluation.
+  """
+  num_batches = max(1, -(-num_rows // batch_size))
+  size = -(-num_rows // num_batches)
+  return -(-size // multiple) * multiple
 
 
 def predict(
@@ -286,28 +298,21 @@ def predict(
     examples: dict[str, jax.Array],
     rows: np.ndarray,
     *,
-    batch_size: int,
+    batch_rows: int,
     put,
-    multiple: int = 1,
+    output: str = 'probability',
 ) -> np.ndarray:
-  """Probabilities of the examples at `rows`, in the fewest batches of at most `batch_size`, all of
-  one size, a multiple of `multiple` (the devices that `put` splits a batch over).
-
-  Equal batches pad the rows by less than `num_batches * multiple` rather than by up to a whole
-  batch (82 validation patients in batches of 32 would compute 96 rows; as 3 of 28, 84), which
-  the protocol pays at every epoch; each batch size compiles once per network.
-  """
-  num_batches = max(1, -(-len(rows) // batch_size))
-  size = -(-len(rows) // num_batches)
-  size = -(-size // multiple) * multiple
+  """`eval_fn`'s `output` for the examples at `rows`, in batches of `batch_rows` (the last padded
+  with copies of the first row)."""
+  num_batches = max(1, -(-len(rows) // batch_rows))
   padded = np.concatenate(
-      [rows, np.repeat(rows[:1], num_batches * size - len(rows))]
+      [rows, np.repeat(rows[:1], num_batches * batch_rows - len(rows))]
   ).astype(np.int32)
-  probs = [
-      eval_fn(params, examples, put(padded[i : i + size]))
-      for i in range(0, len(padded), size)
+  outputs = [
+      eval_fn(params, examples, put(padded[i : i + batch_rows]))[output]
+      for i in range(0, len(padded), batch_rows)
   ]
-  return sharding.fetch(jnp.concatenate(probs))[: len(rows)]
+  return sharding.fetch(jnp.concatenate(outputs))[: len(rows)]
 
 
 # --- Stage 2: the teacher. -----------------------------------------------------------------------
@@ -386,6 +391,8 @@ def feature_targets(
     cohort: input_pipeline.Cohort,
     train_rows: np.ndarray,
     mesh,
+    *,
+    batch_rows: int,
 ) -> dict[str, np.ndarray]:
   """The student's regression target for every patient: {'target': [N, D], 'target_mask': [N]}.
 
@@ -399,7 +406,8 @@ def feature_targets(
   not of an augmented view. With `dual_task.standardise`, each dimension is centred and scaled by
   the training patients' statistics, so that every dimension weighs the same in the MSE, whatever
   its range (the teacher's latent is bounded to +-1 and most of its dimensions vary little).
-  `target_mask`: the patient has T2 (no T2, no target).
+  `target_mask`: the patient has T2 (no T2, no target). `batch_rows`: the size of the teacher's
+  evaluation batches (`eval_batch_rows`).
   """
   dual = config.dual_task
   data = ml_collections.ConfigDict(config.data.to_dict())
@@ -411,11 +419,13 @@ def feature_targets(
     ]
     raw = kinetics[:, 1] - kinetics[:, 0]
   else:
-    raw = _teacher_outputs(config, source, cohort, mesh, config.teacher_workdir)
+    raw = _teacher_outputs(
+        config, source, cohort, mesh, config.teacher_workdir, batch_rows
+    )
     for teacher_dir in cross_fitted_teachers(config):
       held_out = data_split(runs.read_config(teacher_dir), cohort).test
       raw[held_out] = _teacher_outputs(
-          config, source, cohort, mesh, teacher_dir
+          config, source, cohort, mesh, teacher_dir, batch_rows
       )[held_out]
   mask = cohort.visit_mask[:, configs.T2]
   fit = train_rows[mask[train_rows]]
@@ -439,7 +449,12 @@ def feature_targets(
 
 
 def _teacher_outputs(
-    config, source, cohort: input_pipeline.Cohort, mesh, teacher_dir: str
+    config,
+    source,
+    cohort: input_pipeline.Cohort,
+    mesh,
+    teacher_dir: str,
+    batch_rows: int,
 ) -> np.ndarray:
   """[N, D]: the teacher's `dual_task.target` output of every patient, on clean inputs."""
   teacher = load_teacher(config, teacher_dir, devices=mesh.size)
@@ -450,19 +465,16 @@ def _teacher_outputs(
   examples = sharding.put(
       input_pipeline.load_examples(source, cohort, rows, data), replicated
   )
-  outputs = functools.partial(
-      _eval_outputs, teacher.model.apply, output=config.dual_task.target
-  )
   raw = predict(
-      outputs,
+      functools.partial(eval_step, teacher.model.apply),
       sharding.put(teacher.params, replicated),
       examples,
       rows,
-      batch_size=config.eval_batch_size,
+      batch_rows=batch_rows,
       put=functools.partial(
           sharding.put, sharding=sharding.batch_sharding(mesh)
       ),
-      multiple=mesh.size,
+      output=config.dual_task.target,
   )
   return np.array(raw).reshape(
       len(rows), -1
@@ -678,6 +690,9 @@ def train_and_evaluate(
       jax.process_count(),
       extra=console.TRAINING_LINE,
   )
+  batch_rows = eval_batch_rows(
+      len(split.val), config.eval_batch_size, mesh.size
+  )
 
   # Every patient goes to the device once (one shape for every fold: one compilation); a step
   # gathers and augments its batch there, by source row.
@@ -687,7 +702,9 @@ def train_and_evaluate(
   clock.lap('data')
   if learns_from_teacher:
     host_examples.update(
-        feature_targets(config, source, cohort, split.train, mesh)
+        feature_targets(
+            config, source, cohort, split.train, mesh, batch_rows=batch_rows
+        )
     )
   model = models.build(config, runs.feature_dim(config), devices=mesh.size)
   input_shape = models.patient_shape(config.data)
@@ -739,6 +756,8 @@ def train_and_evaluate(
         sharding.put, sharding=sharding.epoch_batch_sharding(mesh)
     )
     empty_metrics = sharding.put(TrainMetrics.empty(), replicated)
+    # One dispatch per epoch's log line, not the schedule's dozen eager operations.
+    learning_rate = jax.jit(create_learning_rate_fn(config, steps_per_epoch))
 
     def probabilities(params, rows):
       return predict(
@@ -746,9 +765,8 @@ def train_and_evaluate(
           params,
           examples,
           rows,
-          batch_size=config.eval_batch_size,
+          batch_rows=batch_rows,
           put=put_rows,
-          multiple=mesh.size,
       )
 
     log = cleanup.enter_context(
@@ -821,9 +839,7 @@ def train_and_evaluate(
               'val_bce': float(
                   sk_metrics.log_loss(labels, probs, labels=[0, 1])
               ),
-              'learning_rate': float(
-                  create_learning_rate_fn(config, steps_per_epoch)(state.step)
-              ),
+              'learning_rate': float(learning_rate(state.step)),
               'epoch_seconds': time.time() - started,
           }
       )
@@ -930,11 +946,6 @@ def train_step(
       state, batch, dropout_rng, pos_weight, **kwargs
   )
   return state, epoch_metrics.merge(step_metrics)
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames='output')
-def _eval_outputs(apply_fn, params, examples, rows, *, output: str):
-  return eval_outputs(apply_fn, params, examples, rows)[output]
 
 
 class _Profiler:

@@ -108,6 +108,17 @@ def test_roi_restricts_the_mask_and_sets_the_background():
   ).any()
 
 
+def test_a_voxel_on_the_roi_border_counts_its_neighbours_outside_the_roi():
+  enhancing = np.zeros((10, 10, 10), bool)
+  enhancing[2:5, 2:5, 2:5] = True
+  roi = np.zeros(enhancing.shape, bool)
+  roi[4:, 2:5, 2:5] = (
+      True  # The cube's top layer: its corners have 3 neighbours inside the VOI.
+  )
+  mask = ftv.ftv_mask(*_phases(enhancing.shape, enhancing), roi=roi)
+  np.testing.assert_array_equal(mask, enhancing & roi)
+
+
 def test_ftv_masks_without_a_t0_tumour_look_over_the_whole_volume():
   """No T0 tumour and no VOI: no box is known, so a later visit's FTV is the whole volume's."""
   shape = (8, 12, 12)

@@ -83,6 +83,23 @@ def test_the_networks_defaults_are_the_base_configs():
   }
 
 
+@pytest.mark.parametrize('feature_dim, visits', [(0, 2), (0, 3), (32, 2)])
+def test_initialisation_compiled_for_speed_gives_the_default_compilations_values(
+    feature_dim, visits
+):
+  model = models.build(configs.base_config(), feature_dim)
+  shape = (visits, 32, 32, 3)
+  default = jax.jit(
+      models.init_params.__wrapped__, static_argnames=('model', 'input_shape')
+  )
+  fast = models.init_params(model, jax.random.key(7), shape)
+  for got, want in zip(
+      jax.tree.leaves(fast),
+      jax.tree.leaves(default(model, jax.random.key(7), shape)),
+  ):
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize('spatial', [(16, 16), (4, 8, 8)])
 def test_model_family_shapes(spatial):
   images = jnp.ones((2, 3) + spatial + (3,))

@@ -48,7 +48,7 @@ _SCRIPT = textwrap.dedent("""
         losses.append(float(metrics.compute()['loss']))
       assert len(state.params['pcr_head']['kernel'].sharding.device_set) == devices
       eval_fn = functools.partial(train.eval_step, state.apply_fn)
-      probs = train.predict(eval_fn, state.params, examples, np.arange(30), batch_size=8,
+      probs = train.predict(eval_fn, state.params, examples, np.arange(30), batch_rows=8,
                             put=functools.partial(jax.device_put, device=sharding.batch_sharding(mesh)))
       results[devices] = {'losses': losses, 'probs': probs.tolist()}
     print(json.dumps(results))

@@ -110,7 +110,9 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
     assert runs.feature_dim(config) == width
     for standardise in (True, False):
       config.dual_task.standardise = standardise
-      got = train.feature_targets(config, source, cohort, train_rows, mesh)
+      got = train.feature_targets(
+          config, source, cohort, train_rows, mesh, batch_rows=8
+      )
       assert got['target'].shape == (len(cohort), width)
       np.testing.assert_array_equal(got['target_mask'], has_t2)
       assert not got['target'][~has_t2].any()
@@ -159,13 +161,13 @@ def test_cross_fitted_teachers_and_lambda_chosen_on_validation(
   # the fold teacher's.
   config.dual_task.standardise, config.dual_task.lambda_grid = False, ()
   source, mesh = input_pipeline.load_source(config.data), sharding.make_mesh()
-  crossed = train.feature_targets(config, source, cohort, fold.train, mesh)[
-      'target'
-  ]
+  crossed = train.feature_targets(
+      config, source, cohort, fold.train, mesh, batch_rows=8
+  )['target']
   config.dual_task.cross_fit = 0
-  plain = train.feature_targets(config, source, cohort, fold.train, mesh)[
-      'target'
-  ]
+  plain = train.feature_targets(
+      config, source, cohort, fold.train, mesh, batch_rows=8
+  )['target']
   outside = np.setdiff1d(np.arange(len(cohort)), fold.train)
   np.testing.assert_array_equal(crossed[outside], plain[outside])
   has_t2 = cohort.visit_mask[:, 2]
@@ -548,33 +550,40 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(
 
 
 @pytest.mark.parametrize(
-    'num_rows, batch_size, multiple, sizes',
+    'num_rows, batch_size, multiple, rows',
     [
-        (82, 32, 1, [28, 28, 28]),
-        (103, 32, 1, [26] * 4),
-        (30, 8, 4, [8] * 4),
-        (5, 32, 2, [6]),
+        (82, 16, 1, 14),
+        (82, 32, 1, 28),
+        (103, 16, 1, 15),
+        (30, 8, 4, 8),
+        (5, 32, 2, 6),
     ],
 )
-def test_predict_pads_to_equal_batches_not_to_a_whole_batch(
-    num_rows, batch_size, multiple, sizes
+def test_eval_batches_pad_the_validation_split_by_less_than_a_batch(
+    num_rows, batch_size, multiple, rows
 ):
+  assert train.eval_batch_rows(num_rows, batch_size, multiple) == rows
+
+
+@pytest.mark.parametrize(
+    'num_rows, batch_rows, sizes', [(82, 14, [14] * 6), (103, 14, [14] * 8)]
+)
+def test_predict_takes_batches_of_one_size(num_rows, batch_rows, sizes):
   values = jnp.arange(1000, dtype=jnp.float32) / 1000
   rows = np.random.default_rng(0).permutation(1000)[:num_rows]
   seen = []
 
   def eval_fn(params, examples, batch):
     seen.append(len(batch))
-    return examples['x'][batch] + params
+    return {'probability': examples['x'][batch] + params}
 
   probs = train.predict(
       eval_fn,
       0.0,
       {'x': values},
       rows,
-      batch_size=batch_size,
+      batch_rows=batch_rows,
       put=jnp.asarray,
-      multiple=multiple,
   )
   assert seen == sizes
   np.testing.assert_array_equal(probs, np.asarray(values)[rows])

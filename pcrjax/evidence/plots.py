@@ -40,13 +40,9 @@ def roc_curves(
   for row in table:
     pred, spec = predictions[row.name], runs.model(row.name)
     labels, probs = pred.label, pred.mean_prob
-    bands = []
-    for index in statistics.stratified_bootstrap_indices(
-        labels, num_replicates, np.random.default_rng(seed)
-    ):
-      fpr, tpr, _ = sk_metrics.roc_curve(labels[index], probs[index])
-      bands.append(np.interp(fpr_grid, fpr, tpr))
-    low, high = np.percentile(bands, [2.5, 97.5], axis=0)
+    low, high = statistics.bootstrap_roc_band(
+        labels, probs, fpr_grid, num_replicates=num_replicates, seed=seed
+    )
     fpr, tpr, _ = sk_metrics.roc_curve(labels, probs)
     ax.fill_between(
         fpr_grid, low, high, color=spec.colour, alpha=0.06, linewidth=0
