@@ -395,15 +395,7 @@ def _network(**fields) -> PCRNet:
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=('model', 'input_shape'),
-    compiler_options=INIT_COMPILER_OPTIONS,
-)
-def init_params(model: PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
-  """input_shape: [T, *spatial, C] of one patient. Jitted: one compilation (kept by the persistent
-  cache) instead of one per initialiser and layer, slow eagerly on a CPU; the same values.
-  """
+def _init_params(model: PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
   images = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   visit_mask = jnp.ones((1, input_shape[0]), bool)
   clinical = jnp.zeros((1, input_pipeline.NUM_CLINICAL), jnp.float32)
@@ -422,6 +414,15 @@ def init_params(model: PCRNet, rng: jax.Array, input_shape: tuple[int, ...]):
   )['params']
 
 
+# input_shape: [T, *spatial, C] of one patient. Jitted: one compilation (kept by the persistent
+# cache) instead of one per initialiser and layer, slow eagerly on a CPU; the same values.
+init_params = jax.jit(
+    _init_params,
+    static_argnames=('model', 'input_shape'),
+    compiler_options=INIT_COMPILER_OPTIONS,
+)
+
+
 def patient_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """[T, *spatial, C]: one patient's images as `data` (a config's) represents them."""
   return (len(data.time_points),) + tuple(input_pipeline.visit_shape(data))
@@ -430,6 +431,6 @@ def patient_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
 def abstract_params(model: PCRNet, input_shape: tuple[int, ...]):
   """The shapes and dtypes of the model's params, computing nothing: what a checkpoint restores into."""
   return jax.eval_shape(
-      functools.partial(init_params, model, input_shape=tuple(input_shape)),
+      functools.partial(_init_params, model, input_shape=tuple(input_shape)),
       jax.random.key(0),
   )

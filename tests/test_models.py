@@ -100,6 +100,15 @@ def test_initialisation_compiled_for_speed_gives_the_default_compilations_values
     np.testing.assert_array_equal(got, want)
 
 
+def test_abstract_params_are_the_shapes_of_the_initialised_ones():
+  model = models.build(configs.base_config(), 32)
+  shape = (2, 32, 32, 3)
+  leaf = lambda x: (x.shape, x.dtype)  # noqa: E731
+  assert jax.tree.map(leaf, models.abstract_params(model, shape)) == (
+      jax.tree.map(leaf, models.init_params(model, jax.random.key(0), shape))
+  )
+
+
 @pytest.mark.parametrize('spatial', [(16, 16), (4, 8, 8)])
 def test_model_family_shapes(spatial):
   images = jnp.ones((2, 3) + spatial + (3,))
