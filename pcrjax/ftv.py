@@ -62,7 +62,7 @@ def ftv_mask(
       for s, size in zip(box, roi.shape)
   )
   pre, early, late = (
-      np.asarray(a, np.float64)[box] for a in (pre, early, late)
+      np.asarray(a)[box].astype(np.float64) for a in (pre, early, late)
   )
   roi = roi[box]
   background = pre >= background_fraction * np.percentile(pre[roi], 95)

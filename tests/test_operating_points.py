@@ -7,7 +7,7 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import roc_curve
 
-from pcrjax.evidence import operating_points
+from pcrjax.evidence import operating_points, statistics
 from tests import synthetic
 
 
@@ -128,3 +128,28 @@ def test_operating_point_nan_safe():
 def test_operating_point_rejects_unknown_rule():
   with pytest.raises(ValueError, match='rule'):
     operating_points.operating_point([0, 1], [0.2, 0.8], 'sens95')
+
+
+@pytest.mark.parametrize('decimals', [1, 2, 8])
+def test_roc_band_is_that_of_sklearns_curve_of_each_replicate(decimals):
+  """Ties (rounded scores) make vertical and diagonal steps, where the interpolation matters."""
+  rng = np.random.default_rng(3)
+  y = rng.random(150) < 0.35
+  s = np.round(0.6 * rng.random(150) + 0.4 * y, decimals)
+  grid = np.linspace(0, 1, 101)
+  curves = [
+      np.interp(grid, *roc_curve(y[i], s[i])[:2])
+      for i in statistics.stratified_bootstrap_indices(
+          y, 200, np.random.default_rng(5)
+      )
+  ]
+  low, high = operating_points.bootstrap_roc_band(
+      y, s, grid, num_replicates=200, seed=5
+  )
+  np.testing.assert_allclose(
+      low, np.percentile(curves, 2.5, axis=0), rtol=0, atol=1e-12
+  )
+  np.testing.assert_allclose(
+      high, np.percentile(curves, 97.5, axis=0), rtol=0, atol=1e-12
+  )
+  assert (low < high).any() and (low <= high).all()

@@ -364,33 +364,6 @@ def test_bootstrap_intervals_reject_bad_arguments():
     statistics.bootstrap_intervals(y, lambda idx: {}, confidence=1.5)
 
 
-@pytest.mark.parametrize('decimals', [1, 2, 8])
-def test_roc_band_is_that_of_sklearns_curve_of_each_replicate(decimals):
-  """Ties (rounded scores) make vertical and diagonal steps, where the interpolation matters."""
-  from sklearn.metrics import roc_curve
-
-  rng = np.random.default_rng(3)
-  y = rng.random(150) < 0.35
-  s = np.round(rng.random(150) + 0.6 * y, decimals)
-  grid = np.linspace(0, 1, 101)
-  curves = [
-      np.interp(grid, *roc_curve(y[i], s[i])[:2])
-      for i in statistics.stratified_bootstrap_indices(
-          y, 200, np.random.default_rng(5)
-      )
-  ]
-  low, high = statistics.bootstrap_roc_band(
-      y, s, grid, num_replicates=200, seed=5
-  )
-  np.testing.assert_allclose(
-      low, np.percentile(curves, 2.5, axis=0), rtol=0, atol=1e-12
-  )
-  np.testing.assert_allclose(
-      high, np.percentile(curves, 97.5, axis=0), rtol=0, atol=1e-12
-  )
-  assert (low < high).any() and (low <= high).all()
-
-
 # ---------------------------------------------------------------- input checks
 
 

@@ -77,6 +77,44 @@ _RULES: dict[
 }
 
 
+def bootstrap_roc_band(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    fpr_grid: ArrayLike,
+    *,
+    num_replicates: int = 500,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+  """Percentile band (low, high) of the sensitivity at each false-positive rate of `fpr_grid`,
+  over stratified bootstrap replicates of the ROC curve.
+
+  Every replicate's cuts at once (`_cuts`): the curves of sklearn's `roc_curve` (tested), whose
+  input checks alone took 9 s of a 20-s report for 3,500 curves. Each curve is interpolated as
+  `np.interp` does sklearn's: at a vertical step, its top.
+  """
+  y, p = statistics.check_labels_and_probs(labels, probs)
+  idx = statistics.stratified_bootstrap_indices(
+      y, num_replicates, np.random.default_rng(seed)
+  )
+  _, tp, fp, is_cut = _cuts(y, p[idx])
+  num_pos = int(y.sum())
+  grid = np.asarray(fpr_grid, np.float64)
+  curves = [
+      np.interp(
+          grid,
+          np.r_[0, f[cut]] / (y.size - num_pos),
+          np.r_[0, t[cut]] / num_pos,
+      )
+      for t, f, cut in zip(tp, fp, is_cut)
+  ]
+  alpha = 1.0 - confidence
+  low, high = np.percentile(
+      curves, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0
+  )
+  return low, high
+
+
 def _ratio(a: NDArray[np.intp], b: NDArray[np.intp]) -> NDArray[np.float64]:
   """a / b, NaN where b == 0 (e.g. PPV with no predicted positives)."""
   return np.divide(a, b, out=np.full(np.shape(a), np.nan), where=b > 0)

@@ -14,7 +14,7 @@ from matplotlib import ticker  # noqa: E402
 from sklearn import metrics as sk_metrics  # noqa: E402
 
 from pcrjax import fileio, runs  # noqa: E402
-from pcrjax.evidence import calibration, statistics  # noqa: E402
+from pcrjax.evidence import calibration, operating_points  # noqa: E402
 
 CHANCE = dict(color='#bbbbbb', linestyle=':', linewidth=1)
 
@@ -40,7 +40,7 @@ def roc_curves(
   for row in table:
     pred, spec = predictions[row.name], runs.model(row.name)
     labels, probs = pred.label, pred.mean_prob
-    low, high = statistics.bootstrap_roc_band(
+    low, high = operating_points.bootstrap_roc_band(
         labels, probs, fpr_grid, num_replicates=num_replicates, seed=seed
     )
     fpr, tpr, _ = sk_metrics.roc_curve(labels, probs)
