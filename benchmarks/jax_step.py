@@ -152,8 +152,8 @@ def prepare_case(
   def figures(times: list[float]) -> dict:
     step_s = statistics.median(times)
     eval_rows = jax.device_put(
-        np.arange(config.eval_batch_size, dtype=np.int32),
-        sharding.batch_sharding(mesh),
+        np.arange(config.eval_batch_size, dtype=np.int32)[None],
+        sharding.epoch_batch_sharding(mesh),
     )
 
     def evaluate():

@@ -86,7 +86,7 @@ def base_config(smoke: bool = False) -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # Compute dtype: 'bfloat16' for GPU/TPU (XLA:CPU runs it slowly).
 
   config.batch_size = 8 if smoke else 16
-  # At most this many patients per evaluation batch (train.eval_batch_rows): on the 2-core CPU a
+  # At most this many patients per evaluation batch (train.eval_batches): on the 2-core CPU a
   # patient's forward pass costs ~15 % less in batches of 12-16 than of 28 (benchmarks/README.md).
   config.eval_batch_size = 8 if smoke else 16
   config.num_epochs = 2 if smoke else 60

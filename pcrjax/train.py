@@ -15,6 +15,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_collections
 import numpy as np
 import optax
@@ -23,7 +24,6 @@ from absl import logging
 from clu import metrics
 from flax.training import train_state
 from sklearn import linear_model
-from sklearn import metrics as sk_metrics
 
 from pcrjax import (
     checkpoints,
@@ -261,35 +261,48 @@ def _batch_step(
 def eval_step(
     apply_fn, params, examples: dict[str, jax.Array], rows: jax.Array
 ) -> dict[str, jax.Array]:
-  """The model's outputs (logit, latent; the student's feature_pred) and the pCR `probability` of
-  the examples at `rows`: one compilation per network and batch size serves a training's
-  validation and test predictions and, for a teacher, its students' targets.
+  """The model's outputs (logit, latent; the student's feature_pred), the pCR `probability` and
+  the unweighted binary cross-entropy `bce` of the examples at `rows` [num_batches, batch_rows],
+  each [num_batches, batch_rows, ...].
+
+  The batches run in one program, one after another (`lax.map`): a validation is one dispatch, and
+  each batch's activations stay in the cache (benchmarks/README.md). One compilation per network
+  serves a training's validation and test predictions and, for a teacher, its students' targets.
   """
-  outputs = apply_fn(
-      {'params': params},
-      examples['images'][rows],
-      examples['visit_mask'][rows],
-      examples['clinical'][rows],
-      examples['kinetics'][rows],
-      examples['tumour'][rows],
-      train=False,
-  )
-  return {**outputs, 'probability': jax.nn.sigmoid(outputs['logit'])}
+
+  def batch(rows):
+    outputs = apply_fn(
+        {'params': params},
+        examples['images'][rows],
+        examples['visit_mask'][rows],
+        examples['clinical'][rows],
+        examples['kinetics'][rows],
+        examples['tumour'][rows],
+        train=False,
+    )
+    return {
+        **outputs,
+        'probability': jax.nn.sigmoid(outputs['logit']),
+        'bce': weighted_bce(outputs['logit'], examples['label'][rows], 1.0),
+    }
+
+  return lax.map(batch, rows)
 
 
-def eval_batch_rows(num_rows: int, batch_size: int, multiple: int = 1) -> int:
-  """The one size of a training's evaluation batches: its `num_rows` validation patients in the
-  fewest batches of at most `batch_size`, all of one size, a multiple of `multiple` (the devices a
-  batch is split over).
+def eval_batches(
+    num_rows: int, batch_size: int, multiple: int = 1
+) -> tuple[int, int]:
+  """(num_batches, batch_rows): the one shape of a training's evaluations, its `num_rows`
+  validation patients in the fewest batches of at most `batch_size`, all of one size, a multiple of
+  `multiple` (the devices a batch is split over).
 
   Equal batches pad the validation split, which the protocol evaluates at every epoch, by less than
   a batch (82 patients in batches of at most 16: 6 of 14, 84 rows, not 96); its test patients and
-  a teacher's targets then take batches of the same size, so that each network compiles one
-  evaluation.
+  a teacher's targets then take evaluations of the same shape, so that each network compiles one.
   """
   num_batches = max(1, -(-num_rows // batch_size))
   size = -(-num_rows // num_batches)
-  return -(-size // multiple) * multiple
+  return num_batches, -(-size // multiple) * multiple
 
 
 def predict(
@@ -298,21 +311,29 @@ def predict(
     examples: dict[str, jax.Array],
     rows: np.ndarray,
     *,
-    batch_rows: int,
+    batches: tuple[int, int],
     put,
-    output: str = 'probability',
-) -> np.ndarray:
-  """`eval_fn`'s `output` for the examples at `rows`, in batches of `batch_rows` (the last padded
-  with copies of the first row)."""
-  num_batches = max(1, -(-len(rows) // batch_rows))
+    outputs: tuple[str, ...] = ('probability',),
+) -> dict[str, np.ndarray]:
+  """`eval_fn`'s `outputs` for the examples at `rows`, in evaluations of `batches` (num_batches,
+  batch_rows) rows, the last padded with copies of the first row."""
+  per_call = batches[0] * batches[1]
+  num_calls = max(1, -(-len(rows) // per_call))
   padded = np.concatenate(
-      [rows, np.repeat(rows[:1], num_batches * batch_rows - len(rows))]
+      [rows, np.repeat(rows[:1], num_calls * per_call - len(rows))]
   ).astype(np.int32)
-  outputs = [
-      eval_fn(params, examples, put(padded[i : i + batch_rows]))[output]
-      for i in range(0, len(padded), batch_rows)
+  calls = [
+      eval_fn(params, examples, put(group.reshape(batches)))
+      for group in padded.reshape(num_calls, per_call)
   ]
-  return sharding.fetch(jnp.concatenate(outputs))[: len(rows)]
+  return {
+      name: (
+          sharding.fetch(jnp.concatenate([c[name] for c in calls])).reshape(
+              (num_calls * per_call,) + calls[0][name].shape[2:]
+          )[: len(rows)]
+      )
+      for name in outputs
+  }
 
 
 # --- Stage 2: the teacher. -----------------------------------------------------------------------
@@ -392,7 +413,7 @@ def feature_targets(
     train_rows: np.ndarray,
     mesh,
     *,
-    batch_rows: int,
+    batches: tuple[int, int],
 ) -> dict[str, np.ndarray]:
   """The student's regression target for every patient: {'target': [N, D], 'target_mask': [N]}.
 
@@ -406,8 +427,8 @@ def feature_targets(
   not of an augmented view. With `dual_task.standardise`, each dimension is centred and scaled by
   the training patients' statistics, so that every dimension weighs the same in the MSE, whatever
   its range (the teacher's latent is bounded to +-1 and most of its dimensions vary little).
-  `target_mask`: the patient has T2 (no T2, no target). `batch_rows`: the size of the teacher's
-  evaluation batches (`eval_batch_rows`).
+  `target_mask`: the patient has T2 (no T2, no target). `batches`: the shape of the teacher's
+  evaluations (`eval_batches`).
   """
   dual = config.dual_task
   data = ml_collections.ConfigDict(config.data.to_dict())
@@ -420,12 +441,12 @@ def feature_targets(
     raw = kinetics[:, 1] - kinetics[:, 0]
   else:
     raw = _teacher_outputs(
-        config, source, cohort, mesh, config.teacher_workdir, batch_rows
+        config, source, cohort, mesh, config.teacher_workdir, batches
     )
     for teacher_dir in cross_fitted_teachers(config):
       held_out = data_split(runs.read_config(teacher_dir), cohort).test
       raw[held_out] = _teacher_outputs(
-          config, source, cohort, mesh, teacher_dir, batch_rows
+          config, source, cohort, mesh, teacher_dir, batches
       )[held_out]
   mask = cohort.visit_mask[:, configs.T2]
   fit = train_rows[mask[train_rows]]
@@ -454,7 +475,7 @@ def _teacher_outputs(
     cohort: input_pipeline.Cohort,
     mesh,
     teacher_dir: str,
-    batch_rows: int,
+    batches: tuple[int, int],
 ) -> np.ndarray:
   """[N, D]: the teacher's `dual_task.target` output of every patient, on clean inputs."""
   teacher = load_teacher(config, teacher_dir, devices=mesh.size)
@@ -470,12 +491,12 @@ def _teacher_outputs(
       sharding.put(teacher.params, replicated),
       examples,
       rows,
-      batch_rows=batch_rows,
+      batches=batches,
       put=functools.partial(
-          sharding.put, sharding=sharding.batch_sharding(mesh)
+          sharding.put, sharding=sharding.epoch_batch_sharding(mesh)
       ),
-      output=config.dual_task.target,
-  )
+      outputs=(config.dual_task.target,),
+  )[config.dual_task.target]
   return np.array(raw).reshape(
       len(rows), -1
   )  # A writable copy: cross-fitting fills in rows.
@@ -671,8 +692,9 @@ def train_and_evaluate(
   clock = wall_time.Clock()
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
+  # [steps or batches, batch] rows: each batch split over the devices.
   put_rows = functools.partial(
-      sharding.put, sharding=sharding.batch_sharding(mesh)
+      sharding.put, sharding=sharding.epoch_batch_sharding(mesh)
   )
 
   source = input_pipeline.load_source(config.data)
@@ -690,9 +712,7 @@ def train_and_evaluate(
       jax.process_count(),
       extra=console.TRAINING_LINE,
   )
-  batch_rows = eval_batch_rows(
-      len(split.val), config.eval_batch_size, mesh.size
-  )
+  batches = eval_batches(len(split.val), config.eval_batch_size, mesh.size)
 
   # Every patient goes to the device once (one shape for every fold: one compilation); a step
   # gathers and augments its batch there, by source row.
@@ -703,7 +723,7 @@ def train_and_evaluate(
   if learns_from_teacher:
     host_examples.update(
         feature_targets(
-            config, source, cohort, split.train, mesh, batch_rows=batch_rows
+            config, source, cohort, split.train, mesh, batches=batches
         )
     )
   model = models.build(config, runs.feature_dim(config), devices=mesh.size)
@@ -752,22 +772,13 @@ def train_and_evaluate(
         functools.partial(eval_step, state.apply_fn), before='validation'
     )
     train_step_fn = clock.first_call(train_step, before='steps')
-    put_epoch_rows = functools.partial(
-        sharding.put, sharding=sharding.epoch_batch_sharding(mesh)
-    )
     empty_metrics = sharding.put(TrainMetrics.empty(), replicated)
     # One dispatch per epoch's log line, not the schedule's dozen eager operations.
     learning_rate = jax.jit(create_learning_rate_fn(config, steps_per_epoch))
 
-    def probabilities(params, rows):
-      return predict(
-          eval_fn,
-          params,
-          examples,
-          rows,
-          batch_rows=batch_rows,
-          put=put_rows,
-      )
+    evaluate = functools.partial(
+        predict, eval_fn, examples=examples, batches=batches, put=put_rows
+    )
 
     log = cleanup.enter_context(
         contextlib.closing(_MetricsLog(workdir, start_epoch, primary))
@@ -780,7 +791,7 @@ def train_and_evaluate(
       started = time.time()
       # The epoch's batches go to the device at once; each step takes its own row there and merges
       # its metrics into the epoch's: one dispatch per step, no transfer.
-      epoch_rows = put_epoch_rows(
+      epoch_rows = put_rows(
           split.train[
               input_pipeline.epoch_batches(
                   len(split.train),
@@ -817,10 +828,10 @@ def train_and_evaluate(
             f'epoch {epoch}, step {first_bad}: the loss or a'
             ' gradient is not finite',
         )
-      probs, labels = (
-          probabilities(state.params, split.val),
-          cohort.pcr[split.val],
+      val = evaluate(
+          state.params, rows=split.val, outputs=('probability', 'bce')
       )
+      probs, labels = val['probability'], cohort.pcr[split.val]
       summary = {f'train_{k}': float(v) for k, v in computed.items()}
       exploded = explosion(
           summary['train_loss'],
@@ -836,9 +847,7 @@ def train_and_evaluate(
               checkpoints.SELECTION_METRIC: smoothed(
                   log.values('val_auroc') + [val_auroc], config.selection_window
               ),
-              'val_bce': float(
-                  sk_metrics.log_loss(labels, probs, labels=[0, 1])
-              ),
+              'val_bce': float(val['bce'].mean()),
               'learning_rate': float(learning_rate(state.step)),
               'epoch_seconds': time.time() - started,
           }
@@ -878,7 +887,9 @@ def train_and_evaluate(
       )
     for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
       rows = getattr(split, split_name)
-      probs = probabilities(params, rows)  # On every process: a collective.
+      probs = evaluate(params, rows=rows)[
+          'probability'
+      ]  # On every process: a collective.
       if primary:
         runs.write_predictions(
             runs.predictions_path(workdir, split_name),

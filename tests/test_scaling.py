@@ -48,8 +48,8 @@ _SCRIPT = textwrap.dedent("""
         losses.append(float(metrics.compute()['loss']))
       assert len(state.params['pcr_head']['kernel'].sharding.device_set) == devices
       eval_fn = functools.partial(train.eval_step, state.apply_fn)
-      probs = train.predict(eval_fn, state.params, examples, np.arange(30), batch_rows=8,
-                            put=functools.partial(jax.device_put, device=sharding.batch_sharding(mesh)))
+      probs = train.predict(eval_fn, state.params, examples, np.arange(30), batches=(2, 8),
+                            put=functools.partial(jax.device_put, device=sharding.epoch_batch_sharding(mesh)))['probability']
       results[devices] = {'losses': losses, 'probs': probs.tolist()}
     print(json.dumps(results))
 """)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn import linear_model
+from scipy.special import expit
+from sklearn import linear_model, metrics
 
 from experiments import baseline, stage1, stage2
 from pcrjax import checkpoints, input_pipeline, models, protocol, runs, sharding, train
@@ -111,7 +112,7 @@ def test_teacher_then_student_keeps_the_teacher_frozen(data_dir, tmp_path):
     for standardise in (True, False):
       config.dual_task.standardise = standardise
       got = train.feature_targets(
-          config, source, cohort, train_rows, mesh, batch_rows=8
+          config, source, cohort, train_rows, mesh, batches=(2, 8)
       )
       assert got['target'].shape == (len(cohort), width)
       np.testing.assert_array_equal(got['target_mask'], has_t2)
@@ -162,11 +163,11 @@ def test_cross_fitted_teachers_and_lambda_chosen_on_validation(
   config.dual_task.standardise, config.dual_task.lambda_grid = False, ()
   source, mesh = input_pipeline.load_source(config.data), sharding.make_mesh()
   crossed = train.feature_targets(
-      config, source, cohort, fold.train, mesh, batch_rows=8
+      config, source, cohort, fold.train, mesh, batches=(2, 8)
   )['target']
   config.dual_task.cross_fit = 0
   plain = train.feature_targets(
-      config, source, cohort, fold.train, mesh, batch_rows=8
+      config, source, cohort, fold.train, mesh, batches=(2, 8)
   )['target']
   outside = np.setdiff1d(np.arange(len(cohort)), fold.train)
   np.testing.assert_array_equal(crossed[outside], plain[outside])
@@ -550,31 +551,31 @@ def test_protocol_smoke_writes_the_evidence_and_resumes(
 
 
 @pytest.mark.parametrize(
-    'num_rows, batch_size, multiple, rows',
+    'num_rows, batch_size, multiple, batches',
     [
-        (82, 16, 1, 14),
-        (82, 32, 1, 28),
-        (103, 16, 1, 15),
-        (30, 8, 4, 8),
-        (5, 32, 2, 6),
+        (82, 16, 1, (6, 14)),
+        (82, 32, 1, (3, 28)),
+        (103, 16, 1, (7, 15)),
+        (30, 8, 4, (4, 8)),
+        (5, 32, 2, (1, 6)),
     ],
 )
 def test_eval_batches_pad_the_validation_split_by_less_than_a_batch(
-    num_rows, batch_size, multiple, rows
+    num_rows, batch_size, multiple, batches
 ):
-  assert train.eval_batch_rows(num_rows, batch_size, multiple) == rows
+  assert train.eval_batches(num_rows, batch_size, multiple) == batches
 
 
 @pytest.mark.parametrize(
-    'num_rows, batch_rows, sizes', [(82, 14, [14] * 6), (103, 14, [14] * 8)]
+    'num_rows, batches, calls', [(82, (6, 14), 1), (103, (6, 14), 2)]
 )
-def test_predict_takes_batches_of_one_size(num_rows, batch_rows, sizes):
+def test_predict_calls_evaluations_of_one_shape(num_rows, batches, calls):
   values = jnp.arange(1000, dtype=jnp.float32) / 1000
   rows = np.random.default_rng(0).permutation(1000)[:num_rows]
   seen = []
 
   def eval_fn(params, examples, batch):
-    seen.append(len(batch))
+    seen.append(batch.shape)
     return {'probability': examples['x'][batch] + params}
 
   probs = train.predict(
@@ -582,8 +583,36 @@ def test_predict_takes_batches_of_one_size(num_rows, batch_rows, sizes):
       0.0,
       {'x': values},
       rows,
-      batch_rows=batch_rows,
+      batches=batches,
       put=jnp.asarray,
-  )
-  assert seen == sizes
+  )['probability']
+  assert seen == [batches] * calls
   np.testing.assert_array_equal(probs, np.asarray(values)[rows])
+
+
+def _scaled_logit(
+    variables, images, visit_mask, clinical, kinetics, tumour, train
+):
+  del visit_mask, clinical, kinetics, tumour, train
+  return {'logit': variables['params'] * images}
+
+
+def test_eval_step_runs_every_batch_and_scores_it_as_log_loss():
+  rng = np.random.default_rng(0)
+  examples = {
+      name: jnp.zeros(12)
+      for name in ('visit_mask', 'clinical', 'kinetics', 'tumour')
+  }
+  examples['images'] = jnp.asarray(rng.normal(size=12), jnp.float32)
+  labels = np.arange(12) % 2
+  examples['label'] = jnp.asarray(labels, jnp.int32)
+  rows = np.array([[3, 1, 7, 0], [11, 2, 5, 9]], np.int32)
+
+  out = train.eval_step(_scaled_logit, 2.0, examples, rows)
+
+  assert out['probability'].shape == out['bce'].shape == rows.shape
+  probs = expit(2.0 * np.asarray(examples['images'], np.float64)[rows])
+  np.testing.assert_allclose(out['probability'], probs, rtol=1e-6)
+  assert float(out['bce'].mean()) == pytest.approx(
+      metrics.log_loss(labels[rows].ravel(), probs.ravel()), rel=1e-6
+  )
