@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 from scipy.stats import t as student_t
 
 # Upper bound on replicates × samples held at once in the bootstrap (~32 MiB of float64).
@@ -104,29 +104,9 @@ def _check_confidence(confidence: float) -> None:
 
 
 def _midranks(x: NDArray[np.float64]) -> NDArray[np.float64]:
-  """1-based ranks along the last axis, ties sharing the mean of their ranks.
-
-  Vectorised over leading axes (`scipy.stats.rankdata(method='average')` per row).
-  """
-  n = x.shape[-1]
-  order = np.argsort(x, axis=-1, kind='stable')
-  xs = np.take_along_axis(x, order, axis=-1)
-  positions = np.broadcast_to(np.arange(n), xs.shape)
-  new_value = xs[..., 1:] != xs[..., :-1]
-  edge = np.ones(xs.shape[:-1] + (1,), dtype=bool)
-  is_first = np.concatenate([edge, new_value], axis=-1)
-  is_last = np.concatenate([new_value, edge], axis=-1)
-  # First/last sorted position of each element's tie group.
-  first = np.maximum.accumulate(np.where(is_first, positions, 0), axis=-1)
-  last = np.flip(
-      np.minimum.accumulate(
-          np.flip(np.where(is_last, positions, n - 1), -1), axis=-1
-      ),
-      -1,
-  )
-  ranks = np.empty_like(xs)
-  np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
-  return ranks
+  """1-based ranks along the last axis, ties sharing the mean of their ranks (one row per leading
+  index: the bootstrap's replicates)."""
+  return rankdata(x, axis=-1)
 
 
 def _auroc_from_ranks(
