@@ -92,7 +92,6 @@ class _QuietOrbax(std_logging.Filter):
     )
 
 
-
 class _Held(std_logging.Handler):
   """The lines logged before the run's log file opens (the last 10,000)."""
 
