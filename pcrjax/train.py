@@ -326,9 +326,10 @@ def predict(
       eval_fn(params, examples, put(group.reshape(batches)))
       for group in padded.reshape(num_calls, per_call)
   ]
+  # Joined on the host: a validation is one call, and a device concatenation would copy it.
   return {
       name: (
-          sharding.fetch(jnp.concatenate([c[name] for c in calls])).reshape(
+          np.concatenate([sharding.fetch(c[name]) for c in calls]).reshape(
               (num_calls * per_call,) + calls[0][name].shape[2:]
           )[: len(rows)]
       )
@@ -887,9 +888,8 @@ def train_and_evaluate(
       )
     for split_name in runs.SPLITS:  # Test last: its file marks a finished run.
       rows = getattr(split, split_name)
-      probs = evaluate(params, rows=rows)[
-          'probability'
-      ]  # On every process: a collective.
+      # On every process: a collective.
+      probs = evaluate(params, rows=rows)['probability']
       if primary:
         runs.write_predictions(
             runs.predictions_path(workdir, split_name),
